@@ -1,0 +1,42 @@
+# Every target creates and uses .venv itself; nothing needs installing by hand.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+UV_VERSION := 0.9.30
+UV := .tools/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_CACHE_DIR := $(CURDIR)/.cache/uv
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: venv test lint demo demo-down bench clean
+
+$(UV):
+	$(PYTHON) -m pip install -q --disable-pip-version-check --target .tools uv==$(UV_VERSION)
+
+$(VENV)/.synced: requirements-dev.lock | $(UV)
+	[ -x $(BIN)/python ] || $(UV) venv -q -p $(PYTHON) $(VENV)
+	$(UV) pip sync -q -p $(BIN)/python requirements-dev.lock
+	touch $@
+
+venv: $(VENV)/.synced
+
+test: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/yamllint -s .
+	find salt pillar -name '*.sls' -print0 | xargs -0 $(BIN)/salt-lint
+
+demo: venv
+	$(BIN)/python -m localfleet up
+
+demo-down: venv
+	$(BIN)/python -m localfleet down
+
+bench: venv
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
+
+clean: demo-down
+	rm -rf $(VENV) .tools .demo .bench
