@@ -33,7 +33,8 @@ __virtualname__ = "saltfleet"
 # per-deployment keys under `deployments:<name>`; a deployment may override the
 # host-level keys marked in DEPLOYMENT_OVERRIDES.
 HOST_DEFAULTS = {
-    "root": "/",
+    # None: the minion's own root_dir, "/" on a real host, a sandbox for a local one.
+    "root": None,
     "user": "ubuntu",
     "python": "python3",
     "keep_releases": 3,
@@ -110,6 +111,11 @@ def __virtual__():
     return __virtualname__
 
 
+def error(message):
+    """A DeploymentError for loader modules, which see only this module's functions."""
+    return DeploymentError(message)
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -164,7 +170,7 @@ def _check_relpath(where, value, errors):
         errors.append(f"{where}: {value!r} must be a path inside the repository (relative, no '..')")
 
 
-def validate_host(host):
+def validate_host(host, default_root="/"):
     """Return (settings, errors) for pillar `saltfleet`, defaults filled in."""
     errors = []
     host = {} if host is None else host
@@ -173,6 +179,8 @@ def validate_host(host):
     _check_keys("saltfleet", host, HOST_DEFAULTS, errors)
     settings = dict(HOST_DEFAULTS)
     settings.update({k: v for k, v in host.items() if k in HOST_DEFAULTS})
+    if settings["root"] is None:
+        settings["root"] = default_root
     if _check_type("saltfleet:root", settings["root"], str, errors) and not os.path.isabs(settings["root"]):
         errors.append(f"saltfleet:root: {settings['root']!r} must be an absolute path")
     _check_name("saltfleet:user", settings["user"], errors, "user")
@@ -260,9 +268,9 @@ def validate_deployment(name, spec, host):
     return cfg, errors
 
 
-def validate(pillar):
+def validate(pillar, default_root="/"):
     """Validate a whole pillar: returns (host settings, {name: config}, errors)."""
-    host, errors = validate_host(pillar.get("saltfleet"))
+    host, errors = validate_host(pillar.get("saltfleet"), default_root)
     deployments = pillar.get("deployments") or {}
     configs = {}
     if not isinstance(deployments, dict):
@@ -399,11 +407,19 @@ def makedirs(path, user, mode=0o755):
 # ----------------------------------------------------------------------- git
 
 
+def _secret_paths(cfg):
+    """Where git finds the deploy key: the deployment's own, or a dry run's copy."""
+    if cfg.get("_secrets_dir"):
+        folder = Path(cfg["_secrets_dir"])
+        return {"deploy_key": folder / "deploy_key", "known_hosts": folder / "known_hosts"}
+    return paths(cfg["root"], cfg["user"], cfg["name"])
+
+
 def _git_env(cfg):
     """Environment for git: the deploy key and pinned host keys, never on a command line."""
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
     if cfg.get("deploy_key"):
-        p = paths(cfg["root"], cfg["user"], cfg["name"])
+        p = _secret_paths(cfg)
         env["GIT_SSH_COMMAND"] = (
             f"ssh -i {p['deploy_key']} -o IdentitiesOnly=yes -o BatchMode=yes "
             f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={p['known_hosts']}"
@@ -472,21 +488,6 @@ def has_commit(repo_dir, sha, cfg):
     return _git(["cat-file", "-e", f"{sha}^{{commit}}"], cfg, cwd=repo_dir, check=False) is not None
 
 
-def fetch(repo_dir, cfg, alternate=None):
-    """Create or update a bare mirror of the app's repo (heads and tags)."""
-    repo_dir = Path(repo_dir)
-    if not (repo_dir / "HEAD").exists():
-        repo_dir.mkdir(parents=True, exist_ok=True)
-        _git(["init", "-q", "--bare", str(repo_dir)], cfg)
-        if alternate and Path(alternate, "objects").is_dir():
-            Path(repo_dir, "objects", "info", "alternates").write_text(f"{Path(alternate, 'objects')}\n")
-    _git(
-        ["fetch", "-q", "--prune", "--force", "--", cfg["repo"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-        cfg,
-        cwd=repo_dir,
-    )
-
-
 def rev_parse(repo_dir, rev, cfg):
     return _git(["rev-parse", "-q", "--verify", f"{rev}^{{commit}}"], cfg, cwd=repo_dir, check=False)
 
@@ -498,42 +499,40 @@ def show_file(repo_dir, sha, relpath, cfg):
 @contextlib.contextmanager
 def repo_view(cfg, test):
     """
-    The git repository to read revisions from: the deployment's mirror, or in
-    test mode a throwaway one that borrows the mirror's objects, so a dry run
-    learns exactly what the real run would check out and changes nothing.
+    Yield (cfg, repo) to read revisions from: the deployment's mirror, or in
+    test mode a throwaway repo that borrows the mirror's objects (and a copy
+    of the deploy key), so a dry run learns exactly what the real run would
+    check out and changes nothing on the host.
     """
     mirror = paths(cfg["root"], cfg["user"], cfg["name"])["mirror"]
     if not test:
-        yield mirror
+        yield cfg, mirror
         return
     with tempfile.TemporaryDirectory(prefix="saltfleet-dry-") as tmp:
-        yield _DryView(Path(tmp) / "view.git", mirror)
+        dry = dict(cfg, _secrets_dir=tmp)
+        for key in ("deploy_key", "known_hosts"):
+            if cfg.get(key):
+                write_atomic(Path(tmp) / key, cfg[key] if cfg[key].endswith("\n") else cfg[key] + "\n", 0o600)
+        view = Path(tmp) / "view.git"
+        _git(["init", "-q", "--bare", str(view)], dry)
+        if (mirror / "objects").is_dir():
+            (view / "objects" / "info" / "alternates").write_text(f"{mirror / 'objects'}\n")
+        yield dry, view
 
 
-class _DryView(type(Path())):
-    """A temporary bare repo path that remembers which mirror it borrows from."""
-
-    def __new__(cls, path, mirror):
-        self = super().__new__(cls, path)
-        self.borrow = mirror
-        return self
-
-
-def resolve(cfg, repo_dir, refs=None):
+def resolve(cfg, repo_dir):
     """
     Turn pillar `rev` into a full SHA present in repo_dir, fetching only when
-    the mirror lacks it. Raises DeploymentError naming the rev when it does
-    not exist.
+    repo_dir lacks it. Raises DeploymentError naming the rev when it does not
+    exist on the remote.
     """
     rev = cfg["rev"]
     if SHA_RE.match(rev) and has_commit(repo_dir, rev, cfg):
         return rev
-    if refs is None:
-        refs = ls_remote(cfg)
-    sha = resolve_remote(cfg, refs)
+    sha = resolve_remote(cfg, ls_remote(cfg))
     if sha and has_commit(repo_dir, sha, cfg):
         return sha
-    fetch(repo_dir, cfg, alternate=getattr(repo_dir, "borrow", None))
+    fetch(repo_dir, cfg)
     found = sha or rev_parse(repo_dir, rev, cfg)
     if not found or not has_commit(repo_dir, found, cfg):
         raise DeploymentError(
@@ -541,6 +540,19 @@ def resolve(cfg, repo_dir, refs=None):
             "set rev to an existing branch, tag or commit"
         )
     return found
+
+
+def fetch(repo_dir, cfg):
+    """Create or update a bare mirror of the app's repo (heads and tags)."""
+    repo_dir = Path(repo_dir)
+    if not (repo_dir / "HEAD").exists():
+        repo_dir.mkdir(parents=True, exist_ok=True)
+        _git(["init", "-q", "--bare", str(repo_dir)], cfg)
+    _git(
+        ["fetch", "-q", "--prune", "--force", "--", cfg["repo"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+        cfg,
+        cwd=repo_dir,
+    )
 
 
 def checkout_release(cfg, sha):
@@ -709,7 +721,6 @@ def _quote_env(value):
 def render_supervisord_conf(cfg, sections):
     """The whole supervisord.conf of a deployment: its own socket, pidfile and logs."""
     p = paths(cfg["root"], cfg["user"], cfg["name"])
-    venv = p["project"] / "venv"
     out = io.StringIO()
     out.write(f"; Written by saltfleet for deployment {cfg['name']}; changes here are overwritten.\n")
     own = {
@@ -745,7 +756,6 @@ def render_supervisord_conf(cfg, sections):
         out.write(f"\n[{section}]\n")
         for key, value in opts.items():
             out.write(f"{key}={value}\n")
-    del venv
     return out.getvalue()
 
 
