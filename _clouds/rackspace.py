@@ -1,0 +1,543 @@
+"""
+Rackspace Cloud Servers for salt-cloud, built on pyrax.
+
+Salt 3008 ships no Rackspace (nor nova or openstack) driver; this one gives the
+usual salt-cloud commands for Rackspace, and provisions a host exactly like the
+EC2 driver does (``_utils/saltfleet_cloud.py``): keys made on the master and
+pre-accepted, the minion configured through cloud-init user-data or SSH.
+
+Provider (``/etc/salt/cloud.providers.d/rackspace.conf``):
+
+.. code-block:: yaml
+
+    rackspace:
+      driver: rackspace
+      username: myuser              # or RACKSPACE_USERNAME in the environment
+      api_key: sdb://secrets/rax    # or RACKSPACE_API_KEY in the environment
+      region: DFW
+      minion:
+        master: salt.example.com
+
+Profile (``/etc/salt/cloud.profiles.d/rackspace.conf``):
+
+.. code-block:: yaml
+
+    worker-rackspace:
+      provider: rackspace
+      image: Ubuntu 22.04 LTS (Jammy Jellyfish) (PVHVM)
+      size: 2 GB General Purpose v1
+      deployments: [daily-fetcher]
+
+Then ``salt-cloud -p worker-rackspace worker-7``, ``salt-cloud -Q``,
+``salt-cloud -a reboot worker-7``, ``salt-cloud -d worker-7``.
+"""
+
+import logging
+import os
+import warnings
+
+from salt.exceptions import SaltCloudConfigError, SaltCloudException, SaltCloudSystemExit
+
+from salt import config
+
+try:
+    with warnings.catch_warnings():
+        # pyrax and its novaclient warn about deprecated APIs on import.
+        warnings.simplefilter("ignore")
+        import novaclient.exceptions as nova_exc
+        import pyrax
+        import pyrax.exceptions as pyrax_exc
+        import requests
+        from pyrax.base_identity import Service
+
+    HAS_PYRAX = True
+except ImportError:
+    HAS_PYRAX = False
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "rackspace"
+
+DEFAULT_IDENTITY_URL = "https://identity.api.rackspacecloud.com/v2.0/"
+# The Cloud Servers entry of the catalog; Rackspace accounts (and mimic) list
+# more than one `compute` service, and pyrax would pick the last one.
+DEFAULT_COMPUTE_NAME = "cloudServersOpenStack"
+METADATA_DEPLOYMENTS = "saltfleet-deployments"
+ENV_USERNAME = "RACKSPACE_USERNAME"
+ENV_API_KEY = "RACKSPACE_API_KEY"
+
+
+def __virtual__():
+    if not HAS_PYRAX:
+        return False, "the rackspace cloud driver requires pyrax (pip install pyrax)"
+    if get_configured_provider() is False:
+        return False, "no rackspace provider is configured"
+    return __virtualname__
+
+
+def _get_active_provider_name():
+    try:
+        return __active_provider_name__.value()
+    except AttributeError:
+        return __active_provider_name__
+
+
+def get_configured_provider():
+    """The provider configuration in use (credentials may come from the environment)."""
+    return config.is_provider_configured(__opts__, _get_active_provider_name() or __virtualname__, ())
+
+
+def _value(key, vm_=None, default=None):
+    """A setting from the profile (when given), else the provider."""
+    return config.get_cloud_config_value(
+        key, vm_ or get_configured_provider(), __opts__, default=default, search_global=False
+    )
+
+
+def _provider_label():
+    return (_get_active_provider_name() or __virtualname__).split(":")[0]
+
+
+# ---------------------------------------------------------------- connection
+
+
+def _connect(vm_=None):
+    """A novaclient for Cloud Servers in the configured region (plus that region's name)."""
+    username = _value("username", vm_) or os.environ.get(ENV_USERNAME)
+    api_key = _value("api_key", vm_) or os.environ.get(ENV_API_KEY)
+    identity_url = _value("identity_url", vm_, DEFAULT_IDENTITY_URL)
+    compute_name = _value("compute_name", vm_, DEFAULT_COMPUTE_NAME)
+    provider = _provider_label()
+    if not username or not api_key:
+        raise SaltCloudSystemExit(
+            f"rackspace provider '{provider}': set username and api_key in its configuration "
+            f"(or {ENV_USERNAME} and {ENV_API_KEY} in salt-cloud's environment)"
+        )
+    identity = pyrax.create_context(id_type="rackspace", username=username, api_key=api_key)
+    identity.verify_ssl = _value("verify_ssl", vm_, True)
+    identity.auth_endpoint = identity_url
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            identity.authenticate()
+    except pyrax_exc.AuthenticationFailed as exc:
+        raise SaltCloudSystemExit(
+            f"rackspace provider '{provider}': authentication failed for user '{username}' at {identity_url} "
+            f"({exc}); check username and api_key"
+        ) from exc
+    except (requests.exceptions.RequestException, pyrax_exc.PyraxException) as exc:
+        raise SaltCloudSystemExit(
+            f"rackspace provider '{provider}': cannot reach the identity service at {identity_url}: {exc}"
+        ) from exc
+
+    entries = [entry for entry in identity.service_catalog if entry.get("name") == compute_name]
+    if not entries:
+        names = sorted(e.get("name") for e in identity.service_catalog if e.get("type") == "compute")
+        raise SaltCloudSystemExit(
+            f"rackspace provider '{provider}': the service catalog has no compute service named "
+            f"'{compute_name}' (compute services: {', '.join(names) or 'none'}); set compute_name"
+        )
+    identity.services.compute = Service(identity, entries[0])
+    regions = sorted(identity.services.compute.endpoints)
+    region = (_value("region", vm_) or identity.get_default_region() or regions[0]).upper()
+    if region not in regions:
+        raise SaltCloudSystemExit(
+            f"rackspace provider '{provider}': region '{region}' is not served by {compute_name} "
+            f"(regions: {', '.join(regions)}); set region"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client = pyrax.connect_to_cloudservers(region=region, context=identity, verify_ssl=identity.verify_ssl)
+    client.identity = identity
+    return client, region
+
+
+def _quiet(fun, *args, **kwargs):
+    """Call into pyrax/novaclient without their deprecation warnings on salt-cloud's output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fun(*args, **kwargs)
+
+
+# ------------------------------------------------------------------ catalogs
+
+
+def avail_locations(call=None):
+    """
+    The regions that serve Cloud Servers for this account.
+
+    .. code-block:: bash
+
+        salt-cloud --list-locations rackspace
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("avail_locations is a function: use -f or --list-locations")
+    client, _ = _connect()
+    endpoints = client.identity.services.compute.endpoints
+    return {region: {"name": region, "url": endpoint.public_url} for region, endpoint in sorted(endpoints.items())}
+
+
+def avail_images(call=None):
+    """
+    The images of the configured region, by name.
+
+    .. code-block:: bash
+
+        salt-cloud --list-images rackspace
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("avail_images is a function: use -f or --list-images")
+    client, _ = _connect()
+    return {image.name: _image_dict(image) for image in _quiet(client.images.list)}
+
+
+def avail_sizes(call=None):
+    """
+    The flavors of the configured region, by name.
+
+    .. code-block:: bash
+
+        salt-cloud --list-sizes rackspace
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("avail_sizes is a function: use -f or --list-sizes")
+    client, _ = _connect()
+    return {flavor.name: _flavor_dict(flavor) for flavor in _quiet(client.flavors.list)}
+
+
+def _image_dict(image):
+    return {key: getattr(image, key, None) for key in ("id", "name", "status", "minDisk", "minRam")}
+
+
+def _flavor_dict(flavor):
+    return {key: getattr(flavor, key, None) for key in ("id", "name", "ram", "disk", "vcpus")}
+
+
+def _find(kind, wanted, items, region):
+    """The image or flavor named (or with the id) `wanted`; an error naming what exists otherwise."""
+    wanted = str(wanted)
+    for item in items:
+        if wanted in (str(item.id), item.name):
+            return item
+    names = ", ".join(sorted(item.name for item in items))
+    raise SaltCloudSystemExit(
+        f"rackspace: unknown {kind} '{wanted}' in region {region}; "
+        f"set the profile's {'size' if kind == 'flavor' else kind} to one of: {names}"
+    )
+
+
+# --------------------------------------------------------------------- nodes
+
+
+def _addresses(server):
+    """(public, private) IPs; any network other than `public` is private (ServiceNet, cloud networks)."""
+    public, private = [], []
+    for network, addresses in (server.addresses or {}).items():
+        for address in addresses:
+            (public if network == "public" else private).append(address["addr"])
+    return public, private
+
+
+def _node(server, region):
+    """The fields salt-cloud shows for a node (`-Q`)."""
+    public, private = _addresses(server)
+    image = server.image.get("id") if isinstance(server.image, dict) else server.image
+    return _shared("node_row")(
+        server.id,
+        server.name,
+        server.status,
+        image=image,
+        size=server.flavor.get("id"),
+        public_ips=public,
+        private_ips=private,
+        region=region,
+    )
+
+
+def _node_full(server, region):
+    full = dict(server._info)
+    full.update(_node(server, region))
+    full["metadata"] = dict(server.metadata or {})
+    return full
+
+
+def _servers(client):
+    return _quiet(client.servers.list)
+
+
+def list_nodes(call=None):
+    """
+    The servers of the configured region, by name.
+
+    .. code-block:: bash
+
+        salt-cloud -Q
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("list_nodes is a function: use -f or -Q")
+    client, region = _connect()
+    return {server.name: _node(server, region) for server in _servers(client)}
+
+
+def list_nodes_full(call=None):
+    """
+    Everything the API says about each server, by name.
+
+    .. code-block:: bash
+
+        salt-cloud -F
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("list_nodes_full is a function: use -f or -F")
+    client, region = _connect()
+    return {server.name: _node_full(server, region) for server in _servers(client)}
+
+
+def _server_by_name(client, name):
+    """The server called `name`; an error when there is none or more than one."""
+    matches = [server for server in _servers(client) if server.name == name]
+    if not matches:
+        raise SaltCloudSystemExit(f"rackspace: no server named '{name}'")
+    if len(matches) > 1:
+        ids = ", ".join(server.id for server in matches)
+        raise SaltCloudSystemExit(f"rackspace: {len(matches)} servers are named '{name}' ({ids}); delete the extra")
+    return matches[0]
+
+
+def show_instance(name, call=None):
+    """
+    Everything the API says about one server.
+
+    .. code-block:: bash
+
+        salt-cloud -a show_instance worker-7
+    """
+    if call != "action":
+        raise SaltCloudSystemExit("show_instance is an action: use -a show_instance NAME")
+    client, region = _connect()
+    return _node_full(_server_by_name(client, name), region)
+
+
+def reboot(name, call=None):
+    """
+    Reboot a server (soft reboot; ``reboot_type: HARD`` in the profile or provider for a hard one).
+
+    .. code-block:: bash
+
+        salt-cloud -a reboot worker-7
+    """
+    if call != "action":
+        raise SaltCloudSystemExit("reboot is an action: use -a reboot NAME")
+    client, _ = _connect()
+    server = _server_by_name(client, name)
+    _quiet(server.reboot, _value("reboot_type", default="SOFT"))
+    return {"name": name, "id": server.id, "rebooted": True}
+
+
+def list_nodes_select(call=None):
+    """
+    The fields named by ``query.selection`` for each server.
+
+    .. code-block:: bash
+
+        salt-cloud -S
+    """
+    return _shared("select")(list_nodes_full(call), __opts__, call)
+
+
+# ------------------------------------------------------------ create/destroy
+
+
+def _shared(name):
+    """A function of _utils/saltfleet_cloud.py: what every saltfleet driver does the same way."""
+    return __utils__[f"saltfleet_cloud.{name}"]
+
+
+def _metadata(vm_, deployments):
+    """The server metadata: the profile's ``metadata`` plus the deployments the host runs (strings only)."""
+    metadata = {str(key): str(value) for key, value in (_value("metadata", vm_, {}) or {}).items()}
+    metadata[METADATA_DEPLOYMENTS] = ",".join(deployments)
+    too_long = {key: value for key, value in metadata.items() if len(key) > 255 or len(value) > 255}
+    if too_long:
+        raise SaltCloudSystemExit(
+            f"{vm_['name']}: metadata keys and values are limited to 255 characters: {', '.join(too_long)}"
+        )
+    return metadata
+
+
+def _networks(vm_):
+    """``networks`` (network ids) as nova's nics; Rackspace wants PublicNet and ServiceNet listed when any is."""
+    networks = _value("networks", vm_)
+    if not networks:
+        return None
+    if isinstance(networks, str):
+        networks = [networks]
+    return [{"net-id": net} if isinstance(net, str) else dict(net) for net in networks]
+
+
+def _wait_until_built(client, server, vm_, timeout):
+    """The server once ACTIVE with an address; an error carrying the API's fault if it goes to ERROR."""
+    interval = float(_value("wait_for_ip_interval", vm_, 5))
+    name = vm_["name"]
+
+    def built():
+        try:
+            current = _quiet(client.servers.get, server.id)
+        except nova_exc.NotFound as exc:
+            raise SaltCloudSystemExit(f"rackspace: server '{name}' ({server.id}) disappeared while building") from exc
+        if current.status == "ERROR":
+            fault = (current._info.get("fault") or {}).get("message") or "no fault reported"
+            raise SaltCloudSystemExit(f"rackspace: server '{name}' ({server.id}) failed to build: ERROR: {fault}")
+        public, private = _addresses(current)
+        if current.status == "ACTIVE" and (public or private):
+            return current
+        log.debug("rackspace: %s is %s (%s%%)", name, current.status, current._info.get("progress", "?"))
+        return None
+
+    return _shared("wait_for")(
+        built, timeout, f"rackspace: server '{name}' ({server.id}) becoming ACTIVE with an address", interval
+    )
+
+
+def _ssh_host(server, vm_):
+    """The address salt-cloud logs in to: public IPv4 unless ``ssh_interface: private_ips``."""
+    public, private = _addresses(server)
+    order = (private, public) if _value("ssh_interface", vm_, "public_ips") == "private_ips" else (public, private)
+    for addresses in order:
+        ipv4 = [address for address in addresses if ":" not in address]
+        if ipv4:
+            return ipv4[0]
+    return (public or private)[0]
+
+
+def create(vm_):
+    """
+    Create a server from a profile, wait until it is ACTIVE with an address, and bootstrap its minion.
+
+    .. code-block:: bash
+
+        salt-cloud -p worker-rackspace worker-7
+        salt-cloud -P -p worker-rackspace worker-8 worker-9
+        salt-cloud -m fleet.map
+
+    Returns list_nodes_full's entry plus ``deploy`` (how the minion was bootstrapped).
+    A server whose build goes to ERROR, times out (``wait_for_ip_timeout``) or
+    cannot be bootstrapped is deleted, unless the profile says ``keep_failed: True``.
+    """
+    name = vm_["name"]
+    if vm_.get("profile") and (
+        config.is_profile_configured(__opts__, _get_active_provider_name() or __virtualname__, vm_["profile"], vm_=vm_)
+        is False
+    ):
+        return False
+    opts = __opts__
+    mode = _shared("bootstrap_mode")(vm_, opts)
+    deployments = _shared("deployments")(vm_, opts)
+    _shared("fire_event")(opts, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")})
+
+    client, region = _connect(vm_)
+    image_wanted = _value("image", vm_)
+    flavor_wanted = _value("size", vm_) or _value("flavor", vm_)
+    if not image_wanted or not flavor_wanted:
+        raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} needs an image and a size (a flavor)")
+    image = _find("image", image_wanted, _quiet(client.images.list), region)
+    flavor = _find("flavor", flavor_wanted, _quiet(client.flavors.list), region)
+    facts = {"region": region, "size": flavor.name, "image": image.name}
+
+    kwargs = {"meta": _metadata(vm_, deployments)}
+    if _value("key_name", vm_):
+        kwargs["key_name"] = _value("key_name", vm_)
+    if _networks(vm_):
+        kwargs["nics"] = _networks(vm_)
+    if _value("config_drive", vm_):
+        kwargs["config_drive"] = True
+    if mode == "cloud-init":
+        # The host makes its own key; the one salt-cloud pre-accepted must go (and never ship).
+        _shared("check_autosign_ready")(vm_, opts)
+        _shared("forget_preaccepted_key")(vm_, opts)
+        grains = _shared("cloud_grains")(vm_, opts, "rackspace", **facts)
+        minion = _shared("minion_config")(vm_, opts, grains=grains, mode=mode)
+        kwargs["userdata"] = _shared("render_user_data")(vm_, opts, minion, metadata="openstack")
+
+    _shared("fire_event")(opts, name, "requesting", {**facts, "meta": kwargs["meta"]})
+    try:
+        server = _quiet(client.servers.create, name, image.id, flavor.id, **kwargs)
+    except nova_exc.ClientException as exc:
+        raise SaltCloudSystemExit(f"rackspace: creating server '{name}' in {region} failed: {exc}") from exc
+    admin_pass = getattr(server, "adminPass", None)
+    log.info("rackspace: requested %s (%s) in %s", name, server.id, region)
+    if mode == "cloud-init":
+        _shared("record_autosign_ticket")(vm_, opts, server.id)
+
+    timeout = int(_value("wait_for_ip_timeout", vm_, 600))
+    _shared("fire_event")(opts, name, "waiting for address", {"id": server.id, "timeout": timeout})
+    try:
+        server = _wait_until_built(client, server, vm_, timeout)
+        grains = _shared("cloud_grains")(vm_, opts, "rackspace", instance_id=server.id, **facts)
+        if admin_pass and not _value("ssh_keyfile", vm_) and not _value("password", vm_):
+            # No key pair: log in as root with the password Cloud Servers generated.
+            vm_["password"] = admin_pass
+        deployed = _shared("provision")(vm_, opts, _ssh_host(server, vm_), grains)
+    except SaltCloudException as exc:
+        _fail(client, server, vm_, mode, exc)
+        raise
+
+    ret = _shared("json_safe")(_node_full(server, region))
+    ret.update(deployed)
+    _shared("fire_event")(opts, name, "created", {"id": server.id, "profile": vm_.get("profile"), "region": region})
+    return ret
+
+
+def _fail(client, server, vm_, mode, exc):
+    """A create that failed after the server was requested: delete it unless ``keep_failed: True``; say which."""
+    name = vm_["name"]
+    _shared("fire_event")(__opts__, name, "failed", {"id": server.id, "error": str(exc)})
+    if mode == "cloud-init":
+        _shared("revoke_autosign_ticket")(__opts__, instance_id=server.id)
+    if _value("keep_failed", vm_, False):
+        exc.args = (f"{exc}; kept server {server.id} for inspection (keep_failed: True): salt-cloud -d {name}",)
+        return
+    try:
+        _delete(client, server, name)
+        exc.args = (f"{exc}; deleted server {server.id} (set keep_failed: True to keep it)",)
+    except (SaltCloudException, nova_exc.ClientException) as delete_exc:
+        exc.args = (f"{exc}; could not delete server {server.id} ({delete_exc}): delete it by hand",)
+
+
+def _delete(client, server, name):
+    """Delete a server and wait until the API no longer lists it (so its name can be reused at once)."""
+    try:
+        _quiet(server.delete)
+    except nova_exc.NotFound:
+        return
+
+    def gone():
+        try:
+            return _quiet(client.servers.get, server.id).status == "DELETED"
+        except nova_exc.NotFound:
+            return True
+
+    _shared("wait_for")(gone, 300, f"rackspace: deletion of server '{name}' ({server.id})", 2)
+
+
+def destroy(name, call=None):
+    """
+    Delete a server; salt-cloud then removes its minion key.
+
+    .. code-block:: bash
+
+        salt-cloud -d worker-7
+    """
+    if call == "function":
+        raise SaltCloudSystemExit("destroy is an action: use -d NAME or -a destroy NAME")
+    opts = __opts__
+    _shared("fire_event")(opts, name, "destroying", {})
+    client, _ = _connect()
+    server = _server_by_name(client, name)
+    _delete(client, server, name)
+    _shared("revoke_autosign_ticket")(opts, instance_id=server.id, name=name)
+    _shared("prune_autosign_tickets")(opts)
+    _shared("fire_event")(opts, name, "destroyed", {"id": server.id})
+    if opts.get("update_cachedir", False):
+        __utils__["cloud.delete_minion_cachedir"](name, _provider_label(), opts)
+    return {"name": name, "id": server.id, "destroyed": True}
