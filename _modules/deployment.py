@@ -49,6 +49,13 @@ def settings():
     return host
 
 
+def _root():
+    """The host's root, even when other saltfleet pillar keys are invalid (states report those)."""
+    host = __pillar__.get("saltfleet")
+    root = host.get("root") if isinstance(host, dict) else None
+    return root if isinstance(root, str) and root.startswith("/") else _default_root()
+
+
 def validate():
     """
     Check this host's pillar against saltfleet's schema; return the errors
@@ -89,7 +96,7 @@ def list_():
 
         salt '*' deployment.list
     """
-    return sorted(_u("installed")(settings()["root"]))
+    return sorted(_u("installed")(_root()))
 
 
 def status(name=None):
@@ -102,7 +109,7 @@ def status(name=None):
         salt '*' deployment.status
         salt 'worker-7' deployment.status daily-fetcher
     """
-    root = settings()["root"]
+    root = _root()
     manifests = _u("installed")(root)
     if name is not None:
         manifests = {name: manifests[name]} if name in manifests else {}
@@ -110,7 +117,7 @@ def status(name=None):
 
 
 def _socket(name):
-    root = settings()["root"]
+    root = _root()
     manifest = _u("installed")(root).get(name)
     if not manifest:
         raise _u("error")(f"deployment {name} is not installed on this host")
@@ -134,7 +141,7 @@ def restart(name, program=None):
 
 def stop(name):
     """Stop a deployment's supervisord and its programs (gracefully)."""
-    root = settings()["root"]
+    root = _root()
     manifest = _u("installed")(root).get(name) or {}
     p = _u("paths")(root, manifest.get("user", "root"), name)
     return _u("stop_supervisord")(p["socket"], p["pidfile"])
@@ -269,4 +276,3 @@ def remove(name, purge=False, test=False):
             shutil.rmtree(path, ignore_errors=True)
     p["manifest"].unlink(missing_ok=True)
     return changes
-

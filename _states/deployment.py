@@ -165,7 +165,8 @@ def _plan(settings, cfg, test):
     u("check_user")(cfg)
     manifest = u("read_json")(p["manifest"], {}) or {}
     sources = __salt__["deployment.sources"](name, cfg)
-    files = sources["sysfiles"]
+    boot, entry = u("boot_entry")(cfg, settings)
+    files = dict(sources["sysfiles"], **{boot: entry})
     errors = u("check_sysfiles")(name, files, root)
     if errors:
         raise _u("error")("\n".join(errors))
@@ -257,11 +258,12 @@ def _apply(settings, cfg, plan):
     failed = _run_programs(settings, cfg, plan)
     if failed and plan["new_release"] and previous and _release_ok(p, previous):
         u("link_atomic")(p["project"], Path(p["releases"].name) / previous)
-        u("restart_groups")(p["socket"], sorted({g.split(":")[0] for g in failed} | set(plan["diff"]["kept"])))
-        _mark_failed(p["releases"] / sha, f"programs did not start: {failed}")
+        still = u("restart_groups")(p["socket"], sorted(u("groups_of")(plan["conf"])))
+        _mark_failed(p["releases"] / sha, f"programs did not start: {_fmt(failed)}")
         raise _u("error")(
             f"deployments:{name}: release {sha[:12]} did not start ({_fmt(failed)}; see {p['logs']}); "
-            f"rolled back to {previous[:12]}, which keeps serving"
+            f"rolled back to {previous[:12]}"
+            + (f", which did not start either: {_fmt(still)}" if still else ", which keeps serving")
         )
     if failed:
         raise _u("error")(f"deployments:{name}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
@@ -269,20 +271,18 @@ def _apply(settings, cfg, plan):
     u("apply_sysfiles")(name, plan["sysfiles"], settings["root"])
     history = [r for r in plan["manifest"].get("history", []) if r != sha] + [sha]
     history = _prune(cfg, p, history)
-    u("write_manifest")(
-        p["manifest"],
-        {
-            "name": name,
-            "user": cfg["user"],
-            "repo": cfg["repo"],
-            "rev": cfg["rev"],
-            "release": sha,
-            "venv": plan["digest"],
-            "history": history,
-            "venvs": {r: _venv_of(p, r) for r in history},
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    record = {
+        "name": name,
+        "user": cfg["user"],
+        "repo": cfg["repo"],
+        "rev": cfg["rev"],
+        "release": sha,
+        "venv": plan["digest"],
+        "history": history,
+    }
+    if {k: plan["manifest"].get(k) for k in record} != record:
+        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        u("write_manifest")(p["manifest"], record)
 
 
 def _build_release(settings, cfg, plan):
@@ -334,17 +334,10 @@ def _run_programs(settings, cfg, plan):
     if plan["conf_changed"]:
         u("apply_group_changes")(p["socket"], diff)
         touched |= set(diff["added"]) | set(diff["changed"])
-    failed = {}
-    if plan["new_release"]:
-        failed.update(u("restart_groups")(p["socket"], diff["kept"]))
-        touched |= set(diff["kept"])
-    else:
-        idle = plan["changes"].get("programs", {}).get("started", [])
-        failed.update(u("restart_groups")(p["socket"], idle))
-        touched |= set(idle)
-    if touched:
-        failed.update(u("wait_running")(p["socket"], names=touched))
-    return failed
+    restart = diff["kept"] if plan["new_release"] else plan["changes"].get("programs", {}).get("started", [])
+    u("restart_groups")(p["socket"], restart)
+    touched |= set(restart)
+    return u("wait_running")(p["socket"], names=touched) if touched else {}
 
 
 def _prune(cfg, p, history):
@@ -379,7 +372,9 @@ def _describe(cfg, plan, dry):
     if "supervisord" in changes:
         parts.append(f"supervisord {verb} started")
     if "programs" in changes:
-        parts.append(f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items()))
+        parts.append(
+            f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
+        )
     if "sysfiles" in changes:
         parts.append(f"sysfiles {verb} updated")
     if "secrets" in changes:

@@ -9,6 +9,7 @@ states and execution module, the grains and the fleet runner. It has no
 
 import configparser
 import contextlib
+import difflib
 import hashlib
 import io
 import json
@@ -85,7 +86,9 @@ PROGRAM_OPTIONS = {
 PROGRAM_DEFAULTS = {
     "autostart": True,
     "autorestart": True,
-    "startsecs": 1,
+    # A worker must live this long to count as started: long enough for a
+    # Celery worker that dies on import to be caught before a release is kept.
+    "startsecs": 5,
     # Celery finishes the task in hand on SIGTERM: give it time to.
     "stopsignal": "TERM",
     "stopwaitsecs": 600,
@@ -94,7 +97,14 @@ PROGRAM_DEFAULTS = {
     "redirect_stderr": True,
 }
 # Sections saltfleet writes itself: a template may only add programs and groups.
-OWN_SECTIONS = ("unix_http_server", "inet_http_server", "supervisord", "supervisorctl", "rpcinterface:supervisor", "include")
+OWN_SECTIONS = (
+    "unix_http_server",
+    "inet_http_server",
+    "supervisord",
+    "supervisorctl",
+    "rpcinterface:supervisor",
+    "include",
+)
 TEMPLATE_SECTION_RE = re.compile(r"^(program|group|eventlistener|fcgi-program):[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -137,19 +147,10 @@ def _check_type(where, value, expected, errors, hint=""):
 
 
 def _check_keys(where, given, allowed, errors):
-    for key in sorted(set(given) - set(allowed)):
-        close = [k for k in allowed if _similar(key, k)]
+    for key in sorted(set(given) - set(allowed), key=str):
+        close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(allowed))}"
         errors.append(f"{where}:{key}: unknown key{hint}")
-
-
-def _similar(a, b):
-    if a == b:
-        return False
-    if abs(len(a) - len(b)) > 2:
-        return False
-    common = sum(1 for x, y in zip(a, b) if x == y)
-    return common >= min(len(a), len(b)) - 2 or sorted(a) == sorted(b)
 
 
 def _check_name(where, name, errors, what="name"):
@@ -549,7 +550,16 @@ def fetch(repo_dir, cfg):
         repo_dir.mkdir(parents=True, exist_ok=True)
         _git(["init", "-q", "--bare", str(repo_dir)], cfg)
     _git(
-        ["fetch", "-q", "--prune", "--force", "--", cfg["repo"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+        [
+            "fetch",
+            "-q",
+            "--prune",
+            "--force",
+            "--",
+            cfg["repo"],
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+        ],
         cfg,
         cwd=repo_dir,
     )
@@ -659,8 +669,7 @@ def link_atomic(link, target):
     if link.exists() and not link.is_symlink():
         tmp.unlink()
         raise DeploymentError(
-            f"{link} exists and is not a saltfleet release link (an old checkout?); "
-            "move it away and apply again"
+            f"{link} exists and is not a saltfleet release link (an old checkout?); move it away and apply again"
         )
     os.replace(tmp, link)
 
@@ -683,7 +692,9 @@ def program_sections(text, name, source):
     try:
         parser.read_string(text, source=source)
     except configparser.Error as exc:
-        raise DeploymentError(f"deployments:{name}:supervisord_conf: {source} is not a valid supervisord config: {exc}") from None
+        raise DeploymentError(
+            f"deployments:{name}:supervisord_conf: {source} is not a valid supervisord config: {exc}"
+        ) from None
     sections = {}
     for section in parser.sections():
         if section in OWN_SECTIONS or not TEMPLATE_SECTION_RE.match(section):
@@ -733,7 +744,9 @@ def render_supervisord_conf(cfg, sections):
             "directory": str(p["project"]),
             "environment": _ini_value(supervisord_env(cfg)),
         },
-        "rpcinterface:supervisor": {"supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"},
+        "rpcinterface:supervisor": {
+            "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
+        },
         "supervisorctl": {"serverurl": f"unix://{p['socket']}"},
     }
     if os.geteuid() == 0 and cfg["user"] != "root":
@@ -770,6 +783,23 @@ def supervisord_env(cfg):
     }
 
 
+def boot_entry(cfg, settings):
+    """
+    The cron.d file that starts the deployment's supervisord at boot:
+    (path under root, content). cron runs on every host saltfleet targets,
+    with or without systemd, and the file is a sysfile like any other.
+    """
+    p = paths(cfg["root"], cfg["user"], cfg["name"])
+    env = supervisord_env(cfg)
+    binary = find_tool("supervisord", settings["supervisord"]) or "supervisord"
+    text = (
+        f"# Written by saltfleet: start deployment {cfg['name']}'s supervisord at boot.\n"
+        f"PATH={env['PATH']}\nHOME={env['HOME']}\nLANG={env['LANG']}\n"
+        f"@reboot {cfg['user']} {binary} -c {p['conf']}\n"
+    )
+    return f"etc/cron.d/saltfleet-{cfg['name']}", text.encode()
+
+
 def groups_of(conf_text):
     """Process groups in a supervisord.conf and the text that defines each."""
     if not conf_text:
@@ -791,7 +821,9 @@ def groups_of(conf_text):
             progs = [x.strip() for x in parser.get(section, "programs", fallback="").split(",") if x.strip()]
             body = {
                 "group": dict(parser.items(section)),
-                "programs": {p: dict(parser.items(f"program:{p}")) for p in progs if parser.has_section(f"program:{p}")},
+                "programs": {
+                    p: dict(parser.items(f"program:{p}")) for p in progs if parser.has_section(f"program:{p}")
+                },
             }
             groups[gname] = json.dumps(body, sort_keys=True)
     return groups
@@ -853,7 +885,9 @@ def start_supervisord(cfg, settings):
     p = paths(cfg["root"], cfg["user"], cfg["name"])
     binary = find_tool("supervisord", settings["supervisord"])
     if not binary:
-        raise DeploymentError("saltfleet:supervisord: no supervisord found beside Salt's Python or on PATH; install supervisor")
+        raise DeploymentError(
+            "saltfleet:supervisord: no supervisord found beside Salt's Python or on PATH; install supervisor"
+        )
     with contextlib.suppress(FileNotFoundError):
         p["socket"].unlink()
     proc = subprocess.run(
@@ -904,19 +938,40 @@ def _alive(pid):
     return True
 
 
-def wait_running(sock, names=None, timeout=60):
-    """Wait until the programs are RUNNING; return {name: state} of those that are not."""
-    deadline = time.monotonic() + timeout
+def _proc_name(info):
+    return info["name"] if info["group"] == info["name"] else f"{info['group']}:{info['name']}"
+
+
+def wait_running(sock, names=None, timeout=120):
+    """
+    Wait until the programs are RUNNING (they outlived their startsecs) or
+    supervisord gave up on them; return {name: state} of those not RUNNING.
+    """
+    started = time.monotonic()
     while True:
-        info = process_info(sock)
-        bad = {
-            f"{i['group']}:{i['name']}" if i["group"] != i["name"] else i["name"]: i["statename"]
-            for i in info
+        pending = {
+            _proc_name(i): i["statename"]
+            for i in process_info(sock)
             if (names is None or i["group"] in names) and i["statename"] != "RUNNING"
         }
-        settled = all(state in ("FATAL", "EXITED", "STOPPED") for state in bad.values())
-        if not bad or (settled and time.monotonic() > deadline - timeout + 2) or time.monotonic() > deadline:
-            return bad
+        waited = time.monotonic() - started
+        final = all(s == "FATAL" or (s in ("STOPPED", "EXITED") and waited > 2) for s in pending.values())
+        if not pending or final or waited > timeout:
+            return pending
+        time.sleep(0.2)
+
+
+def stop_groups(sock, groups, timeout=3600):
+    """Stop groups together: SIGTERM, then supervisord waits up to each program's stopwaitsecs."""
+    server = rpc(sock).supervisor
+    for group in groups:
+        with contextlib.suppress(xmlrpc.client.Fault):
+            server.stopProcessGroup(group, False)
+    deadline = time.monotonic() + timeout
+    busy = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
+    while time.monotonic() < deadline:
+        if not any(i["group"] in groups and i["statename"] in busy for i in process_info(sock)):
+            return
         time.sleep(0.2)
 
 
@@ -924,9 +979,8 @@ def apply_group_changes(sock, diff):
     """What `supervisorctl update` does, limited to the groups in diff."""
     server = rpc(sock).supervisor
     server.reloadConfig()
+    stop_groups(sock, diff["removed"] + diff["changed"])
     for group in diff["removed"] + diff["changed"]:
-        with contextlib.suppress(xmlrpc.client.Fault):
-            server.stopProcessGroup(group, True)
         with contextlib.suppress(xmlrpc.client.Fault):
             server.removeProcessGroup(group)
     for group in diff["changed"] + diff["added"]:
@@ -934,17 +988,18 @@ def apply_group_changes(sock, diff):
 
 
 def restart_groups(sock, groups):
-    """Restart groups one after another: SIGTERM, wait up to stopwaitsecs, start."""
+    """
+    Restart groups gracefully (SIGTERM, each program's stopwaitsecs for the
+    task in hand), all at once; return {name: state} of those not RUNNING after.
+    """
+    if not groups:
+        return {}
+    stop_groups(sock, groups)
     server = rpc(sock).supervisor
-    failed = {}
     for group in groups:
         with contextlib.suppress(xmlrpc.client.Fault):
-            server.stopProcessGroup(group, True)
-        try:
-            server.startProcessGroup(group, True)
-        except xmlrpc.client.Fault as exc:
-            failed[group] = exc.faultString
-    return failed
+            server.startProcessGroup(group, False)
+    return wait_running(sock, names=set(groups))
 
 
 # ------------------------------------------------------------------ sysfiles
@@ -1005,15 +1060,20 @@ def apply_sysfiles(owner, files, root):
     for rel, content in sorted(files.items()):
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or target.read_bytes() != content or (target.stat().st_mode & 0o777) != sysfile_mode(content):
+        if (
+            not target.exists()
+            or target.read_bytes() != content
+            or (target.stat().st_mode & 0o777) != sysfile_mode(content)
+        ):
             write_atomic(target, content, sysfile_mode(content))
     for rel in sorted(set(previous) - set(files)):
         with contextlib.suppress(FileNotFoundError):
             (root / rel).unlink()
     record = registry(root) / "sysfiles" / f"{owner}.json"
-    if files:
-        write_manifest(record, {rel: hashlib.sha256(c).hexdigest() for rel, c in sorted(files.items())})
-    else:
+    digests = {rel: hashlib.sha256(c).hexdigest() for rel, c in sorted(files.items())}
+    if files and digests != previous:
+        write_manifest(record, digests)
+    elif not files:
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
 

@@ -13,6 +13,27 @@ from localfleet.config import REPO, master_config
 os.environ.setdefault("UV_CACHE_DIR", str(REPO / ".cache" / "uv"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionstart(session):
+    """salt-factories' log server binds 0.0.0.0 by default; nothing here listens beyond loopback."""
+    log_server = session.config.pluginmanager.get_plugin("saltfactories-log-server")
+    if log_server is not None:
+        log_server.log_host = "127.0.0.1"
+    yield
+
+
+@pytest.fixture(scope="session")
+def event_listener():
+    """salt-factories' event listener, on loopback only."""
+    from saltfactories.plugins.event_listener import EventListener
+
+    listener = EventListener()
+    listener.host = "127.0.0.1"
+    listener.address = f"tcp://127.0.0.1:{listener.port}"
+    with listener:
+        yield listener
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO
@@ -34,3 +55,13 @@ def short_tmp():
     path = short_tmpdir("sf-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def load_saltfleet_utils():
+    """_utils/saltfleet.py as a plain module, for tests that call its functions directly."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("saltfleet_utils", REPO / "_utils" / "saltfleet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

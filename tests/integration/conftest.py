@@ -20,10 +20,12 @@ def pillar_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def salt_master(salt_factories, saltfleet_master_config, pillar_dir):
+def salt_master(salt_factories, saltfleet_master_config, pillar_dir, repo_root):
     """A master serving this repository's salt/ tree and a test's own pillar."""
     overrides = copy.deepcopy(saltfleet_master_config)
     overrides["pillar_roots"] = {"base": [str(pillar_dir)]}
+    # Deployments the tests own, beside the repository's (which the demo owns).
+    overrides["file_roots"]["base"].append(str(repo_root / "tests" / "fixtures" / "fileroot"))
     overrides["interface"] = "127.0.0.1"
     factory = salt_factories.salt_master_daemon(random_string("master-"), overrides=overrides)
     with factory.started(start_timeout=120):

@@ -1,0 +1,63 @@
+"""The sample Celery app in a real git repository, and a client that sends it tasks."""
+
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import git
+
+from localfleet.config import REPO
+
+SAMPLE_APP = REPO / "examples" / "sample-app"
+
+
+def commit(work, message, tag=None):
+    repo = git.Repo(work)
+    repo.git.add(A=True)
+    repo.index.commit(message, author=git.Actor("saltfleet tests", "tests@saltfleet.invalid"))
+    if tag:
+        repo.create_tag(tag)
+    return repo.head.commit.hexsha
+
+
+def sample_repo(base):
+    """
+    A bare repo of the sample app with these revisions:
+    v1 (tag), v2 (tag, master: VERSION 2), branch broken-reqs (a requirement
+    that cannot install), branch crashing (the app fails at import).
+    Returns (bare repo path, {name: sha}).
+    """
+    work = Path(base) / "sample-app"
+    shutil.copytree(SAMPLE_APP, work)
+    repo = git.Repo.init(work, initial_branch="master")
+    shas = {"v1": commit(work, "sample app v1", tag="v1")}
+    app = work / "sampleapp.py"
+    app.write_text(app.read_text().replace('VERSION = "1"', 'VERSION = "2"'))
+    shas["v2"] = commit(work, "sample app v2", tag="v2")
+    repo.git.checkout("-b", "broken-reqs")
+    (work / "requirements.txt").write_text("celery==5.7.0\nsaltfleet-no-such-package==0.0.1\n")
+    shas["broken-reqs"] = commit(work, "a requirement that does not exist")
+    repo.git.checkout("master")
+    repo.git.checkout("-b", "crashing")
+    app.write_text(app.read_text() + '\nraise RuntimeError("this release cannot start")\n')
+    shas["crashing"] = commit(work, "a release whose workers die at start")
+    repo.git.checkout("master")
+    bare = Path(base) / "sample-app.git"
+    repo.clone(bare, bare=True)
+    return bare, shas
+
+
+def celery_client(data_dir):
+    """The sample app module, loaded afresh with its broker in data_dir."""
+    os.environ["SAMPLEAPP_DATA"] = str(data_dir)
+    spec = importlib.util.spec_from_file_location(f"sampleapp_{uuid.uuid4().hex}", SAMPLE_APP / "sampleapp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.app
+
+
+def run_task(app, queue, seconds=0, timeout=60):
+    """Send sampleapp.fetch to queue and wait for its result."""
+    return app.send_task("sampleapp.fetch", args=(queue, seconds), queue=queue).get(timeout=timeout)
