@@ -1,0 +1,513 @@
+"""
+Local "instances" for salt-cloud: each one a sandbox on the master's machine.
+
+An instance is a directory (the minion's ``root_dir``: its own config, pki,
+cache, logs and the deployments it converges) and a salt-minion process on
+127.0.0.1 pointed at the master. It is provisioned the way EC2 and Rackspace
+hosts are: salt-cloud generates the minion's keys on the master and
+pre-accepts them, the driver writes the minion config (with the cloud facts as
+grains) and starts the minion, then waits until it has authenticated. Only the
+machine is local. ``make demo`` builds its fleet with it.
+
+Provider (``cloud.providers.d/local.conf``):
+
+.. code-block:: yaml
+
+    local:
+      driver: local
+      # One directory per instance. Keep it short: supervisord's socket paths
+      # inside a sandbox must stay under 108 bytes.
+      sandbox_dir: /srv/saltfleet-local
+      minion:
+        master: 127.0.0.1       # master_port defaults to the master's ret_port
+
+Profile (``cloud.profiles.d/local.conf``):
+
+.. code-block:: yaml
+
+    local-worker:
+      provider: local
+      size: sandbox
+
+Then ``salt-cloud -p local-worker worker-1``, ``salt-cloud -Q``,
+``salt-cloud -a stop worker-1`` (stops its minion and its deployments'
+supervisords), ``salt-cloud -a start worker-1``, ``salt-cloud -d worker-1``
+(stops it, removes its key and its sandbox).
+"""
+
+import contextlib
+import getpass
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import salt.utils.yaml
+from salt.exceptions import SaltCloudException, SaltCloudSystemExit
+
+from salt import config
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "local"
+
+DEFAULT_SANDBOX_DIR = "/srv/saltfleet-local"
+DEFAULT_SIZE = "sandbox"
+DEFAULT_IMAGE = "this-machine"
+DEFAULT_LOCATION = "local"
+INSTANCE_FILE = "instance.json"
+MINION_PIDFILE = ("var", "run", "salt-minion.pid")
+PIDFILE_GRACE = 20
+
+
+def __virtual__():
+    if get_configured_provider() is False:
+        return False, "no local provider is configured"
+    return __virtualname__
+
+
+def _get_active_provider_name():
+    try:
+        return __active_provider_name__.value()
+    except AttributeError:
+        return __active_provider_name__
+
+
+def get_configured_provider():
+    """The provider's configuration, or False when none uses this driver."""
+    return config.is_provider_configured(__opts__, _get_active_provider_name() or __virtualname__, ())
+
+
+def _provider_value(key, default=None, vm_=None):
+    provider = get_configured_provider() or {}
+    return config.get_cloud_config_value(key, vm_ or provider, __opts__, default=default, search_global=False)
+
+
+# ------------------------------------------------------------------ sandboxes
+
+
+def _sandbox_dir(vm_=None):
+    return Path(_provider_value("sandbox_dir", DEFAULT_SANDBOX_DIR, vm_)).expanduser().resolve()
+
+
+def _sandbox(name, vm_=None):
+    if not name or "/" in name or name in (".", ".."):
+        raise SaltCloudSystemExit(f"'{name}' is not a valid instance name: use letters, digits, '-' and '_'")
+    return _sandbox_dir(vm_) / name
+
+
+def _instances():
+    """{name: instance record} of every sandbox under sandbox_dir."""
+    found = {}
+    base = _sandbox_dir()
+    if base.is_dir():
+        for entry in sorted(base.iterdir()):
+            record = _read_json(entry / INSTANCE_FILE)
+            if record:
+                found[entry.name] = record
+    return found
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _minion_pid(sandbox):
+    """The pid of the sandbox's salt-minion when it runs, else None."""
+    try:
+        pid = int(Path(sandbox, *MINION_PIDFILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _is_sandbox_process(pid, sandbox) else None
+
+
+def _is_sandbox_process(pid, sandbox):
+    """True when pid is alive and runs with the sandbox's config (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # Salt retitles its processes, which joins the arguments: look for the path anywhere.
+    return os.fsencode(f"{Path(sandbox) / 'etc' / 'salt'}") in cmdline
+
+
+def _state(sandbox):
+    return "running" if _minion_pid(sandbox) else "stopped"
+
+
+def _node(name, record, full=False):
+    sandbox = Path(record["sandbox"])
+    node = __utils__["saltfleet_cloud.node_row"](
+        record["instance_id"],
+        name,
+        _state(sandbox),
+        image=record.get("image", DEFAULT_IMAGE),
+        size=record.get("size", DEFAULT_SIZE),
+        public_ips=record.get("public_ips", []),
+        private_ips=record.get("private_ips", []),
+    )
+    if full:
+        node.update(
+            {
+                "location": record.get("location", DEFAULT_LOCATION),
+                "profile": record.get("profile"),
+                "created": record.get("created"),
+                "sandbox": str(sandbox),
+                "config_dir": str(sandbox / "etc" / "salt"),
+                "pid": _minion_pid(sandbox),
+                "log_file": str(sandbox / "var" / "log" / "salt" / "minion"),
+            }
+        )
+    return node
+
+
+def _cloud_grains(vm_, record):
+    """The cloud facts every saltfleet host carries, plus the addresses a local instance knows already."""
+    grains = __utils__["saltfleet_cloud.cloud_grains"](
+        vm_,
+        __opts__,
+        "local",
+        region=record["location"],
+        size=record["size"],
+        image=record["image"],
+        instance_id=record["instance_id"],
+    )
+    grains["saltfleet_cloud"].update(
+        instance_id=record["instance_id"], public_ips=record["public_ips"], private_ips=record["private_ips"]
+    )
+    return grains
+
+
+def _minion_config(vm_, record, sandbox):
+    """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
+    minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=_cloud_grains(vm_, record))
+    interface = __opts__.get("interface") or "127.0.0.1"
+    if minion.get("master") in (None, "salt"):
+        minion["master"] = "127.0.0.1" if interface in ("0.0.0.0", "::") else interface
+    minion.setdefault("master_port", __opts__.get("ret_port", 4506))
+    minion["root_dir"] = str(sandbox)
+    minion["user"] = getpass.getuser()
+    minion.setdefault("log_level_logfile", "info")
+    return minion
+
+
+def _write(path, text, mode=0o644):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _start_minion(name, sandbox, timeout):
+    """Start the sandbox's salt-minion and wait until the master has accepted it."""
+    if _minion_pid(sandbox):
+        return
+    binary = Path(sys.executable).with_name("salt-minion")
+    if not binary.exists():
+        binary = shutil.which("salt-minion")
+    if not binary:
+        raise SaltCloudSystemExit(f"{name}: no salt-minion beside {sys.executable} nor on PATH")
+    master_pub = sandbox / "etc" / "salt" / "pki" / "minion" / "minion_master.pub"
+    with contextlib.suppress(FileNotFoundError):
+        master_pub.unlink()
+    log_file = sandbox / "var" / "log" / "salt" / "minion"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [str(binary), "-c", str(sandbox / "etc" / "salt"), "-d"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=str(sandbox),
+    )
+    if proc.returncode:
+        raise SaltCloudSystemExit(f"{name}: salt-minion did not start: {(proc.stderr or proc.stdout).strip()[-500:]}")
+
+    started = time.monotonic()
+
+    def accepted():
+        # The minion writes the master's key once the master has accepted its own.
+        if not _minion_pid(sandbox):
+            # The daemon writes its pidfile a moment after `-d` returns.
+            if time.monotonic() - started > PIDFILE_GRACE:
+                raise SaltCloudSystemExit(f"{name}: salt-minion is not running")
+            return False
+        return master_pub.exists()
+
+    try:
+        __utils__["saltfleet_cloud.wait_for"](accepted, timeout, f"{name}: the master accepting the minion", 0.2)
+    except SaltCloudSystemExit as exc:
+        tail = "".join(log_file.read_text(errors="replace").splitlines(True)[-10:]) if log_file.exists() else ""
+        raise SaltCloudSystemExit(
+            f"{exc} (master {_master_address(sandbox)}: is it running?); log {log_file}:\n{tail}"
+        ) from None
+
+
+def _master_address(sandbox):
+    try:
+        minion = salt.utils.yaml.safe_load(Path(sandbox, "etc", "salt", "minion").read_text()) or {}
+    except OSError:
+        return "?"
+    return f"{minion.get('master')}:{minion.get('master_port')}"
+
+
+def _stop_deployments(sandbox):
+    """Stop every deployment's supervisord in the sandbox (their programs stop with it)."""
+    stopped = []
+    try:
+        installed = __utils__["saltfleet.installed"](sandbox)
+        paths = __utils__["saltfleet.paths"]
+        stop = __utils__["saltfleet.stop_supervisord"]
+    except KeyError:
+        log.warning("saltfleet utils are not loadable (utils_dirs); deployments in %s are left running", sandbox)
+        return stopped
+    sockets = {}
+    for name, manifest in installed.items():
+        p = paths(sandbox, manifest.get("user", "root"), name)
+        sockets[str(p["socket"])] = (name, p["pidfile"])
+    # A deployment whose manifest is gone still has its supervisord: find it by its socket.
+    for sock in Path(sandbox, "home").glob("*/.saltfleet/*/supervisor.sock"):
+        sockets.setdefault(str(sock), (sock.parent.name, sock.parent / "supervisord.pid"))
+    for sock, (name, pidfile) in sorted(sockets.items()):
+        if stop(sock, pidfile, timeout=_provider_value("stop_timeout", 600)):
+            stopped.append(name)
+    return stopped
+
+
+def _stop_minion(sandbox, timeout=30):
+    pid = _minion_pid(sandbox)
+    if not pid:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _is_sandbox_process(pid, sandbox):
+        time.sleep(0.1)
+    if _is_sandbox_process(pid, sandbox):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        Path(sandbox, *MINION_PIDFILE).unlink()
+    return True
+
+
+def _fire(vm_name, event, args=None):
+    __utils__["saltfleet_cloud.fire_event"](__opts__, vm_name, event, args)
+
+
+# -------------------------------------------------------------------- create
+
+
+def create(vm_):
+    """
+    Create a sandbox instance and start its minion.
+
+    .. code-block:: bash
+
+        salt-cloud -p local-worker worker-1
+    """
+    name = vm_["name"]
+    profile = vm_.get("profile")
+    sandbox = _sandbox(name, vm_)
+    if (sandbox / INSTANCE_FILE).exists():
+        raise SaltCloudSystemExit(
+            f"{name}: a local instance already exists at {sandbox}; destroy it first (salt-cloud -d {name})"
+        )
+    _fire(name, "creating", {"profile": profile, "provider": vm_["driver"]})
+
+    record = {
+        "name": name,
+        "instance_id": f"local-{uuid.uuid4().hex[:12]}",
+        "profile": profile,
+        "size": config.get_cloud_config_value("size", vm_, __opts__, default=DEFAULT_SIZE),
+        "image": config.get_cloud_config_value("image", vm_, __opts__, default=DEFAULT_IMAGE),
+        "location": config.get_cloud_config_value("location", vm_, __opts__, default=DEFAULT_LOCATION),
+        "public_ips": ["127.0.0.1"],
+        "private_ips": ["127.0.0.1"],
+        "sandbox": str(sandbox),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _fire(name, "requesting", {"sandbox": str(sandbox)})
+    etc = sandbox / "etc" / "salt"
+    try:
+        etc.mkdir(parents=True, exist_ok=True)
+        deploy = config.get_cloud_config_value("deploy", vm_, __opts__, default=True)
+        if deploy:
+            if not vm_.get("pub_key") or not vm_.get("priv_key"):
+                raise SaltCloudSystemExit(f"{name}: salt-cloud passed no minion keys (is deploy disabled?)")
+            pki = etc / "pki" / "minion"
+            pki.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write(pki / "minion.pem", vm_["priv_key"], 0o400)
+            _write(pki / "minion.pub", vm_["pub_key"], 0o644)
+            minion = _minion_config(vm_, record, sandbox)
+            _write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](minion))
+        _write(sandbox / INSTANCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if deploy:
+            _fire(name, "deploying")
+            timeout = config.get_cloud_config_value("wait_for_minion_timeout", vm_, __opts__, default=120)
+            _start_minion(name, sandbox, timeout)
+    except Exception:
+        # A half-made instance would block the next create: leave nothing behind.
+        _stop_minion(sandbox)
+        shutil.rmtree(sandbox, ignore_errors=True)
+        raise
+
+    node = _node(name, record, full=True)
+    node["deployed"] = bool(deploy)
+    _fire(name, "created", {"profile": profile, "provider": vm_["driver"]})
+    log.info("Created local instance %s in %s", name, sandbox)
+    return node
+
+
+# ------------------------------------------------------------------- destroy
+
+
+def destroy(name, call=None):
+    """
+    Stop an instance (its deployments and its minion) and remove its sandbox.
+    salt-cloud then deletes its key on the master.
+
+    .. code-block:: bash
+
+        salt-cloud -d worker-1
+    """
+    if call == "function":
+        raise SaltCloudSystemExit("The destroy action must be called with -d, --destroy, -a or --action.")
+    sandbox = _sandbox(name)
+    if not (sandbox / INSTANCE_FILE).exists():
+        raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
+    _fire(name, "destroying")
+    _stop_deployments(sandbox)
+    _stop_minion(sandbox)
+    shutil.rmtree(sandbox)
+    if __opts__.get("update_cachedir", False):
+        __utils__["cloud.delete_minion_cachedir"](name, _get_active_provider_name().split(":")[0], __opts__)
+    _fire(name, "destroyed")
+    return {"name": name, "state": "destroyed", "sandbox": str(sandbox)}
+
+
+# ------------------------------------------------------------------- actions
+
+
+def _action_target(name, call, action):
+    if call != "action":
+        raise SaltCloudSystemExit(f"The {action} action must be called with -a or --action.")
+    sandbox = _sandbox(name)
+    record = _read_json(sandbox / INSTANCE_FILE)
+    if not record:
+        raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
+    return sandbox, record
+
+
+def stop(name, call=None):
+    """
+    Stop an instance the way a machine goes down: its deployments' supervisords
+    (and their programs, gracefully) and its minion. The sandbox stays.
+
+    .. code-block:: bash
+
+        salt-cloud -a stop worker-1
+    """
+    sandbox, _ = _action_target(name, call, "stop")
+    deployments = _stop_deployments(sandbox)
+    minion = _stop_minion(sandbox)
+    return {"state": "stopped", "minion_was_running": minion, "stopped_deployments": deployments}
+
+
+def start(name, call=None):
+    """
+    Start a stopped instance's minion; the next ``state.apply`` brings its
+    deployments back.
+
+    .. code-block:: bash
+
+        salt-cloud -a start worker-1
+    """
+    sandbox, _ = _action_target(name, call, "start")
+    was_running = bool(_minion_pid(sandbox))
+    _start_minion(name, sandbox, _provider_value("wait_for_minion_timeout", 120))
+    return {"state": "running", "was_running": was_running}
+
+
+def reboot(name, call=None):
+    """
+    Stop then start an instance.
+
+    .. code-block:: bash
+
+        salt-cloud -a reboot worker-1
+    """
+    stop(name, call)
+    return start(name, call)
+
+
+def show_instance(name, call=None):
+    """
+    Everything known about one instance.
+
+    .. code-block:: bash
+
+        salt-cloud -a show_instance worker-1
+    """
+    if call != "action":
+        raise SaltCloudSystemExit("The show_instance action must be called with -a or --action.")
+    nodes = list_nodes_full()
+    if name not in nodes:
+        raise SaltCloudException(f"{name}: no local instance of that name in {_sandbox_dir()}")
+    return nodes[name]
+
+
+# ------------------------------------------------------------------- listing
+
+
+def list_nodes(call=None):
+    """
+    The instances and whether their minion runs (``salt-cloud -Q``).
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("The list_nodes function must be called with -f or --function.")
+    return {name: _node(name, record) for name, record in _instances().items()}
+
+
+def list_nodes_full(call=None):
+    """
+    The instances with their sandbox, config dir and minion pid (``salt-cloud -F``).
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("The list_nodes_full function must be called with -f or --function.")
+    return {name: _node(name, record, full=True) for name, record in _instances().items()}
+
+
+def list_nodes_select(call=None):
+    """
+    The fields of ``query.selection`` for each instance (``salt-cloud -S``).
+    """
+    return __utils__["saltfleet_cloud.select"](list_nodes_full(), __opts__, call)
+
+
+def avail_images(call=None):
+    if call == "action":
+        raise SaltCloudSystemExit("The avail_images function must be called with -f or --function.")
+    return {DEFAULT_IMAGE: {"name": DEFAULT_IMAGE, "description": "this machine's own system, shared by every sandbox"}}
+
+
+def avail_sizes(call=None):
+    if call == "action":
+        raise SaltCloudSystemExit("The avail_sizes function must be called with -f or --function.")
+    return {DEFAULT_SIZE: {"name": DEFAULT_SIZE, "description": "a directory and a salt-minion process"}}
+
+
+def avail_locations(call=None):
+    if call == "action":
+        raise SaltCloudSystemExit("The avail_locations function must be called with -f or --function.")
+    return {DEFAULT_LOCATION: {"name": DEFAULT_LOCATION, "description": "this machine"}}

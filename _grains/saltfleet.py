@@ -1,0 +1,70 @@
+"""
+Grains that describe a saltfleet host: the deployments it runs and where it runs.
+
+``saltfleet_deployments``
+    Each deployment installed on the host (from the manifests the deployment
+    states write under ``<root>/var/lib/saltfleet/deployments/``), with the
+    revision pillar asked for, the release (commit SHA) it serves, its repo,
+    user and when it last changed:
+
+    .. code-block:: yaml
+
+        saltfleet_deployments:
+          daily-fetcher:
+            rev: master
+            release: 3f1c...e9
+            repo: git@github.com:example/app.git
+            user: ubuntu
+            updated: '2024-05-01T10:00:00Z'
+
+``saltfleet_cloud`` (not from this module)
+    The cloud facts (provider, instance_id, region, size, image, profile,
+    public_ips, private_ips): the saltfleet cloud drivers write them into the
+    minion config's ``grains:`` when they create the host, since the host
+    itself cannot know most of them. ``fleet.inventory`` falls back to the
+    core ``ipv4`` grain for a host that has none.
+
+The root is pillar ``saltfleet:root`` when the minion has its pillar, else the
+minion's own ``root_dir`` (the sandbox of a local instance, ``/`` elsewhere).
+The grains are refreshed by ``saltutil.refresh_grains`` (the deployment states
+ask for it after a change) and on the minion's start.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KEYS = ("rev", "release", "repo", "user", "updated")
+
+
+def _root():
+    settings = (__pillar__ or {}).get("saltfleet") or {}
+    root = settings.get("root") if isinstance(settings, dict) else None
+    return root or __opts__.get("root_dir") or "/"
+
+
+def _installed(root):
+    """Manifests by deployment name; __utils__ when synced, else read directly."""
+    try:
+        return __utils__["saltfleet.installed"](root)
+    except KeyError:
+        found = {}
+        folder = Path(root, "var", "lib", "saltfleet", "deployments")
+        for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                found[entry.stem] = json.loads(entry.read_text())
+            except (OSError, ValueError):
+                log.warning("saltfleet: unreadable deployment manifest %s", entry)
+        return found
+
+
+def deployments():
+    """The deployments installed on this host, with revision and release."""
+    installed = _installed(_root())
+    return {
+        "saltfleet_deployments": {
+            name: {key: manifest.get(key) for key in MANIFEST_KEYS} for name, manifest in sorted(installed.items())
+        }
+    }

@@ -1,0 +1,439 @@
+"""
+`make demo`: a fleet on this machine, provisioned, deployed and listed with the real Salt commands.
+
+Everything lives under .demo/ (git-ignored): the master's config, keys, cache
+and logs (.demo/etc/salt, .demo/var), the instances salt-cloud's local driver
+creates (.demo/minions/<name>, each its own minion root_dir), the sample app's
+git repository (.demo/sample-app.git) and its broker folder (.demo/broker).
+The master listens on 127.0.0.1 only, on ports chosen free at the first run.
+"""
+
+import contextlib
+import getpass
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from localfleet import procs
+from localfleet.config import REPO, master_config
+
+DEMO = REPO / ".demo"
+ETC = DEMO / "etc" / "salt"
+SANDBOXES = DEMO / "minions"
+APP_SOURCE = REPO / "examples" / "sample-app"
+APP_REPO = DEMO / "sample-app.git"
+APP_BRANCH = "main"
+BROKER = DEMO / "broker"
+WORKERS = ("demo-worker-1", "demo-worker-2")
+PROFILE = "local-worker"
+MASTER_PIDFILE = DEMO / "var" / "run" / "salt-master.pid"
+BIN = Path(sys.executable).parent
+# What the user types from the repository (the commands the demo prints).
+CONFIG_ARG = f"-c {ETC.relative_to(REPO)}"
+
+
+class DemoError(Exception):
+    """A step failed; the message says which and where to look."""
+
+
+# ------------------------------------------------------------------ output
+
+
+class Progress:
+    def __init__(self, total):
+        self.total = total
+        self.step = 0
+        self.started = time.monotonic()
+
+    def __call__(self, text):
+        self.step += 1
+        elapsed = time.monotonic() - self.started
+        print(f"\n==> [{self.step}/{self.total}] {text}  (t+{elapsed:.0f}s)", flush=True)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.setdefault("UV_CACHE_DIR", str(REPO / ".cache" / "uv"))
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    return env
+
+
+def shown(cmd):
+    """The command as the user would type it from the repository."""
+    return " ".join(shlex.quote(str(a)) for a in cmd)
+
+
+def run(cmd, echo=True, check=True, capture=False, timeout=None):
+    """Run a salt command from the repository, showing it and its output."""
+    if echo:
+        print(f"$ {shown(cmd)}", flush=True)
+    argv = [str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0], *map(str, cmd[1:])]
+    proc = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=capture,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if check and proc.returncode:
+        detail = f"\n{proc.stdout or ''}{proc.stderr or ''}" if capture else ""
+        raise DemoError(f"`{shown(cmd)}` exited {proc.returncode}{detail}")
+    return proc
+
+
+# ------------------------------------------------------------------ sample app
+
+
+def _git(*args, env=None):
+    return subprocess.run(
+        ["git", *args], check=True, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    ).stdout.strip()
+
+
+def publish_sample_app(source=APP_SOURCE, bare=APP_REPO, branch=APP_BRANCH):
+    """Commit source's files into the bare repo's branch, only when they changed; return the SHA."""
+    if not (bare / "HEAD").exists():
+        bare.parent.mkdir(parents=True, exist_ok=True)
+        _git("init", "-q", "--bare", f"--initial-branch={branch}", str(bare))
+    env = {
+        "GIT_DIR": str(bare),
+        "GIT_WORK_TREE": str(source),
+        "GIT_INDEX_FILE": str(bare / "saltfleet-demo.index"),
+        "GIT_AUTHOR_NAME": "saltfleet demo",
+        "GIT_AUTHOR_EMAIL": "demo@saltfleet.invalid",
+        "GIT_COMMITTER_NAME": "saltfleet demo",
+        "GIT_COMMITTER_EMAIL": "demo@saltfleet.invalid",
+    }
+    _git("add", "-A", ".", env=env)
+    tree = _git("write-tree", env=env)
+    head = subprocess.run(
+        ["git", "rev-parse", "-q", "--verify", f"refs/heads/{branch}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    ).stdout.strip()
+    if head and _git("rev-parse", f"{head}^{{tree}}", env=env) == tree:
+        return head
+    parents = ["-p", head] if head else []
+    sha = _git("commit-tree", tree, *parents, "-m", "sample-app as of `make demo`", env=env)
+    _git("update-ref", f"refs/heads/{branch}", sha, env=env)
+    return sha
+
+
+# ------------------------------------------------------------------ config
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_free(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def read_master_config():
+    try:
+        return yaml.safe_load((ETC / "master").read_text()) or {}
+    except OSError:
+        return {}
+
+
+def _ports(running):
+    """The master's ports: those of the last run when still usable, else new free ones."""
+    old = read_master_config()
+    ports = (old.get("publish_port"), old.get("ret_port"))
+    if all(ports) and (running or all(_port_free(p) for p in ports)):
+        return ports
+    pub = _free_port()
+    ret = _free_port()
+    while ret == pub:
+        ret = _free_port()
+    return pub, ret
+
+
+def write_config(running):
+    """The demo master's config, salt-cloud's config and the local provider/profile, under .demo/etc/salt."""
+    publish_port, ret_port = _ports(running)
+    user = getpass.getuser()
+    master = master_config()
+    master.update(
+        {
+            "id": "saltfleet-demo-master",
+            "root_dir": str(DEMO),
+            "conf_file": str(ETC / "master"),
+            "pki_dir": str(ETC / "pki" / "master"),
+            "cachedir": str(DEMO / "var" / "cache" / "salt" / "master"),
+            "sock_dir": str(DEMO / "var" / "run" / "salt" / "master"),
+            "pidfile": str(MASTER_PIDFILE),
+            "log_file": str(DEMO / "var" / "log" / "salt" / "master"),
+            "log_level_logfile": "info",
+            "user": user,
+            "interface": "127.0.0.1",
+            "publish_port": publish_port,
+            "ret_port": ret_port,
+            "open_mode": False,
+            "auto_accept": False,
+            "worker_threads": 3,
+            "state_output": "changes",
+            # Read by pillar/top.sls and pillar/demo/*.sls: the demo's own facts.
+            "saltfleet_demo": {
+                "user": user,
+                "app_repo": str(APP_REPO),
+                "app_rev": APP_BRANCH,
+                "broker": str(BROKER),
+                "uv_cache": str(REPO / ".cache" / "uv"),
+            },
+        }
+    )
+    cloud = {
+        "log_file": str(DEMO / "var" / "log" / "salt" / "cloud"),
+        "cachedir": str(DEMO / "var" / "cache" / "salt" / "cloud"),
+        "update_cachedir": False,
+    }
+    provider = yaml.safe_load((REPO / "cloud.providers.d" / "local.conf").read_text())
+    provider["local"]["sandbox_dir"] = str(SANDBOXES)
+    profiles = yaml.safe_load((REPO / "cloud.profiles.d" / "local.conf").read_text())
+    header = "# Written by `make demo` (localfleet/demo.py); rewritten at every run.\n"
+    files = {
+        ETC / "master": master,
+        ETC / "cloud": cloud,
+        ETC / "cloud.providers.d" / "local.conf": provider,
+        ETC / "cloud.profiles.d" / "local.conf": profiles,
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + yaml.safe_dump(data, default_flow_style=False, sort_keys=True))
+    _repoint_minions(ret_port)
+    return master
+
+
+def _repoint_minions(ret_port):
+    """Existing instances follow the master when its port had to change (something else took it)."""
+    for config in SANDBOXES.glob("*/etc/salt/minion"):
+        minion = yaml.safe_load(config.read_text()) or {}
+        if minion.get("master_port") != ret_port:
+            minion["master_port"] = ret_port
+            config.write_text(yaml.safe_dump(minion, default_flow_style=False))
+
+
+# ------------------------------------------------------------------ master
+
+
+def master_pid():
+    return procs.pid_from_file(MASTER_PIDFILE, str(ETC))
+
+
+def start_master(master, timeout=60):
+    if master_pid():
+        print(f"salt-master already runs (pid {master_pid()}), on 127.0.0.1:{master['ret_port']}")
+        return
+    for folder in ("pki_dir", "cachedir", "sock_dir"):
+        Path(master[folder]).mkdir(parents=True, exist_ok=True)
+    Path(master["log_file"]).parent.mkdir(parents=True, exist_ok=True)
+    # An absolute path, so the daemon's command line names .demo/ (demo-down finds it by that).
+    run(["salt-master", "-c", str(ETC), "-d"])
+    deadline = time.monotonic() + timeout
+    pub_ipc = Path(master["sock_dir"]) / "master_event_pub.ipc"
+    while time.monotonic() < deadline:
+        if master_pid() and pub_ipc.exists():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", master["ret_port"]), 1):
+                print(f"salt-master runs (pid {master_pid()}), on 127.0.0.1:{master['ret_port']}")
+                return
+        time.sleep(0.2)
+    raise DemoError(f"salt-master did not start within {timeout} s; see {master['log_file']}")
+
+
+# ------------------------------------------------------------------ instances
+
+
+def instances():
+    """{name: 'running'|'stopped'} of the demo's local instances (what `salt-cloud -Q` says)."""
+    found = {}
+    for record in sorted(SANDBOXES.glob("*/instance.json")):
+        sandbox = record.parent
+        pid = procs.pid_from_file(sandbox / "var" / "run" / "salt-minion.pid", str(sandbox / "etc" / "salt"))
+        found[sandbox.name] = "running" if pid else "stopped"
+    return found
+
+
+def wait_for_minions(names, timeout=90):
+    """Until every minion answers test.ping (a fresh minion needs a moment to subscribe)."""
+    deadline = time.monotonic() + timeout
+    missing = set(names)
+    while missing and time.monotonic() < deadline:
+        proc = run(
+            [
+                "salt",
+                *CONFIG_ARG.split(),
+                "-t",
+                "5",
+                "-L",
+                ",".join(sorted(missing)),
+                "test.ping",
+                "--out=json",
+                "--static",
+            ],
+            echo=False,
+            check=False,
+            capture=True,
+        )
+        with contextlib.suppress(ValueError):
+            answered = {k for k, v in json.loads(proc.stdout or "{}").items() if v is True}
+            missing -= answered
+        if missing:
+            time.sleep(1)
+    if missing:
+        raise DemoError(f"{', '.join(sorted(missing))} did not answer test.ping within {timeout} s")
+
+
+# ------------------------------------------------------------------ a task
+
+
+def _fetcher_project():
+    return SANDBOXES / "demo-worker-1" / "home" / getpass.getuser() / "Projects-sample-fetcher"
+
+
+TASK_CODE = (
+    "import sampleapp; "
+    "print(sampleapp.fetch.apply_async(['instagram'], queue='sample-fetcher.instagram').get(timeout=120))"
+)
+
+
+def task_command():
+    """A shell line that sends the sample task to the fetcher's queue and prints the worker's answer."""
+    project = _fetcher_project().relative_to(REPO)
+    broker = BROKER.relative_to(REPO)
+    return f'(cd {project} && SAMPLEAPP_DATA={REPO / broker} venv/bin/python -c "{TASK_CODE}")'
+
+
+def send_task(timeout=180):
+    command = task_command()
+    print(f"$ {command}", flush=True)
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, text=True, timeout=timeout, check=False)
+    if proc.returncode:
+        raise DemoError(f"the sample task failed (exit {proc.returncode}); see {_fetcher_project().parent / 'log'}")
+
+
+# ------------------------------------------------------------------ up / down
+
+
+def up(workers=WORKERS):
+    started = time.monotonic()
+    progress = Progress(9)
+    salt = ["salt", *CONFIG_ARG.split()]
+
+    progress("sample app: examples/sample-app committed into .demo/sample-app.git (the deployments' repo)")
+    sha = publish_sample_app()
+    BROKER.mkdir(parents=True, exist_ok=True)
+    print(f"{APP_REPO.relative_to(REPO)} {APP_BRANCH} = {sha}")
+
+    progress("salt-master on 127.0.0.1 with its config under .demo/etc/salt")
+    master = write_config(running=bool(master_pid()))
+    start_master(master)
+
+    progress(f"salt-cloud: {', '.join(workers)} from profile {PROFILE} (local driver: a sandbox and a minion each)")
+    existing = instances()
+    missing = [w for w in workers if w not in existing]
+    stopped = [w for w in workers if existing.get(w) == "stopped"]
+    for name in workers:
+        if existing.get(name) == "running":
+            print(f"{name} exists and runs")
+    if stopped:
+        run(["salt-cloud", *CONFIG_ARG.split(), "-y", "-a", "start", *stopped])
+    if missing:
+        run(["salt-cloud", *CONFIG_ARG.split(), "-p", PROFILE, *missing])
+    after = instances()
+    if any(after.get(w) != "running" for w in workers):
+        raise DemoError(f"instances not running after salt-cloud: {after}; see .demo/var/log/salt/cloud")
+    wait_for_minions(workers)
+
+    progress("sync saltfleet's grains, modules and states to the minions")
+    run([*salt, "-t", "120", "*", "saltutil.sync_all", "--out=txt"])
+
+    progress("deploy: state.apply converges every worker to its pillar (pillar/top.sls)")
+    run([*salt, "-t", "600", "*", "state.apply", "--state-output=terse", "--state-verbose=False"])
+
+    progress("an ad-hoc command on every worker")
+    run([*salt, "*", "cmd.run", "uptime"])
+
+    progress("refresh the grains the master caches (deployments and their releases)")
+    run([*salt, "*", "saltutil.refresh_grains", "--out=txt"], check=False)
+
+    progress("the fleet, from the master's cache")
+    run(["salt-run", *CONFIG_ARG.split(), "-l", "error", "fleet.inventory"])
+
+    progress("a task through the fleet: sampleapp.fetch on queue sample-fetcher.instagram (demo-worker-1)")
+    send_task()
+
+    elapsed = time.monotonic() - started
+    print(
+        f"""
+The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's commands
+(`source .venv/bin/activate`, or prefix them with .venv/bin/):
+
+    salt {CONFIG_ARG} '*' test.ping
+    salt {CONFIG_ARG} '*' deployment.status
+    salt {CONFIG_ARG} 'demo-worker-*' cmd.run 'uptime'
+    salt {CONFIG_ARG} '*' state.apply
+    salt-run {CONFIG_ARG} fleet.inventory
+    salt-run {CONFIG_ARG} fleet.ansible_inventory --out=json
+    salt-cloud {CONFIG_ARG} -Q
+    salt-cloud {CONFIG_ARG} -p {PROFILE} demo-worker-3
+    salt-cloud {CONFIG_ARG} -d demo-worker-3
+    SALT_CONFIG_DIR=.demo/etc/salt localfleet/ansible_inventory.py --list   # an Ansible inventory script
+
+Send the fetchers a task:
+    {task_command()}
+
+Logs: .demo/var/log/salt/ (master, cloud), .demo/minions/<name>/var/log/salt/minion,
+deployments in .demo/minions/<name>/home/{getpass.getuser()}/.
+Stop every process of the demo: make demo-down    (make clean also removes .demo/)
+"""
+    )
+
+
+def down(timeout=120):
+    """Stop the instances (deployments and minions), then the master; then make sure nothing is left."""
+    started = time.monotonic()
+    running = [name for name, state in instances().items() if state == "running"]
+    supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/supervisor.sock"))
+    if (running or supervised) and (ETC / "cloud.providers.d" / "local.conf").exists():
+        names = sorted(set(running) | {s.relative_to(SANDBOXES).parts[0] for s in supervised})
+        print(f"==> stopping {', '.join(names)} (their deployments, then their minions)", flush=True)
+        run(["salt-cloud", *CONFIG_ARG.split(), "-y", "-a", "stop", *names], check=False, timeout=timeout * 6)
+    pid = master_pid()
+    if pid:
+        print(f"==> stopping salt-master (pid {pid})", flush=True)
+        procs.stop([pid], timeout=30)
+    # Whatever still runs from .demo/ was started by the demo (a worker whose supervisord
+    # died, a job in flight): stop it too, and say so.
+    leftovers = procs.processes_under(DEMO) if DEMO.exists() else {}
+    if leftovers:
+        print(f"==> stopping {len(leftovers)} more process(es) started from .demo/:", flush=True)
+        for pid, cmd in sorted(leftovers.items()):
+            print(f"    {pid} {cmd[:150]}")
+        procs.stop(list(leftovers), timeout=15)
+    remaining = procs.processes_under(DEMO) if DEMO.exists() else {}
+    if remaining:
+        raise DemoError(f"still running from .demo/: {remaining}")
+    print(f"The demo is stopped ({time.monotonic() - started:.0f} s); `make demo` starts it again.")
