@@ -50,10 +50,7 @@ def settings():
 
 
 def _root():
-    """The host's root, even when other saltfleet pillar keys are invalid (states report those)."""
-    host = __pillar__.get("saltfleet")
-    root = host.get("root") if isinstance(host, dict) else None
-    return root if isinstance(root, str) and root.startswith("/") else _default_root()
+    return _u("host_root")(__pillar__, __opts__)
 
 
 def validate():
@@ -120,7 +117,7 @@ def _socket(name):
     root = _root()
     manifest = _u("installed")(root).get(name)
     if not manifest:
-        raise _u("error")(f"deployment {name} is not installed on this host")
+        raise _u("error")(f"deployment {name} is not installed on this host; deployment.list shows those that are")
     return _u("paths")(root, manifest["user"], name)["socket"]
 
 

@@ -26,8 +26,10 @@ host changes.
 """
 
 import logging
+import os
 import shutil
 import time
+import xmlrpc.client
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,12 @@ def present(name, **kwargs):
             ret["result"] = None if plan["changes"] else True
             ret["comment"] = _describe(cfg, plan, dry=True)
             return ret
-        _apply(settings, cfg, plan)
+        if plan["changes"]:
+            _apply(settings, cfg, plan)
     except Exception as exc:  # pylint: disable=broad-except
         if not _is_ours(exc):
             log.exception("deployment.present %s failed", name)
+            exc = f"deployments:{name}: {type(exc).__name__}: {exc} (the minion log has the traceback)"
         return _error(ret, exc)
     ret["comment"] = _describe(cfg, plan, dry=False)
     if plan["changes"]:
@@ -113,6 +117,26 @@ def absent(name, purge=None):
         ret["comment"] = f"Deployment {name} removed"
         _mine_send()
     return ret
+
+
+def pillar_valid(name):
+    """
+    Fail, changing nothing, when this minion's saltfleet pillar breaks the
+    schema; the comment lists every error with its key and fix.
+
+    .. code-block:: yaml
+
+        saltfleet-pillar:
+          deployment.pillar_valid:
+            - name: saltfleet
+    """
+    errors = __salt__["deployment.validate"]()
+    return {
+        "name": name,
+        "result": not errors,
+        "changes": {},
+        "comment": "\n".join(errors) or "saltfleet pillar is valid",
+    }
 
 
 def sysfiles(name):
@@ -169,120 +193,163 @@ def _plan(settings, cfg, test):
     files = dict(sources["sysfiles"], **{boot: entry})
     errors = u("check_sysfiles")(name, files, root)
     if errors:
-        raise _u("error")("\n".join(errors))
-    conf = sources["conf"]
+        raise u("error")("\n".join(errors))
     current = u("current_release")(p["project"])
-
+    old_conf = p["conf"].read_text() if p["conf"].exists() else None
+    plan = {"paths": p, "manifest": manifest, "current": current, "conf": sources["conf"], "old_conf": old_conf}
+    plan["sysfiles"] = files
     changes = {}
-    plan = {"paths": p, "manifest": manifest, "current": current, "conf": conf, "sysfiles": files}
     secrets = u("write_git_secrets")(cfg, test=True)
     if secrets:
         changes["secrets"] = secrets
 
-    # The revision: decided without git when pillar pins the SHA that serves.
-    if current and cfg["rev"] == current == manifest.get("release") and _release_ok(p, current):
-        sha, digest = current, manifest.get("venv")
-    else:
-        sha, digest = _resolve(cfg, test, plan)
+    sha, digest = _resolve(cfg, test, plan)
     plan["sha"], plan["digest"] = sha, digest
     plan["new_release"] = sha != current or not _release_ok(p, sha)
     if plan["new_release"]:
         changes["release"] = {"old": current, "new": sha}
-    venv = p["venvs"] / digest
-    plan["build_venv"] = not u("venv_complete")(venv)
+    plan["build_venv"] = not u("venv_complete")(p["venvs"] / digest)
+    # Requirements or Python changed on the same commit: the serving release gets the new venv.
+    plan["new_venv"] = plan["new_release"] or _venv_of(p, sha) != digest
     if plan["build_venv"] or digest != manifest.get("venv"):
         changes["virtualenv"] = {"old": manifest.get("venv"), "new": digest}
 
-    old_conf = p["conf"].read_text() if p["conf"].exists() else None
-    plan["conf_changed"] = old_conf != conf
-    running = u("supervisord_running")(p["socket"])
-    plan["running"] = running
-    diff = u("diff_groups")(old_conf if running else None, conf)
-    plan["diff"] = diff
+    plan["conf_changed"] = old_conf != plan["conf"]
+    plan["running"] = running = u("supervisord_running")(p["socket"])
+    plan["diff"] = diff = u("diff_groups")(old_conf if running else None, plan["conf"])
     programs = {}
     if not running:
         changes["supervisord"] = {"old": "stopped", "new": "running"}
     else:
-        for key in ("added", "changed", "removed"):
-            if diff[key]:
-                programs[key] = diff[key]
-        if plan["new_release"] and diff["kept"]:
+        programs = {key: diff[key] for key in ("added", "changed", "removed") if diff[key]}
+        if plan["new_venv"] and diff["kept"]:
             programs["restarted"] = diff["kept"]
-        elif not plan["conf_changed"]:
-            idle = sorted({i["group"] for i in u("process_info")(p["socket"]) if i["statename"] != "RUNNING"})
+        else:
+            idle = [g for g in u("idle_groups")(p["socket"]) if g in diff["kept"]]
             if idle:
                 programs["started"] = idle
     if programs:
         changes["programs"] = programs
-    if plan["conf_changed"] and running and not programs:
+    elif plan["conf_changed"] and running:
         changes["supervisord_conf"] = "rewritten"
     sys_changes = u("diff_sysfiles")(name, files, root)
     if sys_changes:
         changes["sysfiles"] = sys_changes
+
+    plan["history"], plan["prune"] = _retention(cfg, p, manifest, sha, digest)
+    if plan["prune"]:
+        changes["pruned"] = [str(path) for path in plan["prune"]]
     plan["changes"] = changes
     return plan
 
 
 def _release_ok(p, sha):
-    release = p["releases"] / sha
-    return (release / ".git" / "saltfleet-complete").exists()
+    return (p["releases"] / sha / ".git" / "saltfleet-complete").exists()
 
 
 def _resolve(cfg, test, plan):
-    """Resolve rev to a SHA and the digest of its requirements."""
+    """
+    The SHA pillar's rev names and the digest of its virtualenv's inputs,
+    from the cheapest facts that decide them: a pinned SHA that already serves
+    needs no git; a branch needs one ls-remote; only a commit not seen before
+    is fetched and has its requirements read.
+    """
     u = _u
+    manifest, current = plan["manifest"], plan["current"]
+    same_inputs = all(manifest.get(k) == cfg[k] for k in ("requirements", "python")) and manifest.get("venv")
+    if same_inputs and cfg["rev"] == current == manifest.get("release") and _release_ok(plan["paths"], current):
+        return current, manifest["venv"]
     if not test:
         # The real run needs the key before it can reach a private repo.
         u("write_git_secrets")(cfg)
     with u("repo_view")(cfg, test) as (view_cfg, repo):
         sha = u("resolve")(view_cfg, repo)
+        if same_inputs and sha == manifest.get("release"):
+            return sha, manifest["venv"]
         show = u("show_file")
-        digest = u("requirements_digest")(lambda rel: show(repo, sha, rel, view_cfg), cfg)
-    return sha, digest
+        return sha, u("requirements_digest")(lambda rel: show(repo, sha, rel, view_cfg), cfg)
+
+
+def _retention(cfg, p, manifest, sha, digest):
+    """The releases to keep (newest last) and the release and venv dirs to delete."""
+    history = [r for r in manifest.get("history", []) if r != sha] + [sha]
+    keep = history[-cfg["keep_releases"] :]
+    prune = [p["releases"] / r for r in history[: -cfg["keep_releases"]] if (p["releases"] / r).exists()]
+    used = {digest} | {_venv_of(p, r) for r in keep if r != sha}
+    if p["venvs"].is_dir():
+        prune += sorted(v for v in p["venvs"].iterdir() if v.name not in used)
+    return keep, prune
 
 
 def _apply(settings, cfg, plan):
     u = _u
     p, sha, name = plan["paths"], plan["sha"], cfg["name"]
-    for folder in (p["state"], p["logs"]):
-        u("makedirs")(folder, cfg["user"], 0o700 if folder == p["state"] else 0o755)
-    if plan["new_release"] or plan["build_venv"]:
+    if "secrets" in plan["changes"]:
+        u("write_git_secrets")(cfg)
+    u("make_dirs")(cfg)
+    if plan["new_venv"] or plan["build_venv"]:
         _build_release(settings, cfg, plan)
-
     if plan["conf_changed"]:
-        u("write_atomic")(p["conf"], plan["conf"], 0o600, cfg["user"])
+        u("write_atomic")(p["conf"], plan["conf"], 0o600)
     previous = plan["current"]
     if plan["new_release"]:
         u("link_atomic")(p["project"], Path(p["releases"].name) / sha)
+    # Recorded before the programs start, so a deployment whose first start
+    # fails is still known (to deployment.list, grains, and absent).
+    _record(cfg, plan, sha, plan["digest"], plan["history"])
 
-    failed = _run_programs(settings, cfg, plan)
+    try:
+        failed = _run_programs(settings, cfg, plan)
+    except xmlrpc.client.Fault as fault:
+        _restore_conf(plan)
+        raise u("error")(
+            f"deployments:{name}:programs: supervisord refused the new config ({fault.faultString}); "
+            "the previous config was put back. Check the program options"
+        ) from None
     if failed and plan["new_release"] and previous and _release_ok(p, previous):
         u("link_atomic")(p["project"], Path(p["releases"].name) / previous)
         still = u("restart_groups")(p["socket"], sorted(u("groups_of")(plan["conf"])))
         _mark_failed(p["releases"] / sha, f"programs did not start: {_fmt(failed)}")
-        raise _u("error")(
+        manifest = plan["manifest"]
+        _record(cfg, plan, previous, manifest.get("venv"), manifest.get("history", [previous]))
+        raise u("error")(
             f"deployments:{name}: release {sha[:12]} did not start ({_fmt(failed)}; see {p['logs']}); "
             f"rolled back to {previous[:12]}"
             + (f", which did not start either: {_fmt(still)}" if still else ", which keeps serving")
         )
     if failed:
-        raise _u("error")(f"deployments:{name}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
+        raise u("error")(f"deployments:{name}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
 
     u("apply_sysfiles")(name, plan["sysfiles"], settings["root"])
-    history = [r for r in plan["manifest"].get("history", []) if r != sha] + [sha]
-    history = _prune(cfg, p, history)
+    for path in plan["prune"]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _record(cfg, plan, sha, digest, history):
+    """Write the deployment's manifest when what it says changed."""
     record = {
-        "name": name,
+        "name": cfg["name"],
         "user": cfg["user"],
         "repo": cfg["repo"],
         "rev": cfg["rev"],
         "release": sha,
-        "venv": plan["digest"],
+        "venv": digest,
+        "requirements": cfg["requirements"],
+        "python": cfg["python"],
         "history": history,
     }
-    if {k: plan["manifest"].get(k) for k in record} != record:
+    old = _u("read_json")(plan["paths"]["manifest"], {}) or {}
+    if {k: old.get(k) for k in record} != record:
         record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        u("write_manifest")(p["manifest"], record)
+        _u("write_manifest")(plan["paths"]["manifest"], record)
+
+
+def _restore_conf(plan):
+    conf = plan["paths"]["conf"]
+    if plan["old_conf"] is None:
+        conf.unlink(missing_ok=True)
+    else:
+        _u("write_atomic")(conf, plan["old_conf"], 0o600)
 
 
 def _build_release(settings, cfg, plan):
@@ -296,12 +363,11 @@ def _build_release(settings, cfg, plan):
             release = u("checkout_release")(cfg, sha)
         if plan["build_venv"]:
             u("build_venv")(cfg, settings, venv, release)
-        link = release / "venv"
         target = Path("..") / ".." / p["venvs"].name / plan["digest"]
-        if not link.is_symlink() or Path(link.readlink()) != target:
-            u("link_atomic")(link, target)
+        if _venv_of(p, sha) != plan["digest"]:
+            u("link_atomic")(release / "venv", target)
         (release / ".git" / "saltfleet-failed").unlink(missing_ok=True)
-        (release / ".git" / "saltfleet-complete").write_text(plan["digest"] + "\n")
+        u("mark")(release / ".git" / "saltfleet-complete", plan["digest"])
         u("chown_tree")(release, cfg["user"])
     except Exception as exc:
         _mark_failed(release, str(exc))
@@ -312,13 +378,12 @@ def _mark_failed(release, why):
     git_dir = Path(release) / ".git"
     if git_dir.is_dir():
         (git_dir / "saltfleet-complete").unlink(missing_ok=True)
-        (git_dir / "saltfleet-failed").write_text(why + "\n")
+        _u("mark")(git_dir / "saltfleet-failed", why)
 
 
 def _venv_of(p, sha):
-    link = p["releases"] / sha / "venv"
     try:
-        return Path(link.readlink()).name
+        return Path(os.readlink(p["releases"] / sha / "venv")).name
     except OSError:
         return None
 
@@ -334,24 +399,11 @@ def _run_programs(settings, cfg, plan):
     if plan["conf_changed"]:
         u("apply_group_changes")(p["socket"], diff)
         touched |= set(diff["added"]) | set(diff["changed"])
-    restart = diff["kept"] if plan["new_release"] else plan["changes"].get("programs", {}).get("started", [])
+    restart = plan["changes"].get("programs", {})
+    restart = restart.get("restarted") or restart.get("started") or []
     u("restart_groups")(p["socket"], restart)
     touched |= set(restart)
     return u("wait_running")(p["socket"], names=touched) if touched else {}
-
-
-def _prune(cfg, p, history):
-    """Keep the newest keep_releases releases (the serving one among them) and their venvs."""
-    keep = history[-cfg["keep_releases"] :]
-    for sha in history[: -cfg["keep_releases"]]:
-        shutil.rmtree(p["releases"] / sha, ignore_errors=True)
-    # A release that failed to build stays for inspection until it is retried.
-    used = {_venv_of(p, sha) for sha in keep}
-    if p["venvs"].is_dir():
-        for venv in p["venvs"].iterdir():
-            if venv.name not in used:
-                shutil.rmtree(venv, ignore_errors=True)
-    return keep
 
 
 def _fmt(failed):
@@ -383,7 +435,9 @@ def _describe(cfg, plan, dry):
 
 
 def _mine_send():
+    """Tell the master at once (mine and grains cache) what changed, for fleet.inventory."""
     try:
         __salt__["mine.send"]("deployment.status")
+        __salt__["saltutil.refresh_grains"](refresh_pillar=False)
     except Exception:  # pylint: disable=broad-except
-        log.debug("mine.send deployment.status failed", exc_info=True)
+        log.debug("updating the mine or grains after a change failed", exc_info=True)

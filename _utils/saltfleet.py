@@ -92,7 +92,11 @@ PROGRAM_DEFAULTS = {
     # Celery finishes the task in hand on SIGTERM: give it time to.
     "stopsignal": "TERM",
     "stopwaitsecs": 600,
-    "stopasgroup": True,
+    # SIGTERM to the main process only: a Celery worker then lets its pool
+    # finish the tasks in hand. A pool child sent SIGTERM directly dies mid-task
+    # and can leave the main process waiting. SIGKILL, after stopwaitsecs,
+    # goes to the whole group so nothing is orphaned.
+    "stopasgroup": False,
     "killasgroup": True,
     "redirect_stderr": True,
 }
@@ -107,6 +111,7 @@ OWN_SECTIONS = (
 )
 TEMPLATE_SECTION_RE = re.compile(r"^(program|group|eventlistener|fcgi-program):[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+RESERVED_NAMES = ("common",)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 CRON_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -134,12 +139,8 @@ def _type_name(value):
 
 
 def _check_type(where, value, expected, errors, hint=""):
-    if isinstance(value, bool) and expected in (int, str):
-        ok = False
-    elif isinstance(expected, tuple):
-        ok = isinstance(value, expected)
-    else:
-        ok = isinstance(value, expected)
+    # YAML's true/false are ints to Python; they are never a count or a string here.
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, str))
     if not ok:
         want = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
         errors.append(f"{where}: must be a {want}, got {_type_name(value)} {value!r}{hint}")
@@ -184,6 +185,9 @@ def validate_host(host, default_root="/"):
         settings["root"] = default_root
     if _check_type("saltfleet:root", settings["root"], str, errors) and not os.path.isabs(settings["root"]):
         errors.append(f"saltfleet:root: {settings['root']!r} must be an absolute path")
+    elif isinstance(settings["root"], str) and not re.match(r"^[A-Za-z0-9_./+-]+$", settings["root"]):
+        # Paths under root reach ssh's and supervisord's command lines: keep them plain.
+        errors.append(f"saltfleet:root: {settings['root']!r} may hold only letters, digits and '_./+-'")
     _check_name("saltfleet:user", settings["user"], errors, "user")
     _check_type("saltfleet:python", settings["python"], str, errors)
     if _check_type("saltfleet:keep_releases", settings["keep_releases"], int, errors) and settings["keep_releases"] < 1:
@@ -207,6 +211,8 @@ def validate_deployment(name, spec, host):
     errors = []
     if not _check_name("deployments", name, errors, "deployment name"):
         return None, errors
+    if name in RESERVED_NAMES:
+        return None, [f"deployments:{name}: the name is reserved for the sysfiles every host gets; rename it"]
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
@@ -217,8 +223,11 @@ def validate_deployment(name, spec, host):
 
     if cfg["repo"] is None:
         errors.append(f"{where}:repo: missing; set the app's git URL, e.g. git@github.com:example/app.git")
-    else:
-        _check_type(f"{where}:repo", cfg["repo"], str, errors)
+    elif _check_type(f"{where}:repo", cfg["repo"], str, errors) and re.match(
+        r"^([A-Za-z0-9+.-]+://[^/@]*:[^/@]*@|https?://[^/@]+@)", cfg["repo"]
+    ):
+        # A credential in the URL would reach git's command line, the manifest and messages.
+        errors.append(f"{where}:repo: holds a credential; use an ssh URL with deploy_key instead")
     _check_type(f"{where}:rev", cfg["rev"], str, errors, f"; quote it in pillar: rev: '{cfg['rev']}'")
     _check_relpath(f"{where}:requirements", cfg["requirements"], errors)
     for key in ("deploy_key", "known_hosts", "supervisord_conf"):
@@ -235,6 +244,8 @@ def validate_deployment(name, spec, host):
                 errors.append(f"{where}:env: {key!r} is not a valid environment variable name")
             elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 errors.append(f"{where}:env:{key}: must be a string, got {_type_name(value)}")
+            elif "\n" in str(value) or "\r" in str(value):
+                errors.append(f"{where}:env:{key}: must be one line (supervisord cannot carry a newline); encode it")
     _check_type(f"{where}:context", cfg["context"], dict, errors)
     if _check_type(f"{where}:programs", cfg["programs"], dict, errors):
         for prog, opts in cfg["programs"].items():
@@ -269,13 +280,25 @@ def validate_deployment(name, spec, host):
     return cfg, errors
 
 
+def host_root(pillar, opts):
+    """
+    The host's root from pillar `saltfleet:root`, else the minion's root_dir,
+    even when other saltfleet keys are invalid (the states report those).
+    """
+    host = pillar.get("saltfleet") if hasattr(pillar, "get") else None
+    root = host.get("root") if isinstance(host, dict) else None
+    if isinstance(root, str) and root.startswith("/"):
+        return root
+    return opts.get("root_dir") or "/"
+
+
 def validate(pillar, default_root="/"):
     """Validate a whole pillar: returns (host settings, {name: config}, errors)."""
     host, errors = validate_host(pillar.get("saltfleet"), default_root)
     deployments = pillar.get("deployments") or {}
     configs = {}
     if not isinstance(deployments, dict):
-        return host, {}, errors + [f"deployments: must be a mapping of name to settings, got {_type_name(deployments)}"]
+        return host, {}, [*errors, f"deployments: must be a mapping of name to settings, got {_type_name(deployments)}"]
     for name, spec in deployments.items():
         cfg, errs = validate_deployment(name, spec, host)
         errors.extend(errs)
@@ -301,8 +324,9 @@ def paths(root, user, name):
         "state": state,
         "mirror": state / "repo.git",
         "conf": state / "supervisord.conf",
-        "socket": state / "supervisor.sock",
-        "pidfile": state / "supervisord.pid",
+        "run": state / "run",
+        "socket": state / "run" / "supervisor.sock",
+        "pidfile": state / "run" / "supervisord.pid",
         "deploy_key": state / "deploy_key",
         "known_hosts": state / "known_hosts",
         "logs": home / "log" / name,
@@ -442,12 +466,36 @@ def _git(args, cfg, cwd=None, check=True):
 
 
 def _git_error(exc, cfg):
-    stderr = (exc.stderr or "").strip().replace("stderr: ", "").strip("'").strip()
-    return f"deployments:{cfg['name']}:repo: git {exc.command[1]} of {cfg['repo']} failed: {stderr or exc.status}"
+    where = f"deployments:{cfg['name']}"
+    stderr = (exc.stderr or "").replace("\r", "").replace("stderr: ", "").strip().strip("'").strip()
+    if "Host key verification failed" in stderr:
+        offered = re.search(r"key sent by the remote host is\s*\n?(\S+ \S+)", stderr)
+        return (
+            f"{where}:known_hosts: the SSH host key of {cfg['repo']} does not match the pinned known_hosts "
+            f"(Host key verification failed{'; the server offered ' + offered.group(1) if offered else ''}); "
+            f"check the server's key and update {where}:known_hosts in pillar"
+        )
+    return f"{where}:repo: git {exc.command[1]} of {cfg['repo']} failed: {stderr or exc.status}"
+
+
+def make_dirs(cfg):
+    """
+    The deployment's directories. The state dir holds what root reads
+    (supervisord.conf, the deploy key): root's, so the user cannot swap them.
+    Its run/ dir (socket, pidfile) and the logs are the user's: supervisord
+    drops to the user before it opens them.
+    """
+    p = paths(cfg["root"], cfg["user"], cfg["name"])
+    makedirs(p["logs"], cfg["user"])
+    makedirs(p["state"], None, 0o711)
+    makedirs(p["run"], cfg["user"], 0o700)
 
 
 def write_git_secrets(cfg, test=False):
-    """Write the deploy key and known_hosts 0600 for the user; return what changed."""
+    """
+    Write the deploy key and known_hosts, 0600, for the one that runs git (the
+    minion's user); return the keys that changed.
+    """
     p = paths(cfg["root"], cfg["user"], cfg["name"])
     changed = []
     for key in ("deploy_key", "known_hosts"):
@@ -459,8 +507,8 @@ def write_git_secrets(cfg, test=False):
         if current != text or (p[key].stat().st_mode & 0o777) != 0o600:
             changed.append(key)
             if not test:
-                makedirs(p["state"], cfg["user"], 0o700)
-                write_atomic(p[key], text, 0o600, cfg["user"])
+                make_dirs(cfg)
+                write_atomic(p[key], text, 0o600)
     return changed
 
 
@@ -651,8 +699,13 @@ def build_venv(cfg, settings, venv, release):
                 f"deployments:{cfg['name']}:requirements: installing '{cfg['requirements']}' failed "
                 f"({Path(cmd[0]).name} exited {proc.returncode}):\n{tail}"
             )
-    (venv / ".saltfleet-complete").write_text(cfg["requirements"] + "\n")
+    mark(venv / ".saltfleet-complete", cfg["requirements"])
     chown_tree(venv, cfg["user"])
+
+
+def mark(path, text):
+    """Write a marker file without following a link someone put in its place."""
+    write_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
 def venv_complete(venv):
@@ -669,7 +722,8 @@ def link_atomic(link, target):
     if link.exists() and not link.is_symlink():
         tmp.unlink()
         raise DeploymentError(
-            f"{link} exists and is not a saltfleet release link (an old checkout?); move it away and apply again"
+            f"{link} exists and is not a saltfleet release link (an old checkout?); "
+            "move it away (e.g. to Projects-<name>.pre-saltfleet) and apply again"
         )
     os.replace(tmp, link)
 
@@ -705,7 +759,10 @@ def program_sections(text, name, source):
             )
         sections[section] = dict(parser.items(section))
     if not sections:
-        raise DeploymentError(f"deployments:{name}:supervisord_conf: {source} defines no [program:x] section")
+        raise DeploymentError(
+            f"deployments:{name}:supervisord_conf: {source} defines no [program:x] section; "
+            "add one, or set pillar programs instead"
+        )
     return sections
 
 
@@ -754,17 +811,17 @@ def render_supervisord_conf(cfg, sections):
         own["unix_http_server"]["chown"] = cfg["user"]
     env = {k: str(v) for k, v in cfg["env"].items()}
     for section, opts in sections.items():
-        if section.startswith(("program:", "fcgi-program:", "eventlistener:")):
-            prog = section.split(":", 1)[1]
-            merged = {k: _ini_value(v) for k, v in PROGRAM_DEFAULTS.items()}
-            merged["directory"] = str(p["project"])
-            merged["stdout_logfile"] = str(p["logs"] / f"{prog}.log")
-            merged.update(opts)
-            if env:
-                own_env = merged.get("environment", "")
-                merged["environment"] = ",".join(filter(None, [_ini_value(env), own_env]))
-            opts = merged
-        own[section] = opts
+        if not section.startswith(("program:", "fcgi-program:", "eventlistener:")):
+            own[section] = opts
+            continue
+        prog = section.split(":", 1)[1]
+        merged = {k: _ini_value(v) for k, v in PROGRAM_DEFAULTS.items()}
+        merged["directory"] = str(p["project"])
+        merged["stdout_logfile"] = str(p["logs"] / f"{prog}.log")
+        merged.update(opts)
+        if env:
+            merged["environment"] = ",".join(filter(None, [_ini_value(env), merged.get("environment", "")]))
+        own[section] = merged
     for section, opts in own.items():
         out.write(f"\n[{section}]\n")
         for key, value in opts.items():
@@ -888,8 +945,6 @@ def start_supervisord(cfg, settings):
         raise DeploymentError(
             "saltfleet:supervisord: no supervisord found beside Salt's Python or on PATH; install supervisor"
         )
-    with contextlib.suppress(FileNotFoundError):
-        p["socket"].unlink()
     proc = subprocess.run(
         [binary, "-c", str(p["conf"])],
         env=supervisord_env(cfg),
@@ -911,7 +966,10 @@ def start_supervisord(cfg, settings):
 
 
 def stop_supervisord(sock, pidfile=None, timeout=700):
-    """Ask supervisord to stop its programs gracefully and exit; wait for it."""
+    """
+    Ask supervisord to stop its programs gracefully and exit; wait for it.
+    Returns False when none was running, True once it stopped.
+    """
     pid = None
     with contextlib.suppress(OSError, ValueError):
         pid = int(Path(pidfile).read_text().strip()) if pidfile else None
@@ -921,11 +979,10 @@ def stop_supervisord(sock, pidfile=None, timeout=700):
         rpc(sock).supervisor.shutdown()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid is None or not _alive(pid):
-            if not supervisord_running(sock):
-                return True
+        if (pid is None or not _alive(pid)) and not supervisord_running(sock):
+            return True
         time.sleep(0.2)
-    return True
+    raise DeploymentError(f"supervisord (pid {pid}, socket {sock}) did not stop within {timeout} s; stop it by hand")
 
 
 def _alive(pid):
@@ -940,6 +997,23 @@ def _alive(pid):
 
 def _proc_name(info):
     return info["name"] if info["group"] == info["name"] else f"{info['group']}:{info['name']}"
+
+
+def idle_groups(sock):
+    """Groups with a program that should run (autostart) but is STOPPED, EXITED or FATAL."""
+    try:
+        server = rpc(sock, timeout=10).supervisor
+        autostart = {(c["group"], c["name"]) for c in server.getAllConfigInfo() if c.get("autostart")}
+        infos = server.getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error):
+        return []
+    return sorted(
+        {
+            i["group"]
+            for i in infos
+            if (i["group"], i["name"]) in autostart and i["statename"] in ("STOPPED", "EXITED", "FATAL")
+        }
+    )
 
 
 def wait_running(sock, names=None, timeout=120):
@@ -1049,7 +1123,7 @@ def diff_sysfiles(owner, files, root):
         elif target.read_bytes() != content or (target.stat().st_mode & 0o777) != sysfile_mode(content):
             changes["changed"].append(rel)
     for rel in sorted(set(previous) - set(files)):
-        if (root / rel).exists() or os.path.lexists(root / rel):
+        if os.path.lexists(root / rel):
             changes["removed"].append(rel)
     return {k: v for k, v in changes.items() if v}
 
@@ -1081,22 +1155,18 @@ def apply_sysfiles(owner, files, root):
 # ------------------------------------------------------------------- status
 
 
-def status(root, name, manifest=None):
+def status(root, name, manifest):
     """What one installed deployment is doing: release, supervisord, programs."""
-    manifest = manifest or read_json(paths(root, "x", name)["manifest"], {}) or {}
-    user = manifest.get("user", "root")
-    p = paths(root, user, name)
-    programs = {}
-    for info in process_info(p["socket"]) if supervisord_running(p["socket"]) else []:
-        key = info["name"] if info["group"] == info["name"] else f"{info['group']}:{info['name']}"
-        programs[key] = info["statename"]
+    p = paths(root, manifest.get("user", "root"), name)
+    running = supervisord_running(p["socket"])
+    programs = {_proc_name(i): i["statename"] for i in process_info(p["socket"])} if running else {}
     return {
         "release": manifest.get("release"),
         "rev": manifest.get("rev"),
         "repo": manifest.get("repo"),
-        "user": user,
+        "user": manifest.get("user"),
         "path": str(p["project"]),
-        "supervisord": "running" if programs or supervisord_running(p["socket"]) else "stopped",
+        "supervisord": "running" if running else "stopped",
         "programs": programs,
         "running": sum(1 for s in programs.values() if s == "RUNNING"),
     }

@@ -1,10 +1,24 @@
-{#- One deployment.present per deployment that pillar assigns to this minion,
-    one deployment.absent per deployment installed here that pillar dropped.
-    Deployments converge in parallel and independently: one failing does not
-    stop the others. The states read their settings from pillar themselves,
-    so secrets never appear in this file's rendered output. #}
-{%- set wanted = pillar.get('deployments') or {} %}
-{%- set wanted = wanted if wanted is mapping else {} %}
+{#- One deployment.absent per deployment installed here that pillar dropped
+    (first, so a renamed deployment frees its files before the new name
+    claims them), then one deployment.present per deployment pillar assigns
+    to this minion. Deployments converge in parallel and independently: one
+    failing does not stop the others. The states read their settings from
+    pillar themselves, so secrets never appear in this file's rendered output. #}
+{%- set wanted = pillar.get('deployments') %}
+{%- if wanted is not none and wanted is not mapping %}
+
+{#- Not a mapping: nothing is assumed dropped; say what is wrong instead. #}
+saltfleet-pillar-invalid:
+  deployment.pillar_valid:
+    - name: saltfleet
+{%- else %}
+{%- set wanted = wanted or {} %}
+{%- for name in salt['deployment.list']() if name not in wanted %}
+
+{{ ('saltfleet-deployment-' ~ name ~ '-removed') | json }}:
+  deployment.absent:
+    - name: {{ name | json }}
+{%- endfor %}
 {%- for name in wanted %}
 
 {{ ('saltfleet-deployment-' ~ name) | json }}:
@@ -12,9 +26,4 @@
     - name: {{ name | json }}
     - parallel: true
 {%- endfor %}
-{%- for name in salt['deployment.list']() if name not in wanted %}
-
-{{ ('saltfleet-deployment-' ~ name ~ '-removed') | json }}:
-  deployment.absent:
-    - name: {{ name | json }}
-{%- endfor %}
+{%- endif %}

@@ -128,8 +128,12 @@ def snapshot(root):
 
 
 def test_two_deployments_run_their_own_workers(host, pillar, sandbox, tasks):
+    before = snapshot(sandbox["root"])
+    dry = host.apply(pillar, test=True)
+    assert snapshot(sandbox["root"]) == before, "test=True changed the host"
     states = host.apply(pillar)
     assert all(s["result"] for s in states.values()), states
+    assert changes_of(states) == changes_of(dry), "the dry run told what the real run did"
     status = host.status()
     assert status[FETCHER]["programs"] == {"fetcher-alpha": "RUNNING", "fetcher-beta": "RUNNING"}
     assert status[REPORTER]["programs"] == {"report": "RUNNING"}
@@ -206,7 +210,7 @@ def test_upgrade_dry_run_matches_real_run_and_task_in_flight_completes(host, pil
     [
         ("no-such-branch", f"deployments:{FETCHER}:rev: 'no-such-branch' not found in"),
         ("broken-reqs", f"deployments:{FETCHER}:requirements: installing 'requirements.txt' failed"),
-        ("crashing", "did not start"),
+        ("crashing", "did not start (fetcher-"),
     ],
 )
 def test_failed_release_keeps_previous_serving(host, pillar, sandbox, tasks, rev, message):
@@ -222,6 +226,8 @@ def test_failed_release_keeps_previous_serving(host, pillar, sandbox, tasks, rev
     assert os.readlink(p["project"]) == serving
     assert host.status()[FETCHER]["running"] == 3
     assert run_task(tasks, f"{FETCHER}.beta")["version"] == "2"
+    if rev == "crashing":
+        assert f"rolled back to {sandbox['shas']['v2'][:12]}, which keeps serving" in fetcher["comment"]
     if rev in sandbox["shas"]:
         failed = p["releases"] / sandbox["shas"][rev]
         assert (failed / ".git" / "saltfleet-failed").exists(), "a failed release is kept for inspection"
@@ -261,6 +267,10 @@ INVALID = {
         f"deployments:{FETCHER}:rev: must be a str, got int 1234; quote it in pillar: rev: '1234'",
     ),
     "host key typo": (lambda d: d["saltfleet"].update(uesr="x"), "saltfleet:uesr: unknown key; did you mean 'user'?"),
+    "deployments not a mapping": (
+        lambda d: d.update(deployments=[FETCHER]),
+        "deployments: must be a mapping of name to settings, got list",
+    ),
 }
 
 
@@ -307,7 +317,10 @@ def test_removing_a_deployment_stops_it_and_removes_its_sysfiles(host, pillar, s
     pid = int(p["pidfile"].read_text())
     dropped = copy.deepcopy(pillar)
     del dropped["deployments"][FETCHER]
+    dry = host.apply(dropped, test=True)
+    assert sf.supervisord_running(p["socket"])
     states = host.apply(dropped)
+    assert changes_of(states) == changes_of(dry)
     removed = states[f"saltfleet-deployment-{FETCHER}-removed"]
     assert removed["result"] is True, removed
     assert removed["changes"]["supervisord"] == {"old": "running", "new": "stopped"}

@@ -43,6 +43,9 @@ def test_root_defaults_to_the_minions_root_dir():
         ({"repo": "/r", "keep_releases": 0}, "keep_releases: must be at least 1"),
         ({"repo": "git@h:a.git", "deploy_key": "k"}, "known_hosts: required with deploy_key"),
         ("not a mapping", "deployments:fetcher: must be a mapping"),
+        ({"repo": "https://bot:s3cret@git.example.com/app.git"}, "deployments:fetcher:repo: holds a credential"),
+        ({"repo": "https://ghp_token@github.com/x/app.git"}, "deployments:fetcher:repo: holds a credential"),
+        ({"repo": "/r", "env": {"KEY": "-----BEGIN\nX"}}, "deployments:fetcher:env:KEY: must be one line"),
     ],
 )
 def test_invalid_deployment_pillar_names_key_and_fix(spec, message):
@@ -54,6 +57,14 @@ def test_invalid_deployment_pillar_names_key_and_fix(spec, message):
 def test_names_that_could_escape_their_directory_are_refused(name):
     errors = errors_of({"repo": "/r"}, name=name)
     assert errors and "is not allowed" in errors[0]
+
+
+def test_common_is_reserved_for_the_shared_sysfiles():
+    assert "reserved" in errors_of({"repo": "/r"}, name="common")[0]
+
+
+def test_ssh_urls_with_a_user_are_fine():
+    assert errors_of({"repo": "ssh://git@127.0.0.1:2222/app.git"}) == []
 
 
 def test_socket_path_too_long_is_refused():
@@ -126,5 +137,5 @@ def test_requirements_digest_follows_included_files():
     before = sf.requirements_digest(files.get, cfg)
     files["base.txt"] = "kombu==6\n"
     assert sf.requirements_digest(files.get, cfg) != before
-    with pytest.raises(sf.DeploymentError, match="requirements: 'nope.txt' is not in the repository"):
+    with pytest.raises(sf.DeploymentError, match=r"requirements: 'nope\.txt' is not in the repository"):
         sf.requirements_digest(files.get, dict(cfg, requirements="nope.txt"))
