@@ -43,7 +43,6 @@ rest of an account.
 import logging
 import uuid
 
-import salt.config
 from salt.exceptions import SaltCloudConfigError, SaltCloudException, SaltCloudSystemExit
 
 try:
@@ -107,29 +106,21 @@ def __virtual__():
     return __virtualname__
 
 
-def _get_active_provider_name():
-    try:
-        return __active_provider_name__.value()
-    except AttributeError:
-        return __active_provider_name__
-
-
-def get_configured_provider():
-    """The provider's configuration (nothing is required: credentials come from boto3's chain)."""
-    return salt.config.is_provider_configured(__opts__, _get_active_provider_name() or __virtualname__, ())
-
-
 def _util(name):
     return __utils__[f"saltfleet_cloud.{name}"]
 
 
+def get_configured_provider():
+    """The provider's configuration (nothing is required: credentials come from boto3's chain)."""
+    return _util("configured_provider")(__opts__, __active_provider_name__, __virtualname__)
+
+
 def _conf(name, vm_=None, default=None):
-    source = vm_ if vm_ is not None else get_configured_provider()
-    return salt.config.get_cloud_config_value(name, source, __opts__, default=default, search_global=False)
+    return _util("provider_setting")(__opts__, __active_provider_name__, __virtualname__, name, vm_, default)
 
 
 def _provider_label(vm_=None):
-    return (vm_ or {}).get("provider") or _get_active_provider_name() or __virtualname__
+    return (vm_ or {}).get("provider") or _util("provider_name")(__active_provider_name__, __virtualname__)
 
 
 def _known_regions():
@@ -287,8 +278,7 @@ def _by_name(rows):
 
 def list_nodes(call=None):
     """The instances this driver manages: id, name, state, image, size, public_ips, private_ips (``salt-cloud -Q``)."""
-    if call == "action":
-        raise SaltCloudSystemExit("The list_nodes function must be called with -f or --function.")
+    _util("check_call")("list_nodes", call, "function")
     client = _client()
     _util("prune_autosign_tickets")(__opts__)
     with _Api(client, "listing instances"):
@@ -298,8 +288,7 @@ def list_nodes(call=None):
 
 def list_nodes_full(call=None):
     """Everything EC2 says about each instance, plus the list_nodes fields and ``tags`` (``salt-cloud -F``)."""
-    if call == "action":
-        raise SaltCloudSystemExit("The list_nodes_full function must be called with -f or --function.")
+    _util("check_call")("list_nodes_full", call, "function")
     client = _client()
     with _Api(client, "listing instances"):
         instances = _instances(client)
@@ -313,15 +302,13 @@ def list_nodes_select(call=None):
 
 def show_instance(name, call=None):
     """One instance, as in list_nodes_full: ``salt-cloud -a show_instance worker-7``."""
-    if call != "action":
-        raise SaltCloudSystemExit("The show_instance action must be called with -a or --action.")
+    _util("check_call")("show_instance", call, "action")
     return _full_row(_find(_client(), name))
 
 
 def avail_images(call=None):
     """AMIs owned by ``image_owners`` (provider; default ``[self]``): ``salt-cloud --list-images ec2``."""
-    if call == "action":
-        raise SaltCloudSystemExit("The avail_images function must be called with -f or --function.")
+    _util("check_call")("avail_images", call, "function")
     client = _client()
     owners = _conf("image_owners", None, ["self"])
     with _Api(client, "listing images"):
@@ -339,8 +326,7 @@ def avail_images(call=None):
 
 def avail_sizes(call=None):
     """Instance types offered in the region with vCPUs and memory: ``salt-cloud --list-sizes ec2``."""
-    if call == "action":
-        raise SaltCloudSystemExit("The avail_sizes function must be called with -f or --function.")
+    _util("check_call")("avail_sizes", call, "function")
     client = _client()
     sizes = {}
     with _Api(client, "listing instance types"):
@@ -356,8 +342,7 @@ def avail_sizes(call=None):
 
 def avail_locations(call=None):
     """Regions and their availability zones: ``salt-cloud --list-locations ec2``."""
-    if call == "action":
-        raise SaltCloudSystemExit("The avail_locations function must be called with -f or --function.")
+    _util("check_call")("avail_locations", call, "function")
     client = _client()
     with _Api(client, "listing regions"):
         regions = client.describe_regions()["Regions"]
@@ -566,9 +551,29 @@ def create(vm_):
     with _Api(client, f"{name}: launching", **context):
         instance_id = client.run_instances(**params)["Instances"][0]["InstanceId"]
     log.info("%s: launched %s", name, instance_id)
+    # From here on the instance exists: whatever fails, it is terminated (or kept when asked).
+    try:
+        return _launched(client, vm_, instance_id, mode, context)
+    except Exception as exc:
+        removal = None if _conf("keep_failed", vm_, False) else _terminate(client, instance_id) or True
+        raise util("creation_failed")(vm_, __opts__, instance_id, exc, removal, ticket=mode == "cloud-init") from exc
+
+
+def _terminate(client, instance_id):
+    """Terminate an instance this create launched, even with termination protection on; the error if it failed."""
+    try:
+        client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": False})
+        client.terminate_instances(InstanceIds=[instance_id])
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _launched(client, vm_, instance_id, mode, context):
+    """The rest of create once EC2 has the instance: ticket, wait for an address, protect, bootstrap."""
+    name, region, util = vm_["name"], context["region"], _util
     if mode == "cloud-init":
         util("record_autosign_ticket")(vm_, __opts__, instance_id)
-
     interface = _conf("ssh_interface", vm_, "public_ips")
     timeout = _conf("wait_for_ip_timeout", vm_, 600)
     util("fire_event")(__opts__, name, "waiting for address", {"instance_id": instance_id, "interface": interface})
@@ -585,23 +590,19 @@ def create(vm_):
             raise SaltCloudSystemExit(f"{name}: instance {instance_id} went {state} while starting: {reason}")
         return instance if state == "running" and _address(instance, interface) else None
 
-    try:
-        instance = util("wait_for")(
-            running_with_address,
-            timeout,
-            f"{name}: instance {instance_id} running with an address ({interface})",
-            interval=_conf("wait_for_ip_interval", vm_, 5),
-        )
-        if _conf("termination_protection", vm_, False):
-            with _Api(client, f"{name}: termination protection", **context):
-                client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": True})
-        grains = util("cloud_grains")(
-            vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"], instance_id=instance_id
-        )
-        deploy = util("provision")(vm_, __opts__, _address(instance, interface), grains)
-    except SaltCloudException as exc:
-        _fail(client, vm_, instance_id, mode, exc)
-        raise
+    instance = util("wait_for")(
+        running_with_address,
+        timeout,
+        f"{name}: instance {instance_id} running with an address ({interface})",
+        interval=_conf("wait_for_ip_interval", vm_, 5),
+    )
+    if _conf("termination_protection", vm_, False):
+        with _Api(client, f"{name}: termination protection", **context):
+            client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": True})
+    grains = util("cloud_grains")(
+        vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"], instance_id=instance_id
+    )
+    deploy = util("provision")(vm_, __opts__, _address(instance, interface), grains)
 
     ret = _full_row(instance)
     ret.update(deploy)
@@ -609,24 +610,6 @@ def create(vm_):
         __opts__, name, "created", {"instance_id": instance_id, "profile": vm_.get("profile"), "region": region}
     )
     return ret
-
-
-def _fail(client, vm_, instance_id, mode, exc):
-    """A create that failed after launching: terminate the instance unless ``keep_failed: True``; say which."""
-    name = vm_["name"]
-    _util("fire_event")(__opts__, name, "failed", {"instance_id": instance_id, "error": str(exc)})
-    if mode == "cloud-init":
-        _util("revoke_autosign_ticket")(__opts__, instance_id=instance_id)
-    if _conf("keep_failed", vm_, False):
-        exc.args = (f"{exc}; kept instance {instance_id} for inspection (keep_failed: True)",)
-        return
-    try:
-        client.terminate_instances(InstanceIds=[instance_id])
-        exc.args = (f"{exc}; terminated instance {instance_id} (set keep_failed: True to keep it)",)
-    except botocore.exceptions.BotoCoreError as term_exc:
-        exc.args = (f"{exc}; could not terminate {instance_id} ({term_exc}): terminate it by hand",)
-    except botocore.exceptions.ClientError as term_exc:
-        exc.args = (f"{exc}; could not terminate {instance_id} ({term_exc}): terminate it by hand",)
 
 
 # --- destroy and actions -------------------------------------------------------------
@@ -645,8 +628,7 @@ def _find(client, name):
 
 def destroy(name, call=None):
     """Terminate an instance (``salt-cloud -d worker-7``); refuses while termination protection is on."""
-    if call == "function":
-        raise SaltCloudSystemExit("The destroy action must be called with -d, --destroy, -a or --action.")
+    _util("check_call")("destroy", call, "destroy")
     client = _client()
     instance = _find(client, name)
     instance_id = instance["InstanceId"]
@@ -662,13 +644,12 @@ def destroy(name, call=None):
     _util("revoke_autosign_ticket")(__opts__, instance_id=instance_id, name=name)
     _util("fire_event")(__opts__, name, "destroyed", {"instance_id": instance_id})
     if __opts__.get("update_cachedir", False):
-        __utils__["cloud.delete_minion_cachedir"](name, _get_active_provider_name().split(":")[0], __opts__)
+        __utils__["cloud.delete_minion_cachedir"](name, _provider_label().split(":")[0], __opts__)
     return {"instance_id": instance_id, "state": result["CurrentState"]["Name"]}
 
 
 def _instance_action(name, call, fun, verb):
-    if call not in ("action", None):
-        raise SaltCloudSystemExit(f"The {verb} action must be called with -a or --action.")
+    _util("check_call")(verb, call or "action", "action")  # also callable from code, without a call
     client = _client()
     instance = _find(client, name)
     with _Api(client, f"{name}: {verb}", name=name):
@@ -707,8 +688,7 @@ def disable_term_protect(name, call=None):
 
 def show_term_protect(name, call=None):
     """Whether termination protection is on: ``salt-cloud -a show_term_protect worker-7``."""
-    if call != "action":
-        raise SaltCloudSystemExit("The show_term_protect action must be called with -a or --action.")
+    _util("check_call")("show_term_protect", call, "action")
     client = _client()
     instance = _find(client, name)
     with _Api(client, f"{name}: show_term_protect", name=name):

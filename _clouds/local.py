@@ -37,9 +37,9 @@ supervisords), ``salt-cloud -a start worker-1``, ``salt-cloud -d worker-1``
 
 import contextlib
 import getpass
-import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,9 +49,7 @@ import uuid
 from pathlib import Path
 
 import salt.utils.yaml
-from salt.exceptions import SaltCloudException, SaltCloudSystemExit
-
-from salt import config
+from salt.exceptions import SaltCloudSystemExit
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +62,8 @@ DEFAULT_LOCATION = "local"
 INSTANCE_FILE = "instance.json"
 MINION_PIDFILE = ("var", "run", "salt-minion.pid")
 PIDFILE_GRACE = 20
+# An instance name is a directory name and a minion id: nothing that could leave sandbox_dir.
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def __virtual__():
@@ -72,21 +72,18 @@ def __virtual__():
     return __virtualname__
 
 
-def _get_active_provider_name():
-    try:
-        return __active_provider_name__.value()
-    except AttributeError:
-        return __active_provider_name__
+def _shared(name):
+    """A function of _utils/saltfleet_cloud.py: what every saltfleet driver does the same way."""
+    return __utils__[f"saltfleet_cloud.{name}"]
 
 
 def get_configured_provider():
     """The provider's configuration, or False when none uses this driver."""
-    return config.is_provider_configured(__opts__, _get_active_provider_name() or __virtualname__, ())
+    return _shared("configured_provider")(__opts__, __active_provider_name__, __virtualname__)
 
 
 def _provider_value(key, default=None, vm_=None):
-    provider = get_configured_provider() or {}
-    return config.get_cloud_config_value(key, vm_ or provider, __opts__, default=default, search_global=False)
+    return _shared("provider_setting")(__opts__, __active_provider_name__, __virtualname__, key, vm_, default)
 
 
 # ------------------------------------------------------------------ sandboxes
@@ -97,8 +94,12 @@ def _sandbox_dir(vm_=None):
 
 
 def _sandbox(name, vm_=None):
-    if not name or "/" in name or name in (".", ".."):
-        raise SaltCloudSystemExit(f"'{name}' is not a valid instance name: use letters, digits, '-' and '_'")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        profile = f" (profile {vm_['profile']})" if vm_ and vm_.get("profile") else ""
+        raise SaltCloudSystemExit(
+            f"{name!r}{profile}: not a valid local instance name; use only letters, digits, '-' and '_', "
+            "e.g. demo-worker-3"
+        )
     return _sandbox_dir(vm_) / name
 
 
@@ -108,17 +109,10 @@ def _instances():
     base = _sandbox_dir()
     if base.is_dir():
         for entry in sorted(base.iterdir()):
-            record = _read_json(entry / INSTANCE_FILE)
+            record = _shared("read_json")(entry / INSTANCE_FILE)
             if record:
                 found[entry.name] = record
     return found
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _minion_pid(sandbox):
@@ -146,7 +140,7 @@ def _state(sandbox):
 
 def _node(name, record, full=False):
     sandbox = Path(record["sandbox"])
-    node = __utils__["saltfleet_cloud.node_row"](
+    node = _shared("node_row")(
         record["instance_id"],
         name,
         _state(sandbox),
@@ -172,7 +166,7 @@ def _node(name, record, full=False):
 
 def _cloud_grains(vm_, record):
     """The cloud facts every saltfleet host carries, plus the addresses a local instance knows already."""
-    grains = __utils__["saltfleet_cloud.cloud_grains"](
+    grains = _shared("cloud_grains")(
         vm_,
         __opts__,
         "local",
@@ -189,7 +183,7 @@ def _cloud_grains(vm_, record):
 
 def _minion_config(vm_, record, sandbox):
     """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
-    minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=_cloud_grains(vm_, record))
+    minion = _shared("minion_config")(vm_, __opts__, grains=_cloud_grains(vm_, record))
     interface = __opts__.get("interface") or "127.0.0.1"
     if minion.get("master") in (None, "salt"):
         minion["master"] = "127.0.0.1" if interface in ("0.0.0.0", "::") else interface
@@ -198,14 +192,6 @@ def _minion_config(vm_, record, sandbox):
     minion["user"] = getpass.getuser()
     minion.setdefault("log_level_logfile", "info")
     return minion
-
-
-def _write(path, text, mode=0o644):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _start_minion(name, sandbox, timeout):
@@ -245,7 +231,7 @@ def _start_minion(name, sandbox, timeout):
         return master_pub.exists()
 
     try:
-        __utils__["saltfleet_cloud.wait_for"](accepted, timeout, f"{name}: the master accepting the minion", 0.2)
+        _shared("wait_for")(accepted, timeout, f"{name}: the master accepting the minion", 0.2)
     except SaltCloudSystemExit as exc:
         tail = "".join(log_file.read_text(errors="replace").splitlines(True)[-10:]) if log_file.exists() else ""
         raise SaltCloudSystemExit(
@@ -302,7 +288,7 @@ def _stop_minion(sandbox, timeout=30):
 
 
 def _fire(vm_name, event, args=None):
-    __utils__["saltfleet_cloud.fire_event"](__opts__, vm_name, event, args)
+    _shared("fire_event")(__opts__, vm_name, event, args)
 
 
 # -------------------------------------------------------------------- create
@@ -329,9 +315,9 @@ def create(vm_):
         "name": name,
         "instance_id": f"local-{uuid.uuid4().hex[:12]}",
         "profile": profile,
-        "size": config.get_cloud_config_value("size", vm_, __opts__, default=DEFAULT_SIZE),
-        "image": config.get_cloud_config_value("image", vm_, __opts__, default=DEFAULT_IMAGE),
-        "location": config.get_cloud_config_value("location", vm_, __opts__, default=DEFAULT_LOCATION),
+        "size": _provider_value("size", DEFAULT_SIZE, vm_),
+        "image": _provider_value("image", DEFAULT_IMAGE, vm_),
+        "location": _provider_value("location", DEFAULT_LOCATION, vm_),
         "public_ips": ["127.0.0.1"],
         "private_ips": ["127.0.0.1"],
         "sandbox": str(sandbox),
@@ -341,20 +327,21 @@ def create(vm_):
     etc = sandbox / "etc" / "salt"
     try:
         etc.mkdir(parents=True, exist_ok=True)
-        deploy = config.get_cloud_config_value("deploy", vm_, __opts__, default=True)
+        deploy = _provider_value("deploy", True, vm_)
         if deploy:
             if not vm_.get("pub_key") or not vm_.get("priv_key"):
                 raise SaltCloudSystemExit(f"{name}: salt-cloud passed no minion keys (is deploy disabled?)")
             pki = etc / "pki" / "minion"
             pki.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write(pki / "minion.pem", vm_["priv_key"], 0o400)
-            _write(pki / "minion.pub", vm_["pub_key"], 0o644)
+            write = _shared("write_atomic")
+            write(pki / "minion.pem", vm_["priv_key"], 0o400)
+            write(pki / "minion.pub", vm_["pub_key"], 0o644)
             minion = _minion_config(vm_, record, sandbox)
-            _write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](minion))
-        _write(sandbox / INSTANCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+            write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](minion))
+        _shared("write_json")(sandbox / INSTANCE_FILE, record)
         if deploy:
             _fire(name, "deploying")
-            timeout = config.get_cloud_config_value("wait_for_minion_timeout", vm_, __opts__, default=120)
+            timeout = _provider_value("wait_for_minion_timeout", 120, vm_)
             _start_minion(name, sandbox, timeout)
     except Exception:
         # A half-made instance would block the next create: leave nothing behind.
@@ -381,8 +368,7 @@ def destroy(name, call=None):
 
         salt-cloud -d worker-1
     """
-    if call == "function":
-        raise SaltCloudSystemExit("The destroy action must be called with -d, --destroy, -a or --action.")
+    _shared("check_call")("destroy", call, "destroy")
     sandbox = _sandbox(name)
     if not (sandbox / INSTANCE_FILE).exists():
         raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
@@ -391,7 +377,9 @@ def destroy(name, call=None):
     _stop_minion(sandbox)
     shutil.rmtree(sandbox)
     if __opts__.get("update_cachedir", False):
-        __utils__["cloud.delete_minion_cachedir"](name, _get_active_provider_name().split(":")[0], __opts__)
+        __utils__["cloud.delete_minion_cachedir"](
+            name, _shared("provider_name")(__active_provider_name__, __virtualname__).split(":")[0], __opts__
+        )
     _fire(name, "destroyed")
     return {"name": name, "state": "destroyed", "sandbox": str(sandbox)}
 
@@ -400,10 +388,9 @@ def destroy(name, call=None):
 
 
 def _action_target(name, call, action):
-    if call != "action":
-        raise SaltCloudSystemExit(f"The {action} action must be called with -a or --action.")
+    _shared("check_call")(action, call, "action")
     sandbox = _sandbox(name)
-    record = _read_json(sandbox / INSTANCE_FILE)
+    record = _shared("read_json")(sandbox / INSTANCE_FILE)
     if not record:
         raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
     return sandbox, record
@@ -459,11 +446,10 @@ def show_instance(name, call=None):
 
         salt-cloud -a show_instance worker-1
     """
-    if call != "action":
-        raise SaltCloudSystemExit("The show_instance action must be called with -a or --action.")
+    _shared("check_call")("show_instance", call, "action")
     nodes = list_nodes_full()
     if name not in nodes:
-        raise SaltCloudException(f"{name}: no local instance of that name in {_sandbox_dir()}")
+        raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
     return nodes[name]
 
 
@@ -474,8 +460,7 @@ def list_nodes(call=None):
     """
     The instances and whether their minion runs (``salt-cloud -Q``).
     """
-    if call == "action":
-        raise SaltCloudSystemExit("The list_nodes function must be called with -f or --function.")
+    _shared("check_call")("list_nodes", call, "function")
     return {name: _node(name, record) for name, record in _instances().items()}
 
 
@@ -483,8 +468,7 @@ def list_nodes_full(call=None):
     """
     The instances with their sandbox, config dir and minion pid (``salt-cloud -F``).
     """
-    if call == "action":
-        raise SaltCloudSystemExit("The list_nodes_full function must be called with -f or --function.")
+    _shared("check_call")("list_nodes_full", call, "function")
     return {name: _node(name, record, full=True) for name, record in _instances().items()}
 
 
@@ -492,22 +476,19 @@ def list_nodes_select(call=None):
     """
     The fields of ``query.selection`` for each instance (``salt-cloud -S``).
     """
-    return __utils__["saltfleet_cloud.select"](list_nodes_full(), __opts__, call)
+    return _shared("select")(list_nodes_full(), __opts__, call)
 
 
 def avail_images(call=None):
-    if call == "action":
-        raise SaltCloudSystemExit("The avail_images function must be called with -f or --function.")
+    _shared("check_call")("avail_images", call, "function")
     return {DEFAULT_IMAGE: {"name": DEFAULT_IMAGE, "description": "this machine's own system, shared by every sandbox"}}
 
 
 def avail_sizes(call=None):
-    if call == "action":
-        raise SaltCloudSystemExit("The avail_sizes function must be called with -f or --function.")
+    _shared("check_call")("avail_sizes", call, "function")
     return {DEFAULT_SIZE: {"name": DEFAULT_SIZE, "description": "a directory and a salt-minion process"}}
 
 
 def avail_locations(call=None):
-    if call == "action":
-        raise SaltCloudSystemExit("The avail_locations function must be called with -f or --function.")
+    _shared("check_call")("avail_locations", call, "function")
     return {DEFAULT_LOCATION: {"name": DEFAULT_LOCATION, "description": "this machine"}}

@@ -36,7 +36,7 @@ import logging
 import os
 import warnings
 
-from salt.exceptions import SaltCloudConfigError, SaltCloudException, SaltCloudSystemExit
+from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
 from salt import config
 
@@ -63,6 +63,9 @@ DEFAULT_IDENTITY_URL = "https://identity.api.rackspacecloud.com/v2.0/"
 # more than one `compute` service, and pyrax would pick the last one.
 DEFAULT_COMPUTE_NAME = "cloudServersOpenStack"
 METADATA_DEPLOYMENTS = "saltfleet-deployments"
+# Set by create on every server (the profile's name); the driver lists, acts on
+# and deletes only servers that carry it, never the rest of the account.
+METADATA_PROFILE = "saltfleet-profile"
 ENV_USERNAME = "RACKSPACE_USERNAME"
 ENV_API_KEY = "RACKSPACE_API_KEY"
 
@@ -75,27 +78,27 @@ def __virtual__():
     return __virtualname__
 
 
-def _get_active_provider_name():
-    try:
-        return __active_provider_name__.value()
-    except AttributeError:
-        return __active_provider_name__
+def _shared(name):
+    """A function of _utils/saltfleet_cloud.py: what every saltfleet driver does the same way."""
+    return __utils__[f"saltfleet_cloud.{name}"]
+
+
+def _provider_name():
+    return _shared("provider_name")(__active_provider_name__, __virtualname__)
 
 
 def get_configured_provider():
     """The provider configuration in use (credentials may come from the environment)."""
-    return config.is_provider_configured(__opts__, _get_active_provider_name() or __virtualname__, ())
+    return _shared("configured_provider")(__opts__, __active_provider_name__, __virtualname__)
 
 
 def _value(key, vm_=None, default=None):
     """A setting from the profile (when given), else the provider."""
-    return config.get_cloud_config_value(
-        key, vm_ or get_configured_provider(), __opts__, default=default, search_global=False
-    )
+    return _shared("provider_setting")(__opts__, __active_provider_name__, __virtualname__, key, vm_, default)
 
 
 def _provider_label():
-    return (_get_active_provider_name() or __virtualname__).split(":")[0]
+    return _provider_name().split(":")[0]
 
 
 # ---------------------------------------------------------------- connection
@@ -170,8 +173,7 @@ def avail_locations(call=None):
 
         salt-cloud --list-locations rackspace
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_locations is a function: use -f or --list-locations")
+    _shared("check_call")("avail_locations", call, "function")
     client, _ = _connect()
     endpoints = client.identity.services.compute.endpoints
     return {region: {"name": region, "url": endpoint.public_url} for region, endpoint in sorted(endpoints.items())}
@@ -185,10 +187,7 @@ def avail_images(call=None):
 
         salt-cloud --list-images rackspace
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_images is a function: use -f or --list-images")
-    client, _ = _connect()
-    return {image.name: _image_dict(image) for image in _quiet(client.images.list)}
+    return _catalog("avail_images", call, "images", ("id", "name", "status", "minDisk", "minRam"))
 
 
 def avail_sizes(call=None):
@@ -199,30 +198,27 @@ def avail_sizes(call=None):
 
         salt-cloud --list-sizes rackspace
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_sizes is a function: use -f or --list-sizes")
+    return _catalog("avail_sizes", call, "flavors", ("id", "name", "ram", "disk", "vcpus"))
+
+
+def _catalog(fun, call, kind, fields):
+    """{name: {field: value}} of the region's images or flavors."""
+    _shared("check_call")(fun, call, "function")
     client, _ = _connect()
-    return {flavor.name: _flavor_dict(flavor) for flavor in _quiet(client.flavors.list)}
+    return {item.name: {key: getattr(item, key, None) for key in fields} for item in _quiet(getattr(client, kind).list)}
 
 
-def _image_dict(image):
-    return {key: getattr(image, key, None) for key in ("id", "name", "status", "minDisk", "minRam")}
-
-
-def _flavor_dict(flavor):
-    return {key: getattr(flavor, key, None) for key in ("id", "name", "ram", "disk", "vcpus")}
-
-
-def _find(kind, wanted, items, region):
-    """The image or flavor named (or with the id) `wanted`; an error naming what exists otherwise."""
+def _find(kind, wanted, items, region, vm_):
+    """The image or flavor named (or with the id) `wanted`; an error naming the VM, the setting and what exists."""
     wanted = str(wanted)
     for item in items:
         if wanted in (str(item.id), item.name):
             return item
     names = ", ".join(sorted(item.name for item in items))
+    setting = "size" if kind == "flavor" else kind
     raise SaltCloudSystemExit(
-        f"rackspace: unknown {kind} '{wanted}' in region {region}; "
-        f"set the profile's {'size' if kind == 'flavor' else kind} to one of: {names}"
+        f"{vm_['name']}: unknown {kind} '{wanted}' in region {region}; set {setting} in profile "
+        f"{vm_.get('profile') or '-'} to one of: {names} (`salt-cloud --list-{setting}s {_provider_label()}`)"
     )
 
 
@@ -262,7 +258,8 @@ def _node_full(server, region):
 
 
 def _servers(client):
-    return _quiet(client.servers.list)
+    """The servers saltfleet created (metadata ``saltfleet-profile``); others in the account are not ours."""
+    return [server for server in _quiet(client.servers.list) if METADATA_PROFILE in (server.metadata or {})]
 
 
 def list_nodes(call=None):
@@ -273,8 +270,7 @@ def list_nodes(call=None):
 
         salt-cloud -Q
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes is a function: use -f or -Q")
+    _shared("check_call")("list_nodes", call, "function")
     client, region = _connect()
     return {server.name: _node(server, region) for server in _servers(client)}
 
@@ -287,20 +283,26 @@ def list_nodes_full(call=None):
 
         salt-cloud -F
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes_full is a function: use -f or -F")
+    _shared("check_call")("list_nodes_full", call, "function")
     client, region = _connect()
     return {server.name: _node_full(server, region) for server in _servers(client)}
 
 
-def _server_by_name(client, name):
-    """The server called `name`; an error when there is none or more than one."""
+def _server_by_name(client, name, region):
+    """The saltfleet server called `name`; an error naming the server, the region and the fix otherwise."""
     matches = [server for server in _servers(client) if server.name == name]
     if not matches:
-        raise SaltCloudSystemExit(f"rackspace: no server named '{name}'")
+        raise SaltCloudSystemExit(
+            f"{name}: no server of that name created by saltfleet (metadata {METADATA_PROFILE}) in region {region} "
+            f"of provider {_provider_name()}; `salt-cloud -Q` lists them. A server made outside salt-cloud is "
+            "never acted on: manage it with the Rackspace tools"
+        )
     if len(matches) > 1:
         ids = ", ".join(server.id for server in matches)
-        raise SaltCloudSystemExit(f"rackspace: {len(matches)} servers are named '{name}' ({ids}); delete the extra")
+        raise SaltCloudSystemExit(
+            f"{name}: {len(matches)} servers of that name in region {region} ({ids}); "
+            "delete the extra ones with the Rackspace tools, then retry"
+        )
     return matches[0]
 
 
@@ -312,10 +314,9 @@ def show_instance(name, call=None):
 
         salt-cloud -a show_instance worker-7
     """
-    if call != "action":
-        raise SaltCloudSystemExit("show_instance is an action: use -a show_instance NAME")
+    _shared("check_call")("show_instance", call, "action")
     client, region = _connect()
-    return _node_full(_server_by_name(client, name), region)
+    return _node_full(_server_by_name(client, name, region), region)
 
 
 def reboot(name, call=None):
@@ -326,10 +327,9 @@ def reboot(name, call=None):
 
         salt-cloud -a reboot worker-7
     """
-    if call != "action":
-        raise SaltCloudSystemExit("reboot is an action: use -a reboot NAME")
-    client, _ = _connect()
-    server = _server_by_name(client, name)
+    _shared("check_call")("reboot", call, "action")
+    client, region = _connect()
+    server = _server_by_name(client, name, region)
     _quiet(server.reboot, _value("reboot_type", default="SOFT"))
     return {"name": name, "id": server.id, "rebooted": True}
 
@@ -348,14 +348,10 @@ def list_nodes_select(call=None):
 # ------------------------------------------------------------ create/destroy
 
 
-def _shared(name):
-    """A function of _utils/saltfleet_cloud.py: what every saltfleet driver does the same way."""
-    return __utils__[f"saltfleet_cloud.{name}"]
-
-
 def _metadata(vm_, deployments):
-    """The server metadata: the profile's ``metadata`` plus the deployments the host runs (strings only)."""
+    """The server metadata: the profile's ``metadata``, the profile's name and the deployments (strings only)."""
     metadata = {str(key): str(value) for key, value in (_value("metadata", vm_, {}) or {}).items()}
+    metadata[METADATA_PROFILE] = vm_.get("profile") or ""
     metadata[METADATA_DEPLOYMENTS] = ",".join(deployments)
     too_long = {key: value for key, value in metadata.items() if len(key) > 255 or len(value) > 255}
     if too_long:
@@ -426,8 +422,7 @@ def create(vm_):
     """
     name = vm_["name"]
     if vm_.get("profile") and (
-        config.is_profile_configured(__opts__, _get_active_provider_name() or __virtualname__, vm_["profile"], vm_=vm_)
-        is False
+        config.is_profile_configured(__opts__, _provider_name(), vm_["profile"], vm_=vm_) is False
     ):
         return False
     opts = __opts__
@@ -440,8 +435,8 @@ def create(vm_):
     flavor_wanted = _value("size", vm_) or _value("flavor", vm_)
     if not image_wanted or not flavor_wanted:
         raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} needs an image and a size (a flavor)")
-    image = _find("image", image_wanted, _quiet(client.images.list), region)
-    flavor = _find("flavor", flavor_wanted, _quiet(client.flavors.list), region)
+    image = _find("image", image_wanted, _quiet(client.images.list), region, vm_)
+    flavor = _find("flavor", flavor_wanted, _quiet(client.flavors.list), region, vm_)
     facts = {"region": region, "size": flavor.name, "image": image.name}
 
     kwargs = {"meta": _metadata(vm_, deployments)}
@@ -449,7 +444,8 @@ def create(vm_):
         kwargs["key_name"] = _value("key_name", vm_)
     if _networks(vm_):
         kwargs["nics"] = _networks(vm_)
-    if _value("config_drive", vm_):
+    # Rackspace has no metadata service: user_data.sh reads the instance id from the config drive.
+    if _value("config_drive", vm_, mode == "cloud-init"):
         kwargs["config_drive"] = True
     if mode == "cloud-init":
         # The host makes its own key; the one salt-cloud pre-accepted must go (and never ship).
@@ -463,45 +459,47 @@ def create(vm_):
     try:
         server = _quiet(client.servers.create, name, image.id, flavor.id, **kwargs)
     except nova_exc.ClientException as exc:
-        raise SaltCloudSystemExit(f"rackspace: creating server '{name}' in {region} failed: {exc}") from exc
-    admin_pass = getattr(server, "adminPass", None)
+        raise SaltCloudSystemExit(
+            f"{name} (profile {vm_.get('profile') or '-'}): creating the server in {region} failed: {exc}"
+        ) from exc
     log.info("rackspace: requested %s (%s) in %s", name, server.id, region)
+    # From here on the server exists: whatever fails, it is deleted (or kept when asked).
+    try:
+        return _requested(client, server, vm_, mode, facts)
+    except Exception as exc:
+        removal = None if _value("keep_failed", vm_, False) else _delete_failed(client, server, name) or True
+        raise _shared("creation_failed")(
+            vm_, opts, server.id, exc, removal, what="server", ticket=mode == "cloud-init"
+        ) from exc
+
+
+def _delete_failed(client, server, name):
+    """Delete the server of a failed create; the error if that failed too."""
+    try:
+        _delete(client, server, name)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _requested(client, server, vm_, mode, facts):
+    """The rest of create once Cloud Servers has the server: ticket, wait for ACTIVE, bootstrap."""
+    opts, name, region = __opts__, vm_["name"], facts["region"]
+    admin_pass = getattr(server, "adminPass", None)
     if mode == "cloud-init":
         _shared("record_autosign_ticket")(vm_, opts, server.id)
-
     timeout = int(_value("wait_for_ip_timeout", vm_, 600))
     _shared("fire_event")(opts, name, "waiting for address", {"id": server.id, "timeout": timeout})
-    try:
-        server = _wait_until_built(client, server, vm_, timeout)
-        grains = _shared("cloud_grains")(vm_, opts, "rackspace", instance_id=server.id, **facts)
-        if admin_pass and not _value("ssh_keyfile", vm_) and not _value("password", vm_):
-            # No key pair: log in as root with the password Cloud Servers generated.
-            vm_["password"] = admin_pass
-        deployed = _shared("provision")(vm_, opts, _ssh_host(server, vm_), grains)
-    except SaltCloudException as exc:
-        _fail(client, server, vm_, mode, exc)
-        raise
-
+    server = _wait_until_built(client, server, vm_, timeout)
+    grains = _shared("cloud_grains")(vm_, opts, "rackspace", instance_id=server.id, **facts)
+    if admin_pass and not _value("ssh_keyfile", vm_) and not _value("password", vm_):
+        # No key pair: log in as root with the password Cloud Servers generated.
+        vm_["password"] = admin_pass
+    deployed = _shared("provision")(vm_, opts, _ssh_host(server, vm_), grains)
     ret = _shared("json_safe")(_node_full(server, region))
     ret.update(deployed)
     _shared("fire_event")(opts, name, "created", {"id": server.id, "profile": vm_.get("profile"), "region": region})
     return ret
-
-
-def _fail(client, server, vm_, mode, exc):
-    """A create that failed after the server was requested: delete it unless ``keep_failed: True``; say which."""
-    name = vm_["name"]
-    _shared("fire_event")(__opts__, name, "failed", {"id": server.id, "error": str(exc)})
-    if mode == "cloud-init":
-        _shared("revoke_autosign_ticket")(__opts__, instance_id=server.id)
-    if _value("keep_failed", vm_, False):
-        exc.args = (f"{exc}; kept server {server.id} for inspection (keep_failed: True): salt-cloud -d {name}",)
-        return
-    try:
-        _delete(client, server, name)
-        exc.args = (f"{exc}; deleted server {server.id} (set keep_failed: True to keep it)",)
-    except (SaltCloudException, nova_exc.ClientException) as delete_exc:
-        exc.args = (f"{exc}; could not delete server {server.id} ({delete_exc}): delete it by hand",)
 
 
 def _delete(client, server, name):
@@ -528,12 +526,11 @@ def destroy(name, call=None):
 
         salt-cloud -d worker-7
     """
-    if call == "function":
-        raise SaltCloudSystemExit("destroy is an action: use -d NAME or -a destroy NAME")
+    _shared("check_call")("destroy", call, "destroy")
     opts = __opts__
     _shared("fire_event")(opts, name, "destroying", {})
-    client, _ = _connect()
-    server = _server_by_name(client, name)
+    client, region = _connect()
+    server = _server_by_name(client, name, region)
     _delete(client, server, name)
     _shared("revoke_autosign_ticket")(opts, instance_id=server.id, name=name)
     _shared("prune_autosign_tickets")(opts)

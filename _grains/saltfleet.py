@@ -30,39 +30,13 @@ The grains are refreshed by ``saltutil.refresh_grains`` (the deployment states
 ask for it after a change) and on the minion's start.
 """
 
-import json
-import logging
-from pathlib import Path
-
-log = logging.getLogger(__name__)
-
 MANIFEST_KEYS = ("rev", "release", "repo", "user", "updated")
-
-
-def _root():
-    settings = (__pillar__ or {}).get("saltfleet") or {}
-    root = settings.get("root") if isinstance(settings, dict) else None
-    return root or __opts__.get("root_dir") or "/"
-
-
-def _installed(root):
-    """Manifests by deployment name; __utils__ when synced, else read directly."""
-    try:
-        return __utils__["saltfleet.installed"](root)
-    except KeyError:
-        found = {}
-        folder = Path(root, "var", "lib", "saltfleet", "deployments")
-        for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                found[entry.stem] = json.loads(entry.read_text())
-            except (OSError, ValueError):
-                log.warning("saltfleet: unreadable deployment manifest %s", entry)
-        return found
 
 
 def deployments():
     """The deployments installed on this host, with revision and release."""
-    installed = _installed(_root())
+    root = __utils__["saltfleet.host_root"](__pillar__, __opts__)
+    installed = __utils__["saltfleet.installed"](root)
     return {
         "saltfleet_deployments": {
             name: {key: manifest.get(key) for key in MANIFEST_KEYS} for name, manifest in sorted(installed.items())

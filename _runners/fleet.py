@@ -102,9 +102,11 @@ def _row(minion_id, cache, now):
     # When the master last heard from the minion: its mine (heartbeat) or its grains (pillar refresh).
     seen = [t for t in (cache.updated(b, minion_id) for b, data in (("mine", mine), ("grains", grains)) if data) if t]
     last_seen = max(seen) if seen else None
-    interval = _interval(mine)
+    if not isinstance(grains, dict):
+        grains = {}
     if not isinstance(mine, dict):
         mine = {}
+    interval = _interval(mine)
     up = bool(mine.get(HEARTBEAT)) and last_seen is not None and now - last_seen <= interval * MISSED_HEARTBEATS + SLACK
     cloud = grains.get("saltfleet_cloud") or {}
     public, private = _addresses(cloud, grains)

@@ -41,12 +41,14 @@ How a new host becomes a trusted minion (``bootstrap`` in a profile):
 Every function is documented with what a driver gets; the signatures are stable.
 """
 
-import base64
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +58,7 @@ import salt.utils.crypt
 import salt.utils.event
 import salt.utils.files
 import salt.utils.yaml
-from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
+from salt.exceptions import LoaderError, SaltCloudConfigError, SaltCloudException, SaltCloudSystemExit
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ TICKET_GRAIN = "saltfleet_instance_id"
 CLOUD_GRAIN = "saltfleet_cloud"
 DEFAULT_TICKET_TTL = 1800
 DEFAULT_SALT_VERSION = "3008.4"
+TICKET_LOCK_TIMEOUT = 60
 
 
 def __virtual__():
@@ -77,6 +80,34 @@ def __virtual__():
 
 
 # --- configuration -----------------------------------------------------------
+
+
+def provider_name(active_provider_name, driver):
+    """The ``alias:driver`` salt-cloud is running the driver for (``__active_provider_name__``), else ``driver``."""
+    name = active_provider_name
+    if name is not None and not isinstance(name, str):
+        # Outside salt-cloud's calls (``__virtual__``) the driver holds the loader's packed
+        # default (None), which reads as a LoaderError from this module's loader.
+        try:
+            name = name.value()
+        except (AttributeError, LoaderError):
+            name = None
+    return name or driver
+
+
+def configured_provider(opts, active_provider_name, driver, required=()):
+    """The driver's provider configuration, or False when none is configured or a ``required`` key is missing.
+
+    A driver's ``get_configured_provider`` is this with its ``__opts__``,
+    ``__active_provider_name__``, ``__virtualname__`` and required keys.
+    """
+    return salt.config.is_provider_configured(opts, provider_name(active_provider_name, driver), tuple(required))
+
+
+def provider_setting(opts, active_provider_name, driver, name, vm_=None, default=None):
+    """A setting of ``vm_`` (VM, profile, provider: salt's lookup order), or of the provider alone without ``vm_``."""
+    source = vm_ if vm_ is not None else (configured_provider(opts, active_provider_name, driver) or {})
+    return salt.config.get_cloud_config_value(name, source, opts, default=default, search_global=False)
 
 
 def config_value(name, vm_, opts, default=None, search_global=False):
@@ -219,42 +250,81 @@ def _ticket_paths(opts, vm_name=None):
     return Path(grains_dir) / TICKET_GRAIN, Path(opts["pki_dir"]) / "saltfleet_autosign_tickets.json"
 
 
-def _write_tickets(opts, tickets):
-    grain_file, index = _ticket_paths(opts)
-    grain_file.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# Instance ids saltfleet launched and whose minion has not authenticated yet (one-shot).\n"]
-    lines += [f"{instance_id}\n" for instance_id in sorted(tickets)]
-    for path, text in ((grain_file, "".join(lines)), (index, json.dumps(tickets, indent=1, sort_keys=True))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with salt.utils.files.fopen(tmp, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o600)  # the master ignores a world-writable autosign file
-        os.replace(tmp, path)
-
-
-def _read_tickets(opts):
-    _, index = _ticket_paths(opts)
+def write_atomic(path, text, mode=0o644):
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with salt.utils.files.fopen(index, "r") as handle:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, data, mode=0o644):
+    """``data`` as indented JSON, written atomically (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode)
+
+
+def read_json(path, default=None):
+    """The JSON in ``path``, or ``default`` when it is missing or unreadable."""
+    try:
+        with salt.utils.files.fopen(path, "r") as handle:
             return json.load(handle)
     except (OSError, ValueError):
-        return {}
+        return default
+
+
+def _write_tickets(opts, tickets):
+    grain_file, index = _ticket_paths(opts)
+    lines = ["# Instance ids saltfleet launched and whose minion has not authenticated yet (one-shot).\n"]
+    lines += [f"{instance_id}\n" for instance_id in sorted(tickets)]
+    write_json(index, tickets, 0o600)
+    write_atomic(grain_file, "".join(lines), 0o600)  # the master ignores a group/world-writable autosign file
+
+
+@contextlib.contextmanager
+def _ticket_lock(opts, timeout=TICKET_LOCK_TIMEOUT):
+    """An exclusive ``flock`` on the ticket index's lock file, held while the tickets are read, changed and written.
+
+    The kernel drops the lock when its holder exits, so a killed salt-cloud never leaves a stale lock behind.
+    """
+    _, index = _ticket_paths(opts)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = index.with_name(f"{index.name}.lock")
+    with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SaltCloudSystemExit(
+                        f"the autosign ticket index {index} stayed locked for {timeout} s; another salt-cloud holds "
+                        f"{lock_path} (`fuser {lock_path}` shows which); retry when it is done"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _with_ticket_lock(opts, change):
-    _, index = _ticket_paths(opts)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    lock = f"{index}.lock"
-    salt.utils.cloud.lock_file(lock, timeout=30)
-    try:
-        tickets = _read_tickets(opts)
+    with _ticket_lock(opts):
+        _, index = _ticket_paths(opts)
+        tickets = read_json(index, {})
         result = change(tickets)
         _write_tickets(opts, tickets)
         return result
-    finally:
-        salt.utils.cloud.unlock_file(lock)
-        if os.path.exists(lock):
-            os.remove(lock)
 
 
 def record_autosign_ticket(vm_, opts, instance_id):
@@ -342,11 +412,6 @@ def assert_no_secret(user_data, name="user-data"):
         raise SaltCloudSystemExit(f"{name}: refusing to send user-data that contains a private key")
 
 
-def encode_user_data(user_data):
-    """``user_data`` base64-encoded, as APIs that take raw bytes (Nova, EC2 ModifyInstanceAttribute) want it."""
-    return base64.b64encode(user_data.encode()).decode()
-
-
 # --- bootstrap ------------------------------------------------------------------
 
 
@@ -395,6 +460,43 @@ def wait_for(check, timeout, what, interval=2.0):
         time.sleep(min(float(interval), max(0.0, deadline - time.monotonic())) or 0.05)
 
 
+# --- a create that failed -----------------------------------------------------------------
+
+
+def creation_failed(vm_, opts, instance_id, exc, removal, what="instance", ticket=False):
+    """Report a create that failed once the cloud had the machine; return the SaltCloudSystemExit to raise.
+
+    ``exc`` may be any exception (a bug, a network error, a library's own). The
+    driver has already removed the machine unless the profile says
+    ``keep_failed: True`` (it must: its API calls need its own loader context),
+    and says how in ``removal``: ``None`` (kept), ``True`` (removed) or the
+    exception the removal raised. This fires ``failed``, drops the instance's
+    autosign ticket (``ticket``), and words the error: the VM, its profile, the
+    cause and what became of the machine. Never raises itself.
+    """
+    name = vm_["name"]
+    cause = str(exc) if isinstance(exc, SaltCloudException) else f"{type(exc).__name__}: {exc}"
+    cause = cause.removeprefix(f"{name}: ")
+    # A traceback only for what saltfleet did not foresee (a salt error says all there is to say).
+    traceback = None if isinstance(exc, SaltCloudException) else exc
+    log.error("%s: create failed after %s %s was requested: %s", name, what, instance_id, cause, exc_info=traceback)
+    fire_event(opts, name, "failed", {"instance_id": instance_id, "profile": vm_.get("profile"), "error": cause})
+    if ticket:
+        try:
+            revoke_autosign_ticket(opts, instance_id=instance_id)
+        except Exception as revoke_exc:  # the ticket expires by itself; the machine matters more
+            log.warning("%s: could not revoke the autosign ticket of %s: %s", name, instance_id, revoke_exc)
+    if removal is None:
+        outcome = f"kept {what} {instance_id} for inspection (keep_failed: True); `salt-cloud -d {name}` removes it"
+    elif removal is True:
+        verb = "deleted" if what == "server" else "terminated"
+        outcome = f"{verb} {what} {instance_id} (set keep_failed: True to keep it)"
+    else:
+        failure = f"{type(removal).__name__}: {removal}"
+        outcome = f"could not remove {what} {instance_id} ({failure}): remove it by hand"
+    return SaltCloudSystemExit(f"{name} (profile {vm_.get('profile') or '-'}): {cause}; {outcome}")
+
+
 # --- listing -------------------------------------------------------------------------
 
 
@@ -431,10 +533,23 @@ def select(nodes_full, opts, call=None):
 
 
 def check_call(fun, call, expected):
-    """Raise salt-cloud's usual error when ``fun`` is called the wrong way (``expected``: function or action)."""
-    if call != expected:
-        flag = "-f or --function" if expected == "function" else "-a or --action"
-        raise SaltCloudSystemExit(f"The {fun} function must be called with {flag}.")
+    """Raise salt-cloud's usual error when ``fun`` is called the wrong way.
+
+    ``expected``:
+
+    ``"function"``
+        ``-f``, or salt-cloud's own options (``-Q``, ``--list-images`` ...), which pass no ``call``; not ``-a``.
+    ``"action"``
+        ``-a`` only.
+    ``"destroy"``
+        ``-d`` (no ``call``) or ``-a destroy``; not ``-f``.
+    """
+    if expected == "function" and call == "action":
+        raise SaltCloudSystemExit(f"The {fun} function must be called with -f or --function.")
+    if expected == "action" and call != "action":
+        raise SaltCloudSystemExit(f"The {fun} action must be called with -a or --action.")
+    if expected == "destroy" and call == "function":
+        raise SaltCloudSystemExit(f"The {fun} action must be called with -d, --destroy, -a or --action.")
 
 
 # --- events -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ The master listens on 127.0.0.1 only, on ports chosen free at the first run.
 """
 
 import contextlib
+import functools
 import getpass
+import importlib.util
 import json
 import os
 import shlex
@@ -266,6 +268,48 @@ def start_master(master, timeout=60):
 # ------------------------------------------------------------------ instances
 
 
+@functools.cache
+def _saltfleet_utils():
+    """_utils/saltfleet.py, which spells every host path of a deployment."""
+    spec = importlib.util.spec_from_file_location("saltfleet_utils", REPO / "_utils" / "saltfleet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _supervisord_pidfiles(sandbox):
+    """The pidfiles of a sandbox's supervisords: from its deployment manifests, and any left without one."""
+    utils = _saltfleet_utils()
+    pidfiles = {
+        utils.paths(sandbox, manifest.get("user", "root"), name)["pidfile"]
+        for name, manifest in utils.installed(sandbox).items()
+    }
+    pidfiles.update(sandbox.glob("home/*/.saltfleet/*/supervisord.pid"))
+    return sorted(pidfiles)
+
+
+def daemons():
+    """{pid: what} of the demo's daemons, from their pidfiles: the master, each minion, each supervisord."""
+    found = {}
+    if master_pid():
+        found[master_pid()] = "salt-master"
+    for sandbox in sorted(p for p in SANDBOXES.glob("*") if p.is_dir()):
+        minion = procs.pid_from_file(sandbox / "var" / "run" / "salt-minion.pid", str(sandbox / "etc" / "salt"))
+        if minion:
+            found[minion] = f"salt-minion of {sandbox.name}"
+        for pidfile in _supervisord_pidfiles(sandbox):
+            # supervisord -c <state dir>/supervisord.conf: its command line names the pidfile's folder.
+            pid = procs.pid_from_file(pidfile, str(pidfile.parent))
+            if pid:
+                found[pid] = f"supervisord of {sandbox.name} {pidfile.parent.name}"
+    return found
+
+
+def processes():
+    """{pid: (start, command line)}: the demo's daemons and every process they started (jobs, programs)."""
+    return procs.tree(daemons())
+
+
 def instances():
     """{name: 'running'|'stopped'} of the demo's local instances (what `salt-cloud -Q` says)."""
     found = {}
@@ -413,8 +457,15 @@ Stop every process of the demo: make demo-down    (make clean also removes .demo
 
 
 def down(timeout=120):
-    """Stop the instances (deployments and minions), then the master; then make sure nothing is left."""
+    """Stop the instances (deployments and minions), then the master; then make sure nothing of theirs is left.
+
+    Only the demo's daemons (by pidfile) and their descendants are stopped: a
+    shell, an editor or a `tail -f` that merely runs in .demo/ is left alone.
+    """
     started = time.monotonic()
+    # Taken before anything stops: a stopped parent's children are reparented
+    # and no longer look like the demo's.
+    started_by_demo = processes()
     running = [name for name, state in instances().items() if state == "running"]
     supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/supervisor.sock"))
     if (running or supervised) and (ETC / "cloud.providers.d" / "local.conf").exists():
@@ -425,15 +476,15 @@ def down(timeout=120):
     if pid:
         print(f"==> stopping salt-master (pid {pid})", flush=True)
         procs.stop([pid], timeout=30)
-    # Whatever still runs from .demo/ was started by the demo (a worker whose supervisord
-    # died, a job in flight): stop it too, and say so.
-    leftovers = procs.processes_under(DEMO) if DEMO.exists() else {}
+    # What the daemons started and still runs (a job in flight, a program whose
+    # supervisord died): stop it too, and say so.
+    leftovers = {**procs.still_running(started_by_demo), **procs.still_running(processes())}
     if leftovers:
-        print(f"==> stopping {len(leftovers)} more process(es) started from .demo/:", flush=True)
+        print(f"==> stopping {len(leftovers)} more process(es) the demo started:", flush=True)
         for pid, cmd in sorted(leftovers.items()):
             print(f"    {pid} {cmd[:150]}")
         procs.stop(list(leftovers), timeout=15)
-    remaining = procs.processes_under(DEMO) if DEMO.exists() else {}
+    remaining = {**procs.still_running(started_by_demo), **procs.still_running(processes())}
     if remaining:
-        raise DemoError(f"still running from .demo/: {remaining}")
+        raise DemoError(f"still running: {remaining}")
     print(f"The demo is stopped ({time.monotonic() - started:.0f} s); `make demo` starts it again.")

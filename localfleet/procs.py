@@ -1,4 +1,8 @@
-"""Processes of a local fleet, found by pidfile or by the directory they belong to (Linux /proc)."""
+"""Processes of a local fleet (Linux /proc): daemons found by their pidfiles, and everything they started.
+
+What to stop is decided from pidfiles and parentage only (:func:`tree`), never from
+where a process runs: a user's shell, ``less`` or ``tail -f`` in ``.demo/`` is not the demo's.
+"""
 
 import contextlib
 import os
@@ -16,11 +20,7 @@ def _cmdline(pid):
 
 def alive(pid):
     """True while pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    return _stat(pid) is not None
 
 
 def pid_from_file(pidfile, marker):
@@ -32,19 +32,69 @@ def pid_from_file(pidfile, marker):
     return pid if alive(pid) and any(marker in arg for arg in _cmdline(pid)) else None
 
 
+def _stat(pid):
+    """(ppid, start time in clock ticks) of a live, non-zombie pid, else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[19])
+
+
 def _ancestors():
     pids, pid = set(), os.getpid()
     while pid > 1:
         pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
-        except (OSError, ValueError, IndexError):
+        stat = _stat(pid)
+        if stat is None:
             break
+        pid = stat[0]
     return pids
 
 
+def tree(roots):
+    """{pid: (start time, command line)} of the live ``roots`` and all their descendants, this process excluded.
+
+    The start time tells a process from a later one that got its pid (:func:`still_running`).
+    """
+    parents, started = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat:
+                parents[int(entry.name)], started[int(entry.name)] = stat
+    children = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    mine = _ancestors()
+    found, todo = {}, [pid for pid in roots if pid in parents]
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid in mine:
+            continue
+        found[pid] = (started[pid], " ".join(_cmdline(pid)))
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def still_running(snapshot):
+    """{pid: command line} of the processes of a :func:`tree` snapshot that still run (same pid, same start)."""
+    running = {}
+    for pid, (started, cmdline) in snapshot.items():
+        stat = _stat(pid)
+        if stat and stat[1] == started:
+            running[pid] = cmdline
+    return running
+
+
 def processes_under(folder):
-    """{pid: command line} of the live processes whose command line, cwd or executable lies in folder."""
+    """{pid: command line} of the live processes whose command line, cwd or executable lies in folder.
+
+    For tests, to see what is left in a sandbox they made; it also finds whoever
+    merely looks at the folder, so it never decides what the demo stops.
+    """
     folder = str(Path(folder).resolve())
     prefix = folder.rstrip("/") + "/"
     mine = _ancestors()

@@ -15,11 +15,32 @@
 # metadata service (grain saltfleet_instance_id, sent via autosign_grains) is one
 # the master's own salt-cloud launched (see _utils/saltfleet_cloud.py).
 #
+# Where the instance id comes from (SALTFLEET_METADATA):
+#   ec2        EC2's metadata service, IMDSv2 (a session token, then the id).
+#   openstack  The config drive first (Rackspace has one and no metadata service):
+#              the filesystem labelled config-2, mounted read-only in a temporary
+#              directory, openstack/latest/meta_data.json's "uuid"; then the
+#              OpenStack metadata service at the same path.
+#
+# How salt-minion is installed (when missing): pip, into its own venv
+# /opt/saltfleet/salt-<version>, pinned to exactly SALTFLEET_SALT_VERSION (the
+# master's version, salt_version in the profile), with a systemd unit. Not
+# salt-bootstrap: its `latest` script ran unpinned as root, and even a pinned
+# release breaks when the package repositories it knows move (they did in
+# 2024), while a Salt release on PyPI never changes. It is also how saltfleet's
+# own master and every test and demo minion install Salt. Needs python3 (3.10+)
+# with venv; the script installs python3-venv with apt-get, dnf or yum if missing.
+# To upgrade, change salt_version (all hosts) and re-provision or pip-install it.
+#
 # Knobs for tests and baked images (environment only):
 #   SALTFLEET_ROOT          write under this prefix instead of /          (default /)
 #   SALTFLEET_METADATA_URL  metadata service       (default http://169.254.169.254)
+#   SALTFLEET_CONFIG_DRIVE  config drive: a block device to mount, or a directory
+#                           holding openstack/latest/meta_data.json
+#                                               (default /dev/disk/by-label/config-2)
 #   SALTFLEET_INSTANCE_ID   skip the metadata service and use this id
 #   SALTFLEET_INSTALL       auto: install salt-minion if missing; skip   (default auto)
+#   SALTFLEET_PIP_INDEX_URL a PyPI mirror for the install              (default PyPI)
 #   SALTFLEET_START         yes: (re)start salt-minion; no               (default yes)
 set -eu
 
@@ -30,6 +51,7 @@ SALTFLEET_METADATA=${SALTFLEET_METADATA:-ec2}
 SALTFLEET_SALT_VERSION=${SALTFLEET_SALT_VERSION:-3008.4}
 SALTFLEET_ROOT=${SALTFLEET_ROOT:-/}
 SALTFLEET_METADATA_URL=${SALTFLEET_METADATA_URL:-http://169.254.169.254}
+SALTFLEET_CONFIG_DRIVE=${SALTFLEET_CONFIG_DRIVE:-/dev/disk/by-label/config-2}
 SALTFLEET_INSTALL=${SALTFLEET_INSTALL:-auto}
 SALTFLEET_START=${SALTFLEET_START:-yes}
 
@@ -39,6 +61,26 @@ die() { log "$*"; exit 1; }
 fetch() {  # fetch URL [curl options...]: the body on stdout, retried while the network comes up
     url=$1; shift
     curl -fsS --retry 10 --retry-delay 2 --retry-connrefused --max-time 10 "$@" "$url"
+}
+
+uuid_of() {  # the "uuid" of an OpenStack meta_data.json on stdin
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["uuid"])'
+}
+
+config_drive_id() {  # the instance uuid from the config drive; fails when there is none
+    if [ -d "$SALTFLEET_CONFIG_DRIVE" ]; then
+        uuid_of < "$SALTFLEET_CONFIG_DRIVE/openstack/latest/meta_data.json"
+        return
+    fi
+    [ -b "$SALTFLEET_CONFIG_DRIVE" ] || return 1
+    mnt=$(mktemp -d)
+    rc=1
+    if mount -o ro "$SALTFLEET_CONFIG_DRIVE" "$mnt"; then
+        uuid_of < "$mnt/openstack/latest/meta_data.json" && rc=0
+        umount "$mnt" || log "could not unmount the config drive from $mnt"
+    fi
+    rmdir "$mnt" 2>/dev/null || true
+    return $rc
 }
 
 instance_id() {
@@ -53,8 +95,11 @@ instance_id() {
             fetch "$SALTFLEET_METADATA_URL/latest/meta-data/instance-id" -H "X-aws-ec2-metadata-token: $token"
             ;;
         openstack)
-            fetch "$SALTFLEET_METADATA_URL/openstack/latest/meta_data.json" |
-                python3 -c 'import json, sys; print(json.load(sys.stdin)["uuid"])'
+            if config_drive_id; then
+                return
+            fi
+            log "no config drive at $SALTFLEET_CONFIG_DRIVE; asking $SALTFLEET_METADATA_URL"
+            fetch "$SALTFLEET_METADATA_URL/openstack/latest/meta_data.json" | uuid_of
             ;;
         *) die "SALTFLEET_METADATA=$SALTFLEET_METADATA: expected ec2 or openstack" ;;
     esac
@@ -75,17 +120,53 @@ printf '%s\n' "$SALTFLEET_MINION_CONFIG" > "$etc/minion.d/saltfleet.conf"
 printf 'saltfleet_instance_id: %s\n' "$ID" > "$etc/grains"
 log "minion $SALTFLEET_MINION_ID (instance $ID) configured in $etc"
 
+install_salt() {  # salt-minion ==SALTFLEET_SALT_VERSION from PyPI in its own venv, and its systemd unit
+    case "$SALTFLEET_SALT_VERSION" in
+        *[!0-9.]*|'') die "SALTFLEET_SALT_VERSION=$SALTFLEET_SALT_VERSION: expected a release such as 3008.4" ;;
+    esac
+    venv="${SALTFLEET_ROOT%/}/opt/saltfleet/salt-$SALTFLEET_SALT_VERSION"
+    if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        if command -v apt-get >/dev/null 2>&1; then
+            apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -qy python3-venv
+        elif command -v dnf >/dev/null 2>&1; then
+            dnf install -qy python3
+        elif command -v yum >/dev/null 2>&1; then
+            yum install -qy python3
+        fi
+    fi
+    python3 -m venv "$venv" || die "cannot create a Python venv at $venv (python3 with venv is needed)"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+        ${SALTFLEET_PIP_INDEX_URL:+--index-url "$SALTFLEET_PIP_INDEX_URL"} \
+        "salt==$SALTFLEET_SALT_VERSION" || die "pip could not install salt==$SALTFLEET_SALT_VERSION"
+    mkdir -p "${SALTFLEET_ROOT%/}/usr/local/bin" "${SALTFLEET_ROOT%/}/etc/systemd/system"
+    ln -sf "$venv/bin/salt-minion" "$venv/bin/salt-call" "${SALTFLEET_ROOT%/}/usr/local/bin/"
+    cat > "${SALTFLEET_ROOT%/}/etc/systemd/system/salt-minion.service" <<UNIT
+[Unit]
+Description=Salt minion (saltfleet, salt $SALTFLEET_SALT_VERSION)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=all
+ExecStart=$venv/bin/salt-minion
+KillMode=process
+Restart=on-failure
+LimitNOFILE=8192
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
 if [ "$SALTFLEET_INSTALL" = auto ] && ! command -v salt-minion >/dev/null 2>&1; then
-    log "installing salt-minion $SALTFLEET_SALT_VERSION"
-    script=$(mktemp)
-    fetch https://github.com/saltstack/salt-bootstrap/releases/latest/download/bootstrap-salt.sh > "$script"
-    # -X: do not start the daemon before its config is complete; we start it below.
-    sh "$script" -X stable "$SALTFLEET_SALT_VERSION"
-    rm -f "$script"
+    log "installing salt-minion $SALTFLEET_SALT_VERSION (pip, in a venv)"
+    install_salt
 fi
 
 if [ "$SALTFLEET_START" = yes ]; then
     if command -v systemctl >/dev/null 2>&1; then
+        systemctl daemon-reload
         systemctl enable salt-minion
         systemctl restart salt-minion
     else

@@ -189,7 +189,11 @@ def test_create_from_profile_list_query_and_destroy(salt_cloud, mimic, repo_root
     profile = yaml.safe_load((repo_root / "cloud.profiles.d" / "rackspace.conf").read_text())["worker-rackspace"]
     assert images[server.image["id"]] == MIMIC_IMAGE
     assert flavors[server.flavor["id"]] == profile["size"]
-    assert server.metadata == {**profile["metadata"], "saltfleet-deployments": ",".join(DEPLOYMENTS)}
+    assert server.metadata == {
+        **profile["metadata"],
+        "saltfleet-profile": "worker-mimic",
+        "saltfleet-deployments": ",".join(DEPLOYMENTS),
+    }
     assert created["id"] == server.id
 
     query = salt_cloud.run("-Q")
@@ -203,9 +207,9 @@ def test_create_from_profile_list_query_and_destroy(salt_cloud, mimic, repo_root
     assert _nodes(full)["rs-worker-1"]["metadata"]["saltfleet-deployments"] == "daily-fetcher,hourly-report"
     assert _nodes(salt_cloud.run("-S"))["rs-worker-1"] == {"id": server.id, "state": "ACTIVE"}
 
-    shown = salt_cloud.run("-a", "show_instance", "rs-worker-1", "-y")
-    assert shown.returncode == 0, shown.stderr
-    assert json.dumps(shown.data).count(server.id) >= 1
+    shown = _nodes(salt_cloud.run("-a", "show_instance", "rs-worker-1", "-y"))["rs-worker-1"]
+    assert (shown["id"], shown["name"], shown["state"], shown["region"]) == (server.id, "rs-worker-1", "ACTIVE", REGION)
+    assert shown["metadata"]["saltfleet-deployments"] == "daily-fetcher,hourly-report"
 
     rebooted = salt_cloud.run("-a", "reboot", "rs-worker-1", "-y")
     assert rebooted.returncode == 0, rebooted.stderr
@@ -263,17 +267,23 @@ def test_bad_credentials_say_so(salt_cloud, mimic):
 
 
 @pytest.mark.parametrize(
-    ("profile", "message"),
+    ("profile", "message", "existing"),
     [
-        ("worker-mimic-badflavor", "unknown flavor 'no-such-flavor' in region ORD"),
-        ("worker-mimic-badimage", "unknown image 'No Such Linux' in region ORD"),
+        (
+            "worker-mimic-badflavor",
+            "unknown flavor 'no-such-flavor' in region ORD; set size",
+            "2 GB General Purpose v1",
+        ),
+        ("worker-mimic-badimage", "unknown image 'No Such Linux' in region ORD; set image", MIMIC_IMAGE),
     ],
 )
-def test_unknown_flavor_or_image_says_so(salt_cloud, mimic, profile, message):
+def test_unknown_flavor_or_image_says_so(salt_cloud, mimic, profile, message, existing):
     ret = salt_cloud.run("-p", profile, "rs-unknown")
     text = _error_text(ret)
-    assert message in text
-    assert "2 GB General Purpose v1" in text or MIMIC_IMAGE in text  # the error lists what exists
+    assert f"rs-unknown: {message} in profile {profile} to one of: " in text
+    # The error lists what exists, the one the profile should name among them.
+    listed = text.split(" to one of: ", 1)[1].split(" (`salt-cloud --list-", 1)[0].split(", ")
+    assert existing in listed
     assert "rs-unknown" not in mimic.servers()
 
 
@@ -427,3 +437,40 @@ def test_state_apply_works_in_the_venv_that_has_pyrax(tmp_path):
     (result,) = json.loads(proc.stdout)["local"].values()
     assert result["result"] is True
     assert target.read_text().strip() == "hello"
+
+
+def test_servers_saltfleet_did_not_create_are_never_touched(salt_cloud, mimic):
+    """A server made in the account by other means is neither listed (-Q) nor destroyed (-d) by salt-cloud."""
+    client = mimic.client()
+    image = next(i for i in client.images.list() if i.name == MIMIC_IMAGE)
+    flavor = next(f for f in client.flavors.list() if f.name == "2 GB General Purpose v1")
+    foreign = client.servers.create("rs-foreign", image.id, flavor.id, meta={"role": "database"})
+    try:
+        assert "rs-foreign" in mimic.servers()
+        assert "rs-foreign" not in _nodes(salt_cloud.run("-Q"))
+        assert "rs-foreign" not in _nodes(salt_cloud.run("-F"))
+        shown = salt_cloud.run("-a", "show_instance", "rs-foreign", "-y")
+        assert shown.data == {"Not Actioned/Not Running": ["rs-foreign"], "Not Found": ["rs-foreign"]}, shown
+        destroyed = salt_cloud.run("-d", "rs-foreign", "-y")
+        assert "rs-foreign" not in json.dumps(destroyed.data), destroyed  # nothing reported destroyed
+        assert mimic.servers()["rs-foreign"].id == foreign.id  # still there
+    finally:
+        client.servers.delete(foreign.id)
+
+
+def test_a_failure_that_is_not_salts_still_deletes_the_server(salt_cloud, cloud_client, mimic, monkeypatch):
+    """Whatever breaks after the server exists (here the SSH deploy, with an OSError), the server is not leaked."""
+    import salt.exceptions
+    import salt.utils.cloud
+
+    def unreachable(vm_, opts=None):
+        raise OSError(113, "No route to host")
+
+    monkeypatch.setattr(salt.utils.cloud, "bootstrap", unreachable)
+    with pytest.raises(salt.exceptions.SaltCloudSystemExit) as failed:
+        cloud_client.profile("worker-mimic-ssh", names=["rs-leak"])
+    message = str(failed.value)
+    assert message.startswith("rs-leak (profile worker-mimic-ssh): OSError: [Errno 113] No route to host; "), message
+    assert "deleted server" in message
+    assert "rs-leak" not in mimic.servers()
+    (Path(salt_cloud.config["pki_dir"]) / "minions" / "rs-leak").unlink(missing_ok=True)

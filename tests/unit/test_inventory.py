@@ -221,22 +221,60 @@ def test_ansible_inventory(master_opts):
     assert load_runner(master_opts).ansible_inventory()["_meta"]["hostvars"]["w2"]["salt_status"] == "up"
 
 
-def test_fifty_minions_answer_within_a_second(master_opts):
+class CountingCache:
+    """A master cache that records every read, so a test can say what the runner looked at."""
+
+    def __init__(self, cache, reads):
+        self.cache = cache
+        self.reads = reads
+
+    def fetch(self, bank, key):
+        self.reads.append(("fetch", bank, key))
+        return self.cache.fetch(bank, key)
+
+    def updated(self, bank, key):
+        self.reads.append(("updated", bank, key))
+        return self.cache.updated(bank, key)
+
+    def __getattr__(self, name):
+        def recorded(*args, **kwargs):
+            self.reads.append((name, *args))
+            return getattr(self.cache, name)(*args, **kwargs)
+
+        return recorded
+
+
+def test_inventory_reads_the_masters_cache_only(master_opts, monkeypatch):
+    """Fifty minions: one grains and one mine read each, and no job, no minion contacted (speed is bench/'s)."""
+    import salt.client
+
     master_opts["output"] = "json"
-    for i in range(50):
+    names = [f"worker-{i:02d}" for i in range(50)]
+    for name in names:
         grains = {**cloud(), "saltfleet_deployments": {"fetcher": {"rev": "main", "release": "b" * 40}}}
-        grains.update({f"filler{n}": "x" * 50 for n in range(150)})  # as big as real grains
         add_minion(
-            master_opts,
-            f"worker-{i:02d}",
-            grains,
-            {"saltfleet.heartbeat": 30, "deployment.status": {"fetcher": status(4, 4)}},
+            master_opts, name, grains, {"saltfleet.heartbeat": 30, "deployment.status": {"fetcher": status(4, 4)}}
         )
-    runner = load_runner(master_opts)
-    started = time.perf_counter()
-    rows = runner.inventory()
+
+    def no_job(*args, **kwargs):
+        raise AssertionError("fleet.inventory tried to publish a job to the minions")
+
+    monkeypatch.setattr(salt.client, "LocalClient", no_job)
+    monkeypatch.setattr(salt.client, "get_local_client", no_job)
+    reads = []
+    factory = salt.cache.factory
+    monkeypatch.setattr(salt.cache, "factory", lambda opts, **kwargs: CountingCache(factory(opts, **kwargs), reads))
+
+    rows = load_runner(master_opts).inventory()
+    assert [row["id"] for row in rows] == names
+    assert all(row["status"] == "up" and row["deployments"]["fetcher"]["running"] == 4 for row in rows)
+    fetched = sorted((bank, key) for op, bank, key in reads if op == "fetch")
+    assert fetched == sorted((bank, name) for name in names for bank in ("grains", "mine"))
+    # Besides those reads, only when each bank was last written (the minion's last heartbeat).
+    assert {op for op, *_ in reads} <= {"fetch", "updated"}
+    assert {bank for _, bank, _ in reads} <= {"grains", "mine"}
+
+    reads.clear()
     table = load_runner({**master_opts, "output": None}).inventory()
-    elapsed = time.perf_counter() - started
-    assert len(rows) == 50
     assert table.splitlines()[-1] == "50 minions, 50 up, 0 down"
-    assert elapsed < 1.0, f"two inventories of 50 minions took {elapsed:.2f} s"
+    assert len([r for r in reads if r[0] == "fetch"]) == 2 * len(names)

@@ -2,10 +2,10 @@
 
 import http.server
 import importlib.util
+import json
 import os
 import subprocess
 import threading
-import time
 
 import pytest
 import yaml
@@ -107,22 +107,28 @@ def test_user_data_run_in_a_sandbox_configures_the_minion(tmp_path, opts, imds):
     assert yaml.safe_load((root / "etc/salt/grains").read_text()) == {"saltfleet_instance_id": INSTANCE_ID}
 
 
-def test_user_data_refuses_a_bad_instance_id(tmp_path):
-    run = subprocess.run(
+def run_user_data(root, **env):
+    """deployments/common/user_data.sh as run by hand: settings in the environment, writing under root."""
+    settings = {
+        "PATH": os.environ["PATH"],
+        "SALTFLEET_ROOT": str(root),
+        "SALTFLEET_MINION_ID": "worker-7",
+        "SALTFLEET_MINION_CONFIG": "master: salt\n",
+        "SALTFLEET_INSTALL": "skip",
+        "SALTFLEET_START": "no",
+    }
+    return subprocess.run(
         ["sh", str(REPO / "deployments/common/user_data.sh")],
-        env={
-            "PATH": os.environ["PATH"],
-            "SALTFLEET_ROOT": str(tmp_path),
-            "SALTFLEET_MINION_ID": "worker-7",
-            "SALTFLEET_MINION_CONFIG": "master: salt\n",
-            "SALTFLEET_INSTANCE_ID": "i-1; rm -rf /",
-            "SALTFLEET_INSTALL": "skip",
-            "SALTFLEET_START": "no",
-        },
+        env={**settings, **env},
         capture_output=True,
         text=True,
         check=False,
+        timeout=60,
     )
+
+
+def test_user_data_refuses_a_bad_instance_id(tmp_path):
+    run = run_user_data(tmp_path, SALTFLEET_INSTANCE_ID="i-1; rm -rf /")
     assert run.returncode == 1
     assert "unexpected instance id" in run.stderr
     assert not (tmp_path / "etc").exists()
@@ -147,6 +153,31 @@ def test_autosign_tickets_are_one_shot_and_expire(opts):
     assert sfc.revoke_autosign_ticket(opts, name="worker-8") == ["i-2"]
     with open(grain_file) as handle:
         assert [line for line in handle if not line.startswith("#")] == []
+
+
+def test_tickets_recorded_in_parallel_are_all_kept(opts):
+    """salt-cloud -P: several processes record tickets at once; the lock keeps every one."""
+    import multiprocessing
+
+    def record(worker):
+        for n in range(5):
+            sfc.record_autosign_ticket(vm(name=f"w{worker}-{n}"), opts, f"i-{worker}-{n}")
+
+    fork = multiprocessing.get_context("fork")
+    workers = [fork.Process(target=record, args=(worker,)) for worker in range(6)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+    assert [process.exitcode for process in workers] == [0] * 6
+    expected = sorted(f"i-{worker}-{n}" for worker in range(6) for n in range(5))
+    grain_file = os.path.join(opts["autosign_grains_dir"], "saltfleet_instance_id")
+    with open(grain_file) as handle:
+        assert sorted(line.strip() for line in handle if not line.startswith("#")) == expected
+    index = sfc.read_json(os.path.join(opts["pki_dir"], "saltfleet_autosign_tickets.json"))
+    assert sorted(index) == expected
+    leftovers = os.listdir(opts["pki_dir"]) + os.listdir(opts["autosign_grains_dir"])
+    assert not [name for name in leftovers if name.startswith(".")]  # no temporary file left half-written
 
 
 def test_cloud_init_needs_an_autosign_grains_dir(opts):
@@ -178,8 +209,91 @@ def test_forget_preaccepted_key_only_removes_salt_clouds_own(opts):
 
 
 def test_wait_for_says_what_did_not_happen():
-    start = time.monotonic()
+    checks = []
     with pytest.raises(sfc.SaltCloudSystemExit, match=r"worker-7 got an address did not happen within 0\.3 s"):
-        sfc.wait_for(lambda: None, 0.3, "worker-7 got an address", interval=0.1)
-    assert time.monotonic() - start < 2
+        sfc.wait_for(lambda: checks.append(1), 0.3, "worker-7 got an address", interval=0.1)
+    assert len(checks) >= 2  # it kept asking until the time was up
     assert sfc.wait_for(lambda: "10.0.0.9", 1, "x") == "10.0.0.9"
+
+
+UUID = "6e7c7a4e-1f0b-4f4e-9d5a-2b8f3c1d0e9a"
+
+
+class FakeOpenStackMetadata(http.server.BaseHTTPRequestHandler):
+    """The OpenStack metadata service: meta_data.json with the instance uuid."""
+
+    def do_GET(self):
+        if self.path != "/openstack/latest/meta_data.json":
+            return FakeImds.reply(self, 404, "")
+        return FakeImds.reply(self, 200, json.dumps({"uuid": UUID, "name": "worker-7"}))
+
+    def log_message(self, *args):
+        pass
+
+
+def run_openstack_user_data(tmp_path, **env):
+    """user_data.sh with SALTFLEET_METADATA=openstack; the instance id it wrote as a grain, and the run."""
+    root = tmp_path / "root"
+    run = run_user_data(root, SALTFLEET_METADATA="openstack", **env)
+    grains = root / "etc/salt/grains"
+    return (yaml.safe_load(grains.read_text()) if grains.exists() else None), run
+
+
+def test_openstack_instance_id_from_the_config_drive(tmp_path):
+    """Rackspace: no metadata service, the uuid is on the config drive (here a directory standing in for it)."""
+    drive = tmp_path / "config-2"
+    (drive / "openstack/latest").mkdir(parents=True)
+    (drive / "openstack/latest/meta_data.json").write_text(json.dumps({"uuid": UUID, "hostname": "worker-7"}))
+    # Nothing answers on the metadata URL: the id can only come from the drive.
+    grains, run = run_openstack_user_data(
+        tmp_path, SALTFLEET_CONFIG_DRIVE=str(drive), SALTFLEET_METADATA_URL="http://127.0.0.1:9"
+    )
+    assert run.returncode == 0, run.stderr
+    assert grains == {"saltfleet_instance_id": UUID}
+
+
+def test_openstack_instance_id_falls_back_to_the_metadata_service(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenStackMetadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        grains, run = run_openstack_user_data(
+            tmp_path,
+            SALTFLEET_CONFIG_DRIVE=str(tmp_path / "no-such-drive"),
+            SALTFLEET_METADATA_URL=f"http://127.0.0.1:{server.server_address[1]}",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.returncode == 0, run.stderr
+    assert "no config drive" in run.stderr
+    assert grains == {"saltfleet_instance_id": UUID}
+
+
+def test_user_data_installs_the_pinned_salt_with_pip_in_a_venv(tmp_path):
+    """No network here: python3 is a stand-in that records what the script asks of it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake_python = bin_dir / "python3"
+    fake_python.write_text(
+        "#!/bin/sh\n"
+        f'echo "$0 $*" >> {calls}\n'
+        'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; ln -s "$0" "$3/bin/python"; fi\n'
+    )
+    fake_python.chmod(0o755)
+    root = tmp_path / "root"
+    run = run_user_data(
+        root,
+        PATH=f"{bin_dir}:/usr/bin:/bin",
+        SALTFLEET_INSTANCE_ID="i-1",
+        SALTFLEET_SALT_VERSION="3008.4",
+        SALTFLEET_INSTALL="auto",
+    )
+    assert run.returncode == 0, run.stderr
+    venv = root / "opt/saltfleet/salt-3008.4"
+    lines = calls.read_text().splitlines()
+    assert f"{fake_python} -m venv {venv}" in lines
+    assert any(line.endswith("-m pip install -q --disable-pip-version-check salt==3008.4") for line in lines), lines
+    unit = (root / "etc/systemd/system/salt-minion.service").read_text()
+    assert f"ExecStart={venv}/bin/salt-minion" in unit
+    assert os.readlink(root / "usr/local/bin/salt-minion") == f"{venv}/bin/salt-minion"
