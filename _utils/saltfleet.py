@@ -86,9 +86,10 @@ PROGRAM_OPTIONS = {
 PROGRAM_DEFAULTS = {
     "autostart": True,
     "autorestart": True,
-    # A worker must live this long to count as started: long enough for a
-    # Celery worker that dies on import to be caught before a release is kept.
-    "startsecs": 5,
+    # supervisord's own default. A program counts as started once it lived
+    # this long, and a new release whose programs die sooner is rolled back:
+    # set it to what the app needs to import (a Celery app: a few seconds).
+    "startsecs": 1,
     # Celery finishes the task in hand on SIGTERM: give it time to.
     "stopsignal": "TERM",
     "stopwaitsecs": 600,
@@ -135,6 +136,10 @@ def error(message):
 
 
 def _type_name(value):
+    # Salt 3008 hands pillar over in masked containers: name what the user wrote.
+    for kind, name in ((bool, "bool"), (str, "str"), (int, "int"), (float, "float"), (dict, "mapping"), (list, "list")):
+        if isinstance(value, kind):
+            return name
     return type(value).__name__
 
 
@@ -142,7 +147,9 @@ def _check_type(where, value, expected, errors, hint=""):
     # YAML's true/false are ints to Python; they are never a count or a string here.
     ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, str))
     if not ok:
-        want = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        want = "/".join(
+            "mapping" if t is dict else t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,))
+        )
         errors.append(f"{where}: must be a {want}, got {_type_name(value)} {value!r}{hint}")
     return ok
 

@@ -50,7 +50,7 @@ def pillar(sandbox, repo_root):
                 "repo": str(sandbox["repo"]),
                 "rev": "v1",
                 "env": {"SAMPLEAPP_DATA": str(sandbox["data"])},
-                "context": {"platforms": ["alpha", "beta"]},
+                "context": {"platforms": ["alpha", "beta"], "startsecs": 8},
             },
             REPORTER: {
                 "repo": str(sandbox["repo"]),

@@ -1,0 +1,173 @@
+"""What every scenario shares: paths, the sample app's repository, processes, timing."""
+
+import contextlib
+import getpass
+import importlib.util
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from localfleet import procs
+from localfleet.config import REPO
+
+BIN = Path(sys.executable).parent
+USER = getpass.getuser()
+SAMPLE_APP = REPO / "examples" / "sample-app"
+UV_CACHE = REPO / ".cache" / "uv"
+# Revisions of the sample app in the bench's repo: each new-revision run gets one never deployed before.
+REVISIONS = 12
+
+
+class BenchError(Exception):
+    """A scenario could not run as it should (a failed apply is not a measurement)."""
+
+
+def load_saltfleet_utils():
+    """_utils/saltfleet.py as a plain module (paths, supervisord control), as the tests load it."""
+    spec = importlib.util.spec_from_file_location("saltfleet_bench_utils", REPO / "_utils" / "saltfleet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sf = load_saltfleet_utils()
+
+
+def environ():
+    """The environment of every command: the venv's tools first, the shared uv cache, no downloads of Pythons."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/local/bin:/usr/bin:/bin')}"
+    env["UV_CACHE_DIR"] = str(UV_CACHE)
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    env["UV_NO_PROGRESS"] = "1"
+    return env
+
+
+def run(cmd, check=True, timeout=1800, cwd=None, env=None):
+    """Run a command, capture its output; raise BenchError with its tail when it fails."""
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env or environ(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode:
+        tail = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise BenchError(f"`{' '.join(str(c) for c in cmd)}` exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+def timed(fn, *args, **kwargs):
+    """(seconds, result) of one call."""
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+class Workspace:
+    """The bench's temporary directory (short, under /tmp) and the sample app's repo and broker in it."""
+
+    def __init__(self, keep=False):
+        self.base = Path(tempfile.mkdtemp(prefix="sfb-", dir="/tmp"))
+        self.keep = keep
+        self.repo, self.shas = make_sample_repo(self.base / "src")
+        self.data = self.base / "data"
+        self.data.mkdir()
+        self._n = 0
+        self.supervisor_sockets = []
+
+    def sandbox(self, prefix="h"):
+        """A new, empty, short directory: one fresh host."""
+        self._n += 1
+        path = self.base / f"{prefix}{self._n}"
+        path.mkdir()
+        return path
+
+    def close(self):
+        stop_everything_under(self.base)
+        if not self.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _git(*args, cwd=None):
+    env = dict(
+        environ(),
+        GIT_AUTHOR_NAME="saltfleet bench",
+        GIT_AUTHOR_EMAIL="bench@saltfleet.invalid",
+        GIT_COMMITTER_NAME="saltfleet bench",
+        GIT_COMMITTER_EMAIL="bench@saltfleet.invalid",
+    )
+    return run(["git", *args], cwd=cwd, env=env).stdout.strip()
+
+
+def make_sample_repo(base):
+    """A bare repo of the sample app with tags v1..vN (VERSION differs, requirements do not); (path, {tag: sha})."""
+    work = base / "sample-app"
+    shutil.copytree(SAMPLE_APP, work, ignore=shutil.ignore_patterns("__pycache__"))
+    _git("init", "-q", "--initial-branch=master", cwd=work)
+    app = work / "sampleapp.py"
+    source = app.read_text()
+    shas = {}
+    for n in range(1, REVISIONS + 1):
+        app.write_text(source.replace('VERSION = "1"', f'VERSION = "{n}"'))
+        _git("add", "-A", cwd=work)
+        _git("commit", "-q", "-m", f"sample app v{n}", cwd=work)
+        _git("tag", f"v{n}", cwd=work)
+        shas[f"v{n}"] = _git("rev-parse", "HEAD", cwd=work)
+    bare = base / "sample-app.git"
+    _git("clone", "-q", "--bare", str(work), str(bare))
+    return bare, shas
+
+
+# ------------------------------------------------------------------ supervisord
+
+
+def wait_programs_running(sock, timeout=120):
+    """Poll supervisord's XML-RPC until every program is RUNNING; raise if one fails or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = sf.process_info(sock)
+        states = {i["name"]: i["statename"] for i in info}
+        if states and all(s == "RUNNING" for s in states.values()):
+            return
+        if any(s in ("FATAL", "EXITED") for s in states.values()):
+            raise BenchError(f"programs of {sock} did not start: {states}")
+        time.sleep(0.05)
+    raise BenchError(f"programs of {sock} not RUNNING within {timeout} s")
+
+
+def supervisor_sockets(root):
+    """Every supervisord socket under a sandbox: saltfleet's and the baselines'."""
+    return sorted(Path(root).glob("**/supervisor.sock"))
+
+
+def stop_supervisords(root):
+    """Stop every supervisord whose socket lies under root (their programs go with them), all at once."""
+    socks = supervisor_sockets(root)
+    if not socks:
+        return
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda s: sf.stop_supervisord(s, s.with_name("supervisord.pid"), timeout=60), socks))
+
+
+def stop_everything_under(base):
+    """Last resort at exit: the processes this bench started from its directory (by pid)."""
+    with contextlib.suppress(Exception):
+        stop_supervisords(base)
+    leftovers = procs.processes_under(base) if Path(base).exists() else {}
+    if leftovers:
+        procs.stop(list(leftovers), timeout=30)

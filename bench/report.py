@@ -1,0 +1,238 @@
+"""The table `make bench` prints and the JSON it writes: rows built from the medians of the runs."""
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from bench.env import median
+
+HEADER = ("scenario", "baseline medians", "saltfleet", "ratio", "target", "met")
+
+
+def _s(value):
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _row(scenario, baselines, ours, ratio=None, target="-", met=None, note=""):
+    return {
+        "scenario": scenario,
+        "baselines": baselines,
+        "saltfleet": ours,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        "note": note,
+    }
+
+
+def _ratio(ours, base):
+    return None if ours is None or not base else ours / base
+
+
+def _target_count(counts, wanted):
+    """The count a target is checked on: the issue's, or the largest this mode measured."""
+    if wanted in counts:
+        return wanted, ""
+    return max(counts), f"issue: {wanted}; this mode measured {max(counts)}"
+
+
+def build_rows(times, plan):
+    m = {key: median(values) for key, values in times.items()}
+    runs = {key: len(values) for key, values in times.items()}
+    rows = []
+    startup = m.get("startup")
+    rows.append(_row("salt-call --local test.ping (Salt's start-up)", [], startup))
+
+    counts = sorted({int(k.rsplit("_", 1)[1]) for k in m if k.startswith("sf_fresh_")})
+    fresh_at, fresh_note = _target_count(counts, 5) if counts else (None, "")
+    for count in counts:
+        floor, ours = m.get(f"floor_fresh_{count}"), m.get(f"sf_fresh_{count}")
+        ratio = _ratio(ours, floor)
+        checked = count == fresh_at
+        rows.append(
+            _row(
+                f"fresh host, {count} deployment(s)",
+                [("raw floor", floor), ("built-ins", m.get(f"builtins_fresh_{count}"))],
+                ours,
+                ratio,
+                "<= 1.0 x floor" if checked else "-",
+                (ratio is not None and ratio <= 1.0) if checked else None,
+                fresh_note if checked else "",
+            )
+        )
+
+    for key in sorted(k for k in m if k.startswith("sf_fresh_startsecs1_")):
+        count = int(key.rsplit("_", 1)[1])
+        floor = m.get(f"floor_fresh_{count}")
+        rows.append(
+            _row(
+                f"fresh host, {count} deployment(s), what-if startsecs=1",
+                [("raw floor", floor)],
+                m[key],
+                _ratio(m[key], floor),
+                note="pillar programs startsecs: 1 (saltfleet's default is 5, the floor's supervisord default 1)",
+            )
+        )
+
+    noop_counts = sorted({int(k.rsplit("_", 1)[1]) for k in m if k.startswith("sf_noop_")})
+    bi_counts = sorted({int(k.rsplit("_", 1)[1]) for k in m if k.startswith("builtins_noop_")})
+    both = [c for c in noop_counts if c in bi_counts]
+    bi_at, bi_note = _target_count(both, 5) if both else (None, "")
+    for count in noop_counts:
+        ours, builtins = m.get(f"sf_noop_{count}"), m.get(f"builtins_noop_{count}")
+        ratio = _ratio(ours, builtins)
+        checked = count == bi_at
+        rows.append(
+            _row(
+                f"no-op re-apply, {count} deployment(s), vs built-ins",
+                [("built-ins", builtins)],
+                ours,
+                ratio,
+                "<= 0.15 x built-ins" if checked else "-",
+                (ratio is not None and ratio <= 0.15) if checked else None,
+                bi_note if checked else "",
+            )
+        )
+    if noop_counts:
+        count, note = _target_count(noop_counts, 5)
+        ours = m.get(f"sf_noop_{count}")
+        beside = m.get(f"startup_beside_noop_{count}", startup)
+        extra = None if ours is None or beside is None else ours - beside
+        rows.append(
+            _row(
+                f"no-op re-apply, {count} deployment(s), vs start-up",
+                [("test.ping", beside)],
+                ours,
+                f"{extra:+.2f} s" if extra is not None else None,
+                "<= start-up + 1.5 s",
+                extra is not None and extra <= 1.5,
+                "; ".join(filter(None, [note, "test.ping timed beside each no-op run (interleaved)"])),
+            )
+        )
+
+    newrev = sorted(int(k.rsplit("of", 1)[1]) for k in m if k.startswith("sf_newrev_1of"))
+    for count in newrev:
+        ours, fresh1 = m.get(f"sf_newrev_1of{count}"), m.get("sf_fresh_1")
+        ratio = _ratio(ours, fresh1)
+        rows.append(
+            _row(
+                f"new revision of 1 of {count} deployments",
+                [("saltfleet fresh 1", fresh1)],
+                ours,
+                ratio,
+                "<= 1.5 x fresh 1",
+                ratio is not None and ratio <= 1.5,
+                "" if count == 5 else f"issue: 1 of 5; this mode: 1 of {count}",
+            )
+        )
+
+    sizes = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("master_noop_"))
+    one = m.get("master_noop_1")
+    fan_at, fan_note = _target_count(sizes, 50) if sizes else (None, "")
+    idle = "2 deployments/minion, program `sleep 3600` (not Celery)"
+    for size in sizes:
+        ours = m.get(f"master_noop_{size}")
+        ratio = _ratio(ours, one)
+        checked = size == fan_at and size > 1
+        rows.append(
+            _row(
+                f"fan-out no-op: salt '*' state.apply, {size} minion(s)",
+                [("1 minion", one)],
+                ours,
+                ratio,
+                "<= 3 x 1 minion" if checked else "-",
+                (ratio is not None and ratio <= 3.0) if checked else None,
+                "; ".join(filter(None, [idle if size == sizes[0] else "", fan_note if checked else ""])),
+            )
+        )
+    for key in sorted((k for k in m if k.startswith("master_fresh_new_")), key=lambda k: int(k.rsplit("_", 1)[1])):
+        more = int(key.rsplit("_", 1)[1])
+        rows.append(_row(f"fan-out fresh: state.apply of {more} new minion(s)", [], m[key], note=f"{runs[key]} run(s)"))
+    inv_sizes = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("inventory_runner_"))
+    inv_at, inv_note = _target_count(inv_sizes, 50) if inv_sizes else (None, "")
+    for size in inv_sizes:
+        ours = m.get(f"inventory_runner_{size}")
+        checked = size == inv_at
+        rows.append(
+            _row(
+                f"fleet.inventory over {size} minion(s) (runner, master's cache)",
+                [],
+                ours,
+                None,
+                "<= 1 s" if checked else "-",
+                (ours is not None and ours <= 1.0) if checked else None,
+                inv_note if checked else "",
+            )
+        )
+        cli, base = m.get(f"inventory_cli_{size}"), m.get("saltrun_startup")
+        rows.append(
+            _row(
+                f"salt-run fleet.inventory over {size} minion(s) (CLI)",
+                [("salt-run test.arg", base)],
+                cli,
+                f"{cli - base:+.2f} s" if cli is not None and base is not None else None,
+                note="wall clock of the command, Salt's start-up included",
+            )
+        )
+    return rows
+
+
+def _fmt_ratio(ratio):
+    if ratio is None:
+        return "-"
+    return ratio if isinstance(ratio, str) else f"{ratio:.2f} x"
+
+
+def _fmt_met(met):
+    return "-" if met is None else ("yes" if met else "NO")
+
+
+def format_table(rows):
+    lines = []
+    for row in rows:
+        baselines = ", ".join(f"{name} {_s(v)}" for name, v in row["baselines"] if v is not None) or "-"
+        lines.append(
+            [
+                row["scenario"],
+                baselines,
+                _s(row["saltfleet"]),
+                _fmt_ratio(row["ratio"]),
+                row["target"],
+                _fmt_met(row["met"]),
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(HEADER, *lines, strict=False)]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(HEADER, widths, strict=False)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    out.extend("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines)
+    notes = [(i, row["note"]) for i, row in enumerate(rows) if row["note"]]
+    if notes:
+        out.append("")
+        out.extend(f"  note ({rows[i]['scenario']}): {note}" for i, note in notes)
+    return "\n".join(out)
+
+
+def machine(load_start):
+    import salt.version
+
+    return {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "salt": salt.version.__version__,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def write_json(folder, result):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = folder / f"bench-{stamp}-{result['mode']}.json"
+    text = json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"
+    path.write_text(text)
+    (folder / "latest.json").write_text(text)
+    return path

@@ -1,0 +1,258 @@
+"""The scenarios of issue 6, each timed run recorded under a measurement key."""
+
+import os
+import time
+
+from bench.env import BIN, BenchError, Workspace, median, run, stop_supervisords, timed
+from bench.fleet import Fleet
+from bench.local import BuiltinsHost, SaltfleetHost, deployment_names, raw_floor
+
+# Seconds between a fresh apply and the no-op ones timed after it.
+SETTLE = 5
+
+MODES = {
+    # runs: timed runs per measurement (the median is reported); counts: deployments per host
+    # (saltfleet; floor: the raw floor's; builtins: Salt's built-ins'); fanout: minion counts;
+    # sf_noop_1: also time saltfleet's no-op on 1 deployment; what_if: saltfleet with startsecs 1.
+    "full": {
+        "runs": 3,
+        "counts": (1, 5),
+        "floor": (1, 5),
+        "builtins": (1, 5),
+        "fanout": (1, 10, 25, 50),
+        "sf_noop_1": True,
+        "what_if": True,
+    },
+    # Every target but fan-out and built-ins, in under 5 minutes on 2 cores.
+    "quick": {
+        "runs": 3,
+        "counts": (1, 5),
+        "floor": (5,),
+        "builtins": (),
+        "fanout": (),
+        "sf_noop_1": False,
+        "what_if": False,
+    },
+    # One run of every code path (the test suite's smoke test).
+    "smoke": {
+        "runs": 1,
+        "counts": (1,),
+        "floor": (1,),
+        "builtins": (1,),
+        "fanout": (1,),
+        "sf_noop_1": False,
+        "what_if": False,
+    },
+}
+
+
+class Bench:
+    def __init__(self, mode, runs=None, fanout=None, log=print, keep=False, heartbeat=True):
+        self.mode = mode
+        self.plan = dict(MODES[mode])
+        if runs:
+            self.plan["runs"] = runs
+        if fanout is not None:
+            self.plan["fanout"] = tuple(fanout)
+        self.log = log
+        self.keep = keep
+        self.plan["heartbeat"] = heartbeat
+        self.times = {}  # measurement key -> [seconds, ...]
+        self.details = {}  # measurement key -> [{state id: duration in ms}, ...]
+        self.notes = []
+        self.errors = {}
+        self.ws = None
+
+    # ------------------------------------------------------------- helpers
+
+    def record(self, key, seconds, states=None):
+        self.times.setdefault(key, []).append(round(seconds, 3))
+        if states:
+            # Salt's own duration of each state (ms): where a run's time went, for the JSON.
+            self.details.setdefault(key, []).append({sid: s.get("duration") for sid, s in states.items()})
+        self.log(f"    {key}: {seconds:.2f} s")
+
+    def measure(self, key, fn, *args, runs=None, **kwargs):
+        result = None
+        for _ in range(runs or self.plan["runs"]):
+            seconds, result = timed(fn, *args, **kwargs)
+            self.record(key, seconds)
+        return result
+
+    def median(self, key):
+        return median(self.times.get(key))
+
+    def step(self, text):
+        self.log(f"==> {text}  (load average {', '.join(f'{x:.1f}' for x in _loadavg())})")
+
+    def guarded(self, name, fn):
+        """Run a scenario; a failure is reported in the table, the other scenarios still run."""
+        try:
+            fn()
+        except BenchError as exc:
+            self.errors[name] = str(exc)
+            self.log(f"!!! {name} failed: {exc}")
+
+    # ------------------------------------------------------------- scenarios
+
+    def run(self):
+        self.ws = Workspace(keep=self.keep)
+        try:
+            self.log(f"workspace {self.ws.base}")
+            self.guarded("warm-up", self.warm_up)
+            self.guarded("start-up", self.startup)
+            self.guarded("floor", self.floor)
+            self.guarded("saltfleet", self.saltfleet)
+            if self.plan["builtins"]:
+                self.guarded("built-ins", self.builtins)
+            if self.plan["fanout"]:
+                self.guarded("fan-out", self.fanout)
+        finally:
+            self.ws.close()
+        return self
+
+    def warm_up(self):
+        """One untimed fresh deployment: uv's cache, the page cache and Salt's bytecode are warm after it."""
+        self.step("warm-up (untimed): one saltfleet deployment, one raw floor deployment")
+        host = SaltfleetHost(self.ws.sandbox(), self.ws.repo, self.ws.data, deployment_names(1, "wu"))
+        host.converge()
+        raw_floor(self.ws.sandbox(), self.ws.repo, self.ws.data, deployment_names(1, "wu"))
+        stop_supervisords(self.ws.base)
+
+    def startup(self):
+        self.step("salt-call --local test.ping: Salt's own start-up")
+        host = SaltfleetHost(self.ws.sandbox(), self.ws.repo, self.ws.data, [])
+        host.ping()
+        self.measure("startup", host.ping)
+
+    def floor(self):
+        for count in self.plan["floor"]:
+            self.step(f"raw shell floor: {count} deployment(s), one after another")
+            for _ in range(self.plan["runs"]):
+                root = self.ws.sandbox()
+                seconds, _ = timed(raw_floor, root, self.ws.repo, self.ws.data, deployment_names(count))
+                self.record(f"floor_fresh_{count}", seconds)
+                stop_supervisords(root)
+
+    def saltfleet(self):
+        biggest = max(self.plan["counts"])
+        for count in self.plan["counts"]:
+            self.step(f"saltfleet fresh: {count} deployment(s) through salt-call --local")
+            host = None
+            for _ in range(self.plan["runs"]):
+                if host is not None:
+                    stop_supervisords(host.root)
+                host = SaltfleetHost(self.ws.sandbox(), self.ws.repo, self.ws.data, deployment_names(count))
+                seconds, states = timed(host.converge)
+                self.record(f"sf_fresh_{count}", seconds, states)
+            # The last fresh host goes on: nothing changed, then a new revision of one of its deployments.
+            if count == biggest or self.plan["sf_noop_1"]:
+                self.noop(host, count)
+            if count == biggest:
+                self.new_revision(host, count)
+            stop_supervisords(host.root)
+        if self.plan.get("what_if"):
+            self.startsecs_what_if(biggest)
+
+    def startsecs_what_if(self, count):
+        """
+        saltfleet waits for its programs to outlive startsecs (5 s by default) before a
+        release counts as started; the floor keeps supervisord's default (1 s). The same
+        fresh apply with `startsecs: 1` in pillar shows how much of the gap that wait is.
+        """
+        self.step(f"what-if: saltfleet fresh, {count} deployment(s), programs with startsecs: 1 (as the floor's)")
+        for _ in range(self.plan["runs"]):
+            host = SaltfleetHost(
+                self.ws.sandbox(), self.ws.repo, self.ws.data, deployment_names(count), program={"startsecs": 1}
+            )
+            seconds, _ = timed(host.converge)
+            self.record(f"sf_fresh_startsecs1_{count}", seconds)
+            stop_supervisords(host.root)
+
+    def noop(self, host, count):
+        self.step(f"saltfleet no-op: {count} deployment(s), nothing changed")
+        settle()
+        for _ in range(self.plan["runs"]):
+            # Salt's start-up again beside each no-op: the machine's load drifts between scenarios.
+            seconds, _ = timed(host.ping)
+            self.record(f"startup_beside_noop_{count}", seconds)
+            seconds, states = timed(host.converge)
+            changed = host.changes(states)
+            if changed:
+                raise BenchError(f"a no-op apply changed something: {changed}")
+            self.record(f"sf_noop_{count}", seconds, states)
+
+    def new_revision(self, host, count):
+        name = host.names[0]
+        self.step(f"saltfleet new revision of {name} on a host with {count} (a revision never deployed before)")
+        for n in range(self.plan["runs"]):
+            rev = f"v{n + 2}"
+            seconds, states = timed(host.converge, {name: rev})
+            changed = host.changes(states)
+            touched = sorted(k for k in changed if k.startswith("saltfleet-deployment-"))
+            if touched != [f"saltfleet-deployment-{name}"] or "release" not in changed[touched[0]]:
+                raise BenchError(f"the new revision of {name} touched {touched}: {changed}")
+            self.record(f"sf_newrev_1of{count}", seconds, states)
+
+    def builtins(self):
+        for count in self.plan["builtins"]:
+            self.step(f"Salt built-ins: {count} deployment(s) through salt-call --local (fresh, then no-op)")
+            host = None
+            fresh_runs = self.plan["runs"] if self.mode == "full" else 1
+            for n in range(fresh_runs):
+                host = BuiltinsHost(self.ws.sandbox(), self.ws.repo, self.ws.data, deployment_names(count))
+                seconds, _ = timed(host.converge)
+                self.record(f"builtins_fresh_{count}", seconds)
+                if n < fresh_runs - 1:
+                    stop_supervisords(host.root)
+
+            def again(host=host):
+                states = host.converge()
+                changed = [sid for sid, s in states.items() if s["changes"]]
+                if changed:
+                    raise BenchError(f"a no-op apply of the built-ins changed {changed}")
+
+            settle()
+            self.measure(f"builtins_noop_{count}", again)
+            stop_supervisords(host.root)
+
+    def fanout(self):
+        fleet = Fleet(self.ws.base / "f", self.ws.repo, heartbeat=self.plan["heartbeat"])
+        try:
+            self.step("fan-out: salt-master on 127.0.0.1")
+            fleet.start_master()
+            self.measure("saltrun_startup", _salt_run_startup, fleet)
+            client = fleet.runner_client()
+            for size in self.plan["fanout"]:
+                more = size - len(fleet.minions)
+                self.step(f"fan-out: {more} more minion(s), {size} in all, 2 idle deployments each")
+                started = time.monotonic()
+                new = fleet.add_minions(more)
+                self.log(f"    minions up and synced in {time.monotonic() - started:.1f} s")
+                seconds, _ = timed(fleet.apply, "list", new)
+                self.record(f"master_fresh_new_{more}", seconds)
+                self.step(f"fan-out: salt '*' state.apply, no-op, {size} minion(s)")
+                self.measure(f"master_noop_{size}", fleet.apply)
+                self.step(f"fan-out: salt-run fleet.inventory over {size} minion(s)")
+                self.measure(f"inventory_cli_{size}", fleet.inventory_cli)
+                fleet.inventory_in_process(client)
+                self.measure(f"inventory_runner_{size}", fleet.inventory_in_process, client)
+            client.destroy()
+        finally:
+            fleet.stop()
+
+
+def settle(seconds=SETTLE):
+    """Let Celery workers that just reached RUNNING finish booting: a routine re-apply meets a quiet host."""
+    time.sleep(seconds)
+
+
+def _salt_run_startup(fleet):
+    run([BIN / "salt-run", "-c", fleet.etc, "-l", "quiet", "test.arg"])
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
