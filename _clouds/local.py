@@ -262,8 +262,8 @@ def _stop_deployments(sandbox):
         p = paths(sandbox, manifest.get("user", "root"), name)
         sockets[str(p["socket"])] = (name, p["pidfile"])
     # A deployment whose manifest is gone still has its supervisord: find it by its socket.
-    for sock in Path(sandbox, "home").glob("*/.saltfleet/*/supervisor.sock"):
-        sockets.setdefault(str(sock), (sock.parent.name, sock.parent / "supervisord.pid"))
+    for sock in Path(sandbox, "home").glob("*/.saltfleet/*/run/sock"):
+        sockets.setdefault(str(sock), (sock.parent.parent.name, sock.parent / "supervisord.pid"))
     for sock, (name, pidfile) in sorted(sockets.items()):
         if stop(sock, pidfile, timeout=_provider_value("stop_timeout", 600)):
             stopped.append(name)

@@ -332,7 +332,8 @@ def paths(root, user, name):
         "mirror": state / "repo.git",
         "conf": state / "supervisord.conf",
         "run": state / "run",
-        "socket": state / "run" / "supervisor.sock",
+        # Short: a unix socket's path must fit in 108 bytes, sandbox prefix included.
+        "socket": state / "run" / "sock",
         "pidfile": state / "run" / "supervisord.pid",
         "deploy_key": state / "deploy_key",
         "known_hosts": state / "known_hosts",

@@ -152,7 +152,7 @@ def wait_programs_running(sock, timeout=120):
 
 def supervisor_sockets(root):
     """Every supervisord socket under a sandbox: saltfleet's and the baselines'."""
-    return sorted(Path(root).glob("**/supervisor.sock"))
+    return sorted([*Path(root).glob("**/supervisor.sock"), *Path(root).glob("**/.saltfleet/*/run/sock")])
 
 
 def stop_supervisords(root):

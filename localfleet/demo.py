@@ -284,7 +284,7 @@ def _supervisord_pidfiles(sandbox):
         utils.paths(sandbox, manifest.get("user", "root"), name)["pidfile"]
         for name, manifest in utils.installed(sandbox).items()
     }
-    pidfiles.update(sandbox.glob("home/*/.saltfleet/*/supervisord.pid"))
+    pidfiles.update(sandbox.glob("home/*/.saltfleet/*/run/supervisord.pid"))
     return sorted(pidfiles)
 
 
@@ -467,7 +467,7 @@ def down(timeout=120):
     # and no longer look like the demo's.
     started_by_demo = processes()
     running = [name for name, state in instances().items() if state == "running"]
-    supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/supervisor.sock"))
+    supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/run/sock"))
     if (running or supervised) and (ETC / "cloud.providers.d" / "local.conf").exists():
         names = sorted(set(running) | {s.relative_to(SANDBOXES).parts[0] for s in supervised})
         print(f"==> stopping {', '.join(names)} (their deployments, then their minions)", flush=True)
