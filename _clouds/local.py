@@ -37,6 +37,7 @@ supervisords), ``salt-cloud -a start worker-1``, ``salt-cloud -d worker-1``
 
 import contextlib
 import getpass
+import ipaddress
 import logging
 import os
 import re
@@ -181,12 +182,20 @@ def _cloud_grains(vm_, record):
     return grains
 
 
+def _unspecified(address):
+    """True for the any-address a master may bind (its minions still reach it on loopback)."""
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
+
+
 def _minion_config(vm_, record, sandbox):
     """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
     minion = _shared("minion_config")(vm_, __opts__, grains=_cloud_grains(vm_, record))
     interface = __opts__.get("interface") or "127.0.0.1"
     if minion.get("master") in (None, "salt"):
-        minion["master"] = "127.0.0.1" if interface in ("0.0.0.0", "::") else interface
+        minion["master"] = "127.0.0.1" if _unspecified(interface) else interface
     minion.setdefault("master_port", __opts__.get("ret_port", 4506))
     minion["root_dir"] = str(sandbox)
     minion["user"] = getpass.getuser()

@@ -1,5 +1,6 @@
 """Fixtures shared by every test: the repository, the master settings, sandboxes."""
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ os.environ.setdefault("UV_CACHE_DIR", str(REPO / ".cache" / "uv"))
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_sessionstart(session):
-    """salt-factories' log server binds 0.0.0.0 by default; nothing here listens beyond loopback."""
+    """salt-factories' log server binds every interface by default; nothing here listens beyond loopback."""
     log_server = session.config.pluginmanager.get_plugin("saltfactories-log-server")
     if log_server is not None:
         log_server.log_host = "127.0.0.1"
@@ -65,3 +66,20 @@ def load_saltfleet_utils():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def snapshot(root):
+    """Every path under root with its mode and content digest (link targets for links)."""
+    tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for entry in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, entry)
+            st = os.lstat(path)
+            if os.path.islink(path):
+                tree[path] = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                with open(path, "rb") as fh:
+                    tree[path] = (oct(st.st_mode), hashlib.sha256(fh.read()).hexdigest())
+            else:
+                tree[path] = (oct(st.st_mode), None)
+    return tree

@@ -13,7 +13,6 @@ in file order.
 
 import copy
 import getpass
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from saltfactories.utils import random_string
 
-from tests.conftest import load_saltfleet_utils, short_tmpdir
+from tests.conftest import load_saltfleet_utils, short_tmpdir, snapshot
 from tests.integration import gitssh
 from tests.integration.apps import celery_client, run_task, sample_repo
 
@@ -196,22 +195,6 @@ def files_holding(folder, fragments):
             if any(n in data for n in needles):
                 found.append(path)
     return found
-
-
-def snapshot(root):
-    tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, entry)
-            st = os.lstat(path)
-            if os.path.islink(path):
-                tree[path] = ("link", os.readlink(path))
-            elif os.path.isfile(path):
-                with open(path, "rb") as fh:
-                    tree[path] = (oct(st.st_mode), hashlib.sha256(fh.read()).hexdigest())
-            else:
-                tree[path] = (oct(st.st_mode), None)
-    return tree
 
 
 def ssh_clients(git_server, since=0):

@@ -10,7 +10,6 @@ in file order.
 
 import copy
 import getpass
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import load_saltfleet_utils, short_tmpdir
+from tests.conftest import load_saltfleet_utils, short_tmpdir, snapshot
 from tests.integration.apps import celery_client, run_task, sample_repo
 from tests.integration.conftest import write_pillar
 
@@ -108,23 +107,6 @@ def paths(sandbox, name):
 
 def changes_of(states):
     return {sid: s["changes"] for sid, s in states.items()}
-
-
-def snapshot(root):
-    """Every path under root with its mode and content digest (link targets for links)."""
-    tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, entry)
-            st = os.lstat(path)
-            if os.path.islink(path):
-                tree[path] = ("link", os.readlink(path))
-            elif os.path.isfile(path):
-                with open(path, "rb") as fh:
-                    tree[path] = (oct(st.st_mode), hashlib.sha256(fh.read()).hexdigest())
-            else:
-                tree[path] = (oct(st.st_mode), None)
-    return tree
 
 
 def test_two_deployments_run_their_own_workers(host, pillar, sandbox, tasks):
