@@ -2,7 +2,6 @@
 
 import contextlib
 import getpass
-import importlib.util
 import os
 import shutil
 import statistics
@@ -14,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from localfleet import procs
-from localfleet.config import REPO
+from localfleet.config import REPO, saltfleet_utils
 
 BIN = Path(sys.executable).parent
 USER = getpass.getuser()
@@ -28,15 +27,7 @@ class BenchError(Exception):
     """A scenario could not run as it should (a failed apply is not a measurement)."""
 
 
-def load_saltfleet_utils():
-    """_utils/saltfleet.py as a plain module (paths, supervisord control), as the tests load it."""
-    spec = importlib.util.spec_from_file_location("saltfleet_bench_utils", REPO / "_utils" / "saltfleet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sf = load_saltfleet_utils()
+sf = saltfleet_utils()
 
 
 def environ():

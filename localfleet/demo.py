@@ -9,9 +9,7 @@ The master listens on 127.0.0.1 only, on ports chosen free at the first run.
 """
 
 import contextlib
-import functools
 import getpass
-import importlib.util
 import json
 import os
 import shlex
@@ -24,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from localfleet import procs
-from localfleet.config import REPO, master_config
+from localfleet.config import REPO, master_config, saltfleet_utils
 
 DEMO = REPO / ".demo"
 ETC = DEMO / "etc" / "salt"
@@ -268,18 +266,9 @@ def start_master(master, timeout=60):
 # ------------------------------------------------------------------ instances
 
 
-@functools.cache
-def _saltfleet_utils():
-    """_utils/saltfleet.py, which spells every host path of a deployment."""
-    spec = importlib.util.spec_from_file_location("saltfleet_utils", REPO / "_utils" / "saltfleet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _supervisord_pidfiles(sandbox):
     """The pidfiles of a sandbox's supervisords: from its deployment manifests, and any left without one."""
-    utils = _saltfleet_utils()
+    utils = saltfleet_utils()
     pidfiles = {
         utils.paths(sandbox, manifest.get("user", "root"), name)["pidfile"]
         for name, manifest in utils.installed(sandbox).items()

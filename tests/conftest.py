@@ -58,16 +58,6 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def load_saltfleet_utils():
-    """_utils/saltfleet.py as a plain module, for tests that call its functions directly."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("saltfleet_utils", REPO / "_utils" / "saltfleet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def snapshot(root):
     """Every path under root with its mode and content digest (link targets for links)."""
     tree = {}

@@ -23,11 +23,12 @@ import pytest
 import yaml
 from saltfactories.utils import random_string
 
-from tests.conftest import load_saltfleet_utils, short_tmpdir, snapshot
+from localfleet.config import saltfleet_utils
+from tests.conftest import short_tmpdir, snapshot
 from tests.integration import gitssh
 from tests.integration.apps import celery_client, run_task, sample_repo
 
-sf = load_saltfleet_utils()
+sf = saltfleet_utils()
 USER = getpass.getuser()
 NAME = "sf-private"
 STATE_ID = f"saltfleet-deployment-{NAME}"

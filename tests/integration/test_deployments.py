@@ -18,11 +18,12 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import load_saltfleet_utils, short_tmpdir, snapshot
+from localfleet.config import saltfleet_utils
+from tests.conftest import short_tmpdir, snapshot
 from tests.integration.apps import celery_client, run_task, sample_repo
 from tests.integration.conftest import write_pillar
 
-sf = load_saltfleet_utils()
+sf = saltfleet_utils()
 USER = getpass.getuser()
 FETCHER, REPORTER = "sf-fetcher", "sf-reporter"
 

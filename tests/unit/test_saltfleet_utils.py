@@ -2,9 +2,9 @@
 
 import pytest
 
-from tests.conftest import load_saltfleet_utils
+from localfleet.config import saltfleet_utils
 
-sf = load_saltfleet_utils()
+sf = saltfleet_utils()
 HOST, _ = sf.validate_host({"root": "/srv/sandbox", "user": "ubuntu"})
 
 
