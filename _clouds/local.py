@@ -262,19 +262,15 @@ def _stop_deployments(sandbox):
     try:
         installed = __utils__["saltfleet.installed"](sandbox)
         paths = __utils__["saltfleet.paths"]
-        stop = __utils__["saltfleet.stop_supervisord"]
+        stop = __utils__["saltfleet.stop_generations"]
     except KeyError:
         log.warning("saltfleet utils are not loadable (utils_dirs); deployments in %s are left running", sandbox)
         return stopped
-    sockets = {}
-    for name, manifest in installed.items():
-        p = paths(sandbox, manifest.get("user", "root"), name)
-        sockets[str(p["socket"])] = (name, p["pidfile"])
-    # A deployment whose manifest is gone still has its supervisord: find it by its socket.
-    for sock in Path(sandbox, "home").glob("*/.saltfleet/*/run/sock"):
-        sockets.setdefault(str(sock), (sock.parent.parent.name, sock.parent / "supervisord.pid"))
-    for sock, (name, pidfile) in sorted(sockets.items()):
-        if stop(sock, pidfile, timeout=_provider_value("stop_timeout", 600)):
+    found = {(manifest.get("user", "root"), name) for name, manifest in installed.items()}
+    # A deployment whose manifest is gone still has its state dir, where its supervisords run.
+    found |= {(d.parent.parent.name, d.name) for d in Path(sandbox, "home").glob("*/.saltfleet/*") if d.is_dir()}
+    for user, name in sorted(found):
+        if stop(paths(sandbox, user, name), timeout=_provider_value("stop_timeout", 600)):
             stopped.append(name)
     return stopped
 

@@ -141,7 +141,7 @@ def stop(name):
     root = _root()
     manifest = _u("installed")(root).get(name) or {}
     p = _u("paths")(root, manifest.get("user", "root"), name)
-    return _u("stop_supervisord")(p["socket"], p["pidfile"])
+    return _u("stop_generations")(p)
 
 
 def sources(name, cfg):
@@ -176,6 +176,7 @@ def sources(name, cfg):
             f"deployments/{name}/files/supervisord.conf(.jinja)"
         )
     return {
+        "sections": sections,
         "conf": _u("render_supervisord_conf")(cfg, sections),
         "sysfiles": sysfiles_sources(name, context, files),
     }
@@ -253,7 +254,7 @@ def remove(name, purge=False, test=False):
         return {}
     p = _u("paths")(root, manifest["user"], name)
     changes = {}
-    if _u("supervisord_running")(p["socket"]):
+    if _u("generations")(p):
         changes["supervisord"] = {"old": "running", "new": "stopped"}
     sysfiles = _u("diff_sysfiles")(name, {}, root)
     if sysfiles:
@@ -264,7 +265,7 @@ def remove(name, purge=False, test=False):
     changes["removed"] = [r for r in removed if os.path.lexists(r)]
     if test:
         return changes
-    _u("stop_supervisord")(p["socket"], p["pidfile"])
+    _u("stop_generations")(p)
     _u("apply_sysfiles")(name, {}, root)
     for path in changes["removed"]:
         if os.path.islink(path):

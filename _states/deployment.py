@@ -18,11 +18,13 @@ deploy keys and DSNs never travel in the state's arguments or its return.
         - name: old-fetcher
 
 A new revision is checked out into its own release directory and switched in
-only once its checkout and virtualenv are complete; the programs then restart
-gracefully (SIGTERM, up to ``stopwaitsecs``). If they do not come up, the
-previous release is switched back in. Pillar is validated first: a mistake
-fails the state with a message naming the key and the fix, and nothing on the
-host changes.
+only once its checkout and virtualenv are complete. Its programs start under a
+second supervisord beside the serving one; once they are RUNNING the old
+programs get SIGTERM and finish their tasks (up to ``stopwaitsecs``) in the
+background (``handover: stop-first`` stops the old programs first instead). If
+the new programs do not come up, the previous release is switched back in.
+Pillar is validated first: a mistake fails the state with a message naming the
+key and the fix, and nothing on the host changes.
 """
 
 import logging
@@ -197,6 +199,7 @@ def _plan(settings, cfg, test):
     current = u("current_release")(p["project"])
     old_conf = p["conf"].read_text() if p["conf"].exists() else None
     plan = {"paths": p, "manifest": manifest, "current": current, "conf": sources["conf"], "old_conf": old_conf}
+    plan["sections"] = sources["sections"]
     plan["sysfiles"] = files
     changes = {}
     secrets = u("write_git_secrets")(cfg, test=True)
@@ -216,6 +219,8 @@ def _plan(settings, cfg, test):
 
     plan["conf_changed"] = old_conf != plan["conf"]
     plan["running"] = running = u("supervisord_running")(p["socket"])
+    # The new programs start beside the serving ones, which then drain (see _handover).
+    plan["overlap"] = running and plan["new_venv"] and cfg["handover"] == "overlap"
     plan["diff"] = diff = u("diff_groups")(old_conf if running else None, plan["conf"])
     programs = {}
     if not running:
@@ -236,7 +241,7 @@ def _plan(settings, cfg, test):
     if sys_changes:
         changes["sysfiles"] = sys_changes
 
-    plan["history"], plan["prune"] = _retention(cfg, p, manifest, sha, digest)
+    plan["history"], plan["prune"] = _retention(cfg, p, manifest, sha, digest, current if plan["overlap"] else None)
     if plan["prune"]:
         changes["pruned"] = [str(path) for path in plan["prune"]]
     plan["changes"] = changes
@@ -270,12 +275,16 @@ def _resolve(cfg, test, plan):
         return sha, u("requirements_digest")(lambda rel: show(repo, sha, rel, view_cfg), cfg)
 
 
-def _retention(cfg, p, manifest, sha, digest):
-    """The releases to keep (newest last) and the release and venv dirs to delete."""
+def _retention(cfg, p, manifest, sha, digest, draining=None):
+    """
+    The releases to keep (newest last) and the release and venv dirs to delete;
+    a draining release keeps its dirs until its programs are gone (next apply).
+    """
     history = [r for r in manifest.get("history", []) if r != sha] + [sha]
     keep = history[-cfg["keep_releases"] :]
-    prune = [p["releases"] / r for r in history[: -cfg["keep_releases"]] if (p["releases"] / r).exists()]
-    used = {digest} | {_venv_of(p, r) for r in keep if r != sha}
+    spared = {*keep, draining}
+    prune = [p["releases"] / r for r in history if r not in spared and (p["releases"] / r).exists()]
+    used = {digest} | {_venv_of(p, r) for r in spared if r and r != sha}
     if p["venvs"].is_dir():
         prune += sorted(v for v in p["venvs"].iterdir() if v.name not in used)
     return keep, prune
@@ -289,7 +298,7 @@ def _apply(settings, cfg, plan):
     u("make_dirs")(cfg)
     if plan["new_venv"] or plan["build_venv"]:
         _build_release(settings, cfg, plan)
-    if plan["conf_changed"]:
+    if plan["conf_changed"] and not plan["overlap"]:
         u("write_atomic")(p["conf"], plan["conf"], 0o600)
     previous = plan["current"]
     if plan["new_release"]:
@@ -299,7 +308,7 @@ def _apply(settings, cfg, plan):
     _record(cfg, plan, sha, plan["digest"], plan["history"])
 
     try:
-        failed = _run_programs(settings, cfg, plan)
+        failed = (_handover if plan["overlap"] else _run_programs)(settings, cfg, plan)
     except xmlrpc.client.Fault as fault:
         _restore_conf(plan)
         raise u("error")(
@@ -308,7 +317,8 @@ def _apply(settings, cfg, plan):
         ) from None
     if failed and plan["new_release"] and previous and _release_ok(p, previous):
         u("link_atomic")(p["project"], Path(p["releases"].name) / previous)
-        still = u("restart_groups")(p["socket"], sorted(u("groups_of")(plan["conf"])))
+        # An overlapping handover never stopped the previous programs.
+        still = {} if plan["overlap"] else u("restart_groups")(p["socket"], sorted(u("groups_of")(plan["conf"])))
         _mark_failed(p["releases"] / sha, f"programs did not start: {_fmt(failed)}")
         manifest = plan["manifest"]
         _record(cfg, plan, previous, manifest.get("venv"), manifest.get("history", [previous]))
@@ -318,7 +328,8 @@ def _apply(settings, cfg, plan):
             + (f", which did not start either: {_fmt(still)}" if still else ", which keeps serving")
         )
     if failed:
-        raise u("error")(f"deployments:{name}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
+        kept = "; the programs that served before keep serving" if plan["overlap"] else ""
+        raise u("error")(f"deployments:{name}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}{kept}")
 
     u("apply_sysfiles")(name, plan["sysfiles"], settings["root"])
     for path in plan["prune"]:
@@ -393,7 +404,9 @@ def _run_programs(settings, cfg, plan):
     u = _u
     p, diff = plan["paths"], plan["diff"]
     if not plan["running"]:
-        u("start_supervisord")(cfg, settings)
+        gen = u("generation")(p)
+        u("start_supervisord")(cfg, settings, gen)
+        u("link_generation")(p, gen)
         return u("wait_running")(p["socket"])
     touched = set()
     if plan["conf_changed"]:
@@ -404,6 +417,36 @@ def _run_programs(settings, cfg, plan):
     u("restart_groups")(p["socket"], restart)
     touched |= set(restart)
     return u("wait_running")(p["socket"], names=touched) if touched else {}
+
+
+def _handover(settings, cfg, plan):
+    """
+    Start the new release's programs under a new supervisord generation while
+    the serving one goes on. Once they are RUNNING the new generation serves and
+    the old one is told to stop: its programs get SIGTERM and finish their tasks
+    (up to stopwaitsecs) in the background. If they do not start, the new
+    generation is stopped: the old programs never stopped serving.
+    Returns {name: state} of the programs that did not start.
+    """
+    u = _u
+    p = plan["paths"]
+    old, gen = u("generation")(p), u("free_generation")(p)
+    sock, pidfile = u("generation_paths")(p, gen)
+    u("write_atomic")(p["conf"], u("render_supervisord_conf")(cfg, plan["sections"], gen), 0o600)
+    try:
+        u("start_supervisord")(cfg, settings, gen)
+        failed = u("wait_running")(sock)
+    except Exception as exc:  # pylint: disable=broad-except
+        failed = {"supervisord": str(exc)}
+    if failed:
+        u("stop_supervisord")(sock, pidfile)
+        _restore_conf(plan)
+        return failed
+    u("link_generation")(p, gen)
+    old_sock, old_pidfile = u("generation_paths")(p, old)
+    plan["draining"] = u("read_pid")(old_pidfile)
+    u("stop_supervisord")(old_sock, old_pidfile, wait=False)
+    return {}
 
 
 def _fmt(failed):
@@ -426,6 +469,10 @@ def _describe(cfg, plan, dry):
     if "programs" in changes:
         parts.append(
             f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
+        )
+    if plan.get("draining"):
+        parts.append(
+            f"the previous programs finish their tasks in the background (supervisord pid {plan['draining']})"
         )
     if "sysfiles" in changes:
         parts.append(f"sysfiles {verb} updated")

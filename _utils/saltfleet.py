@@ -43,6 +43,12 @@ HOST_DEFAULTS = {
     "uv_cache": None,
     "supervisord": None,
     "purge_removed": False,
+    # How a new release takes over from the one serving: "overlap" starts it in
+    # a second supervisord and, once its programs are RUNNING, lets the old ones
+    # finish their tasks and exit (workers keep consuming throughout);
+    # "stop-first" stops the old programs, then starts the new ones (for
+    # programs that hold a port or must never run twice, e.g. celery beat).
+    "handover": "overlap",
 }
 DEPLOYMENT_DEFAULTS = {
     "repo": None,
@@ -57,8 +63,10 @@ DEPLOYMENT_DEFAULTS = {
     "user": None,
     "python": None,
     "keep_releases": None,
+    "handover": None,
 }
-DEPLOYMENT_OVERRIDES = ("user", "python", "keep_releases")
+DEPLOYMENT_OVERRIDES = ("user", "python", "keep_releases", "handover")
+HANDOVERS = ("overlap", "stop-first")
 
 # [program:x] options a pillar `programs` entry may set (supervisord's own names).
 PROGRAM_OPTIONS = {
@@ -171,6 +179,11 @@ def _check_name(where, name, errors, what="name"):
     return True
 
 
+def _check_choice(where, value, choices, errors):
+    if value not in choices:
+        errors.append(f"{where}: must be {' or '.join(choices)}, got {value!r}")
+
+
 def _check_relpath(where, value, errors):
     if not _check_type(where, value, str, errors):
         return
@@ -203,6 +216,7 @@ def validate_host(host, default_root="/"):
         if settings[key] is not None:
             _check_type(f"saltfleet:{key}", settings[key], str, errors)
     _check_type("saltfleet:purge_removed", settings["purge_removed"], bool, errors)
+    _check_choice("saltfleet:handover", settings["handover"], HANDOVERS, errors)
     return settings, errors
 
 
@@ -275,8 +289,9 @@ def validate_deployment(name, spec, host):
     if _check_type(f"{where}:keep_releases", cfg["keep_releases"], int, errors) and cfg["keep_releases"] < 1:
         errors.append(f"{where}:keep_releases: must be at least 1")
     _check_type(f"{where}:python", cfg["python"], str, errors)
+    _check_choice(f"{where}:handover", cfg["handover"], HANDOVERS, errors)
     if not errors:
-        sock = paths(host["root"], cfg["user"], name)["socket"]
+        sock, _ = generation_paths(paths(host["root"], cfg["user"], name), "99")
         if len(os.fsencode(str(sock))) > UNIX_SOCKET_MAX:
             errors.append(
                 f"{where}: supervisord's socket path {sock} is longer than unix sockets allow "
@@ -332,7 +347,8 @@ def paths(root, user, name):
         "mirror": state / "repo.git",
         "conf": state / "supervisord.conf",
         "run": state / "run",
-        # Short: a unix socket's path must fit in 108 bytes, sandbox prefix included.
+        # Links to the serving supervisord's own socket and pidfile (see
+        # generation_paths). Short: a unix socket's path must fit in 108 bytes.
         "socket": state / "run" / "sock",
         "pidfile": state / "run" / "supervisord.pid",
         "deploy_key": state / "deploy_key",
@@ -723,16 +739,19 @@ def venv_complete(venv):
 def link_atomic(link, target):
     """Point link at target in one rename; a reader sees the old or the new, never none."""
     link = Path(link)
-    tmp = link.with_name(f".{link.name}.new")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(target, tmp)
     if link.exists() and not link.is_symlink():
-        tmp.unlink()
         raise DeploymentError(
             f"{link} exists and is not a saltfleet release link (an old checkout?); "
             "move it away (e.g. to Projects-<name>.pre-saltfleet) and apply again"
         )
+    _relink(link, target)
+
+
+def _relink(link, target):
+    tmp = link.with_name(f".{link.name}.new")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
     os.replace(tmp, link)
 
 
@@ -794,16 +813,20 @@ def _quote_env(value):
     return str(value).replace("%", "%%").replace('"', '\\"')
 
 
-def render_supervisord_conf(cfg, sections):
-    """The whole supervisord.conf of a deployment: its own socket, pidfile and logs."""
+def render_supervisord_conf(cfg, sections, gen=None):
+    """
+    The whole supervisord.conf of a deployment: its own socket, pidfile and
+    logs, for supervisord generation gen (default: the one serving).
+    """
     p = paths(cfg["root"], cfg["user"], cfg["name"])
+    sock, pidfile = generation_paths(p, gen or generation(p))
     out = io.StringIO()
     out.write(f"; Written by saltfleet for deployment {cfg['name']}; changes here are overwritten.\n")
     own = {
-        "unix_http_server": {"file": str(p["socket"]), "chmod": "0700"},
+        "unix_http_server": {"file": str(sock), "chmod": "0700"},
         "supervisord": {
             "identifier": f"saltfleet-{cfg['name']}",
-            "pidfile": str(p["pidfile"]),
+            "pidfile": str(pidfile),
             "logfile": str(p["logs"] / "supervisord.log"),
             "childlogdir": str(p["logs"]),
             "directory": str(p["project"]),
@@ -929,14 +952,62 @@ def rpc(sock, timeout=None):
     return xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport(str(sock), timeout), allow_none=True)
 
 
-def supervisord_running(sock):
-    """True when a supervisord answers on sock (its own word, not a pidfile)."""
+def supervisord_state(sock):
+    """The state supervisord on sock reports (RUNNING, SHUTDOWN, ...), or None when none answers."""
     if not Path(sock).exists():
-        return False
+        return None
     try:
-        return rpc(sock, timeout=5).supervisor.getState()["statename"] == "RUNNING"
+        return rpc(sock, timeout=5).supervisor.getState()["statename"]
     except (OSError, xmlrpc.client.Error):
-        return False
+        return None
+
+
+def supervisord_running(sock):
+    """True when a supervisord answers on sock and is not shutting down (its own word, not a pidfile)."""
+    return supervisord_state(sock) == "RUNNING"
+
+
+# A deployment's supervisord runs as a "generation": its socket and pidfile are
+# run/<gen>.sock and run/<gen>.pid, and run/sock and run/supervisord.pid link
+# to the serving one's. An overlapping handover starts the new release under a
+# new generation while the old one still serves, then lets the old one drain.
+
+
+def generation_paths(p, gen):
+    """The socket and pidfile of supervisord generation gen of a deployment (paths())."""
+    return p["run"] / f"{gen}.sock", p["run"] / f"{gen}.pid"
+
+
+def generation(p):
+    """The serving generation: the one run/sock links to ("1" before any started)."""
+    try:
+        return Path(os.readlink(p["socket"])).name.removesuffix(".sock")
+    except OSError:
+        return "1"
+
+
+def generations(p):
+    """{gen: pid} of every supervisord generation of a deployment still alive (serving or draining)."""
+    alive = {}
+    for sock in sorted(p["run"].glob("*.sock")) if p["run"].is_dir() else ():
+        gen = sock.name.removesuffix(".sock")
+        pid = read_pid(generation_paths(p, gen)[1])
+        if supervisord_state(sock) or _supervisord_alive(pid):
+            alive[gen] = pid
+    return alive
+
+
+def free_generation(p):
+    """A generation no live supervisord of the deployment holds."""
+    taken = set(generations(p)) | {generation(p)}
+    return next(str(n) for n in range(1, len(taken) + 2) if str(n) not in taken)
+
+
+def link_generation(p, gen):
+    """Make gen the serving generation: run/sock and run/supervisord.pid point at its own."""
+    sock, pidfile = generation_paths(p, gen)
+    _relink(p["socket"], sock.name)
+    _relink(p["pidfile"], pidfile.name)
 
 
 def process_info(sock):
@@ -946,8 +1017,10 @@ def process_info(sock):
         return []
 
 
-def start_supervisord(cfg, settings):
+def start_supervisord(cfg, settings, gen):
+    """Start supervisord generation gen from the deployment's supervisord.conf (written for gen)."""
     p = paths(cfg["root"], cfg["user"], cfg["name"])
+    sock = generation_paths(p, gen)[0]
     binary = find_tool("supervisord", settings["supervisord"])
     if not binary:
         raise DeploymentError(
@@ -964,7 +1037,7 @@ def start_supervisord(cfg, settings):
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if supervisord_running(p["socket"]):
+        if supervisord_running(sock):
             return
         time.sleep(0.1)
     raise DeploymentError(
@@ -973,45 +1046,81 @@ def start_supervisord(cfg, settings):
     )
 
 
-def stop_supervisord(sock, pidfile=None, timeout=700):
+def stop_supervisord(sock, pidfile=None, timeout=700, wait=True):
     """
-    Ask supervisord to stop its programs gracefully and exit; wait for it.
-    Returns False when none was running, True once it stopped.
+    Ask supervisord to stop its programs gracefully and exit; wait for it
+    unless wait is False. Returns False when none was running, True once it
+    stopped (or, without wait, was asked to).
     """
-    pid = None
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(Path(pidfile).read_text().strip()) if pidfile else None
-    if not supervisord_running(sock):
+    pid = read_pid(pidfile) if pidfile else None
+
+    def alive():
+        # A supervisord shutting down no longer answers: its pid tells.
+        return bool(supervisord_state(sock)) or _supervisord_alive(pid)
+
+    if not alive():
         return False
+    server = rpc(sock).supervisor
+    # SIGTERM to every program at once: supervisord's shutdown alone stops one
+    # group after another, and the groups not yet signalled go on taking tasks.
     with contextlib.suppress(OSError, xmlrpc.client.Error):
-        rpc(sock).supervisor.shutdown()
+        server.stopAllProcesses(False)
+    with contextlib.suppress(OSError, xmlrpc.client.Error):
+        server.shutdown()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (pid is None or not _alive(pid)) and not supervisord_running(sock):
+    while wait and time.monotonic() < deadline:
+        if not alive():
             return True
         time.sleep(0.2)
-    raise DeploymentError(f"supervisord (pid {pid}, socket {sock}) did not stop within {timeout} s; stop it by hand")
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    if wait:
+        raise DeploymentError(
+            f"supervisord (pid {pid}, socket {sock}) did not stop within {timeout} s; stop it by hand"
+        )
     return True
+
+
+def stop_generations(p, timeout=700):
+    """Stop every supervisord generation of a deployment, draining ones too; True when one was running."""
+    alive = generations(p)
+    for gen in alive:
+        stop_supervisord(*generation_paths(p, gen), wait=False)
+    for gen in alive:
+        stop_supervisord(*generation_paths(p, gen), timeout=timeout)
+    return bool(alive)
+
+
+def read_pid(pidfile):
+    try:
+        return int(Path(pidfile).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _supervisord_alive(pid):
+    """True while pid is a live (not zombie) supervisord: a pidfile may outlive its process."""
+    if not pid:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and b"supervisord" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
 
 
 def _proc_name(info):
     return info["name"] if info["group"] == info["name"] else f"{info['group']}:{info['name']}"
 
 
+def _autostart(server):
+    """(group, name) of the programs supervisord starts by itself."""
+    return {(c["group"], c["name"]) for c in server.getAllConfigInfo() if c.get("autostart")}
+
+
 def idle_groups(sock):
     """Groups with a program that should run (autostart) but is STOPPED, EXITED or FATAL."""
     try:
         server = rpc(sock, timeout=10).supervisor
-        autostart = {(c["group"], c["name"]) for c in server.getAllConfigInfo() if c.get("autostart")}
+        autostart = _autostart(server)
         infos = server.getAllProcessInfo()
     except (OSError, xmlrpc.client.Error):
         return []
@@ -1026,15 +1135,22 @@ def idle_groups(sock):
 
 def wait_running(sock, names=None, timeout=120):
     """
-    Wait until the programs are RUNNING (they outlived their startsecs) or
-    supervisord gave up on them; return {name: state} of those not RUNNING.
+    Wait until the programs that start by themselves (autostart) are RUNNING
+    (they outlived their startsecs) or supervisord gave up on them; return
+    {name: state} of those not RUNNING.
     """
     started = time.monotonic()
+    try:
+        autostart = _autostart(rpc(sock, timeout=10).supervisor)
+    except (OSError, xmlrpc.client.Error) as exc:
+        return {str(sock): f"supervisord does not answer ({exc})"}
     while True:
         pending = {
             _proc_name(i): i["statename"]
             for i in process_info(sock)
-            if (names is None or i["group"] in names) and i["statename"] != "RUNNING"
+            if (names is None or i["group"] in names)
+            and (i["group"], i["name"]) in autostart
+            and i["statename"] != "RUNNING"
         }
         waited = time.monotonic() - started
         final = all(s == "FATAL" or (s in ("STOPPED", "EXITED") and waited > 2) for s in pending.values())
@@ -1177,4 +1293,6 @@ def status(root, name, manifest):
         "supervisord": "running" if running else "stopped",
         "programs": programs,
         "running": sum(1 for s in programs.values() if s == "RUNNING"),
+        # pids of supervisords of earlier releases whose programs still finish their tasks
+        "draining": sorted(pid for gen, pid in generations(p).items() if gen != generation(p) and pid),
     }

@@ -143,7 +143,7 @@ def wait_programs_running(sock, timeout=120):
 
 def supervisor_sockets(root):
     """Every supervisord socket under a sandbox: saltfleet's and the baselines'."""
-    return sorted([*Path(root).glob("**/supervisor.sock"), *Path(root).glob("**/.saltfleet/*/run/sock")])
+    return sorted([*Path(root).glob("**/supervisor.sock"), *Path(root).glob("**/.saltfleet/*/run/*.sock")])
 
 
 def stop_supervisords(root):
@@ -152,7 +152,12 @@ def stop_supervisords(root):
     if not socks:
         return
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda s: sf.stop_supervisord(s, s.with_name("supervisord.pid"), timeout=60), socks))
+        list(pool.map(lambda s: sf.stop_supervisord(s, _pidfile_of(s), timeout=60), socks))
+
+
+def _pidfile_of(sock):
+    """The baselines' supervisord.pid beside supervisor.sock; saltfleet's <generation>.pid beside <generation>.sock."""
+    return sock.with_name("supervisord.pid") if sock.name == "supervisor.sock" else sock.with_suffix(".pid")
 
 
 def stop_everything_under(base):

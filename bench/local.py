@@ -91,7 +91,7 @@ class LocalHost:
 # ------------------------------------------------------------------ saltfleet
 
 
-def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None, program=None):
+def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None):
     revs = revs or {}
     return {
         "saltfleet": {"root": str(root), "user": USER, "uv_cache": str(UV_CACHE)},
@@ -100,7 +100,7 @@ def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None, program=None)
                 "repo": str(repo),
                 "rev": revs.get(name, rev),
                 "env": {"SAMPLEAPP_DATA": str(data)},
-                "programs": {"worker": {"command": worker_command(name), **(program or {})}},
+                "programs": {"worker": {"command": worker_command(name)}},
             }
             for name in names
         },
@@ -108,19 +108,15 @@ def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None, program=None)
 
 
 class SaltfleetHost(LocalHost):
-    def __init__(self, root, repo, data, names, program=None):
+    def __init__(self, root, repo, data, names):
         super().__init__(root, repo, data)
         self.names = names
         self.revs = {}
-        # Extra supervisord program options from pillar (the what-if of startsecs).
-        self.program = program
 
     def converge(self, revs=None):
         """Apply pillar (revisions by name, v1 otherwise); check every deployment's programs RUNNING."""
         self.revs.update(revs or {})
-        self.write_pillar(
-            saltfleet_pillar(self.root, self.repo, self.data, self.names, revs=self.revs, program=self.program)
-        )
+        self.write_pillar(saltfleet_pillar(self.root, self.repo, self.data, self.names, revs=self.revs))
         states = self.apply()
         for name in self.names:
             wait_programs_running(sf.paths(self.root, USER, name)["socket"])
@@ -133,20 +129,8 @@ class SaltfleetHost(LocalHost):
 # ------------------------------------------------------------------ built-ins
 
 
-def _supervisord_conf(folder, name, project, venv, data, startsecs=None):
+def _supervisord_conf(folder, name, project, venv, data):
     """A plain supervisord.conf, written the way a shell script or an SLS author would."""
-    program = [
-        "[program:worker]",
-        f"command={worker_command(name)}",
-        f"directory={project}",
-        f'environment=PATH="{venv}/bin:/usr/local/bin:/usr/bin:/bin",VIRTUAL_ENV="{venv}",SAMPLEAPP_DATA="{data}"',
-        f"stdout_logfile={folder}/worker.log",
-        "redirect_stderr=true",
-        "stopasgroup=true",
-        "killasgroup=true",
-    ]
-    if startsecs is not None:
-        program.append(f"startsecs={startsecs}")
     return "\n".join(
         [
             "[unix_http_server]",
@@ -161,13 +145,20 @@ def _supervisord_conf(folder, name, project, venv, data, startsecs=None):
             "supervisor.rpcinterface_factory=supervisor.rpcinterface:make_main_rpcinterface",
             "[supervisorctl]",
             f"serverurl=unix://{folder}/supervisor.sock",
-            *program,
+            "[program:worker]",
+            f"command={worker_command(name)}",
+            f"directory={project}",
+            f'environment=PATH="{venv}/bin:/usr/local/bin:/usr/bin:/bin",VIRTUAL_ENV="{venv}",SAMPLEAPP_DATA="{data}"',
+            f"stdout_logfile={folder}/worker.log",
+            "redirect_stderr=true",
+            "stopasgroup=true",
+            "killasgroup=true",
             "",
         ]
     )
 
 
-def builtins_sls(root, repo, data, names, startsecs=None):
+def builtins_sls(root, repo, data, names):
     """Salt's built-in states only: git.latest, virtualenv.managed, file.managed, cmd.run with unless."""
     home = Path(root) / "home" / USER
     states = {}
@@ -195,7 +186,7 @@ def builtins_sls(root, repo, data, names, startsecs=None):
                 {"name": str(conf)},
                 {"makedirs": True},
                 {"mode": "0600"},
-                {"contents": _supervisord_conf(folder, name, project, venv, data, startsecs)},
+                {"contents": _supervisord_conf(folder, name, project, venv, data)},
             ]
         }
         states[f"{name}-supervisord"] = {

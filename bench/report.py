@@ -63,19 +63,6 @@ def build_rows(times, plan):
             )
         )
 
-    for key in sorted(k for k in m if k.startswith("sf_fresh_startsecs1_")):
-        count = int(key.rsplit("_", 1)[1])
-        floor = m.get(f"floor_fresh_{count}")
-        rows.append(
-            _row(
-                f"fresh host, {count} deployment(s), what-if startsecs=1",
-                [("raw floor", floor)],
-                m[key],
-                _ratio(m[key], floor),
-                note="pillar programs startsecs: 1 (saltfleet's default is 5, the floor's supervisord default 1)",
-            )
-        )
-
     noop_counts = sorted({int(k.rsplit("_", 1)[1]) for k in m if k.startswith("sf_noop_")})
     bi_counts = sorted({int(k.rsplit("_", 1)[1]) for k in m if k.startswith("builtins_noop_")})
     both = [c for c in noop_counts if c in bi_counts]

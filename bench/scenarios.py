@@ -13,7 +13,7 @@ SETTLE = 5
 MODES = {
     # runs: timed runs per measurement (the median is reported); counts: deployments per host
     # (saltfleet; floor: the raw floor's; builtins: Salt's built-ins'); fanout: minion counts;
-    # sf_noop_1: also time saltfleet's no-op on 1 deployment; what_if: saltfleet with startsecs 1.
+    # sf_noop_1: also time saltfleet's no-op on 1 deployment.
     "full": {
         "runs": 3,
         "counts": (1, 5),
@@ -21,7 +21,6 @@ MODES = {
         "builtins": (1, 5),
         "fanout": (1, 10, 25, 50),
         "sf_noop_1": True,
-        "what_if": True,
     },
     # Every target but fan-out and built-ins, in under 5 minutes on 2 cores.
     "quick": {
@@ -31,7 +30,6 @@ MODES = {
         "builtins": (),
         "fanout": (),
         "sf_noop_1": False,
-        "what_if": False,
     },
     # One run of every code path (the test suite's smoke test).
     "smoke": {
@@ -41,7 +39,6 @@ MODES = {
         "builtins": (1,),
         "fanout": (1,),
         "sf_noop_1": False,
-        "what_if": False,
     },
 }
 
@@ -150,23 +147,6 @@ class Bench:
                 self.noop(host, count)
             if count == biggest:
                 self.new_revision(host, count)
-            stop_supervisords(host.root)
-        if self.plan.get("what_if"):
-            self.startsecs_what_if(biggest)
-
-    def startsecs_what_if(self, count):
-        """
-        saltfleet waits for its programs to outlive startsecs (5 s by default) before a
-        release counts as started; the floor keeps supervisord's default (1 s). The same
-        fresh apply with `startsecs: 1` in pillar shows how much of the gap that wait is.
-        """
-        self.step(f"what-if: saltfleet fresh, {count} deployment(s), programs with startsecs: 1 (as the floor's)")
-        for _ in range(self.plan["runs"]):
-            host = SaltfleetHost(
-                self.ws.sandbox(), self.ws.repo, self.ws.data, deployment_names(count), program={"startsecs": 1}
-            )
-            seconds, _ = timed(host.converge)
-            self.record(f"sf_fresh_startsecs1_{count}", seconds)
             stop_supervisords(host.root)
 
     def noop(self, host, count):

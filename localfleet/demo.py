@@ -270,10 +270,10 @@ def _supervisord_pidfiles(sandbox):
     """The pidfiles of a sandbox's supervisords: from its deployment manifests, and any left without one."""
     utils = saltfleet_utils()
     pidfiles = {
-        utils.paths(sandbox, manifest.get("user", "root"), name)["pidfile"]
+        utils.paths(sandbox, manifest.get("user", "root"), name)["pidfile"].resolve()
         for name, manifest in utils.installed(sandbox).items()
     }
-    pidfiles.update(sandbox.glob("home/*/.saltfleet/*/run/supervisord.pid"))
+    pidfiles.update(sandbox.glob("home/*/.saltfleet/*/run/*.pid"))
     return sorted(pidfiles)
 
 
@@ -287,10 +287,11 @@ def daemons():
         if minion:
             found[minion] = f"salt-minion of {sandbox.name}"
         for pidfile in _supervisord_pidfiles(sandbox):
-            # supervisord -c <state dir>/supervisord.conf: its command line names the pidfile's folder.
-            pid = procs.pid_from_file(pidfile, str(pidfile.parent))
+            # supervisord -c <state dir>/supervisord.conf: its command line names the state dir.
+            state = pidfile.parent.parent
+            pid = procs.pid_from_file(pidfile, str(state))
             if pid:
-                found[pid] = f"supervisord of {sandbox.name} {pidfile.parent.name}"
+                found[pid] = f"supervisord of {sandbox.name} {state.name}"
     return found
 
 
@@ -456,7 +457,7 @@ def down(timeout=120):
     # and no longer look like the demo's.
     started_by_demo = processes()
     running = [name for name, state in instances().items() if state == "running"]
-    supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/run/sock"))
+    supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/run/*.sock"))
     if (running or supervised) and (ETC / "cloud.providers.d" / "local.conf").exists():
         names = sorted(set(running) | {s.relative_to(SANDBOXES).parts[0] for s in supervised})
         print(f"==> stopping {', '.join(names)} (their deployments, then their minions)", flush=True)

@@ -58,7 +58,7 @@ def sandbox():
     yield {"root": root, "other_root": other_root, "data": data, "repo": repo, "shas": shas}
     for name, manifest in sf.installed(root).items():
         p = sf.paths(root, manifest["user"], name)
-        sf.stop_supervisord(p["socket"], p["pidfile"], timeout=30)
+        sf.stop_generations(p, timeout=30)
     for path in (root, other_root, data, repo.parent):
         shutil.rmtree(path, ignore_errors=True)
 

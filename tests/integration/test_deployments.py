@@ -36,7 +36,7 @@ def sandbox(repo_root):
     yield {"root": root, "data": data, "repo": repo, "shas": shas}
     for name, manifest in sf.installed(root).items():
         p = sf.paths(root, manifest["user"], name)
-        sf.stop_supervisord(p["socket"], p["pidfile"], timeout=30)
+        sf.stop_generations(p, timeout=30)
     for path in (root, data, repo.parent):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -55,6 +55,7 @@ def pillar(sandbox, repo_root):
             REPORTER: {
                 "repo": str(sandbox["repo"]),
                 "rev": "v1",
+                "handover": "stop-first",
                 "env": {"SAMPLEAPP_DATA": str(sandbox["data"])},
                 "programs": {
                     "report": {
@@ -108,6 +109,18 @@ def paths(sandbox, name):
 
 def changes_of(states):
     return {sid: s["changes"] for sid, s in states.items()}
+
+
+def program_pids(p):
+    return {i["name"]: i["pid"] for i in sf.process_info(p["socket"])}
+
+
+def wait_drained(host, name):
+    """Wait for the supervisords of a deployment's earlier releases to finish their tasks and exit."""
+    draining = [psutil.Process(pid) for pid in host.status()[name]["draining"]]
+    _, alive = psutil.wait_procs(draining, timeout=90)
+    assert not alive
+    assert host.status()[name]["draining"] == []
 
 
 def test_two_deployments_run_their_own_workers(host, pillar, sandbox, tasks):
@@ -165,12 +178,14 @@ def test_upgrade_dry_run_matches_real_run_and_task_in_flight_completes(host, pil
     assert state_of(dry, FETCHER)["result"] is None
     assert state_of(dry, REPORTER)["result"] is True and state_of(dry, REPORTER)["changes"] == {}
 
-    # A slow task is in the hands of the v1 worker while the upgrade restarts it.
-    slow = tasks.send_task("sampleapp.fetch", args=("alpha", 8), queue=f"{FETCHER}.alpha")
+    # A slow task is in the hands of the v1 worker while v2 takes over.
+    slow = tasks.send_task("sampleapp.fetch", args=("alpha", 40), queue=f"{FETCHER}.alpha")
     deadline = time.monotonic() + 30
     while slow.state != "STARTED" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert slow.state == "STARTED"
+    p = paths(sandbox, FETCHER)
+    v1_supervisord = int(p["pidfile"].read_text())
 
     real = host.apply(upgraded)
     assert state_of(real, FETCHER)["result"] is True, state_of(real, FETCHER)
@@ -179,13 +194,41 @@ def test_upgrade_dry_run_matches_real_run_and_task_in_flight_completes(host, pil
     assert fetcher["release"] == {"old": sandbox["shas"]["v1"], "new": sandbox["shas"]["v2"]}
     assert fetcher["programs"] == {"added": ["fetcher-gamma"], "restarted": ["fetcher-alpha", "fetcher-beta"]}
     assert "virtualenv" not in fetcher, "requirements did not change: the venv is reused"
+    assert f"supervisord pid {v1_supervisord}" in state_of(real, FETCHER)["comment"]
 
-    assert slow.get(timeout=60)["version"] == "1", "the task in flight was finished by the old worker"
+    # The apply returned once v2 was RUNNING, without waiting for the task in v1's hands:
+    # v1's supervisord drains in the background while v2 consumes the same queues.
+    assert int(p["pidfile"].read_text()) != v1_supervisord
+    assert host.status()[FETCHER]["draining"] == [v1_supervisord]
+    # A Celery worker told to stop takes no new task once its event loop
+    # notices (within its 2 s drain cycle); from then on v2 alone consumes.
+    time.sleep(5)
     assert run_task(tasks, f"{FETCHER}.alpha")["version"] == "2"
     assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "2"
-    p = paths(sandbox, FETCHER)
+    assert slow.state == "STARTED", "v2 served alpha while v1 still worked on its task"
+    assert slow.get(timeout=90)["version"] == "1", "the task in flight was finished by the old worker"
+    # Its task done, the old supervisord exits by itself.
+    wait_drained(host, FETCHER)
     assert (p["releases"] / sandbox["shas"]["v1"]).is_dir(), "the previous release is kept"
     pillar["deployments"][FETCHER] = upgraded["deployments"][FETCHER]
+
+
+def test_stop_first_handover_restarts_in_place(host, pillar, sandbox, tasks):
+    p = paths(sandbox, REPORTER)
+    supervisord = int(p["pidfile"].read_text())
+    before = program_pids(p)
+    upgraded = copy.deepcopy(pillar)
+    upgraded["deployments"][REPORTER]["rev"] = "v2"
+    states = host.apply(upgraded)
+    reporter = state_of(states, REPORTER)
+    assert reporter["result"] is True, reporter
+    assert reporter["changes"]["programs"] == {"restarted": ["report"]}
+    # The same supervisord restarted its program: the old one stopped before the new one started.
+    assert int(p["pidfile"].read_text()) == supervisord
+    assert program_pids(p)["report"] != before["report"]
+    assert host.status()[REPORTER]["draining"] == []
+    assert run_task(tasks, REPORTER)["version"] == "2"
+    pillar["deployments"][REPORTER] = upgraded["deployments"][REPORTER]
 
 
 @pytest.mark.parametrize(
@@ -199,6 +242,7 @@ def test_upgrade_dry_run_matches_real_run_and_task_in_flight_completes(host, pil
 def test_failed_release_keeps_previous_serving(host, pillar, sandbox, tasks, rev, message):
     p = paths(sandbox, FETCHER)
     serving = os.readlink(p["project"])
+    supervisord, pids = int(p["pidfile"].read_text()), program_pids(p)
     bad = copy.deepcopy(pillar)
     bad["deployments"][FETCHER]["rev"] = rev
     states = host.apply(bad)
@@ -207,6 +251,9 @@ def test_failed_release_keeps_previous_serving(host, pillar, sandbox, tasks, rev
     assert message in fetcher["comment"]
     assert state_of(states, REPORTER)["result"] is True, "one deployment failing does not stop another"
     assert os.readlink(p["project"]) == serving
+    # The serving programs never stopped, and nothing of the failed release is left running.
+    assert program_pids(p) == pids
+    assert sf.generations(p) == {sf.generation(p): supervisord}
     assert host.status()[FETCHER]["running"] == 3
     assert run_task(tasks, f"{FETCHER}.beta")["version"] == "2"
     if rev == "crashing":
@@ -224,9 +271,11 @@ def test_fixing_pillar_converges(host, pillar, sandbox, tasks):
     assert fetcher["result"] is True, fetcher
     assert fetcher["changes"]["release"]["new"] == sandbox["shas"]["v1"]
     assert "virtualenv" not in fetcher["changes"]
+    wait_drained(host, FETCHER)
     assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "1"
     states = host.apply(pillar)
     assert state_of(states, FETCHER)["changes"]["release"]["new"] == sandbox["shas"]["v2"]
+    wait_drained(host, FETCHER)
     assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "2"
 
 
@@ -290,7 +339,7 @@ def test_supervisord_comes_back_after_a_reboot(host, pillar, sandbox, tasks):
     assert user == USER
     subprocess.run(command, env=env, check=True, cwd="/")
     assert sf.wait_running(p["socket"]) == {}
-    assert run_task(tasks, REPORTER)["version"] == "1"
+    assert run_task(tasks, REPORTER)["version"] == "2"
     states = host.apply(pillar)
     assert changes_of(states) == {sid: {} for sid in states}
 

@@ -18,6 +18,7 @@ def test_defaults_filled_and_host_settings_merged():
     assert cfg["rev"] == "HEAD"
     assert cfg["user"] == "ubuntu"
     assert cfg["keep_releases"] == 3
+    assert cfg["handover"] == "overlap"
     assert cfg["root"] == "/srv/sandbox"
 
 
@@ -41,6 +42,10 @@ def test_root_defaults_to_the_minions_root_dir():
         ({"repo": "/r", "programs": {"w": {"autostart": True}}}, "programs:w:command: missing"),
         ({"repo": "/r", "programs": {"w": {"command": "x", "numprocs": "2"}}}, "numprocs: must be a int"),
         ({"repo": "/r", "keep_releases": 0}, "keep_releases: must be at least 1"),
+        (
+            {"repo": "/r", "handover": "rolling"},
+            "deployments:fetcher:handover: must be overlap or stop-first, got 'rolling'",
+        ),
         ({"repo": "git@h:a.git", "deploy_key": "k"}, "known_hosts: required with deploy_key"),
         ("not a mapping", "deployments:fetcher: must be a mapping"),
         ({"repo": "https://bot:s3cret@git.example.com/app.git"}, "deployments:fetcher:repo: holds a credential"),
@@ -88,8 +93,11 @@ def test_rendered_config_owns_socket_pidfile_logs_and_merges_env():
     )
     text = sf.render_supervisord_conf(cfg, sf.pillar_programs(cfg))
     p = sf.paths("/srv/sandbox", "ubuntu", "fetcher")
-    assert f"file={p['socket']}" in text
-    assert f"pidfile={p['pidfile']}" in text
+    # Generation 1 on a fresh host; supervisorctl goes through the link to the serving one.
+    assert f"file={p['run']}/1.sock\n" in text
+    assert f"pidfile={p['run']}/1.pid\n" in text
+    assert f"serverurl=unix://{p['socket']}\n" in text
+    assert f"file={p['run']}/2.sock\n" in sf.render_supervisord_conf(cfg, sf.pillar_programs(cfg), gen="2")
     assert f"stdout_logfile={p['logs']}/w.log" in text
     assert "stopwaitsecs=30" in text
     assert 'environment=DSN="s3cret%%"' in text
