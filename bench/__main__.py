@@ -33,7 +33,7 @@ def main(argv=None):
         "--no-heartbeat",
         dest="heartbeat",
         action="store_false",
-        help="fan-out minions without pillar/fleet.sls's 30 s mine.update schedule",
+        help="fan-out minions without pillar/fleet.sls's mine.update schedule",
     )
     parser.add_argument("--json-dir", default=str(REPO / ".bench"), help="where the JSON goes (default .bench/)")
     parser.add_argument("--keep", action="store_true", help="keep the bench's /tmp directory (its daemons are stopped)")

@@ -63,7 +63,7 @@ class Fleet:
         (self.pillar_dir / "top.sls").write_text(yaml.safe_dump({"base": {"*": ["fleet", "bench"]}}))
         # The heartbeat and mine functions every saltfleet host gets (fleet.inventory reads them).
         # Without heartbeat, only the mine functions: 50 minions sharing 2 cores each run a
-        # mine.update job every 30 s otherwise, which alone keeps both cores busy.
+        # mine.update job every heartbeat interval otherwise (most of a core at 30 s).
         fleet = (REPO / "pillar" / "fleet.sls").read_text()
         if not heartbeat:
             fleet = fleet.split("\nschedule:", 1)[0] + "\n"

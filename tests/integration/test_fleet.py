@@ -18,7 +18,7 @@ from tests.integration.apps import sample_repo
 
 USER = getpass.getuser()
 A, B = "inv-a", "inv-b"
-HEARTBEAT = 4  # seconds; pillar/fleet.sls says 30, tests cannot wait that long
+HEARTBEAT = 4  # seconds; pillar/fleet.sls says 60, tests cannot wait that long
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def places():
 def fleet_pillar(pillar_dir, places, repo_root):
     """The repository's pillar/fleet.sls (faster heartbeat) and one deployment per instance."""
     fleet = (
-        (repo_root / "pillar" / "fleet.sls").read_text().replace("set heartbeat = 30", f"set heartbeat = {HEARTBEAT}")
+        (repo_root / "pillar" / "fleet.sls").read_text().replace("set heartbeat = 60", f"set heartbeat = {HEARTBEAT}")
     )
     assert f"set heartbeat = {HEARTBEAT}" in fleet
     common = {
