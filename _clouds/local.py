@@ -6,7 +6,8 @@ cache, logs and the deployments it converges) and a salt-minion process on
 127.0.0.1 pointed at the master. It is provisioned the way EC2 and Rackspace
 hosts are: salt-cloud generates the minion's keys on the master and
 pre-accepts them, the driver writes the minion config (with the cloud facts as
-grains) and starts the minion, then waits until it has authenticated. Only the
+grains) and starts the minion, waits until it has authenticated, then syncs
+saltfleet's modules to it once (``saltutil.sync_all``). Only the
 machine is local. ``make demo`` builds its fleet with it.
 
 Provider (``cloud.providers.d/local.conf``):
@@ -207,11 +208,7 @@ def _start_minion(name, sandbox, timeout):
     """Start the sandbox's salt-minion and wait until the master has accepted it."""
     if _minion_pid(sandbox):
         return
-    binary = Path(sys.executable).with_name("salt-minion")
-    if not binary.exists():
-        binary = shutil.which("salt-minion")
-    if not binary:
-        raise SaltCloudSystemExit(f"{name}: no salt-minion beside {sys.executable} nor on PATH")
+    binary = _salt_binary(name, "salt-minion")
     master_pub = sandbox / "etc" / "salt" / "pki" / "minion" / "minion_master.pub"
     with contextlib.suppress(FileNotFoundError):
         master_pub.unlink()
@@ -246,6 +243,47 @@ def _start_minion(name, sandbox, timeout):
         raise SaltCloudSystemExit(
             f"{exc} (master {_master_address(sandbox)}: is it running?); log {log_file}:\n{tail}"
         ) from None
+
+
+def _salt_binary(name, command):
+    binary = Path(sys.executable).with_name(command)
+    if not binary.exists():
+        binary = shutil.which(command)
+    if not binary:
+        raise SaltCloudSystemExit(f"{name}: no {command} beside {sys.executable} nor on PATH")
+    return binary
+
+
+def _sync_minion(name, sandbox, timeout):
+    """
+    The new host syncs saltfleet's modules, states and utils once: its minion
+    config turns autoload_dynamic_modules off, so state.apply no longer does.
+    """
+    try:
+        proc = subprocess.run(
+            [
+                str(_salt_binary(name, "salt-call")),
+                "-c",
+                str(sandbox / "etc" / "salt"),
+                "--retcode-passthrough",
+                "--out=quiet",
+                "-l",
+                "quiet",
+                "saltutil.sync_all",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=str(sandbox),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise SaltCloudSystemExit(f"{name}: saltutil.sync_all did not finish within {timeout} s") from None
+    if proc.returncode:
+        raise SaltCloudSystemExit(
+            f"{name}: saltutil.sync_all failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}"
+        )
 
 
 def _master_address(sandbox):
@@ -348,6 +386,7 @@ def create(vm_):
             _fire(name, "deploying")
             timeout = _provider_value("wait_for_minion_timeout", 120, vm_)
             _start_minion(name, sandbox, timeout)
+            _sync_minion(name, sandbox, timeout)
     except Exception:
         # A half-made instance would block the next create: leave nothing behind.
         _stop_minion(sandbox)

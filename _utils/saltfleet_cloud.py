@@ -167,11 +167,20 @@ def minion_config(vm_, opts, grains=None, mode=None):
     salt's own merge (``minion:`` and ``grains:`` from VM, profile and provider,
     id = VM name, master defaults to ``salt``), plus ``grains``, the master's
     public key fingerprint (``master_finger``, so the minion only talks to this
-    master) and, for ``mode="cloud-init"``, ``autosign_grains: [saltfleet_instance_id]``.
+    master), ``autoload_dynamic_modules: False`` unless the profile's ``minion:``
+    says otherwise, and, for ``mode="cloud-init"``,
+    ``autosign_grains: [saltfleet_instance_id]``.
+
+    ``autoload_dynamic_modules`` on (Salt's default) makes every ``state.apply``
+    run a ``saltutil.sync_all`` first: some twenty round trips to the master,
+    most of a no-op apply's time. saltfleet hosts sync once when provisioned
+    (the local driver, ``user_data.sh``; ``sync_after_install`` for ``ssh``), and
+    after that when the operator runs ``salt '*' saltutil.sync_all``.
     """
     vm_ = dict(vm_)
     vm_["grains"] = {**(config_value("grains", vm_, opts, default={}, search_global=True) or {}), **(grains or {})}
     minion = salt.utils.cloud.minion_config(opts, vm_)
+    minion.setdefault("autoload_dynamic_modules", False)
     if "master_finger" not in minion:
         finger = master_finger(opts)
         if finger:

@@ -137,6 +137,9 @@ class Fleet:
             "log_level_logfile": "warning",
             "acceptance_wait_time": 1,
             "random_reauth_delay": 0,
+            # As salt-cloud provisions saltfleet hosts (_utils/saltfleet_cloud.py): state.apply does
+            # not sync_all first; add_minions syncs once.
+            "autoload_dynamic_modules": False,
         }
         (conf / "minion").write_text(yaml.safe_dump(minion))
         return sandbox

@@ -41,7 +41,8 @@
 #   SALTFLEET_INSTANCE_ID   skip the metadata service and use this id
 #   SALTFLEET_INSTALL       auto: install salt-minion if missing; skip   (default auto)
 #   SALTFLEET_PIP_INDEX_URL a PyPI mirror for the install              (default PyPI)
-#   SALTFLEET_START         yes: (re)start salt-minion; no               (default yes)
+#   SALTFLEET_START         yes: sync saltfleet's modules (salt-call saltutil.sync_all)
+#                           and (re)start salt-minion; no                (default yes)
 set -eu
 
 # @saltfleet-settings@
@@ -165,6 +166,13 @@ if [ "$SALTFLEET_INSTALL" = auto ] && ! command -v salt-minion >/dev/null 2>&1; 
 fi
 
 if [ "$SALTFLEET_START" = yes ]; then
+    # saltfleet's modules, states and utils, once: the minion config turns
+    # autoload_dynamic_modules off, so state.apply does not sync them itself.
+    # salt-call runs before the daemon, so the two never race to generate the key;
+    # its first authentication is the one the autosign ticket accepts.
+    if ! timeout 600 salt-call --retcode-passthrough --out=quiet saltutil.sync_all; then
+        log "saltutil.sync_all failed; run it from the master: salt $SALTFLEET_MINION_ID saltutil.sync_all"
+    fi
     if command -v systemctl >/dev/null 2>&1; then
         systemctl daemon-reload
         systemctl enable salt-minion
