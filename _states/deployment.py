@@ -471,9 +471,7 @@ def _describe(cfg, plan, dry):
             f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
         )
     if plan.get("draining"):
-        parts.append(
-            f"the previous programs finish their tasks in the background (supervisord pid {plan['draining']})"
-        )
+        parts.append(f"the previous programs finish their tasks in the background (pid {plan['draining']})")
     if "sysfiles" in changes:
         parts.append(f"sysfiles {verb} updated")
     if "secrets" in changes:

@@ -25,6 +25,7 @@ from localfleet.config import REPO, master_config
 # not mean 100 Celery workers on a 2-core machine.
 FANOUT_DEPLOYMENTS = ("fa", "fb")
 IDLE_PROGRAM = {"idle": {"command": "sleep 3600"}}
+NOP_SLS = "saltfleet_bench_nop"
 
 
 def _free_ports(count):
@@ -69,7 +70,12 @@ class Fleet:
             fleet = fleet.split("\nschedule:", 1)[0] + "\n"
         (self.pillar_dir / "fleet.sls").write_text(fleet)
         (self.pillar_dir / "bench.sls").write_text(yaml.safe_dump(fanout_pillar(repo)))
+        # Salt's own floor beside saltfleet's apply: the same fan-out of one test.nop state.
+        nop_tree = self.base / "nop"
+        nop_tree.mkdir()
+        (nop_tree / f"{NOP_SLS}.sls").write_text(yaml.safe_dump({"bench-nop": {"test.nop": []}}))
         master = master_config()
+        master["file_roots"] = {"base": [*master["file_roots"]["base"], str(nop_tree)]}
         master.update(
             {
                 "id": "bench-master",
@@ -215,8 +221,8 @@ class Fleet:
             raise BenchError(f"no answer from {missing}; failed: {json.dumps(bad, default=str)[:3000]}")
         return ret
 
-    def apply(self, tgt="*", ids=None):
-        """salt <tgt> state.apply; raise unless every minion answered and every state succeeded."""
+    def apply(self, tgt="*", ids=None, sls=None):
+        """salt <tgt> state.apply [sls]; raise unless every minion answered and every state succeeded."""
         ids = ids or self.minions
         if tgt != "*":
             tgt, extra = ",".join(ids), ("-L",)
@@ -226,7 +232,11 @@ class Fleet:
         def ok(states):
             return isinstance(states, dict) and states and all(s.get("result") is True for s in states.values())
 
-        return self.check_all(self.salt(tgt, "state.apply", *extra), ids, ok)
+        return self.check_all(self.salt(tgt, "state.apply", *extra, *filter(None, [sls])), ids, ok)
+
+    def apply_nop(self):
+        """Salt alone: salt '*' state.apply of one test.nop state, no saltfleet state in it."""
+        return self.apply(sls=NOP_SLS)
 
     def inventory_cli(self):
         """salt-run fleet.inventory --out=json; check it lists every minion with its deployments."""

@@ -134,6 +134,17 @@ def build_rows(times, plan):
                 "; ".join(filter(None, [idle if size == sizes[0] else "", fan_note if checked else ""])),
             )
         )
+    for size in sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("salt_nop_")):
+        ours = m[f"salt_nop_{size}"]
+        rows.append(
+            _row(
+                f"fan-out, Salt alone: state.apply of one test.nop, {size} minion(s)",
+                [("1 minion", m.get("salt_nop_1"))],
+                ours,
+                _ratio(ours, m.get("salt_nop_1")),
+                note="Salt's own floor: the same fan-out without saltfleet" if size == 1 else "",
+            )
+        )
     for key in sorted((k for k in m if k.startswith("master_fresh_new_")), key=lambda k: int(k.rsplit("_", 1)[1])):
         more = int(key.rsplit("_", 1)[1])
         rows.append(_row(f"fan-out fresh: state.apply of {more} new minion(s)", [], m[key], note=f"{runs[key]} run(s)"))

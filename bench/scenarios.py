@@ -213,6 +213,7 @@ class Bench:
                 self.record(f"master_fresh_new_{more}", seconds)
                 self.step(f"fan-out: salt '*' state.apply, no-op, {size} minion(s)")
                 self.measure(f"master_noop_{size}", fleet.apply)
+                self.measure(f"salt_nop_{size}", fleet.apply_nop)
                 self.step(f"fan-out: salt-run fleet.inventory over {size} minion(s)")
                 self.measure(f"inventory_cli_{size}", fleet.inventory_cli)
                 fleet.inventory_in_process(client)

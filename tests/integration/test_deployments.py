@@ -194,7 +194,7 @@ def test_upgrade_dry_run_matches_real_run_and_task_in_flight_completes(host, pil
     assert fetcher["release"] == {"old": sandbox["shas"]["v1"], "new": sandbox["shas"]["v2"]}
     assert fetcher["programs"] == {"added": ["fetcher-gamma"], "restarted": ["fetcher-alpha", "fetcher-beta"]}
     assert "virtualenv" not in fetcher, "requirements did not change: the venv is reused"
-    assert f"supervisord pid {v1_supervisord}" in state_of(real, FETCHER)["comment"]
+    assert f"in the background (pid {v1_supervisord})" in state_of(real, FETCHER)["comment"]
 
     # The apply returned once v2 was RUNNING, without waiting for the task in v1's hands:
     # v1's supervisord drains in the background while v2 consumes the same queues.
