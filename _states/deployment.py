@@ -299,7 +299,7 @@ def _apply(settings, cfg, plan):
     if plan["new_venv"] or plan["build_venv"]:
         _build_release(settings, cfg, plan)
     if plan["conf_changed"] and not plan["overlap"]:
-        u("write_atomic")(p["conf"], plan["conf"], 0o600)
+        u("write_conf")(p, u("generation")(p), plan["conf"])
     previous = plan["current"]
     if plan["new_release"]:
         u("link_atomic")(p["project"], Path(p["releases"].name) / sha)
@@ -356,11 +356,12 @@ def _record(cfg, plan, sha, digest, history):
 
 
 def _restore_conf(plan):
-    conf = plan["paths"]["conf"]
+    p = plan["paths"]
+    gen = _u("generation")(p)
     if plan["old_conf"] is None:
-        conf.unlink(missing_ok=True)
+        _u("generation_conf")(p, gen).unlink(missing_ok=True)
     else:
-        _u("write_atomic")(conf, plan["old_conf"], 0o600)
+        _u("write_conf")(p, gen, plan["old_conf"])
 
 
 def _build_release(settings, cfg, plan):
@@ -432,7 +433,7 @@ def _handover(settings, cfg, plan):
     p = plan["paths"]
     old, gen = u("generation")(p), u("free_generation")(p)
     sock, pidfile = u("generation_paths")(p, gen)
-    u("write_atomic")(p["conf"], u("render_supervisord_conf")(cfg, plan["sections"], gen), 0o600)
+    u("write_conf")(p, gen, u("render_supervisord_conf")(cfg, plan["sections"], gen))
     try:
         u("start_supervisord")(cfg, settings, gen)
         failed = u("wait_running")(sock)
@@ -440,7 +441,7 @@ def _handover(settings, cfg, plan):
         failed = {"supervisord": str(exc)}
     if failed:
         u("stop_supervisord")(sock, pidfile)
-        _restore_conf(plan)
+        u("generation_conf")(p, gen).unlink(missing_ok=True)
         return failed
     u("link_generation")(p, gen)
     old_sock, old_pidfile = u("generation_paths")(p, old)

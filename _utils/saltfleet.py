@@ -345,6 +345,7 @@ def paths(root, user, name):
         "venvs": home / f"Projects-{name}.venvs",
         "state": state,
         "mirror": state / "repo.git",
+        # A link to the serving generation's own config (see generation_paths).
         "conf": state / "supervisord.conf",
         "run": state / "run",
         # Links to the serving supervisord's own socket and pidfile (see
@@ -967,15 +968,26 @@ def supervisord_running(sock):
     return supervisord_state(sock) == "RUNNING"
 
 
-# A deployment's supervisord runs as a "generation": its socket and pidfile are
-# run/<gen>.sock and run/<gen>.pid, and run/sock and run/supervisord.pid link
-# to the serving one's. An overlapping handover starts the new release under a
-# new generation while the old one still serves, then lets the old one drain.
+# A deployment's supervisord runs as a "generation": its config, socket and
+# pidfile are supervisord.<gen>.conf, run/<gen>.sock and run/<gen>.pid, and
+# supervisord.conf, run/sock and run/supervisord.pid link to the serving one's
+# (cron's @reboot line starts whatever supervisord.conf names). An overlapping
+# handover starts the new release under a new generation while the old one
+# still serves, switches the links, then lets the old one drain.
 
 
 def generation_paths(p, gen):
     """The socket and pidfile of supervisord generation gen of a deployment (paths())."""
     return p["run"] / f"{gen}.sock", p["run"] / f"{gen}.pid"
+
+
+def generation_conf(p, gen):
+    return p["state"] / f"supervisord.{gen}.conf"
+
+
+def write_conf(p, gen, text):
+    """Write generation gen's supervisord.conf: root's, 0600 (it carries env)."""
+    write_atomic(generation_conf(p, gen), text, 0o600)
 
 
 def generation(p):
@@ -1004,10 +1016,16 @@ def free_generation(p):
 
 
 def link_generation(p, gen):
-    """Make gen the serving generation: run/sock and run/supervisord.pid point at its own."""
+    """Make gen the serving generation: the conf, socket and pidfile links point at its own."""
     sock, pidfile = generation_paths(p, gen)
     _relink(p["socket"], sock.name)
     _relink(p["pidfile"], pidfile.name)
+    _relink(p["conf"], generation_conf(p, gen).name)
+    # Configs of generations gone (they carry env): only the serving and draining ones stay.
+    alive = {*generations(p), gen}
+    for conf in p["state"].glob("supervisord.*.conf"):
+        if conf.name.removeprefix("supervisord.").removesuffix(".conf") not in alive:
+            conf.unlink(missing_ok=True)
 
 
 def process_info(sock):
@@ -1018,7 +1036,7 @@ def process_info(sock):
 
 
 def start_supervisord(cfg, settings, gen):
-    """Start supervisord generation gen from the deployment's supervisord.conf (written for gen)."""
+    """Start supervisord generation gen from its own config (write_conf)."""
     p = paths(cfg["root"], cfg["user"], cfg["name"])
     sock = generation_paths(p, gen)[0]
     binary = find_tool("supervisord", settings["supervisord"])
@@ -1027,7 +1045,7 @@ def start_supervisord(cfg, settings, gen):
             "saltfleet:supervisord: no supervisord found beside Salt's Python or on PATH; install supervisor"
         )
     proc = subprocess.run(
-        [binary, "-c", str(p["conf"])],
+        [binary, "-c", str(generation_conf(p, gen))],
         env=supervisord_env(cfg),
         cwd=str(p["home"]),
         stdin=subprocess.DEVNULL,
