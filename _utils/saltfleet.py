@@ -1300,6 +1300,7 @@ def apply_sysfiles(owner, files, root):
 def status(root, name, manifest):
     """What one installed deployment is doing: release, supervisord, programs."""
     p = paths(root, manifest.get("user", "root"), name)
+    serving = generation(p)
     running = supervisord_running(p["socket"])
     programs = {_proc_name(i): i["statename"] for i in process_info(p["socket"])} if running else {}
     return {
@@ -1312,5 +1313,5 @@ def status(root, name, manifest):
         "programs": programs,
         "running": sum(1 for s in programs.values() if s == "RUNNING"),
         # pids of supervisords of earlier releases whose programs still finish their tasks
-        "draining": sorted(pid for gen, pid in generations(p).items() if gen != generation(p) and pid),
+        "draining": sorted(pid for gen, pid in generations(p).items() if gen != serving and pid),
     }
