@@ -1,6 +1,10 @@
 # Every target creates and uses .venv itself; nothing needs installing by hand.
 SHELL := /bin/bash
 PYTHON ?= python3.11
+# The venv's Python must be readable by every user: supervisord runs from it
+# and keeps importing after it drops to a deployment's user. A Python under
+# /root (pyenv's) is not, so the system's own is preferred where it exists.
+VENV_PYTHON ?= $(or $(wildcard /usr/bin/python3.11),$(PYTHON))
 UV_VERSION := 0.9.30
 UV := .tools/bin/uv
 VENV := .venv
@@ -14,7 +18,7 @@ $(UV):
 	$(PYTHON) -m pip install -q --disable-pip-version-check --target .tools uv==$(UV_VERSION)
 
 $(VENV)/.synced: requirements-dev.lock | $(UV)
-	[ -x $(BIN)/python ] || $(UV) venv -q -p $(PYTHON) $(VENV)
+	[ -x $(BIN)/python ] || $(UV) venv -q -p $(VENV_PYTHON) $(VENV)
 	$(UV) pip sync -q -p $(BIN)/python requirements-dev.lock
 	touch $@
 

@@ -3,7 +3,7 @@ Grains that describe a saltfleet host: the deployments it runs and where it runs
 
 ``saltfleet_deployments``
     Each deployment installed on the host (from the manifests the deployment
-    states write under ``<root>/var/lib/saltfleet/deployments/``), with the
+    states write under ``<root>/var/lib/saltfleet/deployments/<name>/``), with the
     revision pillar asked for, the release (commit SHA) it serves, its repo,
     user and when it last changed:
 
@@ -35,8 +35,8 @@ MANIFEST_KEYS = ("rev", "release", "repo", "user", "updated")
 
 def deployments():
     """The deployments installed on this host, with revision and release."""
-    root = __utils__["saltfleet.host_root"](__pillar__, __opts__)
-    installed = __utils__["saltfleet.installed"](root)
+    root = __utils__["saltfleet_schema.host_root"](__pillar__, __opts__)
+    installed = __utils__["saltfleet_files.installed"](root)
     return {
         "saltfleet_deployments": {
             name: {key: manifest.get(key) for key in MANIFEST_KEYS} for name, manifest in sorted(installed.items())

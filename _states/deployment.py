@@ -17,47 +17,64 @@ deploy keys and DSNs never travel in the state's arguments or its return.
       deployment.absent:
         - name: old-fetcher
 
-A new revision is checked out into its own release directory and switched in
-only once its checkout and virtualenv are complete. Its programs start under a
-second supervisord beside the serving one; once they are RUNNING the old
-programs get SIGTERM and finish their tasks (up to ``stopwaitsecs``) in the
-background (``handover: stop-first`` stops the old programs first instead). If
-the new programs do not come up, the previous release is switched back in.
-Pillar is validated first: a mistake fails the state with a message naming the
-key and the fix, and nothing on the host changes.
+A new revision is checked out (as the deployment's user) into its own release
+directory and its virtualenv built; its programs then start under a second
+supervisord beside the serving one. Only once they are RUNNING does the new
+release serve (manifest, ``supervisord.conf`` and ``Projects-<name>`` links),
+and the old programs get SIGTERM and finish their tasks (up to
+``stopwaitsecs``) in the background. ``handover: stop-first`` stops the old
+programs first instead, and puts the old config back if the new ones do not
+start. Pillar is validated first: a mistake fails the state with a message
+naming the key and the fix, and nothing on the host changes.
 """
 
+import contextlib
 import logging
-import os
-import shutil
 import time
-import xmlrpc.client
 from pathlib import Path
+
+import salt.utils.path
+import salt.utils.templates
+from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
 
 __virtualname__ = "deployment"
 
+# Pillar keys a state may override with its own arguments (``rev`` for deployment.update_code).
+STATE_ARGS = ("fun", "state", "order", "name")
+
 
 def __virtual__():
+    if not salt.utils.path.which("git"):
+        return False, "deployment states need git on the minion's PATH"
     try:
-        import git  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-        import supervisor  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-    except ImportError as exc:
-        return False, f"deployment states need GitPython and supervisor: {exc}"
-    if "saltfleet.validate" not in __utils__:
+        import supervisor  # noqa: F401  pylint: disable=unused-import
+    except ImportError:
+        return False, "deployment states need supervisor installed beside Salt (pip install supervisor)"
+    if "saltfleet_schema.validate" not in __utils__:
         return False, "saltfleet's _utils are not synced: run saltutil.sync_all"
     return __virtualname__
 
 
-def _u(name):
-    return __utils__[f"saltfleet.{name}"]
+def _ret(name):
+    return {"name": name, "result": True, "changes": {}, "comment": ""}
 
 
-def _error(ret, exc):
-    ret["result"] = False
-    ret["comment"] = str(exc)
+def _failed(ret, name, exc):
+    """The state's return for an error: Salt's own errors as they read, anything else with its traceback logged."""
+    if isinstance(exc, CommandExecutionError):
+        comment = str(exc)
+        if not comment.startswith(("deployments:", "saltfleet:", "deployments ")):
+            comment = f"deployments:{name}: {comment}"
+    else:
+        log.exception("deployment %s failed", name)
+        comment = f"deployments:{name}: {type(exc).__name__}: {exc} (the minion log has the traceback)"
+    ret.update(result=False, comment=comment, changes={})
     return ret
+
+
+# ------------------------------------------------------------------- states
 
 
 def present(name, **kwargs):
@@ -70,26 +87,29 @@ def present(name, **kwargs):
     Any other keyword (``repo``, ``rev``, ``programs``, ...) overrides that
     key of the deployment's pillar, for SLS files that manage a deployment
     without pillar.
+
+    .. code-block:: yaml
+
+        deployment-daily-fetcher:
+          deployment.present:
+            - name: daily-fetcher
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    ret = _ret(name)
     test = bool(__opts__["test"])
     try:
-        settings, cfg = __salt__["deployment.config"](name, **_state_kwargs(kwargs))
-        plan = _plan(settings, cfg, test)
-        ret["changes"] = plan["changes"]
-        if test:
-            ret["result"] = None if plan["changes"] else True
-            ret["comment"] = _describe(cfg, plan, dry=True)
-            return ret
-        if plan["changes"]:
-            _apply(settings, cfg, plan)
+        settings, cfg = _config(name, {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in STATE_ARGS})
+        p = __utils__["saltfleet_paths.paths"](settings["root"], cfg["user"], name)
+        with _locked(p, f"state deployment.present {name}", test):
+            plan = _plan(settings, cfg, p, test)
+            if plan["changes"] and not test:
+                _apply(settings, cfg, p, plan)
     except Exception as exc:  # pylint: disable=broad-except
-        if not _is_ours(exc):
-            log.exception("deployment.present %s failed", name)
-            exc = f"deployments:{name}: {type(exc).__name__}: {exc} (the minion log has the traceback)"
-        return _error(ret, exc)
-    ret["comment"] = _describe(cfg, plan, dry=False)
-    if plan["changes"]:
+        return _failed(ret, name, exc)
+    ret["changes"] = plan["changes"]
+    ret["comment"] = _describe(cfg, plan, dry=test)
+    if test:
+        ret["result"] = None if plan["changes"] else True
+    elif plan["changes"]:
         _mine_send()
     return ret
 
@@ -97,24 +117,30 @@ def present(name, **kwargs):
 def absent(name, purge=None):
     """
     Ensure deployment ``name`` is not running: its supervisord stopped (its
-    programs gracefully), its sysfiles and its secrets removed. With ``purge``
-    (default: pillar ``saltfleet:purge_removed``) its releases, virtualenvs
-    and logs go too.
+    programs gracefully), its sysfiles, config and secrets removed. With
+    ``purge`` (default: pillar ``saltfleet:purge_removed``) its releases,
+    virtualenvs and logs go too.
+
+    .. code-block:: yaml
+
+        deployment-old-fetcher:
+          deployment.absent:
+            - name: old-fetcher
+            - purge: true
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    ret = _ret(name)
+    test = bool(__opts__["test"])
     try:
-        settings = __salt__["deployment.settings"]()
-        if purge is None:
-            purge = settings["purge_removed"]
-        changes = __salt__["deployment.remove"](name, purge=purge, test=bool(__opts__["test"]))
+        settings = _settings()
+        purge = settings["purge_removed"] if purge is None else purge
+        changes = _remove(settings["root"], name, purge, test)
     except Exception as exc:  # pylint: disable=broad-except
-        return _error(ret, exc)
+        return _failed(ret, name, exc)
     ret["changes"] = changes
     if not changes:
         ret["comment"] = f"Deployment {name} is not installed"
-    elif __opts__["test"]:
-        ret["result"] = None
-        ret["comment"] = f"Deployment {name} would be removed"
+    elif test:
+        ret.update(result=None, comment=f"Deployment {name} would be removed")
     else:
         ret["comment"] = f"Deployment {name} removed"
         _mine_send()
@@ -132,13 +158,8 @@ def pillar_valid(name):
           deployment.pillar_valid:
             - name: saltfleet
     """
-    errors = __salt__["deployment.validate"]()
-    return {
-        "name": name,
-        "result": not errors,
-        "changes": {},
-        "comment": "\n".join(errors) or "saltfleet pillar is valid",
-    }
+    _, _, errors = __utils__["saltfleet_schema.validate"](dict(__pillar__), _default_root())
+    return {"name": name, "result": not errors, "changes": {}, "comment": "\n".join(errors) or "saltfleet pillar is valid"}
 
 
 def sysfiles(name):
@@ -146,308 +167,592 @@ def sysfiles(name):
     Install the tree ``deployments/<name>/sysfiles/`` under the host's root and
     remove the files it no longer ships. ``name: common`` installs what every
     host gets (``deployments/common/sysfiles/``).
+
+    .. code-block:: yaml
+
+        saltfleet-common-sysfiles:
+          deployment.sysfiles:
+            - name: common
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    ret = _ret(name)
+    test = bool(__opts__["test"])
     try:
-        settings = __salt__["deployment.settings"]()
-        files = __salt__["deployment.sysfiles_sources"](name)
-        errors = _u("check_sysfiles")(name, files, settings["root"])
+        root = _settings()["root"]
+        files = _sysfile_sources(name, {"name": name})
+        errors = __utils__["saltfleet_sysfiles.check"](name, files, root)
         if errors:
-            raise _u("error")("\n".join(errors))
-        changes = _u("diff_sysfiles")(name, files, settings["root"])
-        if changes and not __opts__["test"]:
-            _u("apply_sysfiles")(name, files, settings["root"])
+            raise CommandExecutionError("\n".join(errors))
+        changes = __utils__["saltfleet_sysfiles.diff"](name, files, root)
+        if changes and not test:
+            __utils__["saltfleet_sysfiles.apply"](name, files, root)
     except Exception as exc:  # pylint: disable=broad-except
-        return _error(ret, exc)
+        return _failed(ret, name, exc)
     if changes:
-        ret["changes"] = {"sysfiles": changes}
-        ret["result"] = None if __opts__["test"] else True
-        ret["comment"] = f"Sysfiles of {name} {'would be ' if __opts__['test'] else ''}updated"
+        ret.update(changes={"sysfiles": changes}, result=None if test else True)
+        ret["comment"] = f"Sysfiles of {name} {'would be ' if test else ''}updated"
     else:
         ret["comment"] = f"Sysfiles of {name} are in place"
     return ret
 
 
-# --------------------------------------------------------------------------
+# ------------------------------------------------------------------- config
 
 
-def _state_kwargs(kwargs):
-    return {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in ("fun", "state", "order")}
+def _default_root():
+    return __opts__.get("root_dir") or "/"
 
 
-def _is_ours(exc):
-    return type(exc).__name__ == "DeploymentError"
+def _settings():
+    host, errors = __utils__["saltfleet_schema.validate_host"](__pillar__.get("saltfleet"), _default_root())
+    if errors:
+        raise CommandExecutionError("\n".join(errors))
+    return host
 
 
-def _plan(settings, cfg, test):
+def _config(name, overrides):
+    """(host settings, deployment config) from pillar with ``overrides`` on top, validated."""
+    host, errors = __utils__["saltfleet_schema.validate_host"](__pillar__.get("saltfleet"), _default_root())
+    deployments = __pillar__.get("deployments") or {}
+    spec = deployments.get(name) if isinstance(deployments, dict) else None
+    if spec is None and not overrides:
+        errors.append(f"deployments:{name}: not in this minion's pillar; assign it in pillar/top.sls")
+        raise CommandExecutionError("\n".join(errors))
+    cfg, more = __utils__["saltfleet_schema.validate_deployment"](name, dict(spec or {}, **overrides), host)
+    errors.extend(more)
+    if errors:
+        raise CommandExecutionError("\n".join(errors))
+    return host, cfg
+
+
+@contextlib.contextmanager
+def _locked(p, holder, test):
+    """The deployment's lock: exclusive for a change, shared for a dry run; none before its first install."""
+    if test and not p["lock"].exists():
+        yield
+        return
+    if not test:
+        _root_dirs(p)
+    with __utils__["saltfleet_files.lock"](p["lock"], holder, shared=test):
+        yield
+
+
+def _root_dirs(p):
+    files = "saltfleet_files"
+    __utils__[f"{files}.root_dir"](p["state"].parent, 0o755)
+    __utils__[f"{files}.root_dir"](p["state"], 0o711)
+
+
+# ------------------------------------------------------------------ sources
+
+
+def _context(cfg, p, project, venv):
+    """What a deployment's templates see: its paths, env, and pillar ``context`` keys."""
+    context = dict(cfg.get("context") or {})
+    context.update(
+        name=cfg["name"],
+        user=cfg["user"],
+        home=str(p["home"]),
+        project_dir=str(project),
+        venv=str(venv),
+        log_dir=str(p["logs"]),
+        env=dict(cfg.get("env") or {}),
+        context=dict(cfg.get("context") or {}),
+    )
+    return context
+
+
+def _sources(cfg, p, sha, digest, listing):
+    """
+    The program sections of a release (template rendered with that release's
+    own paths, so a new generation runs the new code) and the deployment's
+    sysfiles (rendered with the ``Projects-<name>`` link's paths).
+    """
+    name = cfg["name"]
+    prefix = f"deployments/{name}/"
+    release = __utils__["saltfleet_paths.release"](p, sha)
+    venv = __utils__["saltfleet_paths.venv"](p, digest)
+    sections = {}
+    template = cfg.get("supervisord_conf")
+    if not template:
+        for candidate in ("files/supervisord.conf.jinja", "files/supervisord.conf"):
+            if prefix + candidate in listing:
+                template = f"salt://{prefix}{candidate}"
+                break
+    if template:
+        text = _fetch(template, name, "supervisord_conf")
+        if template.endswith(".jinja"):
+            text = _render(text, _context(cfg, p, release, venv), name, template)
+        sections.update(__utils__["saltfleet_supervisor.template_sections"](text, name, template))
+    for section, opts in __utils__["saltfleet_supervisor.pillar_sections"](cfg).items():
+        if section in sections:
+            raise CommandExecutionError(
+                f"deployments:{name}:programs:{section.split(':', 1)[1]}: also defined in {template}; keep one"
+            )
+        sections[section] = opts
+    if not sections:
+        raise CommandExecutionError(
+            f"deployments:{name}:programs: the deployment runs nothing: set pillar programs or ship "
+            f"deployments/{name}/files/supervisord.conf(.jinja)"
+        )
+    files = _sysfile_sources(name, _context(cfg, p, p["project"], p["project"] / "venv"), listing)
+    return sections, files
+
+
+def _sysfile_sources(name, context, listing=None):
+    """The files of ``deployments/<name>/sysfiles/`` as {path under root: bytes}; ``*.jinja`` rendered."""
+    prefix = f"deployments/{name}/sysfiles/"
+    if listing is None:
+        listing = __salt__["cp.list_master"](prefix=prefix)
+    found = {}
+    for path in sorted(f for f in listing if f.startswith(prefix)):
+        rel = path[len(prefix) :]
+        text = _fetch(f"salt://{path}", name, "sysfiles")
+        if rel.endswith(".jinja"):
+            rel = rel.removesuffix(".jinja")
+            text = _render(text, context, name, path)
+        found[rel] = text.encode()
+    return found
+
+
+def _fetch(url, name, key):
+    text = __salt__["cp.get_file_str"](url)
+    if text is False or text is None:
+        raise CommandExecutionError(f"deployments:{name}:{key}: {url} not found on the master's file server")
+    return text
+
+
+def _render(text, context, name, source):
+    out = salt.utils.templates.TEMPLATE_REGISTRY["jinja"](
+        text,
+        from_str=True,
+        to_str=True,
+        context=context,
+        saltenv=__opts__.get("saltenv") or "base",
+        grains=__grains__,
+        pillar=__pillar__,
+        salt=__salt__,
+        opts=__opts__,
+    )
+    if not out.get("result"):
+        raise CommandExecutionError(f"deployments:{name}: rendering {source} failed: {out.get('data')}")
+    data = out["data"]
+    return data.decode() if isinstance(data, bytes) else data
+
+
+# --------------------------------------------------------------------- plan
+
+
+def _plan(settings, cfg, p, test):
     """
     Everything present() would change, found by the code path that makes the
     change: git is asked through a throwaway view in test mode, the rest is
     compared with what is on the host.
     """
-    u = _u
-    name, root = cfg["name"], settings["root"]
-    p = u("paths")(root, cfg["user"], name)
-    u("check_user")(cfg)
-    manifest = u("read_json")(p["manifest"], {}) or {}
-    sources = __salt__["deployment.sources"](name, cfg)
-    boot, entry = u("boot_entry")(cfg, settings)
-    files = dict(sources["sysfiles"], **{boot: entry})
-    errors = u("check_sysfiles")(name, files, root)
-    if errors:
-        raise u("error")("\n".join(errors))
-    current = u("current_release")(p["project"])
-    old_conf = p["conf"].read_text() if p["conf"].exists() else None
-    plan = {"paths": p, "manifest": manifest, "current": current, "conf": sources["conf"], "old_conf": old_conf}
-    plan["sections"] = sources["sections"]
-    plan["sysfiles"] = files
+    sup = "saltfleet_supervisor"
+    account = __utils__["saltfleet_user.account"](cfg["user"], f"deployments:{cfg['name']}")
+    manifest = __utils__["saltfleet_files.read_manifest"](p)
+    plan = {"uid": account.pw_uid, "gid": account.pw_gid, "manifest": manifest, "current": manifest.get("release")}
     changes = {}
-    secrets = u("write_git_secrets")(cfg, test=True)
+    secrets = __utils__["saltfleet_git.write_secrets"](cfg, __utils__["saltfleet_git.secrets_of"](p), test=True)
     if secrets:
         changes["secrets"] = secrets
 
-    sha, digest = _resolve(cfg, test, plan)
-    plan["sha"], plan["digest"] = sha, digest
-    plan["new_release"] = sha != current or not _release_ok(p, sha)
-    if plan["new_release"]:
-        changes["release"] = {"old": current, "new": sha}
-    plan["build_venv"] = not u("venv_complete")(p["venvs"] / digest)
-    # Requirements or Python changed on the same commit: the serving release gets the new venv.
-    plan["new_venv"] = plan["new_release"] or _venv_of(p, sha) != digest
-    if plan["build_venv"] or digest != manifest.get("venv"):
+    sha, digest = _resolve(cfg, p, manifest, test)
+    listing = __salt__["cp.list_master"](prefix=f"deployments/{cfg['name']}/")
+    sections, files = _sources(cfg, p, sha, digest, listing)
+    boot, entry = __utils__[f"{sup}.boot_entry"](cfg, settings, p)
+    files[boot] = entry
+    errors = __utils__["saltfleet_sysfiles.check"](cfg["name"], files, settings["root"])
+    if errors:
+        raise CommandExecutionError("\n".join(errors))
+    release = __utils__["saltfleet_paths.release"](p, sha)
+    venv = __utils__["saltfleet_paths.venv"](p, digest)
+    plan.update(sha=sha, digest=digest, release=release, venv=venv, sections=sections, sysfiles=files)
+    plan["build_release"] = not _release_ok(release)
+    plan["build_venv"] = not __utils__["saltfleet_venv.complete"](venv)
+    if sha != plan["current"] or plan["build_release"]:
+        changes["release"] = {"old": plan["current"], "new": sha}
+    if digest != manifest.get("venv") or plan["build_venv"]:
         changes["virtualenv"] = {"old": manifest.get("venv"), "new": digest}
+    # The programs move to another release or venv: a new generation takes over.
+    plan["switch"] = sha != plan["current"] or digest != manifest.get("venv")
 
-    plan["conf_changed"] = old_conf != plan["conf"]
-    plan["running"] = running = u("supervisord_running")(p["socket"])
-    # The new programs start beside the serving ones, which then drain (see _handover).
-    plan["overlap"] = running and plan["new_venv"] and cfg["handover"] == "overlap"
-    plan["diff"] = diff = u("diff_groups")(old_conf if running else None, plan["conf"])
-    programs = {}
+    serving = __utils__[f"{sup}.serving"](p)
+    draining = manifest.get("draining") or {}
+    gens = __utils__[f"{sup}.generations"](p, plan["uid"], draining)
+    plan["running"] = running = serving is not None and gens.get(serving, {}).get("state") == "RUNNING"
+    plan["serving"], plan["serving_info"] = serving, gens.get(serving)
+    # Not serving, yet taking work: left by an apply that was interrupted. It drains now.
+    plan["orphans"] = {g: i for g, i in gens.items() if g != serving and i["state"] == "RUNNING"}
+    plan["draining"] = {g: i for g, i in gens.items() if g != serving and i["state"] == "draining"}
+    if plan["orphans"]:
+        changes["generations"] = {"stopped": sorted(i["pid"] for i in plan["orphans"].values())}
+
+    old_conf = _read(__utils__["saltfleet_paths.generation"](p, serving)["conf"]) if serving else None
+    plan["old_conf"] = old_conf
     if not running:
+        plan["gen"] = serving if serving and serving not in gens else __utils__[f"{sup}.free_generation"](p, gens)
         changes["supervisord"] = {"old": "stopped", "new": "running"}
+    elif plan["switch"] and cfg["handover"] == "overlap":
+        plan["gen"] = __utils__[f"{sup}.free_generation"](p, gens)
     else:
-        programs = {key: diff[key] for key in ("added", "changed", "removed") if diff[key]}
-        if plan["new_venv"] and diff["kept"]:
-            programs["restarted"] = diff["kept"]
-        else:
-            idle = [g for g in u("idle_groups")(p["socket"]) if g in diff["kept"]]
-            if idle:
-                programs["started"] = idle
-    if programs:
-        changes["programs"] = programs
-    elif plan["conf_changed"] and running:
-        changes["supervisord_conf"] = "rewritten"
-    sys_changes = u("diff_sysfiles")(name, files, root)
+        plan["gen"] = serving
+    plan["conf"] = __utils__[f"{sup}.render"](cfg, sections, p, plan["gen"], release, venv)
+    if running:
+        programs = _program_changes(p, plan)
+        if programs:
+            changes["programs"] = programs
+        elif old_conf != plan["conf"]:
+            changes["supervisord_conf"] = "rewritten"
+    sys_changes = __utils__["saltfleet_sysfiles.diff"](cfg["name"], files, settings["root"])
     if sys_changes:
         changes["sysfiles"] = sys_changes
 
-    plan["history"], plan["prune"] = _retention(cfg, p, manifest, sha, digest, current if plan["overlap"] else None)
+    plan["history"], plan["prune"] = _retention(cfg, p, plan)
     if plan["prune"]:
         changes["pruned"] = [str(path) for path in plan["prune"]]
     plan["changes"] = changes
     return plan
 
 
-def _release_ok(p, sha):
-    return (p["releases"] / sha / ".git" / "saltfleet-complete").exists()
+def _read(path):
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
 
 
-def _resolve(cfg, test, plan):
+def _release_ok(release):
+    return (release / ".git" / "saltfleet-complete").exists()
+
+
+def _program_changes(p, plan):
+    """What happens to the serving programs: groups added, changed, removed, restarted (new release) or started."""
+    paths = __utils__["saltfleet_paths.generation"]
+    old, new = plan["manifest"], plan
+    # Groups that differ only by their release, venv or generation are the same program restarted.
+    same = [
+        (str(paths(p, plan["serving"])["socket"]), "@socket@"),
+        (str(paths(p, plan["gen"])["socket"]), "@socket@"),
+    ]
+    if old.get("release"):
+        same += [(str(__utils__["saltfleet_paths.release"](p, old["release"])), "@release@")]
+    if old.get("venv"):
+        same += [(str(__utils__["saltfleet_paths.venv"](p, old["venv"])), "@venv@")]
+    same += [(str(new["release"]), "@release@"), (str(new["venv"]), "@venv@")]
+    diff = __utils__["saltfleet_supervisor.diff_groups"](plan["old_conf"], plan["conf"], same)
+    programs = {key: diff[key] for key in ("added", "changed", "removed") if diff[key]}
+    if plan["switch"] and diff["kept"]:
+        programs["restarted"] = diff["kept"]
+    elif not plan["switch"]:
+        sock = paths(p, plan["serving"])["socket"]
+        idle = [g for g in __utils__["saltfleet_supervisor.idle_groups"](sock, plan["uid"]) if g in diff["kept"]]
+        if idle:
+            programs["started"] = idle
+    return programs
+
+
+def _resolve(cfg, p, manifest, test):
     """
     The SHA pillar's rev names and the digest of its virtualenv's inputs,
     from the cheapest facts that decide them: a pinned SHA that already serves
     needs no git; a branch needs one ls-remote; only a commit not seen before
     is fetched and has its requirements read.
     """
-    u = _u
-    manifest, current = plan["manifest"], plan["current"]
-    same_inputs = all(manifest.get(k) == cfg[k] for k in ("requirements", "python")) and manifest.get("venv")
-    if same_inputs and cfg["rev"] == current == manifest.get("release") and _release_ok(plan["paths"], current):
+    git = "saltfleet_git"
+    same_inputs = manifest.get("venv") and all(manifest.get(k) == cfg[k] for k in ("requirements", "python"))
+    current = manifest.get("release")
+    if same_inputs and cfg["rev"] == current and _release_ok(__utils__["saltfleet_paths.release"](p, current)):
         return current, manifest["venv"]
+    secrets = __utils__[f"{git}.secrets_of"](p)
     if not test:
         # The real run needs the key before it can reach a private repo.
-        u("write_git_secrets")(cfg)
-    with u("repo_view")(cfg, test) as (view_cfg, repo):
-        sha = u("resolve")(view_cfg, repo)
-        if same_inputs and sha == manifest.get("release"):
+        _root_dirs(p)
+        __utils__[f"{git}.write_secrets"](cfg, secrets)
+    with __utils__[f"{git}.view"](cfg, p["mirror"], secrets, test) as (repo, view_secrets):
+        sha = __utils__[f"{git}.resolve"](cfg, repo, view_secrets)
+        if same_inputs and sha == current:
             return sha, manifest["venv"]
-        show = u("show_file")
-        return sha, u("requirements_digest")(lambda rel: show(repo, sha, rel, view_cfg), cfg)
+        read_file = __utils__[f"{git}.read_file"]
+        return sha, __utils__["saltfleet_venv.digest"](lambda rel: read_file(repo, sha, rel, cfg, view_secrets), cfg)
 
 
-def _retention(cfg, p, manifest, sha, digest, draining=None):
+def _retention(cfg, p, plan):
     """
-    The releases to keep (newest last) and the release and venv dirs to delete;
-    a draining release keeps its dirs until its programs are gone (next apply).
+    The releases to keep (newest last, each with its venv) and the release
+    and venv directories to delete: only names saltfleet made (commit SHAs in
+    its history, venv digests), never through a symlink, and none that a
+    draining generation still runs.
     """
-    history = [r for r in manifest.get("history", []) if r != sha] + [sha]
+    history = plan["manifest"].get("history") or []
+    entry = next((h for h in history if h["release"] == plan["sha"] and h.get("venv") == plan["digest"]), None)
+    history = [h for h in history if h["release"] != plan["sha"]]
+    history.append(entry or {"release": plan["sha"], "venv": plan["digest"]})
     keep = history[-cfg["keep_releases"] :]
-    spared = {*keep, draining}
-    prune = [p["releases"] / r for r in history if r not in spared and (p["releases"] / r).exists()]
-    used = {digest} | {_venv_of(p, r) for r in spared if r and r != sha}
-    if p["venvs"].is_dir():
-        prune += sorted(v for v in p["venvs"].iterdir() if v.name not in used)
-    return keep, prune
+    busy = [*keep, *plan["draining"].values(), *plan["orphans"].values()]
+    if plan["running"] and plan["switch"] and cfg["handover"] == "overlap":
+        busy.append(plan["manifest"])  # it drains after this apply
+    spared = {h.get("release") for h in busy}
+    used = {h.get("venv") for h in busy}
+    plain = __utils__["saltfleet_user.plain_path"]
+    prune = [
+        p["releases"] / h["release"]
+        for h in history
+        if h["release"] not in spared and (p["releases"] / h["release"]).is_dir()
+    ]
+    if p["venvs"].is_dir() and not p["venvs"].is_symlink():
+        prune += sorted(v for v in p["venvs"].iterdir() if len(v.name) == 16 and v.name not in used and v.is_dir())
+    return keep, [path for path in prune if plain(p["home"], path)]
 
 
-def _apply(settings, cfg, plan):
-    u = _u
-    p, sha, name = plan["paths"], plan["sha"], cfg["name"]
+# -------------------------------------------------------------------- apply
+
+
+def _apply(settings, cfg, p, plan):
+    user, files = cfg["user"], "saltfleet_files"
     if "secrets" in plan["changes"]:
-        u("write_git_secrets")(cfg)
-    u("make_dirs")(cfg)
-    if plan["new_venv"] or plan["build_venv"]:
-        _build_release(settings, cfg, plan)
-    if plan["conf_changed"] and not plan["overlap"]:
-        u("write_conf")(p, u("generation")(p), plan["conf"])
-    previous = plan["current"]
-    if plan["new_release"]:
-        u("link_atomic")(p["project"], Path(p["releases"].name) / sha)
-    # Recorded before the programs start, so a deployment whose first start
-    # fails is still known (to deployment.list, grains, and absent).
-    _record(cfg, plan, sha, plan["digest"], plan["history"])
-
-    try:
-        failed = (_handover if plan["overlap"] else _run_programs)(settings, cfg, plan)
-    except xmlrpc.client.Fault as fault:
-        _restore_conf(plan)
-        raise u("error")(
-            f"deployments:{name}:programs: supervisord refused the new config ({fault.faultString}); "
-            "the previous config was put back. Check the program options"
-        ) from None
-    if failed and plan["new_release"] and previous and _release_ok(p, previous):
-        u("link_atomic")(p["project"], Path(p["releases"].name) / previous)
-        # An overlapping handover never stopped the previous programs.
-        still = {} if plan["overlap"] else u("restart_groups")(p["socket"], sorted(u("groups_of")(plan["conf"])))
-        _mark_failed(p["releases"] / sha, f"programs did not start: {_fmt(failed)}")
-        manifest = plan["manifest"]
-        _record(cfg, plan, previous, manifest.get("venv"), manifest.get("history", [previous]))
-        raise u("error")(
-            f"deployments:{name}: release {sha[:12]} did not start ({_fmt(failed)}; see {p['logs']}); "
-            f"rolled back to {previous[:12]}"
-            + (f", which did not start either: {_fmt(still)}" if still else ", which keeps serving")
-        )
-    if failed:
-        kept = "; the programs that served before keep serving" if plan["overlap"] else ""
-        raise u("error")(f"deployments:{name}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}{kept}")
-
-    u("apply_sysfiles")(name, plan["sysfiles"], settings["root"])
-    for path in plan["prune"]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _record(cfg, plan, sha, digest, history):
-    """Write the deployment's manifest when what it says changed."""
-    record = {
-        "name": cfg["name"],
-        "user": cfg["user"],
-        "repo": cfg["repo"],
-        "rev": cfg["rev"],
-        "release": sha,
-        "venv": digest,
-        "requirements": cfg["requirements"],
-        "python": cfg["python"],
-        "history": history,
-    }
-    old = _u("read_json")(plan["paths"]["manifest"], {}) or {}
-    if {k: old.get(k) for k in record} != record:
-        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _u("write_manifest")(plan["paths"]["manifest"], record)
-
-
-def _restore_conf(plan):
-    p = plan["paths"]
-    gen = _u("generation")(p)
-    if plan["old_conf"] is None:
-        _u("generation_conf")(p, gen).unlink(missing_ok=True)
+        __utils__["saltfleet_git.write_secrets"](cfg, __utils__["saltfleet_git.secrets_of"](p))
+    _user_dirs(cfg, p, plan)
+    if not plan["manifest"]:
+        # Known from here on (deployment.list, grains, absent), even if its first start fails.
+        _record(cfg, p, {"release": None, "venv": None, "history": []})
+        plan["manifest"] = __utils__[f"{files}.read_manifest"](p)
+    if plan["build_release"] or plan["build_venv"]:
+        _build(settings, cfg, p, plan)
+    for gen in plan["orphans"]:
+        # An interrupted apply left it taking work beside the serving one: it drains like any old generation.
+        __utils__["saltfleet_supervisor.shutdown"](_socket(p, gen), plan["uid"])
+    if not plan["running"]:
+        _start(settings, cfg, p, plan)
+    elif plan["switch"] and cfg["handover"] == "overlap":
+        _overlap(settings, cfg, p, plan)
+    elif plan["switch"] or "programs" in plan["changes"] or "supervisord_conf" in plan["changes"]:
+        _in_place(cfg, p, plan)
     else:
-        _u("write_conf")(p, gen, plan["old_conf"])
+        _record(cfg, p, {"draining": _draining(plan)})
+    __utils__["saltfleet_sysfiles.apply"](cfg["name"], plan["sysfiles"], settings["root"])
+    __utils__["saltfleet_supervisor.prune_confs"](p, {plan["gen"], *_draining(plan)})
+    if plan["prune"]:
+        __utils__["saltfleet_user.remove"](user, p["home"], *plan["prune"])
 
 
-def _build_release(settings, cfg, plan):
-    """Check out and build the release; a failure leaves it marked, never switched in."""
-    u = _u
-    p, sha = plan["paths"], plan["sha"]
-    release = p["releases"] / sha
-    venv = p["venvs"] / plan["digest"]
+def _socket(p, gen):
+    return __utils__["saltfleet_paths.generation"](p, gen)["socket"]
+
+
+def _user_dirs(cfg, p, plan):
+    """The user's home (root hands it over when missing), their deployment dirs, and root's run/ for them."""
+    files = "saltfleet_files"
+    if not p["home"].exists():
+        __utils__[f"{files}.root_dir"](p["home"].parent, 0o755, enforce=False)
+        __utils__[f"{files}.user_dir"](p["home"], plan["uid"], plan["gid"], 0o755)
+    __utils__[f"{files}.user_dir"](p["run"], plan["uid"], plan["gid"], 0o700)
+    missing = [p[key] for key in ("releases", "venvs", "logs") if not p[key].is_dir()]
+    if missing:
+        __utils__["saltfleet_user.makedirs"](cfg["user"], p["home"], *missing)
+
+
+def _build(settings, cfg, p, plan):
+    """As the user: check out the release and build its venv; a failure leaves it marked, never serving."""
+    user, release = cfg["user"], plan["release"]
+    write = __utils__["saltfleet_user.write"]
     try:
-        if not _release_ok(p, sha):
-            release = u("checkout_release")(cfg, sha)
+        if plan["build_release"]:
+            __utils__["saltfleet_git.clone_release"](user, p, release, plan["sha"], cfg["repo"])
         if plan["build_venv"]:
-            u("build_venv")(cfg, settings, venv, release)
-        target = Path("..") / ".." / p["venvs"].name / plan["digest"]
-        if _venv_of(p, sha) != plan["digest"]:
-            u("link_atomic")(release / "venv", target)
-        (release / ".git" / "saltfleet-failed").unlink(missing_ok=True)
-        u("mark")(release / ".git" / "saltfleet-complete", plan["digest"])
-        u("chown_tree")(release, cfg["user"])
+            __utils__["saltfleet_venv.build"](cfg, settings, p["home"], plan["venv"], release)
+        # ~/Projects-<name>/venv, as the seed's users know it.
+        __utils__["saltfleet_user.relink"](user, p["home"], release / "venv", Path("..") / ".." / p["venvs"].name / plan["digest"])
+        __utils__["saltfleet_user.remove"](user, p["home"], release / ".git" / "saltfleet-failed")
+        write(user, p["home"], release / ".git" / "saltfleet-complete", plan["digest"])
     except Exception as exc:
-        _mark_failed(release, str(exc))
+        if (release / ".git").is_dir():
+            __utils__["saltfleet_user.remove"](user, p["home"], release / ".git" / "saltfleet-complete")
+            write(user, p["home"], release / ".git" / "saltfleet-failed", str(exc)[:2000])
         raise
 
 
-def _mark_failed(release, why):
-    git_dir = Path(release) / ".git"
-    if git_dir.is_dir():
-        (git_dir / "saltfleet-complete").unlink(missing_ok=True)
-        _u("mark")(git_dir / "saltfleet-failed", why)
+def _write_conf(p, gen, text):
+    __utils__["saltfleet_files.write_atomic"](__utils__["saltfleet_paths.generation"](p, gen)["conf"], text, 0o600)
 
 
-def _venv_of(p, sha):
-    try:
-        return Path(os.readlink(p["releases"] / sha / "venv")).name
-    except OSError:
-        return None
-
-
-def _run_programs(settings, cfg, plan):
-    """Start supervisord or bring its programs to the new config and release; return failures."""
-    u = _u
-    p, diff = plan["paths"], plan["diff"]
-    if not plan["running"]:
-        gen = u("generation")(p)
-        u("start_supervisord")(cfg, settings, gen)
-        u("link_generation")(p, gen)
-        return u("wait_running")(p["socket"])
-    touched = set()
-    if plan["conf_changed"]:
-        u("apply_group_changes")(p["socket"], diff)
-        touched |= set(diff["added"]) | set(diff["changed"])
-    restart = plan["changes"].get("programs", {})
-    restart = restart.get("restarted") or restart.get("started") or []
-    u("restart_groups")(p["socket"], restart)
-    touched |= set(restart)
-    return u("wait_running")(p["socket"], names=touched) if touched else {}
-
-
-def _handover(settings, cfg, plan):
+def _serve(cfg, p, plan, gen, draining):
     """
-    Start the new release's programs under a new supervisord generation while
-    the serving one goes on. Once they are RUNNING the new generation serves and
-    the old one is told to stop: its programs get SIGTERM and finish their tasks
-    (up to stopwaitsecs) in the background. If they do not start, the new
-    generation is stopped: the old programs never stopped serving.
-    Returns {name: state} of the programs that did not start.
+    The switch, once the new programs run: the manifest says what serves (the
+    one fact every reader and the next apply trust), then the links follow.
     """
-    u = _u
-    p = plan["paths"]
-    old, gen = u("generation")(p), u("free_generation")(p)
-    sock, pidfile = u("generation_paths")(p, gen)
-    u("write_conf")(p, gen, u("render_supervisord_conf")(cfg, plan["sections"], gen))
+    _record(
+        cfg,
+        p,
+        {
+            "release": plan["sha"],
+            "venv": plan["digest"],
+            "generation": gen,
+            "history": plan["history"],
+            "draining": draining,
+        },
+    )
+    __utils__["saltfleet_supervisor.link_serving"](p, gen)
+    __utils__["saltfleet_user.relink"](cfg["user"], p["home"], p["project"], Path(p["releases"].name) / plan["sha"])
+
+
+def _draining(plan):
+    return {g: {k: i[k] for k in ("pid", "start", "release", "venv") if k in i} for g, i in {**plan["draining"], **plan["orphans"]}.items()}
+
+
+def _start(settings, cfg, p, plan):
+    """supervisord was not running: start it with the (new) release."""
+    sup, gen = "saltfleet_supervisor", plan["gen"]
+    _write_conf(p, gen, plan["conf"])
+    failed = {}
     try:
-        u("start_supervisord")(cfg, settings, gen)
-        failed = u("wait_running")(sock)
-    except Exception as exc:  # pylint: disable=broad-except
+        __utils__[f"{sup}.start"](cfg, settings, p, gen, plan["uid"])
+        failed = __utils__[f"{sup}.wait_running"](_socket(p, gen), plan["uid"])
+    except CommandExecutionError as exc:
         failed = {"supervisord": str(exc)}
+    if failed and plan["switch"] and plan["current"]:
+        __utils__[f"{sup}.shutdown"](_socket(p, gen), plan["uid"])
+        if plan["old_conf"] is not None and gen == plan["serving"]:
+            _write_conf(p, gen, plan["old_conf"])
+        raise CommandExecutionError(
+            f"deployments:{cfg['name']}: release {plan['sha'][:12]} did not start ({_fmt(failed)}; see {p['logs']}); "
+            f"{plan['current'][:12]} stays the recorded release"
+        )
+    _serve(cfg, p, plan, gen, _draining(plan))
     if failed:
-        u("stop_supervisord")(sock, pidfile)
-        u("generation_conf")(p, gen).unlink(missing_ok=True)
-        return failed
-    u("link_generation")(p, gen)
-    old_sock, old_pidfile = u("generation_paths")(p, old)
-    plan["draining"] = u("read_pid")(old_pidfile)
-    u("stop_supervisord")(old_sock, old_pidfile, wait=False)
-    return {}
+        raise CommandExecutionError(f"deployments:{cfg['name']}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
+
+
+def _overlap(settings, cfg, p, plan):
+    """
+    Start the new release under a new generation while the serving one goes
+    on. Once its programs are RUNNING the new generation serves and the old
+    one is told to stop: its programs get SIGTERM and finish their tasks (up to
+    stopwaitsecs) in the background. If they do not start, the new generation
+    is stopped and nothing was switched: the old programs never stopped.
+    """
+    sup, gen, uid = "saltfleet_supervisor", plan["gen"], plan["uid"]
+    _write_conf(p, gen, plan["conf"])
+    try:
+        started = __utils__[f"{sup}.start"](cfg, settings, p, gen, uid)
+        failed = __utils__[f"{sup}.wait_running"](_socket(p, gen), uid)
+    except CommandExecutionError as exc:
+        started, failed = None, {"supervisord": str(exc)}
+    if failed:
+        __utils__[f"{sup}.shutdown"](_socket(p, gen), uid)
+        if started:
+            __utils__[f"{sup}.wait_exited"]({gen: started}, 60)
+        __utils__["saltfleet_paths.generation"](p, gen)["conf"].unlink(missing_ok=True)
+        raise CommandExecutionError(
+            f"deployments:{cfg['name']}: release {plan['sha'][:12]} did not start ({_fmt(failed)}; see {p['logs']}); "
+            f"{(plan['current'] or '')[:12]} keeps serving: its programs never stopped"
+        )
+    old, old_info = plan["serving"], plan["serving_info"]
+    draining = _draining(plan)
+    if old_info:
+        draining[old] = {
+            "pid": old_info["pid"],
+            "start": old_info["start"],
+            "release": plan["current"],
+            "venv": plan["manifest"].get("venv"),
+        }
+        plan["drain_pid"] = old_info["pid"]
+    _serve(cfg, p, plan, gen, draining)
+    __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
+
+
+def _in_place(cfg, p, plan):
+    """
+    Bring the serving supervisord to the new config: a config change touches
+    only the groups that changed; a stop-first handover stops the old programs,
+    then starts the new ones, and puts the old config back if they fail.
+    """
+    sup, gen, uid = "saltfleet_supervisor", plan["gen"], plan["uid"]
+    sock = _socket(p, gen)
+    diff = __utils__[f"{sup}.diff_groups"](plan["old_conf"], plan["conf"])
+    started = plan["changes"].get("programs", {}).get("started", [])
+    _write_conf(p, gen, plan["conf"])
+    try:
+        __utils__[f"{sup}.apply_group_changes"](sock, uid, diff)
+        __utils__[f"{sup}.start_groups"](sock, uid, started)
+        failed = __utils__[f"{sup}.wait_running"](sock, uid, groups={*diff["added"], *diff["changed"], *started})
+    except CommandExecutionError as exc:
+        failed = {"supervisord": str(exc)}
+    if failed and plan["old_conf"] is not None:
+        _write_conf(p, gen, plan["old_conf"])
+        back = __utils__[f"{sup}.diff_groups"](plan["conf"], plan["old_conf"])
+        try:
+            __utils__[f"{sup}.apply_group_changes"](sock, uid, back)
+            still = __utils__[f"{sup}.wait_running"](sock, uid, groups={*back["added"], *back["changed"]})
+        except CommandExecutionError as exc:
+            still = {"supervisord": str(exc)}
+        what = f"release {plan['sha'][:12]}" if plan["switch"] else "the new config"
+        raise CommandExecutionError(
+            f"deployments:{cfg['name']}: {what} did not start ({_fmt(failed)}; see {p['logs']}); "
+            "the previous config was put back"
+            + (f", and its programs did not start either: {_fmt(still)}" if still else ", and its programs serve")
+        )
+    if plan["switch"]:
+        _serve(cfg, p, plan, gen, _draining(plan))
+    else:
+        _record(cfg, p, {"generation": gen, "draining": _draining(plan)})
+    if failed:
+        raise CommandExecutionError(f"deployments:{cfg['name']}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
+
+
+def _record(cfg, p, fields):
+    """Update the deployment's manifest (root's) when what it says changed."""
+    old = __utils__["saltfleet_files.read_manifest"](p)
+    record = dict(old)
+    record.update(
+        name=cfg["name"],
+        user=cfg["user"],
+        repo=cfg["repo"],
+        rev=cfg["rev"],
+        requirements=cfg["requirements"],
+        python=cfg["python"],
+        **fields,
+    )
+    if record != old:
+        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for entry in record.get("history") or []:
+            entry.setdefault("deployed", record["updated"])
+        __utils__["saltfleet_files.write_manifest"](p, record)
+
+
+# ------------------------------------------------------------------- remove
+
+
+def _remove(root, name, purge, test):
+    """Stop deployment ``name`` and remove its sysfiles, config, secrets and record (with ``purge`` its trees)."""
+    manifest = __utils__["saltfleet_files.installed"](root).get(name)
+    if not manifest:
+        return {}
+    user = manifest["user"]
+    p = __utils__["saltfleet_paths.paths"](root, user, name)
+    uid = __utils__["saltfleet_user.account"](user, f"deployments:{name}").pw_uid
+    changes = {}
+    with _locked(p, f"state deployment.absent {name}", test):
+        running = __utils__["saltfleet_supervisor.generations"](p, uid, manifest.get("draining"))
+        if running:
+            changes["supervisord"] = {"old": "running", "new": "stopped"}
+        sysfiles_changes = __utils__["saltfleet_sysfiles.diff"](name, {}, root)
+        if sysfiles_changes:
+            changes["sysfiles"] = sysfiles_changes
+        plain = __utils__["saltfleet_user.plain_path"]
+        trees = [p[k] for k in ("project", "releases", "venvs", "logs") if purge and (p[k].exists() or p[k].is_symlink())]
+        trees = [t for t in trees if plain(p["home"], t)]
+        changes["removed"] = [str(p["state"]), *map(str, trees)]
+        if test:
+            return changes
+        __utils__["saltfleet_supervisor.stop_all"](p, uid, manifest.get("draining"))
+        __utils__["saltfleet_sysfiles.apply"](name, {}, root)
+        __utils__["saltfleet_user.remove"](user, p["home"], *trees)
+        __utils__["saltfleet_files.remove_root_tree"](p["state"])
+    return changes
+
+
+# ----------------------------------------------------------------- describe
 
 
 def _fmt(failed):
@@ -456,27 +761,29 @@ def _fmt(failed):
 
 def _describe(cfg, plan, dry):
     name, sha = cfg["name"], plan["sha"]
-    if not plan["changes"]:
+    changes = plan["changes"]
+    if not changes:
         return f"Deployment {name} is at {sha[:12]} ({cfg['rev']}) and running"
     verb = "would be" if dry else "was"
     parts = []
-    changes = plan["changes"]
     if "release" in changes:
         parts.append(f"release {verb} switched to {sha[:12]} ({cfg['rev']})")
-    if changes.get("virtualenv") and plan["build_venv"]:
+    if "virtualenv" in changes and plan["build_venv"]:
         parts.append(f"virtualenv {verb} built")
     if "supervisord" in changes:
         parts.append(f"supervisord {verb} started")
     if "programs" in changes:
-        parts.append(
-            f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
-        )
-    if plan.get("draining"):
-        parts.append(f"the previous programs finish their tasks in the background (pid {plan['draining']})")
+        parts.append(f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items()))
+    if "generations" in changes:
+        parts.append(f"supervisord {', '.join(map(str, changes['generations']['stopped']))} left by an interrupted apply {verb} stopped")
+    if plan.get("drain_pid"):
+        parts.append(f"the previous programs finish their tasks in the background (pid {plan['drain_pid']})")
     if "sysfiles" in changes:
         parts.append(f"sysfiles {verb} updated")
     if "secrets" in changes:
         parts.append(f"{', '.join(changes['secrets'])} {verb} written")
+    if "pruned" in changes:
+        parts.append(f"{len(changes['pruned'])} old release(s) and venv(s) {verb} pruned")
     return f"Deployment {name}: " + "; ".join(parts or [f"configuration {verb} updated"])
 
 

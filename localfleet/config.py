@@ -1,7 +1,6 @@
 """What the demo, the bench and the tests share: the master settings and saltfleet's utils."""
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import yaml
@@ -18,8 +17,25 @@ def master_config(repo=REPO):
 
 @functools.cache
 def saltfleet_utils():
-    """_utils/saltfleet.py as a plain module: host paths, manifests, supervisord control."""
-    spec = importlib.util.spec_from_file_location("saltfleet_utils", REPO / "_utils" / "saltfleet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """
+    saltfleet's _utils through Salt's own utils loader, as a minion loads them:
+    ``saltfleet_utils().saltfleet_paths.paths(root, user, name)``.
+    """
+    import salt.config
+    import salt.loader
+
+    opts = salt.config.minion_config(None)
+    opts.update(utils_dirs=[str(REPO / "_utils")], file_client="local")
+    return salt.loader.utils(opts)
+
+
+def stop_deployments(root, timeout=60):
+    """Stop every saltfleet deployment's supervisords under ``root`` (a sandbox); the names stopped."""
+    utils = saltfleet_utils()
+    stopped = []
+    for name, manifest in utils.saltfleet_files.installed(root).items():
+        p = utils.saltfleet_paths.paths(root, manifest["user"], name)
+        uid = utils.saltfleet_user.account(manifest["user"]).pw_uid
+        if utils.saltfleet_supervisor.stop_all(p, uid, manifest.get("draining"), timeout):
+            stopped.append(name)
+    return stopped

@@ -2,7 +2,9 @@
 
 import hashlib
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -46,9 +48,49 @@ def saltfleet_master_config():
     return master_config()
 
 
-def short_tmpdir(prefix):
-    """A directory with a short path: supervisord's unix socket paths must stay under 108 bytes."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+# The non-root user deployments run as in the tests, as `ubuntu` does on a real host.
+DEPLOY_USER = "sfdeploy"
+
+
+def short_tmpdir(prefix, owner=None):
+    """
+    A directory with a short path (supervisord's unix socket paths must stay
+    under 108 bytes), readable by everyone, or owned by ``owner`` (a passwd entry).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    return path
+
+
+@pytest.fixture(scope="session")
+def deploy_user():
+    """A real unprivileged user (created for the run when missing) whose deployments the tests converge."""
+    try:
+        yield pwd.getpwnam(DEPLOY_USER)
+        return
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", DEPLOY_USER], check=True)
+    yield pwd.getpwnam(DEPLOY_USER)
+    subprocess.run(["userdel", DEPLOY_USER], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def user_uv_cache(deploy_user):
+    """uv's cache of the deployment user, shared by every sandbox of the run (the user builds the venvs)."""
+    path = short_tmpdir("sf-uv-", owner=deploy_user)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sandbox_root(prefix, user):
+    """A host root for deployments: root's, with the user's home in it (the user's, as useradd -m makes it)."""
+    root = short_tmpdir(prefix)
+    home = root / "home" / user.pw_name
+    home.mkdir(parents=True)
+    os.chown(home, user.pw_uid, user.pw_gid)
+    return root
 
 
 @pytest.fixture

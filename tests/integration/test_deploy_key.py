@@ -26,7 +26,7 @@ from saltfactories.utils import random_string
 from localfleet.config import saltfleet_utils
 from tests.conftest import short_tmpdir, snapshot
 from tests.integration import gitssh
-from tests.integration.apps import celery_client, run_task, sample_repo
+from tests.apps import celery_client, run_task, sample_repo
 
 sf = saltfleet_utils()
 USER = getpass.getuser()

@@ -20,7 +20,7 @@ import pytest
 
 from localfleet.config import saltfleet_utils
 from tests.conftest import short_tmpdir, snapshot
-from tests.integration.apps import celery_client, run_task, sample_repo
+from tests.apps import celery_client, run_task, sample_repo
 from tests.integration.conftest import write_pillar
 
 sf = saltfleet_utils()

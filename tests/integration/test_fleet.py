@@ -14,7 +14,7 @@ import yaml
 
 from localfleet import procs
 from tests.conftest import short_tmpdir
-from tests.integration.apps import sample_repo
+from tests.apps import sample_repo
 
 USER = getpass.getuser()
 A, B = "inv-a", "inv-b"

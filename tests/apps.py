@@ -1,7 +1,13 @@
-"""The sample Celery app in a real git repository, and a client that sends it tasks."""
+"""
+The apps deployments run in tests, in real git repositories: the sample
+Celery app (integration tests) and a tiny app whose programs only report
+which release runs them (functional tests), and a client that sends the
+Celery app tasks.
+"""
 
 import importlib.util
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -11,6 +17,7 @@ import git
 from localfleet.config import REPO
 
 SAMPLE_APP = REPO / "examples" / "sample-app"
+TINY_APP = Path(__file__).resolve().parent / "fixtures" / "tiny-app"
 
 
 def commit(work, message, tag=None):
@@ -45,6 +52,44 @@ def sample_repo(base):
     shas["crashing"] = commit(work, "a release whose workers die at start")
     repo.git.checkout("master")
     bare = Path(base) / "sample-app.git"
+    repo.clone(bare, bare=True)
+    return bare, shas
+
+
+def tiny_repo(base):
+    """
+    A bare repo of the tiny app with: v1, v2, v3 (tags; master is v3, each a
+    new VERSION), and branches include-reqs (requirements.txt includes
+    base.txt), broken-reqs (a requirement that cannot install), crashing (the
+    app exits at start), link-reqs (requirements.txt is a symlink to a file
+    outside the repository), escaping-reqs (it includes /etc/shadow).
+    Returns (bare repo path, {name: sha}).
+    """
+    work = Path(base) / "tiny-app"
+    shutil.copytree(TINY_APP, work)
+    repo = git.Repo.init(work, initial_branch="master")
+    app = work / "app.py"
+    shas = {}
+    for version in ("1", "2", "3"):
+        app.write_text(re.sub(r'VERSION = "\d+"', f'VERSION = "{version}"', app.read_text()))
+        shas[f"v{version}"] = commit(work, f"tiny app v{version}", tag=f"v{version}")
+    branches = {
+        "include-reqs": {"requirements.txt": "-r base.txt\n", "base.txt": "# nothing to install\n"},
+        "broken-reqs": {"requirements.txt": "saltfleet-no-such-package==0.0.1\n"},
+        "crashing": {"app.py": app.read_text().replace("def main():", "def main():\n    sys.exit(3)")},
+        "escaping-reqs": {"requirements.txt": "-r /etc/shadow\n"},
+    }
+    for branch, files in branches.items():
+        repo.git.checkout("-b", branch, "master")
+        for name, text in files.items():
+            (work / name).write_text(text)
+        shas[branch] = commit(work, branch)
+    repo.git.checkout("-b", "link-reqs", "master")
+    (work / "requirements.txt").unlink()
+    (work / "requirements.txt").symlink_to("/etc/shadow")
+    shas["link-reqs"] = commit(work, "link-reqs")
+    repo.git.checkout("master")
+    bare = Path(base) / "tiny-app.git"
     repo.clone(bare, bare=True)
     return bare, shas
 

@@ -1,0 +1,101 @@
+"""
+Where saltfleet keeps things on a host: the only place a host path is spelled.
+
+Every path hangs off a root prefix (pillar ``saltfleet:root``, default the
+minion's ``root_dir``), so tests and the local demo converge a sandbox. Two
+trees, by who may write them:
+
+root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
+
+    deployments/<name>/               0711 root
+        manifest.json                 what serves: release, venv, generation, history
+        supervisord.<gen>.conf        0600 (it carries env)
+        supervisord.conf              link to the serving generation's config
+        deploy_key, known_hosts       0600
+        lock                          one change at a time
+        repo.git/                     mirror fetched by root, cloned from by the user
+        gitconfig                     what the user's clone runs with (safe.directory)
+        run/                          the user's (0700): sockets and pidfiles that
+                                      supervisord makes once it runs as the user
+    sysfiles/<owner>.json             the sysfiles each owner installed
+
+the deployment user's, under ``<root>/home/<user>/`` (written only as that user)::
+
+    Projects-<name>                   link to the serving release (the seed's path)
+    Projects-<name>.releases/<sha>/   one checkout per commit
+    Projects-<name>.venvs/<digest>/   one virtualenv per requirements digest
+    log/<name>/                       program and supervisord logs
+"""
+
+from pathlib import Path
+
+__virtualname__ = "saltfleet_paths"
+
+# A unix socket's path must fit in sockaddr_un (108 bytes with its NUL).
+UNIX_SOCKET_MAX = 107
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def registry(root):
+    """Root's tree: what saltfleet installed on the host and the state of each deployment."""
+    return Path(root) / "var" / "lib" / "saltfleet"
+
+
+def home(root, user):
+    return Path(root) / "home" / user
+
+
+def paths(root, user, name):
+    """Every host path of deployment ``name`` run by ``user`` under ``root``."""
+    root = Path(root)
+    user_home = home(root, user)
+    state = registry(root) / "deployments" / name
+    return {
+        "root": root,
+        "home": user_home,
+        "project": user_home / f"Projects-{name}",
+        "releases": user_home / f"Projects-{name}.releases",
+        "venvs": user_home / f"Projects-{name}.venvs",
+        "logs": user_home / "log" / name,
+        "state": state,
+        "manifest": state / "manifest.json",
+        "lock": state / "lock",
+        "mirror": state / "repo.git",
+        # The only git config the user's clones of the mirror run with: it names
+        # the mirror safe (git refuses a repository another user owns otherwise).
+        "gitconfig": state / "gitconfig",
+        "conf": state / "supervisord.conf",
+        "deploy_key": state / "deploy_key",
+        "known_hosts": state / "known_hosts",
+        "run": state / "run",
+    }
+
+
+def generation(p, gen):
+    """The config, socket and pidfile of supervisord generation ``gen`` of a deployment (``paths``)."""
+    return {
+        "conf": p["state"] / f"supervisord.{gen}.conf",
+        "socket": p["run"] / f"{gen}.sock",
+        "pidfile": p["run"] / f"{gen}.pid",
+    }
+
+
+def release(p, sha):
+    return p["releases"] / sha
+
+
+def venv(p, digest):
+    return p["venvs"] / digest
+
+
+def sysfiles_record(root, owner):
+    return registry(root) / "sysfiles" / f"{owner}.json"
+
+
+def socket_too_long(root, user, name):
+    """The longest socket path a deployment would use, when it is too long for a unix socket; else None."""
+    sock = generation(paths(root, user, name), "999")["socket"]
+    return sock if len(bytes(sock)) > UNIX_SOCKET_MAX else None

@@ -1,0 +1,517 @@
+"""
+A deployment's own supervisord: its config, its generations, and the XML-RPC
+calls that drive it.
+
+Root starts supervisord from a config in root's state dir; supervisord drops
+to the deployment's user before it opens its socket, pidfile and logs. Root
+then talks to it over that socket with supervisor's own XML-RPC transport,
+always with a timeout, and only after the kernel confirmed (SO_PEERCRED) that
+whoever listens there runs as the deployment's user: a socket the user swaps
+for a link to someone else's is refused, and a pidfile the user could edit is
+never read.
+
+Generations: each start of a deployment's supervisord is a generation ``gen``
+with its own ``supervisord.<gen>.conf``, ``run/<gen>.sock`` and
+``run/<gen>.pid``; the ``supervisord.conf`` link in root's state dir names the
+one that serves (cron's ``@reboot`` line starts it). A new release starts
+under a new generation beside the serving one, and the old one drains.
+"""
+
+import configparser
+import contextlib
+import io
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import time
+import xmlrpc.client
+from pathlib import Path
+
+import salt.loader.context
+from salt.exceptions import CommandExecutionError
+from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
+
+__virtualname__ = "saltfleet_supervisor"
+
+# Every XML-RPC call returns within this, or the deployment's change fails.
+RPC_TIMEOUT = 10
+START_TIMEOUT = 30
+PROGRAM_DEFAULTS = {
+    "autostart": True,
+    "autorestart": True,
+    # supervisord's own default. A program counts as started once it lived
+    # this long, and a new release whose programs die sooner never serves:
+    # set it to what the app needs to import (a Celery app: a few seconds).
+    "startsecs": 1,
+    # Celery finishes the task in hand on SIGTERM: give it time to.
+    "stopsignal": "TERM",
+    "stopwaitsecs": 600,
+    # SIGTERM to the main process only: a Celery worker then lets its pool
+    # finish the tasks in hand. A pool child sent SIGTERM directly dies mid-task
+    # and can leave the main process waiting. SIGKILL, after stopwaitsecs,
+    # goes to the whole group so nothing is orphaned.
+    "stopasgroup": False,
+    "killasgroup": True,
+    "redirect_stderr": True,
+}
+# A template may only add programs and groups: saltfleet writes every other section itself.
+TEMPLATE_SECTION_RE = re.compile(r"^(program|group|eventlistener|fcgi-program):[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PROGRAM_KINDS = ("program", "fcgi-program", "eventlistener")
+BUSY = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
+IDLE = ("STOPPED", "EXITED", "FATAL")
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules; while one of
+    # their functions runs, the loader in context is that mapping.
+    return salt.loader.context.loader_ctxvar.get()[name]
+
+
+# ------------------------------------------------------------------ XML-RPC
+
+
+class _Connection(UnixStreamHTTPConnection):
+    """supervisor's unix-socket connection, with a timeout and the listener's uid checked."""
+
+    def __init__(self, path, timeout, uid):
+        super().__init__("localhost", timeout=timeout)
+        self.socketfile = str(path)
+        self.uid = uid
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socketfile)
+        _, uid, _ = peer(self.sock)
+        if self.uid is not None and uid != self.uid:
+            self.sock.close()
+            raise PermissionError(f"{self.socketfile} is served by uid {uid}, not the deployment's user")
+
+
+def peer(sock):
+    """(pid, uid, gid) of the process listening on a connected unix socket, from the kernel."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+def rpc(sock, uid, timeout=RPC_TIMEOUT):
+    """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``."""
+    transport = SupervisorTransport(serverurl=f"unix://{sock}")
+    transport._get_connection = lambda: _Connection(sock, timeout, uid)  # noqa: SLF001
+    return xmlrpc.client.ServerProxy("http://localhost", transport=transport, allow_none=True).supervisor
+
+
+def _failed(sock, exc):
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return CommandExecutionError(f"supervisord on {sock} did not answer within {RPC_TIMEOUT} s")
+    if isinstance(exc, xmlrpc.client.Fault):
+        return CommandExecutionError(f"supervisord on {sock} refused: {exc.faultString}")
+    return CommandExecutionError(f"supervisord on {sock} did not answer: {exc}")
+
+
+def call(sock, uid, method, *args):
+    """One XML-RPC call; a clear error when supervisord refuses or does not answer in time."""
+    try:
+        return getattr(rpc(sock, uid), method)(*args)
+    except (OSError, xmlrpc.client.Error) as exc:
+        raise _failed(sock, exc) from None
+
+
+def answers(sock, uid):
+    """(state, pid) of the supervisord answering on ``sock`` as ``uid`` (state RUNNING, SHUTDOWN...), else None."""
+    if not Path(sock).exists():
+        return None
+    connection = _Connection(sock, RPC_TIMEOUT, uid)
+    try:
+        connection.connect()
+        pid = peer(connection.sock)[0]
+        connection.close()
+        return rpc(sock, uid).getState()["statename"], pid
+    except (OSError, xmlrpc.client.Error):
+        return None
+
+
+# -------------------------------------------------------------- processes
+
+
+def process_start(pid):
+    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def alive(record):
+    """True while a recorded process ({pid, start}) still runs (the same one, not a reused pid)."""
+    return bool(record) and process_start(record.get("pid")) == record.get("start")
+
+
+# ------------------------------------------------------------ generations
+
+
+def serving(p):
+    """The generation the ``supervisord.conf`` link names, or None before the first start."""
+    try:
+        return os.readlink(p["conf"]).removeprefix("supervisord.").removesuffix(".conf")
+    except OSError:
+        return None
+
+
+def generations(p, uid, draining=None):
+    """
+    {gen: {"pid", "start", "state"}} of the deployment's supervisords that
+    still run: those answering on their socket (state RUNNING) and those
+    recorded as ``draining`` ({gen: {pid, start}}) that have not exited yet.
+    """
+    found = {}
+    if p["run"].is_dir():
+        for sock in sorted(p["run"].glob("*.sock")):
+            answer = answers(sock, uid)
+            if answer and answer[0] == "RUNNING":
+                gen = sock.name.removesuffix(".sock")
+                found[gen] = {"pid": answer[1], "start": process_start(answer[1]), "state": "RUNNING"}
+    for gen, record in (draining or {}).items():
+        if gen not in found and alive(record):
+            found[gen] = {**record, "state": "draining"}
+    return found
+
+
+def free_generation(p, taken):
+    """A generation number that neither a running supervisord nor a config of the deployment uses."""
+    used = set(taken) | {c.name.removeprefix("supervisord.").removesuffix(".conf") for c in p["state"].glob("supervisord.*.conf")}
+    return next(str(n) for n in range(1, len(used) + 2) if str(n) not in used)
+
+
+def link_serving(p, gen):
+    """Make ``gen`` the serving generation: the supervisord.conf link (root's) names its config."""
+    _utils("saltfleet_files.relink")(p["conf"], _utils("saltfleet_paths.generation")(p, gen)["conf"].name)
+
+
+def prune_confs(p, keep):
+    """Remove the configs (they carry env) of generations that neither serve nor run."""
+    for conf in p["state"].glob("supervisord.*.conf"):
+        if conf.name.removeprefix("supervisord.").removesuffix(".conf") not in keep:
+            conf.unlink(missing_ok=True)
+
+
+def start(cfg, settings, p, gen, uid):
+    """Start generation ``gen`` from its config; return {pid, start} once it answers as the user."""
+    g = _utils("saltfleet_paths.generation")(p, gen)
+    binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
+    proc = subprocess.run(
+        [binary, "-c", str(g["conf"])],
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=START_TIMEOUT,
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        answer = answers(g["socket"], uid)
+        if answer and answer[0] == "RUNNING":
+            return {"pid": answer[1], "start": process_start(answer[1])}
+        time.sleep(0.1)
+    raise CommandExecutionError(
+        f"supervisord did not start: {(proc.stderr or proc.stdout).strip()[-500:] or 'no output'} "
+        f"(see {p['logs'] / 'supervisord.log'})"
+    )
+
+
+def shutdown(sock, uid):
+    """
+    Tell the supervisord on ``sock`` to stop every program at once (SIGTERM;
+    each finishes its task in hand up to stopwaitsecs) and exit. supervisord's
+    own shutdown alone stops one group after another, and the groups not yet
+    signalled would go on taking tasks meanwhile. False when none answered.
+    """
+    try:
+        server = rpc(sock, uid)
+        server.stopAllProcesses(False)
+        server.shutdown()
+    except (OSError, xmlrpc.client.Error):
+        return False
+    return True
+
+
+def wait_exited(records, timeout):
+    """Wait until the recorded processes ({gen: {pid, start}}) exited; return those still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {gen: r for gen, r in records.items() if alive(r)}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
+
+
+def stop_all(p, uid, draining=None, timeout=700):
+    """Stop every supervisord of a deployment, draining ones too, and wait for them; the gens that ran."""
+    running = generations(p, uid, draining)
+    for gen, info in running.items():
+        if info["state"] == "RUNNING":
+            shutdown(_utils("saltfleet_paths.generation")(p, gen)["socket"], uid)
+    left = wait_exited(running, timeout)
+    if left:
+        pids = ", ".join(str(r["pid"]) for r in left.values())
+        raise CommandExecutionError(f"supervisord (pid {pids}) did not stop within {timeout} s; stop it by hand")
+    return sorted(running)
+
+
+# ------------------------------------------------------------------ programs
+
+
+def process_info(sock, uid):
+    return call(sock, uid, "getAllProcessInfo")
+
+
+def proc_name(info):
+    return info["name"] if info["group"] == info["name"] else f"{info['group']}:{info['name']}"
+
+
+def _autostart(sock, uid):
+    """(group, name) of the programs supervisord starts by itself."""
+    return {(c["group"], c["name"]) for c in call(sock, uid, "getAllConfigInfo") if c.get("autostart")}
+
+
+def idle_groups(sock, uid):
+    """Groups with a program that should run (autostart) but is STOPPED, EXITED or FATAL."""
+    autostart = _autostart(sock, uid)
+    return sorted(
+        {i["group"] for i in process_info(sock, uid) if (i["group"], i["name"]) in autostart and i["statename"] in IDLE}
+    )
+
+
+def wait_running(sock, uid, groups=None, timeout=120):
+    """
+    Wait until the programs that start by themselves (autostart) are RUNNING
+    (they outlived their startsecs) or supervisord gave up on them; return
+    {name: state} of those not RUNNING.
+    """
+    started = time.monotonic()
+    autostart = _autostart(sock, uid)
+    while True:
+        pending = {
+            proc_name(i): i["statename"]
+            for i in process_info(sock, uid)
+            if (groups is None or i["group"] in groups)
+            and (i["group"], i["name"]) in autostart
+            and i["statename"] != "RUNNING"
+        }
+        waited = time.monotonic() - started
+        final = all(s == "FATAL" or (s in ("STOPPED", "EXITED") and waited > 2) for s in pending.values())
+        if not pending or final or waited > timeout:
+            return pending
+        time.sleep(0.2)
+
+
+def stop_groups(sock, uid, groups, timeout=3600):
+    """Stop groups together: SIGTERM, then supervisord waits up to each program's stopwaitsecs."""
+    for group in groups:
+        with contextlib.suppress(CommandExecutionError):
+            call(sock, uid, "stopProcessGroup", group, False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(i["group"] in groups and i["statename"] in BUSY for i in process_info(sock, uid)):
+            return
+        time.sleep(0.2)
+
+
+def start_groups(sock, uid, groups):
+    for group in groups:
+        call(sock, uid, "startProcessGroup", group, False)
+
+
+def apply_group_changes(sock, uid, diff):
+    """What ``supervisorctl update`` does, limited to the groups in ``diff``; stopped groups stop gracefully."""
+    call(sock, uid, "reloadConfig")
+    stop_groups(sock, uid, diff["removed"] + diff["changed"])
+    for group in diff["removed"] + diff["changed"]:
+        with contextlib.suppress(CommandExecutionError):
+            call(sock, uid, "removeProcessGroup", group)
+    for group in diff["changed"] + diff["added"]:
+        call(sock, uid, "addProcessGroup", group)
+
+
+def restart_groups(sock, uid, groups):
+    """
+    Restart groups gracefully (SIGTERM, each program's stopwaitsecs for the
+    task in hand), all at once; return {name: state} of those not RUNNING after.
+    """
+    if not groups:
+        return {}
+    stop_groups(sock, uid, groups)
+    start_groups(sock, uid, groups)
+    return wait_running(sock, uid, groups=set(groups))
+
+
+# --------------------------------------------------------------- the config
+
+
+def template_sections(text, name, source):
+    """Parse rendered program sections; reject what saltfleet owns or cannot read."""
+    parser = configparser.RawConfigParser(strict=True, interpolation=None, delimiters=("=",))
+    parser.optionxform = str
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        raise CommandExecutionError(
+            f"deployments:{name}:supervisord_conf: {source} is not a valid supervisord config: {exc}"
+        ) from None
+    sections = {}
+    for section in parser.sections():
+        if not TEMPLATE_SECTION_RE.match(section):
+            raise CommandExecutionError(
+                f"deployments:{name}:supervisord_conf: section [{section}] in {source} is not allowed; "
+                "saltfleet writes [supervisord], the socket and rpc sections itself: keep only "
+                "[program:x], [group:x] and [eventlistener:x] sections"
+            )
+        sections[section] = dict(parser.items(section))
+    if not sections:
+        raise CommandExecutionError(
+            f"deployments:{name}:supervisord_conf: {source} defines no [program:x] section; "
+            "add one, or set pillar programs instead"
+        )
+    return sections
+
+
+def pillar_sections(cfg):
+    """[program:x] sections from pillar ``programs``."""
+    return {f"program:{prog}": {k: _ini(v) for k, v in opts.items()} for prog, opts in cfg["programs"].items()}
+
+
+def _ini(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return environment(value)
+    return str(value)
+
+
+def environment(env):
+    """supervisord's environment= value: every value quoted, and literal (a % in a secret stays a %)."""
+    return ",".join(f'{k}="{_quote(v)}"' for k, v in sorted(env.items()))
+
+
+def _quote(value):
+    return str(value).replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+
+
+def render(cfg, sections, p, gen, release, venv):
+    """
+    The whole supervisord.conf of generation ``gen`` of a deployment: its own
+    socket, pidfile and logs, supervisord running as the deployment's user, and
+    every program in ``release`` with its ``venv`` first on PATH.
+    """
+    g = _utils("saltfleet_paths.generation")(p, gen)
+    own = {
+        "unix_http_server": {"file": str(g["socket"]), "chmod": "0700"},
+        "supervisord": {
+            "identifier": f"saltfleet-{cfg['name']}",
+            "pidfile": str(g["pidfile"]),
+            "logfile": str(p["logs"] / "supervisord.log"),
+            "childlogdir": str(p["logs"]),
+            "directory": str(p["home"]),
+            "environment": environment({"HOME": str(p["home"]), "LANG": "C.UTF-8", "USER": cfg["user"]}),
+        },
+        "rpcinterface:supervisor": {"supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"},
+        "supervisorctl": {"serverurl": f"unix://{g['socket']}"},
+    }
+    if os.geteuid() == 0 and cfg["user"] != "root":
+        own["supervisord"]["user"] = cfg["user"]
+    base_env = {
+        "PATH": f"{Path(venv) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "VIRTUAL_ENV": str(venv),
+        **{k: str(v) for k, v in cfg["env"].items()},
+    }
+    for section, opts in sections.items():
+        kind, _, prog = section.partition(":")
+        if kind not in PROGRAM_KINDS:
+            own[section] = opts
+            continue
+        merged = {k: _ini(v) for k, v in PROGRAM_DEFAULTS.items()}
+        merged["directory"] = str(release)
+        merged["stdout_logfile"] = str(p["logs"] / f"{prog}.log")
+        merged.update(opts)
+        merged["environment"] = ",".join(filter(None, [environment(base_env), opts.get("environment", "")]))
+        own[section] = merged
+    out = io.StringIO()
+    out.write(f"; Written by saltfleet for deployment {cfg['name']}; changes here are overwritten.\n")
+    for section, opts in own.items():
+        out.write(f"\n[{section}]\n")
+        for key, value in opts.items():
+            out.write(f"{key}={value}\n")
+    return out.getvalue()
+
+
+def groups_of(conf_text, same=()):
+    """
+    Process groups in a supervisord.conf and the text that defines each;
+    ``same`` are (text, placeholder) pairs replaced first, so that groups
+    which differ only by their release compare equal.
+    """
+    if not conf_text:
+        return {}
+    for text, placeholder in same:
+        if text:
+            conf_text = conf_text.replace(text, placeholder)
+    parser = configparser.RawConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str
+    parser.read_string(conf_text)
+    members = set()
+    for section in parser.sections():
+        if section.startswith("group:"):
+            members.update(_members(parser, section))
+    groups = {}
+    for section in parser.sections():
+        kind, _, name = section.partition(":")
+        if kind in PROGRAM_KINDS and name not in members:
+            groups[name] = json.dumps(dict(parser.items(section)), sort_keys=True)
+        elif kind == "group":
+            progs = _members(parser, section)
+            body = {
+                "group": dict(parser.items(section)),
+                "programs": {q: dict(parser.items(f"program:{q}")) for q in progs if parser.has_section(f"program:{q}")},
+            }
+            groups[name] = json.dumps(body, sort_keys=True)
+    return groups
+
+
+def _members(parser, section):
+    return [x.strip() for x in parser.get(section, "programs", fallback="").split(",") if x.strip()]
+
+
+def diff_groups(old_text, new_text, same=()):
+    """{added, changed, removed, kept} group names between two configs (see ``groups_of``)."""
+    old, new = groups_of(old_text, same), groups_of(new_text, same)
+    return {
+        "added": sorted(set(new) - set(old)),
+        "changed": sorted(g for g in set(old) & set(new) if old[g] != new[g]),
+        "removed": sorted(set(old) - set(new)),
+        "kept": sorted(g for g in set(old) & set(new) if old[g] == new[g]),
+    }
+
+
+def boot_entry(cfg, settings, p):
+    """
+    The cron.d file that starts the deployment's serving supervisord at boot:
+    (path under root, content). cron runs it as root, who alone can read the
+    config; supervisord then drops to the deployment's user.
+    """
+    binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
+    text = (
+        f"# Written by saltfleet: start deployment {cfg['name']}'s supervisord at boot.\n"
+        "PATH=/usr/local/bin:/usr/bin:/bin\nLANG=C.UTF-8\n"
+        f"@reboot root {binary} -c {p['conf']}\n"
+    )
+    return f"etc/cron.d/saltfleet-{cfg['name']}", text.encode()

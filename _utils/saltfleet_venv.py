@@ -1,0 +1,107 @@
+"""
+A deployment's virtualenvs: one per digest of what it is built from (the
+Python asked for and the requirements files, ``-r``/``-c`` includes followed),
+shared by every release whose requirements did not change, built with uv as
+the deployment's user.
+
+Requirements are read from root's mirror, never from the user's tree, and an
+include that is a symlink or points out of the repository is refused before
+anything runs: no file outside the release is read into it, and no content of
+one can reach a message.
+"""
+
+import hashlib
+import posixpath
+import re
+
+import salt.loader.context
+from salt.exceptions import CommandExecutionError
+
+__virtualname__ = "saltfleet_venv"
+
+MARKER = ".saltfleet-complete"
+INCLUDE_RE = re.compile(r"^\s*(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)")
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules; while one of
+    # their functions runs, the loader in context is that mapping.
+    return salt.loader.context.loader_ctxvar.get()[name]
+
+
+def digest(read, cfg):
+    """
+    Digest of what a virtualenv is built from. ``read(relpath)`` returns
+    (kind, text) of a file of the release: kind "file", "link" or None (absent).
+    """
+    where = f"deployments:{cfg['name']}:requirements"
+    total = hashlib.sha256(f"python={cfg['python']}\n".encode())
+    top = posixpath.normpath(cfg["requirements"])
+    seen, todo = set(), [(top, None)]
+    while todo:
+        rel, parent = todo.pop(0)
+        if rel in seen:
+            continue
+        seen.add(rel)
+        kind, text = read(rel)
+        named = f"'{rel}'" + (f" (included by '{parent}')" if parent else "")
+        if kind == "link":
+            raise CommandExecutionError(
+                f"{where}: {named} is a symlink in the repository; saltfleet reads only files of the "
+                "release: commit the file itself"
+            )
+        if kind is None:
+            if parent is None:
+                raise CommandExecutionError(
+                    f"{where}: '{cfg['requirements']}' is not in the repository at this revision; "
+                    "set requirements to the app's requirements file"
+                )
+            total.update(f"{rel}\n(missing)\n".encode())
+            continue
+        total.update(f"{rel}\n{text}\n".encode())
+        for line in text.splitlines():
+            match = INCLUDE_RE.match(line)
+            if not match or "://" in match.group(1):
+                continue
+            include = match.group(1)
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(rel), include))
+            if posixpath.isabs(include) or target == ".." or target.startswith("../"):
+                raise CommandExecutionError(
+                    f"{where}: '{rel}' includes '{include}', outside the repository; "
+                    "include only files of the repository (relative paths)"
+                )
+            todo.append((target, rel))
+    return total.hexdigest()[:16]
+
+
+def complete(venv):
+    return (venv / MARKER).exists()
+
+
+def build(cfg, settings, home, venv, release):
+    """As the user: create ``venv`` and install the release's requirements into it with uv."""
+    user = cfg["user"]
+    uv = _utils("saltfleet_files.trusted_tool")("uv", settings["uv"])
+    env = {"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+    if settings.get("uv_cache"):
+        env["UV_CACHE_DIR"] = settings["uv_cache"]
+    run, remove = _utils("saltfleet_user.run"), _utils("saltfleet_user.remove")
+    steps = (
+        [uv, "venv", "-q", "--seed", "--python", cfg["python"], venv],
+        [uv, "pip", "install", "-q", "--python", venv / "bin" / "python", "-r", release / cfg["requirements"]],
+    )
+    remove(user, home, venv)
+    for argv in steps:
+        proc = run(user, argv, home, cwd=release, env=env)
+        if proc.returncode:
+            remove(user, home, venv)
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+            raise CommandExecutionError(
+                f"deployments:{cfg['name']}:requirements: installing '{cfg['requirements']}' failed "
+                f"(uv {argv[1]} exited {proc.returncode}):\n{tail}"
+            )
+    _utils("saltfleet_user.write")(user, home, venv / MARKER, cfg["requirements"])

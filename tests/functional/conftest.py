@@ -1,0 +1,105 @@
+"""
+The functional tier: saltfleet's states and execution module through Salt's
+own loaders in this process (pytest-salt-factories' ``Loaders``), with a
+local file client serving the repository's state tree. No daemons: a state's
+plan, dry run, validation and retention are tested in seconds. Deployments
+still run for real (git, uv, supervisord) as the unprivileged test user.
+"""
+
+import shutil
+
+import pytest
+import salt.config
+import yaml
+from saltfactories.utils.functional import Loaders
+
+from localfleet.config import REPO, saltfleet_utils, stop_deployments
+from tests.apps import tiny_repo
+from tests.conftest import sandbox_root, short_tmpdir
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny app's bare repository and its revisions."""
+    base = short_tmpdir("sft-")
+    repo, shas = tiny_repo(base)
+    yield {"repo": repo, "shas": shas}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    base = short_tmpdir("sfl-")
+    pillar_dir = base / "pillar"
+    pillar_dir.mkdir()
+    (pillar_dir / "top.sls").write_text(yaml.safe_dump({"base": {"*": ["saltfleet"]}}))
+    (pillar_dir / "saltfleet.sls").write_text("{}\n")
+    opts = salt.config.minion_config(None)
+    opts.update(
+        id="functional",
+        root_dir=str(base),
+        cachedir=str(base / "cache"),
+        pki_dir=str(base / "pki"),
+        sock_dir=str(base / "sock"),
+        extension_modules=str(base / "extmods"),
+        log_file=str(base / "minion.log"),
+        file_client="local",
+        file_roots={"base": [str(REPO / "salt"), str(REPO / "tests" / "fixtures" / "fileroot")]},
+        pillar_roots={"base": [str(pillar_dir)]},
+        module_dirs=[str(REPO / "_modules")],
+        states_dirs=[str(REPO / "_states")],
+        utils_dirs=[str(REPO / "_utils")],
+        grains_dirs=[str(REPO / "_grains")],
+        autoload_dynamic_modules=False,
+    )
+    loaders = Loaders(opts)
+    loaders.pillar_dir = pillar_dir
+    yield loaders
+    shutil.rmtree(base, ignore_errors=True)
+
+
+class Host:
+    """A sandbox host converged through the loaders: pillar in, state returns out."""
+
+    def __init__(self, loaders, root, user, uv_cache):
+        self.loaders = loaders
+        self.root = root
+        self.user = user
+        self.uv_cache = uv_cache
+        self.sf = saltfleet_utils()
+
+    def pillar(self, deployments, **saltfleet):
+        host = {"root": str(self.root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache), **saltfleet}
+        return {"saltfleet": host, "deployments": deployments}
+
+    def set_pillar(self, data):
+        (self.loaders.pillar_dir / "saltfleet.sls").write_text(yaml.safe_dump(data))
+        self.loaders.refresh_pillar()
+        # The execution modules hold the pillar they were loaded with: update it in place.
+        current = self.loaders.modules.pack["__pillar__"]
+        current.clear()
+        current.update(self.loaders.opts["pillar"])
+
+    def apply(self, data, test=False):
+        """state.apply of the fleet SLS (what every host runs): {state id: state return}."""
+        self.set_pillar(data)
+        ret = self.loaders.modules.state.sls("fleet", test=test)
+        assert isinstance(ret.raw, dict), ret.raw
+        return {state["__id__"]: state for state in ret.raw.values()}
+
+    def paths(self, name):
+        return self.sf.saltfleet_paths.paths(self.root, self.user.pw_name, name)
+
+
+@pytest.fixture
+def host(loaders, deploy_user, user_uv_cache):
+    root = sandbox_root("sfh-", deploy_user)
+    yield Host(loaders, root, deploy_user, user_uv_cache)
+    stop_deployments(root, timeout=30)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=[False, True], ids=["real", "dry"])
+def testmode(request):
+    """Each state test both for real and as a dry run (Salt's test=True)."""
+    return request.param
