@@ -479,7 +479,7 @@ def _resolve(cfg, p, manifest, test):
 
 def _retention(cfg, p, plan):
     """
-    The releases to keep (newest last, each with its venv) and the release
+    The history to record (newest last, each release with its venv) and the release
     and venv directories to delete: only names saltfleet made (commit SHAs in
     its history, venv digests), never through a symlink, and none that a
     draining generation still runs.
@@ -502,7 +502,9 @@ def _retention(cfg, p, plan):
     ]
     if p["venvs"].is_dir() and not p["venvs"].is_symlink():
         prune += sorted(v for v in p["venvs"].iterdir() if len(v.name) == 16 and v.name not in used and v.is_dir())
-    return keep, [path for path in prune if plain(p["home"], path)]
+    # A release spared only while it drains stays in the history, so a later apply prunes it.
+    history = [h for h in history if h in keep or h["release"] in spared]
+    return history, [path for path in prune if plain(p["home"], path)]
 
 
 # -------------------------------------------------------------------- apply
@@ -536,6 +538,10 @@ def _apply(settings, cfg, p, plan):
         __utils__["saltfleet_user.remove"](user, p["home"], *plan["prune"])
 
 
+def _fault(p, point):
+    __utils__["saltfleet_files.fault_point"](p["root"], point)
+
+
 def _socket(p, gen):
     return __utils__["saltfleet_paths.generation"](p, gen)["socket"]
 
@@ -559,6 +565,7 @@ def _build(settings, cfg, p, plan):
     try:
         if plan["build_release"]:
             __utils__["saltfleet_git.clone_release"](user, p, release, plan["sha"], cfg["repo"])
+        _fault(p, "build")
         if plan["build_venv"]:
             __utils__["saltfleet_venv.build"](cfg, settings, p["home"], plan["venv"], release)
         # ~/Projects-<name>/venv, as the seed's users know it.
@@ -572,8 +579,13 @@ def _build(settings, cfg, p, plan):
         raise
 
 
-def _write_conf(p, gen, text):
-    __utils__["saltfleet_files.write_atomic"](__utils__["saltfleet_paths.generation"](p, gen)["conf"], text, 0o600)
+def _write_conf(p, plan, gen, text):
+    """
+    Root's, readable by the deployment user's group: supervisord rereads it as
+    the user, and what it carries (env) is already in the user's programs.
+    """
+    conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
+    __utils__["saltfleet_files.write_atomic"](conf, text, 0o640, gid=plan["gid"])
 
 
 def _serve(cfg, p, plan, gen, draining):
@@ -594,6 +606,7 @@ def _serve(cfg, p, plan, gen, draining):
     )
     __utils__["saltfleet_supervisor.link_serving"](p, gen)
     __utils__["saltfleet_user.relink"](cfg["user"], p["home"], p["project"], Path(p["releases"].name) / plan["sha"])
+    _fault(p, "switched")
 
 
 def _draining(plan):
@@ -603,7 +616,7 @@ def _draining(plan):
 def _start(settings, cfg, p, plan):
     """supervisord was not running: start it with the (new) release."""
     sup, gen = "saltfleet_supervisor", plan["gen"]
-    _write_conf(p, gen, plan["conf"])
+    _write_conf(p, plan, gen, plan["conf"])
     failed = {}
     try:
         __utils__[f"{sup}.start"](cfg, settings, p, gen, plan["uid"])
@@ -613,7 +626,7 @@ def _start(settings, cfg, p, plan):
     if failed and plan["switch"] and plan["current"]:
         __utils__[f"{sup}.shutdown"](_socket(p, gen), plan["uid"])
         if plan["old_conf"] is not None and gen == plan["serving"]:
-            _write_conf(p, gen, plan["old_conf"])
+            _write_conf(p, plan, gen, plan["old_conf"])
         raise CommandExecutionError(
             f"deployments:{cfg['name']}: release {plan['sha'][:12]} did not start ({_fmt(failed)}; see {p['logs']}); "
             f"{plan['current'][:12]} stays the recorded release"
@@ -632,12 +645,13 @@ def _overlap(settings, cfg, p, plan):
     is stopped and nothing was switched: the old programs never stopped.
     """
     sup, gen, uid = "saltfleet_supervisor", plan["gen"], plan["uid"]
-    _write_conf(p, gen, plan["conf"])
+    _write_conf(p, plan, gen, plan["conf"])
     try:
         started = __utils__[f"{sup}.start"](cfg, settings, p, gen, uid)
         failed = __utils__[f"{sup}.wait_running"](_socket(p, gen), uid)
     except CommandExecutionError as exc:
         started, failed = None, {"supervisord": str(exc)}
+    _fault(p, "started")
     if failed:
         __utils__[f"{sup}.shutdown"](_socket(p, gen), uid)
         if started:
@@ -659,6 +673,7 @@ def _overlap(settings, cfg, p, plan):
         plan["drain_pid"] = old_info["pid"]
     _serve(cfg, p, plan, gen, draining)
     __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
+    _fault(p, "signalled")
 
 
 def _in_place(cfg, p, plan):
@@ -671,7 +686,7 @@ def _in_place(cfg, p, plan):
     sock = _socket(p, gen)
     diff = __utils__[f"{sup}.diff_groups"](plan["old_conf"], plan["conf"])
     started = plan["changes"].get("programs", {}).get("started", [])
-    _write_conf(p, gen, plan["conf"])
+    _write_conf(p, plan, gen, plan["conf"])
     try:
         __utils__[f"{sup}.apply_group_changes"](sock, uid, diff)
         __utils__[f"{sup}.start_groups"](sock, uid, started)
@@ -679,7 +694,7 @@ def _in_place(cfg, p, plan):
     except CommandExecutionError as exc:
         failed = {"supervisord": str(exc)}
     if failed and plan["old_conf"] is not None:
-        _write_conf(p, gen, plan["old_conf"])
+        _write_conf(p, plan, gen, plan["old_conf"])
         back = __utils__[f"{sup}.diff_groups"](plan["conf"], plan["old_conf"])
         try:
             __utils__[f"{sup}.apply_group_changes"](sock, uid, back)

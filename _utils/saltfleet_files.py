@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -48,13 +49,18 @@ def _trusted_uids():
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path, data, mode=0o644):
-    """Write bytes or text to ``path`` through a synced temporary file and a rename: readers see old or new."""
+def write_atomic(path, data, mode=0o644, gid=None):
+    """
+    Write bytes or text to ``path`` through a synced temporary file and a
+    rename: readers see old or new. ``gid`` gives the file to that group.
+    """
     path = Path(path)
     if isinstance(data, str):
         data = data.encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -214,7 +220,7 @@ def trusted_tool(name, configured=None, key=None):
         candidate = str(beside) if beside.exists() else shutil.which(name, path=SYSTEM_PATH)
     if not candidate or not os.path.exists(candidate):
         raise CommandExecutionError(
-            f"{where}: no {name} found (beside Salt's Python or on {SYSTEM_PATH}); install it or set {where}"
+            f"{where}: no {name} found (beside Salt's Python {sys.executable} or on {SYSTEM_PATH}); install it or set {where}"
         )
     try:
         check_trusted(candidate, where)
@@ -247,6 +253,28 @@ def installed(root):
             if data:
                 found[entry.name] = data
     return found
+
+
+# ------------------------------------------------------------ fault points
+
+
+def fault_point(root, point):
+    """
+    Where a test makes a change stop half way: a file ``faults/<point>`` in
+    root's registry holding ``kill`` kills this process there, ``wait`` holds
+    it until the file is removed. No such file exists on a real host; only
+    root could create one.
+    """
+    marker = _utils("saltfleet_paths.registry")(root) / "faults" / point
+    try:
+        action = marker.read_text().strip()
+    except OSError:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    while action == "wait" and marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------- lock

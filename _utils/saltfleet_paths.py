@@ -9,7 +9,8 @@ root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
 
     deployments/<name>/               0711 root
         manifest.json                 what serves: release, venv, generation, history
-        supervisord.<gen>.conf        0600 (it carries env)
+        supervisord.<gen>.conf        0640, group: the user's (it carries env, which the
+                                      user's programs have anyway; supervisord rereads it)
         supervisord.conf              link to the serving generation's config
         deploy_key, known_hosts       0600
         lock                          one change at a time

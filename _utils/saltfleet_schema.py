@@ -212,9 +212,9 @@ def _check_repo(where, repo, errors):
 
 
 def _check_requirements(where, value, errors):
-    if not _check_pattern(where, value, REQUIREMENTS_RE, "a path inside the repository", errors):
-        return
-    if ".." in PurePosixPath(value).parts:
+    if _check_type(where, value, str, errors) and (
+        not REQUIREMENTS_RE.match(value) or ".." in PurePosixPath(value).parts
+    ):
         errors.append(f"{where}: {value!r} must be a path inside the repository (relative, no '..')")
 
 

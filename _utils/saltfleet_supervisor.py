@@ -96,7 +96,7 @@ class _Connection(UnixStreamHTTPConnection):
 
 
 def peer(sock):
-    """(pid, uid, gid) of the process listening on a connected unix socket, from the kernel."""
+    """(pid, uid, gid) the process that listens on a connected unix socket had when it began to listen."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
 
@@ -128,12 +128,11 @@ def answers(sock, uid):
     """(state, pid) of the supervisord answering on ``sock`` as ``uid`` (state RUNNING, SHUTDOWN...), else None."""
     if not Path(sock).exists():
         return None
-    connection = _Connection(sock, RPC_TIMEOUT, uid)
     try:
-        connection.connect()
-        pid = peer(connection.sock)[0]
-        connection.close()
-        return rpc(sock, uid).getState()["statename"], pid
+        server = rpc(sock, uid)
+        # supervisord's own word for its pid: it listens before it daemonizes, so
+        # the socket's peer pid is the parent that exited.
+        return server.getState()["statename"], server.getPID()
     except (OSError, xmlrpc.client.Error):
         return None
 
@@ -152,7 +151,7 @@ def process_start(pid):
 
 def alive(record):
     """True while a recorded process ({pid, start}) still runs (the same one, not a reused pid)."""
-    return bool(record) and process_start(record.get("pid")) == record.get("start")
+    return bool(record) and record.get("start") is not None and process_start(record.get("pid")) == record["start"]
 
 
 # ------------------------------------------------------------ generations

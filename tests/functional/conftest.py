@@ -74,11 +74,8 @@ class Host:
 
     def set_pillar(self, data):
         (self.loaders.pillar_dir / "saltfleet.sls").write_text(yaml.safe_dump(data))
-        self.loaders.refresh_pillar()
-        # The execution modules hold the pillar they were loaded with: update it in place.
-        current = self.loaders.modules.pack["__pillar__"]
-        current.clear()
-        current.update(self.loaders.opts["pillar"])
+        # The loaded modules hold the pillar they were loaded with: load them afresh, as a minion job does.
+        self.loaders.reload_all()
 
     def apply(self, data, test=False):
         """state.apply of the fleet SLS (what every host runs): {state id: state return}."""
@@ -103,3 +100,29 @@ def host(loaders, deploy_user, user_uv_cache):
 def testmode(request):
     """Each state test both for real and as a dry run (Salt's test=True)."""
     return request.param
+
+
+@pytest.fixture
+def out(deploy_user):
+    """Where the tiny app's programs report which release runs them (the user's)."""
+    path = short_tmpdir("sfo-", owner=deploy_user)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def tiny_app(tiny, out, rev="v1", programs=("a",), **spec):
+    """A deployment of the tiny app running one program per name, each reporting to ``out``."""
+    return {
+        "repo": str(tiny["repo"]),
+        "rev": rev,
+        "env": {"TINYAPP_OUT": str(out)},
+        "programs": {name: {"command": f"python app.py {name}"} for name in programs},
+        **spec,
+    }
+
+
+def report(out, program="a"):
+    """What a tiny app program said about itself: version, pid, cwd, user."""
+    import json
+
+    return json.loads((out / f"{program}.json").read_text())

@@ -1,0 +1,70 @@
+"""supervisord.conf as saltfleet writes it (_utils/saltfleet_supervisor.py), through Salt's utils loader."""
+
+import pytest
+from salt.exceptions import CommandExecutionError
+
+from localfleet.config import saltfleet_utils
+
+utils = saltfleet_utils()
+sup = utils.saltfleet_supervisor
+HOST, _ = utils.saltfleet_schema.validate_host({"root": "/srv/sandbox", "user": "ubuntu"})
+P = utils.saltfleet_paths.paths("/srv/sandbox", "ubuntu", "fetcher")
+RELEASE = P["releases"] / ("a" * 40)
+VENV = P["venvs"] / ("b" * 16)
+
+
+def config(**spec):
+    cfg, errors = utils.saltfleet_schema.validate_deployment("fetcher", {"repo": "/r", **spec}, HOST)
+    assert errors == []
+    return cfg
+
+
+def test_each_generation_owns_its_socket_pidfile_and_runs_programs_in_its_release():
+    cfg = config(env={"DSN": "s3cret%"}, programs={"w": {"command": "celery worker", "stopwaitsecs": 30}})
+    text = sup.render(cfg, sup.pillar_sections(cfg), P, "2", RELEASE, VENV)
+    assert "file=/srv/sandbox/var/lib/saltfleet/deployments/fetcher/run/2.sock\n" in text
+    assert "pidfile=/srv/sandbox/var/lib/saltfleet/deployments/fetcher/run/2.pid\n" in text
+    assert "serverurl=unix:///srv/sandbox/var/lib/saltfleet/deployments/fetcher/run/2.sock\n" in text
+    assert f"directory={RELEASE}\n" in text
+    assert f'PATH="{VENV}/bin:/usr/local/bin:/usr/bin:/bin"' in text
+    assert "stdout_logfile=/srv/sandbox/home/ubuntu/log/fetcher/w.log\n" in text
+    assert "stopwaitsecs=30\n" in text
+    # A secret's % is literal, never a supervisord expansion.
+    assert 'DSN="s3cret%%"' in text
+    assert "/tmp" not in text
+
+
+def test_template_may_not_define_what_saltfleet_owns():
+    with pytest.raises(CommandExecutionError, match=r"section \[supervisord\] .* is not allowed"):
+        sup.template_sections("[supervisord]\nlogfile=/tmp/x\n", "fetcher", "salt://x")
+    with pytest.raises(CommandExecutionError, match=r"section \[include\] .* is not allowed"):
+        sup.template_sections("[program:a]\ncommand=x\n[include]\nfiles=/etc/*.conf\n", "fetcher", "salt://x")
+    with pytest.raises(CommandExecutionError, match="defines no"):
+        sup.template_sections("; nothing\n", "fetcher", "salt://x")
+
+
+def test_group_diff_sees_only_the_programs_that_changed():
+    old = "[program:a]\ncommand=x\n\n[program:b]\ncommand=y\n"
+    new = "[program:a]\ncommand=x\n\n[program:b]\ncommand=z\n\n[program:c]\ncommand=c\n"
+    assert sup.diff_groups(old, new) == {"added": ["c"], "changed": ["b"], "removed": [], "kept": ["a"]}
+    assert sup.diff_groups(new, old)["removed"] == ["c"]
+
+
+def test_programs_that_differ_only_by_release_compare_equal():
+    cfg = config(programs={"w": {"command": "celery worker"}})
+    sections = sup.pillar_sections(cfg)
+    old = sup.render(cfg, sections, P, "1", RELEASE, VENV)
+    new = sup.render(cfg, sections, P, "2", P["releases"] / ("c" * 40), VENV)
+    assert sup.diff_groups(old, new)["changed"] == ["w"]
+    same = [(str(RELEASE), "@r@"), (str(P["releases"] / ("c" * 40)), "@r@")]
+    assert sup.diff_groups(old, new, same)["kept"] == ["w"]
+
+
+def test_the_boot_line_starts_the_serving_generation_as_root():
+    cfg = config(programs={"w": {"command": "x"}})
+    path, text = sup.boot_entry(cfg, HOST, P)
+    assert path == "etc/cron.d/saltfleet-fetcher"
+    line = [x for x in text.decode().splitlines() if x.startswith("@reboot")]
+    assert len(line) == 1
+    assert line[0].startswith("@reboot root /")
+    assert line[0].endswith("supervisord -c /srv/sandbox/var/lib/saltfleet/deployments/fetcher/supervisord.conf")
