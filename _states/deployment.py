@@ -756,7 +756,7 @@ def _remove(root, name, purge, test):
             changes["sysfiles"] = sysfiles_changes
         plain = __utils__["saltfleet_user.plain_path"]
         trees = [p[k] for k in ("project", "releases", "venvs", "logs") if purge and (p[k].exists() or p[k].is_symlink())]
-        trees = [t for t in trees if plain(p["home"], t)]
+        trees = [t for t in trees if plain(p["home"], t, link=t == p["project"])]
         changes["removed"] = [str(p["state"]), *map(str, trees)]
         if test:
             return changes

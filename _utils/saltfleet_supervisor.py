@@ -26,6 +26,7 @@ import re
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -111,6 +112,8 @@ def rpc(sock, uid, timeout=RPC_TIMEOUT):
 def _failed(sock, exc):
     if isinstance(exc, TimeoutError | socket.timeout):
         return CommandExecutionError(f"supervisord on {sock} did not answer within {RPC_TIMEOUT} s")
+    if isinstance(exc, PermissionError):
+        return CommandExecutionError(f"{exc}: root talks to no one else there; move it away")
     if isinstance(exc, xmlrpc.client.Fault):
         return CommandExecutionError(f"supervisord on {sock} refused: {exc.faultString}")
     return CommandExecutionError(f"supervisord on {sock} did not answer: {exc}")
@@ -125,16 +128,22 @@ def call(sock, uid, method, *args):
 
 
 def answers(sock, uid):
-    """(state, pid) of the supervisord answering on ``sock`` as ``uid`` (state RUNNING, SHUTDOWN...), else None."""
-    if not Path(sock).exists():
+    """
+    (state, pid) of the supervisord answering on ``sock`` as ``uid`` (state
+    RUNNING, SHUTDOWN...), None when nothing listens there; an error when
+    something listens but does not answer in time or is not the user's.
+    """
+    if not os.path.lexists(sock):
         return None
     try:
         server = rpc(sock, uid)
         # supervisord's own word for its pid: it listens before it daemonizes, so
         # the socket's peer pid is the parent that exited.
         return server.getState()["statename"], server.getPID()
-    except (OSError, xmlrpc.client.Error):
+    except (ConnectionRefusedError, FileNotFoundError, xmlrpc.client.Fault):
         return None
+    except (OSError, xmlrpc.client.Error) as exc:
+        raise _failed(sock, exc) from None
 
 
 # -------------------------------------------------------------- processes
@@ -206,25 +215,27 @@ def start(cfg, settings, p, gen, uid):
     """Start generation ``gen`` from its config; return {pid, start} once it answers as the user."""
     g = _utils("saltfleet_paths.generation")(p, gen)
     binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
-    proc = subprocess.run(
-        [binary, "-c", str(g["conf"])],
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
-        cwd="/",
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=START_TIMEOUT,
-    )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        answer = answers(g["socket"], uid)
-        if answer and answer[0] == "RUNNING":
-            return {"pid": answer[1], "start": process_start(answer[1])}
-        time.sleep(0.1)
+    # A file, not a pipe: the daemon keeps what it inherited open.
+    with tempfile.TemporaryFile() as output:
+        subprocess.run(
+            [binary, "-c", str(g["conf"])],
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            answer = answers(g["socket"], uid)
+            if answer and answer[0] == "RUNNING":
+                return {"pid": answer[1], "start": process_start(answer[1])}
+            time.sleep(0.1)
+        output.seek(0)
+        said = output.read().decode(errors="replace").strip()[-500:]
     raise CommandExecutionError(
-        f"supervisord did not start: {(proc.stderr or proc.stdout).strip()[-500:] or 'no output'} "
-        f"(see {p['logs'] / 'supervisord.log'})"
+        f"supervisord did not start: {said or 'no output'} (see {p['logs'] / 'supervisord.log'})"
     )
 
 

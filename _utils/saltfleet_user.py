@@ -145,17 +145,19 @@ def remove(user, home, *paths):
         _sh(user, home, 'rm -rf -- "$@"', *paths, what=f"removing {', '.join(map(str, paths))} as {user}")
 
 
-def plain_path(anchor, path):
+def plain_path(anchor, path, link=False):
     """
     True when no component of ``path`` below ``anchor`` (the user's home) is a
-    symlink: what saltfleet prunes or purges is only what it made itself.
+    symlink, ``path`` itself aside when it is one saltfleet makes (``link``):
+    what saltfleet prunes or purges is only what it made itself.
     """
     anchor, path = Path(anchor), Path(path)
     current = anchor
-    for part in path.relative_to(anchor).parts:
+    parts = path.relative_to(anchor).parts
+    for index, part in enumerate(parts):
         current = current / part
         try:
-            if stat.S_ISLNK(os.lstat(current).st_mode):
+            if stat.S_ISLNK(os.lstat(current).st_mode) and not (link and index == len(parts) - 1):
                 return False
         except FileNotFoundError:
             return True

@@ -32,6 +32,9 @@ def loaders():
     base = short_tmpdir("sfl-")
     pillar_dir = base / "pillar"
     pillar_dir.mkdir()
+    # Files a test ships from the master (sysfiles, templates), beside the repository's.
+    file_root = base / "fileroot"
+    file_root.mkdir()
     (pillar_dir / "top.sls").write_text(yaml.safe_dump({"base": {"*": ["saltfleet"]}}))
     (pillar_dir / "saltfleet.sls").write_text("{}\n")
     opts = salt.config.minion_config(None)
@@ -44,7 +47,7 @@ def loaders():
         extension_modules=str(base / "extmods"),
         log_file=str(base / "minion.log"),
         file_client="local",
-        file_roots={"base": [str(REPO / "salt"), str(REPO / "tests" / "fixtures" / "fileroot")]},
+        file_roots={"base": [str(REPO / "salt"), str(REPO / "tests" / "fixtures" / "fileroot"), str(file_root)]},
         pillar_roots={"base": [str(pillar_dir)]},
         module_dirs=[str(REPO / "_modules")],
         states_dirs=[str(REPO / "_states")],
@@ -54,6 +57,7 @@ def loaders():
     )
     loaders = Loaders(opts)
     loaders.pillar_dir = pillar_dir
+    loaders.file_root = file_root
     yield loaders
     shutil.rmtree(base, ignore_errors=True)
 
@@ -84,6 +88,14 @@ class Host:
         assert isinstance(ret.raw, dict), ret.raw
         return {state["__id__"]: state for state in ret.raw.values()}
 
+    def ship(self, name, files):
+        """Make the master ship exactly ``files`` ({path under root: text}) as deployment ``name``'s sysfiles."""
+        folder = self.loaders.file_root / "deployments" / name / "sysfiles"
+        shutil.rmtree(folder, ignore_errors=True)
+        for rel, text in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+
     def paths(self, name):
         return self.sf.saltfleet_paths.paths(self.root, self.user.pw_name, name)
 
@@ -94,6 +106,7 @@ def host(loaders, deploy_user, user_uv_cache):
     yield Host(loaders, root, deploy_user, user_uv_cache)
     stop_deployments(root, timeout=30)
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(loaders.file_root / "deployments", ignore_errors=True)
 
 
 @pytest.fixture(params=[False, True], ids=["real", "dry"])

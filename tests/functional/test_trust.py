@@ -1,0 +1,201 @@
+"""
+The trust boundary, attacked as the deployment's user: nothing the user (or
+the app's repository) controls makes root write, delete or read where the
+user could not, and the deployment keeps serving.
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import short_tmpdir
+from tests.functional.conftest import report, tiny_app
+
+STATE = "saltfleet-deployment-tiny"
+
+
+@pytest.fixture
+def victim():
+    """Root's own files, which the deployment's user can neither read nor change."""
+    folder = short_tmpdir("sfv-")
+    secret = folder / "secret"
+    secret.write_text("ROOT-ONLY-SECRET\n")
+    secret.chmod(0o600)
+    digests = folder / "digests"
+    for name in ("0123456789abcdef", "fedcba9876543210"):
+        (digests / name).mkdir(parents=True)
+        (digests / name / "keep").write_text("mine\n")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def state_of(folder):
+    return {
+        str(path.relative_to(folder)): (os.lstat(path).st_uid, stat.S_IMODE(os.lstat(path).st_mode), path.read_bytes() if path.is_file() else None)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def as_user(user, *argv):
+    subprocess.run(argv, user=user.pw_uid, group=user.pw_gid, check=True, capture_output=True)
+
+
+def serving(host, out):
+    status = host.loaders.modules.deployment.status("tiny")["tiny"]
+    return status["programs"] == {"a": "RUNNING"} and report(out)["user"] == host.user.pw_name
+
+
+def test_a_link_planted_in_the_release_while_it_builds_hands_root_nothing(host, tiny, out, victim):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    before = state_of(victim)
+    fault = host.root / "var" / "lib" / "saltfleet" / "faults" / "build"
+    fault.parent.mkdir(parents=True)
+    fault.write_text("wait")
+    result = {}
+    upgrade = threading.Thread(target=lambda: result.update(host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="v2")}))))
+    upgrade.start()
+    release = host.paths("tiny")["releases"] / tiny["shas"]["v2"]
+    deadline = time.monotonic() + 60
+    while not (release / "app.py").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    as_user(host.user, "ln", "-s", str(victim / "secret"), str(release / "planted"))
+    as_user(host.user, "ln", "-s", str(victim / "digests"), str(release / "planted-dir"))
+    fault.unlink()
+    upgrade.join(120)
+    assert result[STATE]["result"] is True, result[STATE]
+    assert state_of(victim) == before
+    assert report(out)["version"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("rev", "message"),
+    [
+        ("link-reqs", "deployments:tiny:requirements: 'requirements.txt' is a symlink in the repository"),
+        ("escaping-reqs", "deployments:tiny:requirements: 'requirements.txt' includes '/etc/shadow', outside the repository"),
+    ],
+)
+def test_requirements_that_reach_out_of_the_release_are_refused_unread(host, tiny, out, rev, message):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    state = host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev=rev)}))[STATE]
+    assert state["result"] is False
+    assert message in state["comment"]
+    assert "root:" not in state["comment"], "a line of /etc/shadow reached the comment"
+    assert not (host.paths("tiny")["releases"] / tiny["shas"][rev]).exists(), "nothing was checked out"
+    assert serving(host, out) and report(out)["version"] == "1"
+
+
+def test_a_venvs_dir_swapped_for_a_link_is_never_pruned_through(host, tiny, out, victim):
+    deployment = tiny_app(tiny, out, keep_releases=1, handover="stop-first")
+    host.apply(host.pillar({"tiny": dict(deployment, rev="include-reqs")}))
+    p = host.paths("tiny")
+    before = state_of(victim)
+    # The user moves their venvs away and points the name at root's directory of digest-named folders.
+    as_user(host.user, "mv", str(p["venvs"]), str(p["home"] / "moved-venvs"))
+    as_user(host.user, "ln", "-s", str(victim / "digests"), str(p["venvs"]))
+    state = host.apply(host.pillar({"tiny": dict(deployment, rev="v2")}))[STATE]
+    assert state_of(victim) == before
+    assert not any(str(victim) in pruned for pruned in state["changes"].get("pruned", []))
+    assert serving(host, out)
+
+
+def test_purge_never_follows_a_log_dir_swapped_for_a_link(host, tiny, out, victim):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    p = host.paths("tiny")
+    host.loaders.modules.deployment.stop("tiny")
+    before = state_of(victim)
+    as_user(host.user, "rm", "-rf", str(p["logs"]))
+    as_user(host.user, "ln", "-s", str(victim / "digests"), str(p["logs"]))
+    removed = host.apply(host.pillar({}, purge_removed=True))["saltfleet-deployment-tiny-removed"]
+    assert removed["result"] is True, removed
+    assert str(p["logs"]) not in removed["changes"]["removed"]
+    assert state_of(victim) == before
+    assert not p["releases"].exists() and not p["state"].exists()
+
+
+def test_a_socket_swapped_for_someone_elses_is_refused(host, tiny, out, short_tmp):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    p = host.paths("tiny")
+    sock = host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
+    # A socket root listens on (another service's), which the user points the deployment's name at.
+    roots = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    roots.bind(str(short_tmp / "root.sock"))
+    roots.listen(8)
+    try:
+        as_user(host.user, "mv", str(sock), str(sock) + ".moved")
+        as_user(host.user, "ln", "-s", str(short_tmp / "root.sock"), str(sock))
+        state = host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="v2")}))[STATE]
+        roots.settimeout(0.5)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while True:
+                conn, _ = roots.accept()
+                received += conn.recv(65536)
+    finally:
+        roots.close()
+    assert state["result"] is False
+    assert state["comment"].startswith("deployments:tiny: ") and "not the deployment's user" in state["comment"], state
+    assert received == b"", "root sent its XML-RPC to a socket the user pointed it at"
+    assert report(out)["version"] == "1", "the old release keeps serving"
+
+
+def test_a_socket_that_never_answers_fails_the_apply_within_the_timeout(host, tiny, out):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out, programs=["a", "b"])}))
+    p = host.paths("tiny")
+    sock = host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
+    as_user(host.user, "mv", str(sock), str(sock) + ".moved")
+    silent = subprocess.Popen(
+        ["python3", "-c", "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8)\n"
+         "conns=[]\nwhile True: conns.append(s.accept())", str(sock)],
+        user=host.user.pw_uid, group=host.user.pw_gid,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        changed = tiny_app(tiny, out, programs=["a", "b"])
+        changed["programs"]["b"]["stopwaitsecs"] = 3
+        started = time.monotonic()
+        state = host.apply(host.pillar({"tiny": changed}))[STATE]
+        took = time.monotonic() - started
+    finally:
+        silent.kill()
+    assert state["result"] is False
+    assert state["comment"].startswith("deployments:tiny: ") and "did not answer within" in state["comment"], state
+    assert took < 120
+
+
+def test_the_boot_line_brings_the_programs_back_as_cron_runs_it(host, tiny, out):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    boot = host.root / "etc" / "cron.d" / "saltfleet-tiny"
+    lines = boot.read_text().splitlines()
+    reboot = [line for line in lines if line.startswith("@reboot ")]
+    assert len(reboot) == 1
+    env = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith(("#", "@")))
+    user, command = reboot[0].split()[1], reboot[0].split()[2:]
+    # A reboot: every process of the deployment is gone.
+    p = host.paths("tiny")
+    pid = host.loaders.modules.deployment.status("tiny")["tiny"]
+    old = report(out)["pid"]
+    subprocess.run(["pkill", "-KILL", "-u", host.user.pw_name], check=False)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{old}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (out / "a.json").unlink()
+    # cron runs the line as the user it names, with the file's environment and / as its directory.
+    account = __import__("pwd").getpwnam(user)
+    subprocess.run(command, env=env, cwd="/", user=account.pw_uid, group=account.pw_gid, check=True)
+    deadline = time.monotonic() + 30
+    while not (out / "a.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert report(out)["user"] == host.user.pw_name and report(out)["version"] == "1"
+    assert p["conf"].exists() and pid
+    again = host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    assert again[STATE]["changes"] == {}
