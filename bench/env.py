@@ -2,28 +2,28 @@
 
 import contextlib
 import getpass
-import os
+import pwd
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from localfleet import procs
-from localfleet.config import REPO, saltfleet_utils
+from localfleet import daemons, procs
+from localfleet.config import REPO, saltfleet_utils, stop_deployments
+from localfleet.daemons import BIN, UV_CACHE, FleetError
 
-BIN = Path(sys.executable).parent
+__all__ = ["BIN", "REPO", "UV_CACHE", "BenchError"]
+
 USER = getpass.getuser()
 SAMPLE_APP = REPO / "examples" / "sample-app"
-UV_CACHE = REPO / ".cache" / "uv"
 # Revisions of the sample app in the bench's repo: each new-revision run gets one never deployed before.
 REVISIONS = 12
 
 
-class BenchError(Exception):
+class BenchError(FleetError):
     """A scenario could not run as it should (a failed apply is not a measurement)."""
 
 
@@ -31,13 +31,8 @@ sf = saltfleet_utils()
 
 
 def environ():
-    """The environment of every command: the venv's tools first, the shared uv cache, no downloads of Pythons."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/local/bin:/usr/bin:/bin')}"
-    env["UV_CACHE_DIR"] = str(UV_CACHE)
-    env["UV_PYTHON_DOWNLOADS"] = "never"
-    env["UV_NO_PROGRESS"] = "1"
-    return env
+    """The environment of every command (localfleet's), with the repository's uv cache whatever the caller's."""
+    return daemons.environ(UV_CACHE_DIR=str(UV_CACHE), UV_NO_PROGRESS="1")
 
 
 def run(cmd, check=True, timeout=1800, cwd=None, env=None):
@@ -79,17 +74,18 @@ class Workspace:
         self.data = self.base / "data"
         self.data.mkdir()
         self._n = 0
-        self.supervisor_sockets = []
+        self.sandboxes = []
 
     def sandbox(self, prefix="h"):
         """A new, empty, short directory: one fresh host."""
         self._n += 1
         path = self.base / f"{prefix}{self._n}"
         path.mkdir()
+        self.sandboxes.append(path)
         return path
 
     def close(self):
-        stop_everything_under(self.base)
+        stop_everything_under(self.base, self.sandboxes)
         if not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -127,11 +123,14 @@ def make_sample_repo(base):
 # ------------------------------------------------------------------ supervisord
 
 
-def wait_programs_running(sock, timeout=120):
-    """Poll supervisord's XML-RPC until every program is RUNNING; raise if one fails or time runs out."""
+def wait_programs_running(sock, uid=None, timeout=120):
+    """
+    Poll the supervisord on ``sock`` (served by ``uid``; None: not checked)
+    until every program is RUNNING; raise if one fails or time runs out.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = sf.process_info(sock)
+        info = sf.saltfleet_supervisor.process_info(sock, uid)
         states = {i["name"]: i["statename"] for i in info}
         if states and all(s == "RUNNING" for s in states.values()):
             return
@@ -141,29 +140,42 @@ def wait_programs_running(sock, timeout=120):
     raise BenchError(f"programs of {sock} not RUNNING within {timeout} s")
 
 
-def supervisor_sockets(root):
-    """Every supervisord socket under a sandbox: saltfleet's and the baselines'."""
-    return sorted([*Path(root).glob("**/supervisor.sock"), *Path(root).glob("**/.saltfleet/*/run/*.sock")])
+def serving_socket(root, user, name):
+    """(socket, uid) of the supervisord that serves saltfleet deployment ``name`` under ``root``."""
+    p = sf.saltfleet_paths.paths(root, user, name)
+    gen = sf.saltfleet_supervisor.serving(p)
+    if gen is None:
+        raise BenchError(f"deployment {name} under {root} has no serving supervisord")
+    return sf.saltfleet_paths.generation(p, gen)["socket"], pwd.getpwnam(user).pw_uid
+
+
+def _stop_baseline(sock, timeout=60):
+    """Stop a baseline's supervisord (supervisor.sock, supervisord.pid beside it) and its programs."""
+    pid = procs.pid_from_file(sock.with_name("supervisord.pid"), "supervisord")
+    sf.saltfleet_supervisor.shutdown(sock, None)
+    if pid:
+        deadline = time.monotonic() + timeout
+        while procs.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs.stop([pid], timeout=5)
 
 
 def stop_supervisords(root):
-    """Stop every supervisord whose socket lies under root (their programs go with them), all at once."""
-    socks = supervisor_sockets(root)
-    if not socks:
-        return
+    """
+    Stop every supervisord under a host ``root`` (their programs go with them):
+    saltfleet's deployments, then the baselines' (``**/supervisor.sock``), all at once.
+    """
+    stop_deployments(root, timeout=60)
+    socks = sorted(Path(root).glob("home/*/*.supervisor/supervisor.sock"))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda s: sf.stop_supervisord(s, _pidfile_of(s), timeout=60), socks))
+        list(pool.map(_stop_baseline, socks))
 
 
-def _pidfile_of(sock):
-    """The baselines' supervisord.pid beside supervisor.sock; saltfleet's <generation>.pid beside <generation>.sock."""
-    return sock.with_name("supervisord.pid") if sock.name == "supervisor.sock" else sock.with_suffix(".pid")
-
-
-def stop_everything_under(base):
-    """Last resort at exit: the processes this bench started from its directory (by pid)."""
-    with contextlib.suppress(Exception):
-        stop_supervisords(base)
+def stop_everything_under(base, roots=()):
+    """Last resort at exit: the supervisords of each host root, then whatever this bench started from base."""
+    for root in roots:
+        with contextlib.suppress(Exception):
+            stop_supervisords(root)
     leftovers = procs.processes_under(base) if Path(base).exists() else {}
     if leftovers:
         procs.stop(list(leftovers), timeout=30)

@@ -1,6 +1,7 @@
 """
 saltfleet through a real master: a salt-master and local salt-minions, each
-minion a sandbox of its own (its root_dir), all on 127.0.0.1.
+minion a sandbox of its own (its root_dir), all on 127.0.0.1, started with
+localfleet's harness (the demo's).
 
 The master's settings are localfleet.config.master_config() (what
 etc/master.d/saltfleet.conf gives a real master) plus this fleet's pillar,
@@ -8,37 +9,21 @@ paths and ports. Minion keys are generated here and pre-accepted by copying
 the public key into the master's pki/minions, as salt-cloud does.
 """
 
-import contextlib
 import json
-import socket
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-from bench.env import BIN, USER, UV_CACHE, BenchError, run, stop_supervisords
+from bench.env import BIN, USER, UV_CACHE, BenchError, run, stop_everything_under, stop_supervisords
 from localfleet import procs
-from localfleet.config import REPO, master_config
+from localfleet.config import REPO
+from localfleet.daemons import Master, start_minions
 
 # Each fan-out deployment runs a program that costs nothing: 100 supervisords must
 # not mean 100 Celery workers on a 2-core machine.
 FANOUT_DEPLOYMENTS = ("fa", "fb")
 IDLE_PROGRAM = {"idle": {"command": "sleep 3600"}}
 NOP_SLS = "saltfleet_bench_nop"
-
-
-def _free_ports(count):
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def fanout_pillar(repo):
@@ -54,12 +39,9 @@ def fanout_pillar(repo):
 class Fleet:
     def __init__(self, base, repo, heartbeat=True):
         self.base = Path(base)
-        self.etc = self.base / "etc" / "salt"
         self.pillar_dir = self.base / "pillar"
         self.minion_dir = self.base / "m"
-        self.minions = []
-        self.pidfile = self.base / "var" / "run" / "salt-master.pid"
-        self.publish_port, self.ret_port = _free_ports(2)
+        self.minions = {}
         self.pillar_dir.mkdir(parents=True)
         (self.pillar_dir / "top.sls").write_text(yaml.safe_dump({"base": {"*": ["fleet", "bench"]}}))
         # The heartbeat and mine functions every saltfleet host gets (fleet.inventory reads them).
@@ -74,144 +56,34 @@ class Fleet:
         nop_tree = self.base / "nop"
         nop_tree.mkdir()
         (nop_tree / f"{NOP_SLS}.sls").write_text(yaml.safe_dump({"bench-nop": {"test.nop": []}}))
-        master = master_config()
-        master["file_roots"] = {"base": [*master["file_roots"]["base"], str(nop_tree)]}
-        master.update(
-            {
-                "id": "bench-master",
-                "root_dir": str(self.base),
-                "conf_file": str(self.etc / "master"),
-                "pki_dir": str(self.etc / "pki" / "master"),
-                "cachedir": str(self.base / "var" / "cache" / "salt" / "master"),
-                "sock_dir": str(self.base / "var" / "run" / "salt" / "master"),
-                "pidfile": str(self.pidfile),
-                "log_file": str(self.base / "var" / "log" / "salt" / "master"),
-                "log_level_logfile": "warning",
-                "user": USER,
-                "interface": "127.0.0.1",
-                "publish_port": self.publish_port,
-                "ret_port": self.ret_port,
-                "pillar_roots": {"base": [str(self.pillar_dir)]},
-                "open_mode": False,
-                "auto_accept": False,
-            }
-        )
-        self.master = master
-        self.etc.mkdir(parents=True)
-        (self.etc / "master").write_text(yaml.safe_dump(master))
+        self.master = Master(self.base, {"id": "bench-master", "log_level_logfile": "warning"})
+        self.master.config["file_roots"] = {"base": [*self.master.config["file_roots"]["base"], str(nop_tree)]}
+        self.master.config["pillar_roots"] = {"base": [str(self.pillar_dir)]}
+        self.master.write()
+        self.etc = self.master.etc
 
     # ------------------------------------------------------------- daemons
 
-    def master_pid(self):
-        return procs.pid_from_file(self.pidfile, str(self.etc))
-
     def start_master(self, timeout=120):
-        for key in ("pki_dir", "cachedir", "sock_dir"):
-            Path(self.master[key]).mkdir(parents=True, exist_ok=True)
-        (Path(self.master["pki_dir"]) / "minions").mkdir(parents=True, exist_ok=True)
-        Path(self.master["log_file"]).parent.mkdir(parents=True, exist_ok=True)
-        run([BIN / "salt-master", "-c", self.etc, "-d"], cwd=self.base)
-        deadline = time.monotonic() + timeout
-        pub_ipc = Path(self.master["sock_dir"]) / "master_event_pub.ipc"
-        while time.monotonic() < deadline:
-            if self.master_pid() and pub_ipc.exists():
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.ret_port), 1):
-                    return
-            time.sleep(0.2)
-        raise BenchError(f"salt-master did not start within {timeout} s; see {self.master['log_file']}")
-
-    def _prepare_minion(self, minion_id):
-        from salt.crypt import gen_keys
-
-        sandbox = self.minion_dir / minion_id
-        conf = sandbox / "etc" / "salt"
-        pki = conf / "pki" / "minion"
-        pki.mkdir(parents=True)
-        priv, pub = gen_keys(2048)
-        (pki / "minion.pem").write_text(priv if isinstance(priv, str) else priv.decode())
-        (pki / "minion.pem").chmod(0o400)
-        pub = pub if isinstance(pub, str) else pub.decode()
-        (pki / "minion.pub").write_text(pub)
-        (Path(self.master["pki_dir"]) / "minions" / minion_id).write_text(pub)
-        minion = {
-            "id": minion_id,
-            "master": "127.0.0.1",
-            "master_port": self.ret_port,
-            "root_dir": str(sandbox),
-            "pki_dir": str(pki),
-            "user": USER,
-            "log_level_logfile": "warning",
-            "acceptance_wait_time": 1,
-            "random_reauth_delay": 0,
-            # As salt-cloud provisions saltfleet hosts (_utils/saltfleet_cloud.py): state.apply does
-            # not sync_all first; add_minions syncs once.
-            "autoload_dynamic_modules": False,
-        }
-        (conf / "minion").write_text(yaml.safe_dump(minion))
-        return sandbox
-
-    def _minion_pid(self, sandbox):
-        return procs.pid_from_file(sandbox / "var" / "run" / "salt-minion.pid", str(sandbox / "etc" / "salt"))
+        self.master.start(timeout)
 
     def add_minions(self, count, timeout=600):
         """Start count more minions; wait until each answers; sync saltfleet's modules to them. Returns their ids."""
         first = len(self.minions) + 1
         ids = [f"m{n:02d}" for n in range(first, first + count)]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            sandboxes = list(pool.map(self._prepare_minion, ids))
-        for sandbox in sandboxes:
-            run([BIN / "salt-minion", "-c", sandbox / "etc" / "salt", "-d"], cwd=sandbox)
-        self.minions.extend(ids)
-        self.wait_for(ids, timeout)
-        self.check_all(self.salt(",".join(ids), "saltutil.sync_all", "-L", timeout=timeout), ids, lambda r: True)
+        self.minions.update(start_minions(self.master, {mid: self.minion_dir / mid for mid in ids}, timeout=timeout))
         return ids
-
-    def wait_for(self, ids, timeout):
-        deadline = time.monotonic() + timeout
-        missing = set(ids)
-        while missing and time.monotonic() < deadline:
-            ret = self.salt(",".join(sorted(missing)), "test.ping", "-L", timeout=10, check=False)
-            missing -= {k for k, v in ret.items() if v is True}
-            if missing:
-                time.sleep(1)
-        if missing:
-            raise BenchError(
-                f"minions {sorted(missing)} did not answer within {timeout} s (logs under {self.minion_dir})"
-            )
 
     # ------------------------------------------------------------- commands
 
-    def salt(self, tgt, fun, *args, timeout=900, check=True):
+    def salt(self, tgt, fun, *args, timeout=900, list_tgt=False):
         """The real `salt` CLI; returns {minion: return}."""
-        flags = [a for a in args if a.startswith("-")]
-        fargs = [a for a in args if not a.startswith("-")]
-        proc = run(
-            [
-                BIN / "salt",
-                "-c",
-                self.etc,
-                "-t",
-                str(timeout),
-                "--out=json",
-                "--static",
-                "-l",
-                "quiet",
-                *flags,
-                tgt,
-                fun,
-                *fargs,
-            ],
-            check=False,
-            timeout=timeout + 120,
-        )
-        try:
-            return json.loads(proc.stdout or "{}")
-        except ValueError:
-            if check:
-                raise BenchError(
-                    f"salt {tgt} {fun}: no JSON (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
-                ) from None
-            return {}
+        ret, proc = self.master.salt(tgt, fun, *args, timeout=timeout, list_tgt=list_tgt)
+        if ret is None:
+            raise BenchError(
+                f"salt {tgt} {fun}: no JSON (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        return ret
 
     @staticmethod
     def check_all(ret, ids, ok):
@@ -223,16 +95,15 @@ class Fleet:
 
     def apply(self, tgt="*", ids=None, sls=None):
         """salt <tgt> state.apply [sls]; raise unless every minion answered and every state succeeded."""
-        ids = ids or self.minions
-        if tgt != "*":
-            tgt, extra = ",".join(ids), ("-L",)
-        else:
-            extra = ()
+        ids = ids or list(self.minions)
+        list_tgt = tgt != "*"
+        if list_tgt:
+            tgt = ",".join(ids)
 
         def ok(states):
             return isinstance(states, dict) and states and all(s.get("result") is True for s in states.values())
 
-        return self.check_all(self.salt(tgt, "state.apply", *extra, *filter(None, [sls])), ids, ok)
+        return self.check_all(self.salt(tgt, "state.apply", *filter(None, [sls]), list_tgt=list_tgt), ids, ok)
 
     def apply_nop(self):
         """Salt alone: salt '*' state.apply of one test.nop state, no saltfleet state in it."""
@@ -252,6 +123,18 @@ class Fleet:
         opts = salt.config.master_config(str(self.etc / "master"))
         opts["output"] = "json"
         return salt.runner.RunnerClient(opts)
+
+    @staticmethod
+    def close_runner_client(client):
+        # Salt 3008.4's RunnerClient.destroy() leaves the MasterMinion it made for
+        # the jobs, and MasterMinion.__del__ takes even a destroyed one for
+        # unclosed (it checks for None where destroy() leaves {}): without this,
+        # "unclosed MasterMinion" at exit (salt#70174, fixed by salt PR #70177).
+        mminion = getattr(client, "_mminion", None)
+        client.destroy()
+        if mminion is not None:
+            mminion.destroy()
+            mminion.returners = mminion.functions = mminion.utils = None
 
     def inventory_in_process(self, client):
         rows = client.cmd("fleet.inventory", print_event=False, full_return=False)
@@ -273,11 +156,9 @@ class Fleet:
 
     def stop(self):
         """Stop the deployments' supervisords, the minions and the master (by their pids)."""
-        with contextlib.suppress(Exception):
-            stop_supervisords(self.minion_dir)
-        pids = [self._minion_pid(self.minion_dir / m) for m in self.minions]
-        pids.append(self.master_pid())
-        procs.stop([p for p in pids if p], timeout=30)
-        leftovers = procs.processes_under(self.base) if self.base.exists() else {}
-        if leftovers:
-            procs.stop(list(leftovers), timeout=15)
+        roots = [m.sandbox for m in self.minions.values()]
+        for root in roots:
+            stop_supervisords(root)
+        procs.stop([pid for pid in (m.pid() for m in self.minions.values()) if pid], timeout=30)
+        self.master.stop()
+        stop_everything_under(self.base, roots)

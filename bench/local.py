@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.env import BIN, REPO, USER, UV_CACHE, BenchError, run, sf, wait_programs_running
+from bench.env import BIN, REPO, USER, UV_CACHE, BenchError, run, serving_socket, wait_programs_running
 
 
 def deployment_names(count, prefix="bd"):
@@ -119,7 +119,7 @@ class SaltfleetHost(LocalHost):
         self.write_pillar(saltfleet_pillar(self.root, self.repo, self.data, self.names, revs=self.revs))
         states = self.apply()
         for name in self.names:
-            wait_programs_running(sf.paths(self.root, USER, name)["socket"])
+            wait_programs_running(*serving_socket(self.root, USER, name))
         return states
 
     def changes(self, states):

@@ -6,6 +6,7 @@ import time
 from bench.env import BIN, BenchError, Workspace, median, run, stop_supervisords, timed
 from bench.fleet import Fleet
 from bench.local import BuiltinsHost, SaltfleetHost, deployment_names, raw_floor
+from localfleet.daemons import FleetError
 
 # Seconds between a fresh apply and the no-op ones timed after it.
 SETTLE = 5
@@ -86,7 +87,7 @@ class Bench:
         """Run a scenario; a failure is reported in the table, the other scenarios still run."""
         try:
             fn()
-        except BenchError as exc:
+        except FleetError as exc:
             self.errors[name] = str(exc)
             self.log(f"!!! {name} failed: {exc}")
 
@@ -203,24 +204,29 @@ class Bench:
             fleet.start_master()
             self.measure("saltrun_startup", _salt_run_startup, fleet)
             client = fleet.runner_client()
-            for size in self.plan["fanout"]:
-                more = size - len(fleet.minions)
-                self.step(f"fan-out: {more} more minion(s), {size} in all, 2 idle deployments each")
-                started = time.monotonic()
-                new = fleet.add_minions(more)
-                self.log(f"    minions up and synced in {time.monotonic() - started:.1f} s")
-                seconds, _ = timed(fleet.apply, "list", new)
-                self.record(f"master_fresh_new_{more}", seconds)
-                self.step(f"fan-out: salt '*' state.apply, no-op, {size} minion(s)")
-                self.measure(f"master_noop_{size}", fleet.apply)
-                self.measure(f"salt_nop_{size}", fleet.apply_nop)
-                self.step(f"fan-out: salt-run fleet.inventory over {size} minion(s)")
-                self.measure(f"inventory_cli_{size}", fleet.inventory_cli)
-                fleet.inventory_in_process(client)
-                self.measure(f"inventory_runner_{size}", fleet.inventory_in_process, client)
-            client.destroy()
+            try:
+                self._fanout_sizes(fleet, client)
+            finally:
+                fleet.close_runner_client(client)
         finally:
             fleet.stop()
+
+    def _fanout_sizes(self, fleet, client):
+        for size in self.plan["fanout"]:
+            more = size - len(fleet.minions)
+            self.step(f"fan-out: {more} more minion(s), {size} in all, 2 idle deployments each")
+            started = time.monotonic()
+            new = fleet.add_minions(more)
+            self.log(f"    minions up and synced in {time.monotonic() - started:.1f} s")
+            seconds, _ = timed(fleet.apply, "list", new)
+            self.record(f"master_fresh_new_{more}", seconds)
+            self.step(f"fan-out: salt '*' state.apply, no-op, {size} minion(s)")
+            self.measure(f"master_noop_{size}", fleet.apply)
+            self.measure(f"salt_nop_{size}", fleet.apply_nop)
+            self.step(f"fan-out: salt-run fleet.inventory over {size} minion(s)")
+            self.measure(f"inventory_cli_{size}", fleet.inventory_cli)
+            fleet.inventory_in_process(client)
+            self.measure(f"inventory_runner_{size}", fleet.inventory_in_process, client)
 
 
 def settle(seconds=SETTLE):

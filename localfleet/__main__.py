@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from localfleet import demo
+from localfleet.daemons import FleetError
 
 
 def main(argv=None):
@@ -14,7 +15,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         demo.up() if args.command == "up" else demo.down()
-    except demo.DemoError as exc:
+    except FleetError as exc:
         print(f"\nmake demo{'' if args.command == 'up' else '-down'} failed: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,21 +8,18 @@ git repository (.demo/sample-app.git) and its broker folder (.demo/broker).
 The master listens on 127.0.0.1 only, on ports chosen free at the first run.
 """
 
-import contextlib
 import getpass
-import json
 import os
 import shlex
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import yaml
 
+from localfleet import daemons as local
 from localfleet import procs
-from localfleet.config import REPO, master_config, saltfleet_utils
+from localfleet.config import REPO, stop_deployments
+from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free
 
 DEMO = REPO / ".demo"
 ETC = DEMO / "etc" / "salt"
@@ -33,13 +30,11 @@ APP_BRANCH = "main"
 BROKER = DEMO / "broker"
 WORKERS = ("demo-worker-1", "demo-worker-2")
 PROFILE = "local-worker"
-MASTER_PIDFILE = DEMO / "var" / "run" / "salt-master.pid"
-BIN = Path(sys.executable).parent
 # What the user types from the repository (the commands the demo prints).
 CONFIG_ARG = f"-c {ETC.relative_to(REPO)}"
 
 
-class DemoError(Exception):
+class DemoError(FleetError):
     """A step failed; the message says which and where to look."""
 
 
@@ -58,14 +53,6 @@ class Progress:
         print(f"\n==> [{self.step}/{self.total}] {text}  (t+{elapsed:.0f}s)", flush=True)
 
 
-def _env():
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
-    env.setdefault("UV_CACHE_DIR", str(REPO / ".cache" / "uv"))
-    env["UV_PYTHON_DOWNLOADS"] = "never"
-    return env
-
-
 def shown(cmd):
     """The command as the user would type it from the repository."""
     return " ".join(shlex.quote(str(a)) for a in cmd)
@@ -75,11 +62,10 @@ def run(cmd, echo=True, check=True, capture=False, timeout=None):
     """Run a salt command from the repository, showing it and its output."""
     if echo:
         print(f"$ {shown(cmd)}", flush=True)
-    argv = [str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0], *map(str, cmd[1:])]
     proc = subprocess.run(
-        argv,
+        [command(cmd[0]), *map(str, cmd[1:])],
         cwd=REPO,
-        env=_env(),
+        env=environ(),
         stdin=subprocess.DEVNULL,
         capture_output=capture,
         text=True,
@@ -135,22 +121,6 @@ def publish_sample_app(source=APP_SOURCE, bare=APP_REPO, branch=APP_BRANCH):
 # ------------------------------------------------------------------ config
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_free(port):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def read_master_config():
     try:
         return yaml.safe_load((ETC / "master").read_text()) or {}
@@ -162,49 +132,36 @@ def _ports(running):
     """The master's ports: those of the last run when still usable, else new free ones."""
     old = read_master_config()
     ports = (old.get("publish_port"), old.get("ret_port"))
-    if all(ports) and (running or all(_port_free(p) for p in ports)):
+    if all(ports) and (running or all(port_free(p) for p in ports)):
         return ports
-    pub = _free_port()
-    ret = _free_port()
-    while ret == pub:
-        ret = _free_port()
-    return pub, ret
+    return tuple(free_ports(2))
+
+
+def master(running=None):
+    """The demo's salt-master: .demo/ is its root_dir, its config .demo/etc/salt/master."""
+    user = getpass.getuser()
+    settings = {
+        "id": "saltfleet-demo-master",
+        "log_level_logfile": "info",
+        "worker_threads": 3,
+        "state_output": "changes",
+        # Read by pillar/top.sls and pillar/demo/*.sls: the demo's own facts.
+        "saltfleet_demo": {
+            "user": user,
+            "app_repo": str(APP_REPO),
+            "app_rev": APP_BRANCH,
+            "broker": str(BROKER),
+            "uv_cache": str(UV_CACHE),
+        },
+    }
+    if running is None:
+        running = bool(master_pid())
+    return Master(DEMO, settings, ports=_ports(running))
 
 
 def write_config(running):
     """The demo master's config, salt-cloud's config and the local provider/profile, under .demo/etc/salt."""
-    publish_port, ret_port = _ports(running)
-    user = getpass.getuser()
-    master = master_config()
-    master.update(
-        {
-            "id": "saltfleet-demo-master",
-            "root_dir": str(DEMO),
-            "conf_file": str(ETC / "master"),
-            "pki_dir": str(ETC / "pki" / "master"),
-            "cachedir": str(DEMO / "var" / "cache" / "salt" / "master"),
-            "sock_dir": str(DEMO / "var" / "run" / "salt" / "master"),
-            "pidfile": str(MASTER_PIDFILE),
-            "log_file": str(DEMO / "var" / "log" / "salt" / "master"),
-            "log_level_logfile": "info",
-            "user": user,
-            "interface": "127.0.0.1",
-            "publish_port": publish_port,
-            "ret_port": ret_port,
-            "open_mode": False,
-            "auto_accept": False,
-            "worker_threads": 3,
-            "state_output": "changes",
-            # Read by pillar/top.sls and pillar/demo/*.sls: the demo's own facts.
-            "saltfleet_demo": {
-                "user": user,
-                "app_repo": str(APP_REPO),
-                "app_rev": APP_BRANCH,
-                "broker": str(BROKER),
-                "uv_cache": str(REPO / ".cache" / "uv"),
-            },
-        }
-    )
+    demo_master = master(running)
     cloud = {
         "log_file": str(DEMO / "var" / "log" / "salt" / "cloud"),
         "cachedir": str(DEMO / "var" / "cache" / "salt" / "cloud"),
@@ -214,8 +171,8 @@ def write_config(running):
     provider["local"]["sandbox_dir"] = str(SANDBOXES)
     profiles = yaml.safe_load((REPO / "cloud.profiles.d" / "local.conf").read_text())
     header = "# Written by `make demo` (localfleet/demo.py); rewritten at every run.\n"
+    demo_master.write(header)
     files = {
-        ETC / "master": master,
         ETC / "cloud": cloud,
         ETC / "cloud.providers.d" / "local.conf": provider,
         ETC / "cloud.profiles.d" / "local.conf": profiles,
@@ -223,8 +180,8 @@ def write_config(running):
     for path, data in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + yaml.safe_dump(data, default_flow_style=False, sort_keys=True))
-    _repoint_minions(ret_port)
-    return master
+    _repoint_minions(demo_master.ret_port)
+    return demo_master
 
 
 def _repoint_minions(ret_port):
@@ -240,41 +197,24 @@ def _repoint_minions(ret_port):
 
 
 def master_pid():
-    return procs.pid_from_file(MASTER_PIDFILE, str(ETC))
+    return local.master_pid(DEMO)
 
 
-def start_master(master, timeout=60):
-    if master_pid():
-        print(f"salt-master already runs (pid {master_pid()}), on 127.0.0.1:{master['ret_port']}")
+def start_master(demo_master, timeout=60):
+    where = f"127.0.0.1:{demo_master.ret_port}"
+    if demo_master.pid():
+        print(f"salt-master already runs (pid {demo_master.pid()}), on {where}")
         return
-    for folder in ("pki_dir", "cachedir", "sock_dir"):
-        Path(master[folder]).mkdir(parents=True, exist_ok=True)
-    Path(master["log_file"]).parent.mkdir(parents=True, exist_ok=True)
-    # An absolute path, so the daemon's command line names .demo/ (demo-down finds it by that).
-    run(["salt-master", "-c", str(ETC), "-d"])
-    deadline = time.monotonic() + timeout
-    pub_ipc = Path(master["sock_dir"]) / "master_event_pub.ipc"
-    while time.monotonic() < deadline:
-        if master_pid() and pub_ipc.exists():
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", master["ret_port"]), 1):
-                print(f"salt-master runs (pid {master_pid()}), on 127.0.0.1:{master['ret_port']}")
-                return
-        time.sleep(0.2)
-    raise DemoError(f"salt-master did not start within {timeout} s; see {master['log_file']}")
+    print(f"$ {shown(['salt-master', *demo_master.argv[1:]])}", flush=True)
+    demo_master.start(timeout)
+    print(f"salt-master runs (pid {demo_master.pid()}), on {where}")
 
 
 # ------------------------------------------------------------------ instances
 
 
-def _supervisord_pidfiles(sandbox):
-    """The pidfiles of a sandbox's supervisords: from its deployment manifests, and any left without one."""
-    utils = saltfleet_utils()
-    pidfiles = {
-        utils.paths(sandbox, manifest.get("user", "root"), name)["pidfile"].resolve()
-        for name, manifest in utils.installed(sandbox).items()
-    }
-    pidfiles.update(sandbox.glob("home/*/.saltfleet/*/run/*.pid"))
-    return sorted(pidfiles)
+def _sandboxes():
+    return sorted(p for p in SANDBOXES.glob("*") if p.is_dir())
 
 
 def daemons():
@@ -282,16 +222,11 @@ def daemons():
     found = {}
     if master_pid():
         found[master_pid()] = "salt-master"
-    for sandbox in sorted(p for p in SANDBOXES.glob("*") if p.is_dir()):
-        minion = procs.pid_from_file(sandbox / "var" / "run" / "salt-minion.pid", str(sandbox / "etc" / "salt"))
+    for sandbox in _sandboxes():
+        minion = local.minion_pid(sandbox)
         if minion:
             found[minion] = f"salt-minion of {sandbox.name}"
-        for pidfile in _supervisord_pidfiles(sandbox):
-            # supervisord -c <state dir>/supervisord.conf: its command line names the state dir.
-            state = pidfile.parent.parent
-            pid = procs.pid_from_file(pidfile, str(state))
-            if pid:
-                found[pid] = f"supervisord of {sandbox.name} {state.name}"
+        found.update({pid: f"{what} on {sandbox.name}" for pid, what in local.supervisords(sandbox).items()})
     return found
 
 
@@ -302,42 +237,10 @@ def processes():
 
 def instances():
     """{name: 'running'|'stopped'} of the demo's local instances (what `salt-cloud -Q` says)."""
-    found = {}
-    for record in sorted(SANDBOXES.glob("*/instance.json")):
-        sandbox = record.parent
-        pid = procs.pid_from_file(sandbox / "var" / "run" / "salt-minion.pid", str(sandbox / "etc" / "salt"))
-        found[sandbox.name] = "running" if pid else "stopped"
-    return found
-
-
-def wait_for_minions(names, timeout=90):
-    """Until every minion answers test.ping (a fresh minion needs a moment to subscribe)."""
-    deadline = time.monotonic() + timeout
-    missing = set(names)
-    while missing and time.monotonic() < deadline:
-        proc = run(
-            [
-                "salt",
-                *CONFIG_ARG.split(),
-                "-t",
-                "5",
-                "-L",
-                ",".join(sorted(missing)),
-                "test.ping",
-                "--out=json",
-                "--static",
-            ],
-            echo=False,
-            check=False,
-            capture=True,
-        )
-        with contextlib.suppress(ValueError):
-            answered = {k for k, v in json.loads(proc.stdout or "{}").items() if v is True}
-            missing -= answered
-        if missing:
-            time.sleep(1)
-    if missing:
-        raise DemoError(f"{', '.join(sorted(missing))} did not answer test.ping within {timeout} s")
+    return {
+        record.parent.name: "running" if local.minion_pid(record.parent) else "stopped"
+        for record in sorted(SANDBOXES.glob("*/instance.json"))
+    }
 
 
 # ------------------------------------------------------------------ a task
@@ -361,9 +264,9 @@ def task_command():
 
 
 def send_task(timeout=180):
-    command = task_command()
-    print(f"$ {command}", flush=True)
-    proc = subprocess.run(["bash", "-c", command], cwd=REPO, text=True, timeout=timeout, check=False)
+    line = task_command()
+    print(f"$ {line}", flush=True)
+    proc = subprocess.run(["bash", "-c", line], cwd=REPO, text=True, timeout=timeout, check=False)
     if proc.returncode:
         raise DemoError(f"the sample task failed (exit {proc.returncode}); see {_fetcher_project().parent / 'log'}")
 
@@ -382,8 +285,8 @@ def up(workers=WORKERS):
     print(f"{APP_REPO.relative_to(REPO)} {APP_BRANCH} = {sha}")
 
     progress("salt-master on 127.0.0.1 with its config under .demo/etc/salt")
-    master = write_config(running=bool(master_pid()))
-    start_master(master)
+    demo_master = write_config(running=bool(master_pid()))
+    start_master(demo_master)
 
     progress(f"salt-cloud: {', '.join(workers)} from profile {PROFILE} (local driver: a sandbox and a minion each)")
     existing = instances()
@@ -399,7 +302,7 @@ def up(workers=WORKERS):
     after = instances()
     if any(after.get(w) != "running" for w in workers):
         raise DemoError(f"instances not running after salt-cloud: {after}; see .demo/var/log/salt/cloud")
-    wait_for_minions(workers)
+    demo_master.wait_for_minions(workers, timeout=90)
 
     progress("sync saltfleet's grains, modules and states to the minions")
     run([*salt, "-t", "120", "*", "saltutil.sync_all", "--out=txt"])
@@ -440,7 +343,9 @@ Send the fetchers a task:
     {task_command()}
 
 Logs: .demo/var/log/salt/ (master, cloud), .demo/minions/<name>/var/log/salt/minion,
-deployments in .demo/minions/<name>/home/{getpass.getuser()}/.
+the deployments' in .demo/minions/<name>/home/{getpass.getuser()}/log/. Deployments (releases, venvs)
+in .demo/minions/<name>/home/{getpass.getuser()}/; their supervisord configs, sockets and manifests
+in .demo/minions/<name>/var/lib/saltfleet/deployments/.
 Stop every process of the demo: make demo-down    (make clean also removes .demo/)
 """
     )
@@ -456,12 +361,19 @@ def down(timeout=120):
     # Taken before anything stops: a stopped parent's children are reparented
     # and no longer look like the demo's.
     started_by_demo = processes()
-    running = [name for name, state in instances().items() if state == "running"]
-    supervised = list(SANDBOXES.glob("*/home/*/.saltfleet/*/run/*.sock"))
-    if (running or supervised) and (ETC / "cloud.providers.d" / "local.conf").exists():
-        names = sorted(set(running) | {s.relative_to(SANDBOXES).parts[0] for s in supervised})
+    states = instances()
+    running = [name for name, state in states.items() if state == "running"]
+    # An instance whose minion is stopped may still run deployments (started by hand, or left by a failed stop).
+    supervised = [s.name for s in _sandboxes() if s.name in states and local.supervisords(s)]
+    names = sorted(set(running) | set(supervised))
+    if names and (ETC / "cloud.providers.d" / "local.conf").exists():
         print(f"==> stopping {', '.join(names)} (their deployments, then their minions)", flush=True)
         run(["salt-cloud", *CONFIG_ARG.split(), "-y", "-a", "stop", *names], check=False, timeout=timeout * 6)
+    for sandbox in _sandboxes():
+        left = local.supervisords(sandbox)
+        if left:
+            print(f"==> stopping what still runs on {sandbox.name}: {', '.join(sorted(left.values()))}", flush=True)
+            stop_deployments(sandbox, timeout=timeout)
     pid = master_pid()
     if pid:
         print(f"==> stopping salt-master (pid {pid})", flush=True)

@@ -3,8 +3,12 @@
 with its deployments RUNNING, the printed commands work from another shell, a
 second `make demo` converges without duplicating anything, and `make demo-down`
 stops every process the demo started and nothing else.
+
+The first `make demo` is the module's; a test that needs the demo running
+starts it again when a test before it stopped it (`demo_running`).
 """
 
+import json
 import os
 import re
 import shutil
@@ -61,6 +65,21 @@ def demo_up():
         assert down.returncode == 0, down.stdout + down.stderr
 
 
+def demo_is_up():
+    states = demo.instances()
+    return bool(demo.master_pid()) and all(states.get(name) == "running" for name in demo.WORKERS)
+
+
+@pytest.fixture
+def demo_running(demo_up):
+    """The demo up, whatever a test before did to it: `make demo` again when something of it is stopped."""
+    if not demo_is_up():
+        proc = make("demo")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert demo_is_up()
+    return demo_up
+
+
 def test_make_demo_brings_the_fleet_up(demo_up):
     proc, _ = demo_up
     out = proc.stdout
@@ -77,8 +96,8 @@ def test_make_demo_brings_the_fleet_up(demo_up):
     assert printed_commands(out)
 
 
-def test_printed_commands_work_from_another_shell(demo_up):
-    commands = printed_commands(demo_up[0].stdout)
+def test_printed_commands_work_from_another_shell(demo_running):
+    commands = printed_commands(demo_running[0].stdout)
     ping = next(c for c in commands if "test.ping" in c)
     proc = subprocess.run(
         f"{ping} --out=json --static",
@@ -95,7 +114,69 @@ def test_printed_commands_work_from_another_shell(demo_up):
     assert '"demo-worker-2": true' in proc.stdout
 
 
-def test_listens_on_loopback_only(demo_up):
+def without_venv():
+    """The environment of a user who has not activated the venv: nothing of .venv/ on PATH."""
+    venv = str(REPO / ".venv")
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if p and not os.path.realpath(p).startswith(venv)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return {**env, "PATH": os.pathsep.join(path or ["/usr/bin", "/bin"])}
+
+
+def inventory_groups(graph):
+    """{group: [hosts]} of `ansible-inventory --graph` output."""
+    groups, current = {}, None
+    for line in graph.splitlines():
+        name = line.rsplit("--", 1)[-1].strip() if "--" in line else line.strip()
+        if name.startswith("@"):
+            current = name[1:].rstrip(":")
+            groups.setdefault(current, [])
+        elif current and name:
+            groups[current].append(name)
+    return groups
+
+
+def test_ansible_inventory_script_needs_no_venv_on_path(demo_running):
+    printed = demo_running[0].stdout.splitlines()
+    command = next(line for line in printed if "localfleet/ansible_inventory.py --list" in line).split("#", 1)[0]
+    proc = subprocess.run(
+        command.strip(),
+        shell=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=without_venv(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    inventory = json.loads(proc.stdout)
+    assert inventory["deployment_sample_fetcher"]["hosts"] == ["demo-worker-1"]
+    assert inventory["deployment_sample_reporter"]["hosts"] == ["demo-worker-2"]
+    assert sorted(inventory["salt_up"]["hosts"]) == ["demo-worker-1", "demo-worker-2"]
+    assert inventory["_meta"]["hostvars"]["demo-worker-1"]["ansible_host"] == "127.0.0.1"
+
+
+def test_ansible_reads_the_fleet_through_the_inventory_script(demo_running):
+    ansible_inventory = shutil.which("ansible-inventory", path=without_venv()["PATH"])
+    if not ansible_inventory:
+        pytest.fail("`ansible-inventory` is needed to check the inventory script: apt-get install ansible-core")
+    proc = subprocess.run(
+        [ansible_inventory, "-i", "localfleet/ansible_inventory.py", "--graph"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**without_venv(), "SALT_CONFIG_DIR": ".demo/etc/salt", "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    groups = inventory_groups(proc.stdout)
+    assert groups.get("deployment_sample_fetcher") == ["demo-worker-1"], proc.stdout
+    assert groups.get("deployment_sample_reporter") == ["demo-worker-2"], proc.stdout
+    assert sorted(groups.get("provider_local", [])) == ["demo-worker-1", "demo-worker-2"], proc.stdout
+
+
+def test_listens_on_loopback_only(demo_running):
     master = demo.read_master_config()
     assert master["interface"] == "127.0.0.1"
     ss = shutil.which("ss")
@@ -116,7 +197,7 @@ def test_listens_on_loopback_only(demo_up):
     assert {("tcp", master["publish_port"]), ("tcp", master["ret_port"])} <= set(mine), listening
 
 
-def test_second_make_demo_converges_without_duplicates(demo_up):
+def test_second_make_demo_converges_without_duplicates(demo_running):
     before = demo_processes()
     proc = make("demo")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -131,8 +212,8 @@ def test_second_make_demo_converges_without_duplicates(demo_up):
     assert sum(1 for c in after.values() if "salt-master" in c and "MainProcess" in c) == 1
 
 
-def test_make_demo_down_stops_the_demo_and_nothing_else(demo_up):
-    _, before_demo = demo_up
+def test_make_demo_down_stops_the_demo_and_nothing_else(demo_running):
+    _, before_demo = demo_running
     started_by_demo = demo.processes()
     assert started_by_demo
     # A user's processes that run in .demo/ or read its files are not the demo's.
