@@ -97,7 +97,9 @@ def present(name, **kwargs):
     ret = _ret(name)
     test = bool(__opts__["test"])
     try:
-        settings, cfg = _config(name, {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in STATE_ARGS})
+        settings, cfg = _config(
+            name, {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in STATE_ARGS}
+        )
         p = __utils__["saltfleet_paths.paths"](settings["root"], cfg["user"], name)
         with _locked(p, f"state deployment.present {name}", test):
             plan = _plan(settings, cfg, p, test)
@@ -159,7 +161,12 @@ def pillar_valid(name):
             - name: saltfleet
     """
     _, _, errors = __utils__["saltfleet_schema.validate"](dict(__pillar__), _default_root())
-    return {"name": name, "result": not errors, "changes": {}, "comment": "\n".join(errors) or "saltfleet pillar is valid"}
+    return {
+        "name": name,
+        "result": not errors,
+        "changes": {},
+        "comment": "\n".join(errors) or "saltfleet pillar is valid",
+    }
 
 
 def sysfiles(name):
@@ -569,7 +576,9 @@ def _build(settings, cfg, p, plan):
         if plan["build_venv"]:
             __utils__["saltfleet_venv.build"](cfg, settings, p["home"], plan["venv"], release)
         # ~/Projects-<name>/venv, as the seed's users know it.
-        __utils__["saltfleet_user.relink"](user, p["home"], release / "venv", Path("..") / ".." / p["venvs"].name / plan["digest"])
+        __utils__["saltfleet_user.relink"](
+            user, p["home"], release / "venv", Path("..") / ".." / p["venvs"].name / plan["digest"]
+        )
         __utils__["saltfleet_user.remove"](user, p["home"], release / ".git" / "saltfleet-failed")
         write(user, p["home"], release / ".git" / "saltfleet-complete", plan["digest"])
     except Exception as exc:
@@ -610,7 +619,10 @@ def _serve(cfg, p, plan, gen, draining):
 
 
 def _draining(plan):
-    return {g: {k: i[k] for k in ("pid", "start", "release", "venv") if k in i} for g, i in {**plan["draining"], **plan["orphans"]}.items()}
+    return {
+        g: {k: i[k] for k in ("pid", "start", "release", "venv") if k in i}
+        for g, i in {**plan["draining"], **plan["orphans"]}.items()
+    }
 
 
 def _start(settings, cfg, p, plan):
@@ -755,7 +767,9 @@ def _remove(root, name, purge, test):
         if sysfiles_changes:
             changes["sysfiles"] = sysfiles_changes
         plain = __utils__["saltfleet_user.plain_path"]
-        trees = [p[k] for k in ("project", "releases", "venvs", "logs") if purge and (p[k].exists() or p[k].is_symlink())]
+        trees = [
+            p[k] for k in ("project", "releases", "venvs", "logs") if purge and (p[k].exists() or p[k].is_symlink())
+        ]
         trees = [t for t in trees if plain(p["home"], t, link=t == p["project"])]
         changes["removed"] = [str(p["state"]), *map(str, trees)]
         if test:
@@ -788,9 +802,12 @@ def _describe(cfg, plan, dry):
     if "supervisord" in changes:
         parts.append(f"supervisord {verb} started")
     if "programs" in changes:
-        parts.append(f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items()))
+        parts.append(
+            f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
+        )
     if "generations" in changes:
-        parts.append(f"supervisord {', '.join(map(str, changes['generations']['stopped']))} left by an interrupted apply {verb} stopped")
+        pids = ", ".join(map(str, changes["generations"]["stopped"]))
+        parts.append(f"supervisord {pids} left by an interrupted apply {verb} stopped")
     if plan.get("drain_pid"):
         parts.append(f"the previous programs finish their tasks in the background (pid {plan['drain_pid']})")
     if "sysfiles" in changes:

@@ -37,9 +37,11 @@ def __virtual__():
 
 
 def _utils(name):
-    # Salt's utils loader packs no __utils__ into utils modules; while one of
-    # their functions runs, the loader in context is that mapping.
-    return salt.loader.context.loader_ctxvar.get()[name]
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 def _trusted_uids():
@@ -220,7 +222,8 @@ def trusted_tool(name, configured=None, key=None):
         candidate = str(beside) if beside.exists() else shutil.which(name, path=SYSTEM_PATH)
     if not candidate or not os.path.exists(candidate):
         raise CommandExecutionError(
-            f"{where}: no {name} found (beside Salt's Python {sys.executable} or on {SYSTEM_PATH}); install it or set {where}"
+            f"{where}: no {name} found (beside Salt's Python {sys.executable} or on {SYSTEM_PATH}); "
+            f"install it or set {where}"
         )
     try:
         check_trusted(candidate, where)

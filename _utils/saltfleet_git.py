@@ -35,9 +35,11 @@ def __virtual__():
 
 
 def _utils(name):
-    # Salt's utils loader packs no __utils__ into utils modules; while one of
-    # their functions runs, the loader in context is that mapping.
-    return salt.loader.context.loader_ctxvar.get()[name]
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 def _read(path):
@@ -150,7 +152,9 @@ def has_commit(repo, sha, cfg, secrets):
 
 
 def _rev_parse(repo, rev, cfg, secrets):
-    return _git(["rev-parse", "-q", "--verify", "--end-of-options", f"{rev}^{{commit}}"], cfg, secrets, cwd=repo, check=False)
+    return _git(
+        ["rev-parse", "-q", "--verify", "--end-of-options", f"{rev}^{{commit}}"], cfg, secrets, cwd=repo, check=False
+    )
 
 
 def read_file(repo, sha, relpath, cfg, secrets):

@@ -116,9 +116,11 @@ def __virtual__():
 
 
 def _utils(name):
-    # Salt's utils loader packs no __utils__ into utils modules; while one of
-    # their functions runs, the loader in context is that mapping.
-    return salt.loader.context.loader_ctxvar.get()[name]
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 def _type_name(value):
@@ -273,9 +275,7 @@ def validate_host(host, default_root="/"):
         settings["root"] = default_root
     if _check_type("saltfleet:root", settings["root"], str, errors) and not ROOT_RE.match(settings["root"]):
         # Paths under root reach ssh's and supervisord's command lines: keep them plain.
-        errors.append(
-            f"saltfleet:root: {settings['root']!r} must be an absolute path of letters, digits and '_./+-'"
-        )
+        errors.append(f"saltfleet:root: {settings['root']!r} must be an absolute path of letters, digits and '_./+-'")
     _check_name("saltfleet:user", settings["user"], errors, "user")
     _check_pattern("saltfleet:python", settings["python"], PYTHON_RE, _PYTHON_WHAT, errors)
     if _check_type("saltfleet:keep_releases", settings["keep_releases"], int, errors) and settings["keep_releases"] < 1:

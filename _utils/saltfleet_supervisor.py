@@ -70,9 +70,11 @@ def __virtual__():
 
 
 def _utils(name):
-    # Salt's utils loader packs no __utils__ into utils modules; while one of
-    # their functions runs, the loader in context is that mapping.
-    return salt.loader.context.loader_ctxvar.get()[name]
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 # ------------------------------------------------------------------ XML-RPC
@@ -105,7 +107,7 @@ def peer(sock):
 def rpc(sock, uid, timeout=RPC_TIMEOUT):
     """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``."""
     transport = SupervisorTransport(serverurl=f"unix://{sock}")
-    transport._get_connection = lambda: _Connection(sock, timeout, uid)  # noqa: SLF001
+    transport._get_connection = lambda: _Connection(sock, timeout, uid)
     return xmlrpc.client.ServerProxy("http://localhost", transport=transport, allow_none=True).supervisor
 
 
@@ -195,7 +197,9 @@ def generations(p, uid, draining=None):
 
 def free_generation(p, taken):
     """A generation number that neither a running supervisord nor a config of the deployment uses."""
-    used = set(taken) | {c.name.removeprefix("supervisord.").removesuffix(".conf") for c in p["state"].glob("supervisord.*.conf")}
+    used = set(taken) | {
+        c.name.removeprefix("supervisord.").removesuffix(".conf") for c in p["state"].glob("supervisord.*.conf")
+    }
     return next(str(n) for n in range(1, len(used) + 2) if str(n) not in used)
 
 
@@ -434,7 +438,9 @@ def render(cfg, sections, p, gen, release, venv):
             "directory": str(p["home"]),
             "environment": environment({"HOME": str(p["home"]), "LANG": "C.UTF-8", "USER": cfg["user"]}),
         },
-        "rpcinterface:supervisor": {"supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"},
+        "rpcinterface:supervisor": {
+            "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
+        },
         "supervisorctl": {"serverurl": f"unix://{g['socket']}"},
     }
     if os.geteuid() == 0 and cfg["user"] != "root":
@@ -491,7 +497,9 @@ def groups_of(conf_text, same=()):
             progs = _members(parser, section)
             body = {
                 "group": dict(parser.items(section)),
-                "programs": {q: dict(parser.items(f"program:{q}")) for q in progs if parser.has_section(f"program:{q}")},
+                "programs": {
+                    q: dict(parser.items(f"program:{q}")) for q in progs if parser.has_section(f"program:{q}")
+                },
             }
             groups[name] = json.dumps(body, sort_keys=True)
     return groups

@@ -28,9 +28,11 @@ def __virtual__():
 
 
 def _utils(name):
-    # Salt's utils loader packs no __utils__ into utils modules; while one of
-    # their functions runs, the loader in context is that mapping.
-    return salt.loader.context.loader_ctxvar.get()[name]
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 def digest(read, cfg):

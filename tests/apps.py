@@ -97,6 +97,8 @@ def tiny_repo(base):
 def celery_client(data_dir):
     """The sample app module, loaded afresh with its broker in data_dir."""
     os.environ["SAMPLEAPP_DATA"] = str(data_dir)
+    # The workers run as the deployment's user: the messages this process writes must be theirs to read.
+    os.umask(0o022)
     spec = importlib.util.spec_from_file_location(f"sampleapp_{uuid.uuid4().hex}", SAMPLE_APP / "sampleapp.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -14,7 +14,7 @@ from celery import Celery
 VERSION = "1"
 
 DATA = Path(os.environ.get("SAMPLEAPP_DATA", "/var/lib/sampleapp"))
-for folder in ("queue", "control", "results"):
+for folder in ("queue", "control", "results", "processed"):
     (DATA / folder).mkdir(parents=True, exist_ok=True)
 
 app = Celery("sampleapp")
@@ -24,6 +24,10 @@ app.conf.update(
         "data_folder_in": str(DATA / "queue"),
         "data_folder_out": str(DATA / "queue"),
         "control_folder": str(DATA / "control"),
+        # Delivered messages move here rather than to /tmp: a worker cannot
+        # delete from a sticky /tmp a message another user (the sender) wrote.
+        "store_processed": True,
+        "processed_folder": str(DATA / "processed"),
     },
     result_backend=f"file://{DATA / 'results'}",
     task_track_started=True,

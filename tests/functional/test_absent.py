@@ -5,7 +5,9 @@ import time
 from tests.conftest import snapshot
 from tests.functional.conftest import report, tiny_app
 
-KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key-but-a-secret-all-the-same\n-----END OPENSSH PRIVATE KEY-----\n"
+KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key-but-a-secret-all-the-same\n-----END OPENSSH PRIVATE KEY-----\n"
+)
 
 
 def exited(pid, timeout=30):

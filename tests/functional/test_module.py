@@ -1,5 +1,8 @@
 """The operator verbs (`salt TARGET deployment.FUNC`) through the loaders: outcomes and clear errors."""
 
+import threading
+import time
+
 import pytest
 from salt.exceptions import CommandExecutionError
 
@@ -8,7 +11,11 @@ from tests.functional.conftest import report, tiny_app
 
 @pytest.fixture
 def deployed(host, tiny, out):
-    host.apply(host.pillar({"tiny": tiny_app(tiny, out, programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"})}))
+    host.apply(
+        host.pillar(
+            {"tiny": tiny_app(tiny, out, programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"})}
+        )
+    )
     return host.loaders.modules.deployment
 
 
@@ -18,7 +25,9 @@ def deployed(host, tiny, out):
 )
 def test_a_deployment_not_installed_is_an_error_that_says_so(host, call, args):
     host.set_pillar(host.pillar({}))
-    with pytest.raises(CommandExecutionError, match=r"^deployment nosuch is not installed on this host; deployment.list"):
+    with pytest.raises(
+        CommandExecutionError, match=r"^deployment nosuch is not installed on this host; deployment.list"
+    ):
         getattr(host.loaders.modules.deployment, call)(*args)
 
 
@@ -51,7 +60,11 @@ def test_stop_stops_everything_and_the_next_apply_starts_it(deployed, host, tiny
     assert (out / "a.stopped").read_text().split() == [str(pid)]
     with pytest.raises(CommandExecutionError, match="its supervisord is not running"):
         deployed.restart("tiny")
-    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out, programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"})}))
+    states = host.apply(
+        host.pillar(
+            {"tiny": tiny_app(tiny, out, programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"})}
+        )
+    )
     assert states["saltfleet-deployment-tiny"]["changes"] == {"supervisord": {"old": "stopped", "new": "running"}}
     assert report(out)["pid"] != pid
 
@@ -61,3 +74,30 @@ def test_validate_reports_every_error(host):
     errors = host.loaders.modules.deployment.validate()
     assert any(e.startswith("saltfleet:uesr: unknown key") for e in errors)
     assert any(e.startswith("deployments:a:repo: missing") for e in errors)
+
+
+def test_an_operator_command_waits_for_a_state_apply_of_the_same_deployment(deployed, host, tiny, out):
+    fault = host.root / "var" / "lib" / "saltfleet" / "faults" / "build"
+    fault.parent.mkdir(parents=True)
+    fault.write_text("wait")
+    applied = {}
+    deployment = tiny_app(
+        tiny, out, rev="v2", programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"}
+    )
+    upgrade = threading.Thread(target=lambda: applied.update(host.apply(host.pillar({"tiny": deployment}))))
+    upgrade.start()
+    release = host.paths("tiny")["releases"] / tiny["shas"]["v2"]
+    deadline = time.monotonic() + 60
+    while not (release / "app.py").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    threading.Timer(3, fault.unlink).start()
+    started = time.monotonic()
+    restarted = host.loaders.modules.deployment.restart("tiny", "a")
+    waited = time.monotonic() - started
+    upgrade.join(120)
+    assert waited >= 2.5, "the restart did not wait for the apply that held the deployment"
+    assert applied["saltfleet-deployment-tiny"]["result"] is True
+    assert restarted == {"restarted": ["a"]}
+    # The restart came after the upgrade, on the new release.
+    assert report(out, "a")["version"] == "2"
+    assert report(out, "a")["pid"] != report(out, "b")["pid"]

@@ -39,7 +39,11 @@ def victim():
 
 def state_of(folder):
     return {
-        str(path.relative_to(folder)): (os.lstat(path).st_uid, stat.S_IMODE(os.lstat(path).st_mode), path.read_bytes() if path.is_file() else None)
+        str(path.relative_to(folder)): (
+            os.lstat(path).st_uid,
+            stat.S_IMODE(os.lstat(path).st_mode),
+            path.read_bytes() if path.is_file() else None,
+        )
         for path in sorted(folder.rglob("*"))
     }
 
@@ -60,7 +64,9 @@ def test_a_link_planted_in_the_release_while_it_builds_hands_root_nothing(host, 
     fault.parent.mkdir(parents=True)
     fault.write_text("wait")
     result = {}
-    upgrade = threading.Thread(target=lambda: result.update(host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="v2")}))))
+    upgrade = threading.Thread(
+        target=lambda: result.update(host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="v2")})))
+    )
     upgrade.start()
     release = host.paths("tiny")["releases"] / tiny["shas"]["v2"]
     deadline = time.monotonic() + 60
@@ -79,7 +85,10 @@ def test_a_link_planted_in_the_release_while_it_builds_hands_root_nothing(host, 
     ("rev", "message"),
     [
         ("link-reqs", "deployments:tiny:requirements: 'requirements.txt' is a symlink in the repository"),
-        ("escaping-reqs", "deployments:tiny:requirements: 'requirements.txt' includes '/etc/shadow', outside the repository"),
+        (
+            "escaping-reqs",
+            "deployments:tiny:requirements: 'requirements.txt' includes '/etc/shadow', outside the repository",
+        ),
     ],
 )
 def test_requirements_that_reach_out_of_the_release_are_refused_unread(host, tiny, out, rev, message):
@@ -152,9 +161,15 @@ def test_a_socket_that_never_answers_fails_the_apply_within_the_timeout(host, ti
     sock = host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
     as_user(host.user, "mv", str(sock), str(sock) + ".moved")
     silent = subprocess.Popen(
-        ["python3", "-c", "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8)\n"
-         "conns=[]\nwhile True: conns.append(s.accept())", str(sock)],
-        user=host.user.pw_uid, group=host.user.pw_gid,
+        [
+            "python3",
+            "-c",
+            "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8)\n"
+            "conns=[]\nwhile True: conns.append(s.accept())",
+            str(sock),
+        ],
+        user=host.user.pw_uid,
+        group=host.user.pw_gid,
     )
     try:
         deadline = time.monotonic() + 10

@@ -1,6 +1,7 @@
 """Real salt-master and salt-minion daemons (pytest-salt-factories), shared per module."""
 
 import copy
+import shutil
 
 import pytest
 import yaml
@@ -47,3 +48,62 @@ def salt_cli(salt_master):
 @pytest.fixture(scope="module")
 def salt_run_cli(salt_master):
     return salt_master.salt_run_cli(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def synced(salt_minion, salt_cli):
+    """The module's minion with saltfleet's modules synced (what provisioning does once)."""
+    ret = salt_cli.run("saltutil.sync_all", minion_tgt=salt_minion.id)
+    assert ret.returncode == 0, ret
+    return salt_minion
+
+
+class Host:
+    """A sandbox host behind a real minion: pillar in, the real `salt` CLI's returns out."""
+
+    def __init__(self, salt_cli, minion, pillar_dir, root, user, uv_cache):
+        self.cli, self.minion, self.pillar_dir = salt_cli, minion, pillar_dir
+        self.root, self.user, self.uv_cache = root, user, uv_cache
+        self.outputs = []
+
+    def pillar(self, deployments, **saltfleet):
+        host = {"root": str(self.root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache), **saltfleet}
+        return {"saltfleet": host, "deployments": deployments}
+
+    def set_pillar(self, data):
+        write_pillar(self.pillar_dir, data)
+        self.run("saltutil.refresh_pillar", "wait=True")
+
+    def run(self, *args, **kwargs):
+        ret = self.cli.run(*args, minion_tgt=self.minion.id, **kwargs)
+        self.outputs.append(ret)
+        return ret
+
+    def apply(self, data, test=False, check=True):
+        """state.apply with ``data`` as pillar: {state id: return}; with ``check``, every state must succeed."""
+        self.set_pillar(data)
+        ret = self.run("state.apply", *(["test=True"] if test else []), _timeout=900)
+        assert isinstance(ret.data, dict), ret
+        states = {state["__id__"]: state for state in ret.data.values()}
+        if check:
+            assert all(s["result"] is not False for s in states.values()), states
+        return states
+
+    def status(self, name=None):
+        return self.run("deployment.status", *([name] if name else [])).data
+
+
+@pytest.fixture
+def celery_data(deploy_user):
+    """
+    The sample app's broker and result folders of one test: the workers (the
+    deployment's user) and the test share them; no message outlives its test.
+    """
+    from tests.conftest import short_tmpdir
+
+    data = short_tmpdir("sfd-", owner=deploy_user)
+    for folder in ("queue", "control", "results", "processed"):
+        (data / folder).mkdir()
+        shutil.chown(data / folder, deploy_user.pw_uid, deploy_user.pw_gid)
+    yield data
+    shutil.rmtree(data, ignore_errors=True)

@@ -60,7 +60,11 @@ def process_table():
         try:
             argv = (entry / "cmdline").read_bytes()
             environ = (entry / "environ").read_bytes()
-        except OSError:
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile, or a kernel thread
+        except PermissionError:
+            # Only the machine's init may hide from root here; a test checks that nothing else did.
+            table.append({"pid": int(entry.name), "argv": None, "environ": None})
             continue
         table.append(
             {

@@ -1,18 +1,19 @@
 """
 A private app repository reached over a real SSH server on 127.0.0.1 with a
 deploy key and a pinned host key, both from pillar, converged through a real
-salt-master and two salt-minions with the real `salt` CLI.
+salt-master and two salt-minions with the real `salt` CLI, the deployment
+running as an unprivileged user.
 
 The secret-handling standard under test: secrets come from pillar only, are
-written 0600 for the user that needs them, never appear in a process's
-arguments, a log or the repo, and reach only the minions that pillar targets.
+written 0600 for the one that needs them (root, who runs git), never appear
+in a process's arguments, a log or the repo, and reach only the minions that
+pillar targets.
 
-The tests in this module build on one another (one sandbox host, one master),
-in file order.
+The first deploy happens once (module fixture ``deployed``); every test
+starts from that deployed host and leaves it as it found it.
 """
 
 import copy
-import getpass
 import os
 import shutil
 import subprocess
@@ -23,15 +24,14 @@ import pytest
 import yaml
 from saltfactories.utils import random_string
 
-from localfleet.config import saltfleet_utils
-from tests.conftest import short_tmpdir, snapshot
-from tests.integration import gitssh
+from localfleet.config import saltfleet_utils, stop_deployments
 from tests.apps import celery_client, run_task, sample_repo
+from tests.conftest import sandbox_root, short_tmpdir, snapshot
+from tests.integration import gitssh
 
-sf = saltfleet_utils()
-USER = getpass.getuser()
 NAME = "sf-private"
 STATE_ID = f"saltfleet-deployment-{NAME}"
+utils = saltfleet_utils()
 
 
 # ------------------------------------------------------------------ fixtures
@@ -50,15 +50,16 @@ def keys():
 
 
 @pytest.fixture(scope="module")
-def sandbox():
-    root = short_tmpdir("sfk-")
-    other_root = short_tmpdir("sfk-b-")
-    data = short_tmpdir("sfkd-")
+def sandbox(deploy_user):
+    root = sandbox_root("sfk-", deploy_user)
+    other_root = sandbox_root("sfk-b-", deploy_user)
+    data = short_tmpdir("sfkd-", owner=deploy_user)
+    for folder in ("queue", "control", "results", "processed"):
+        (data / folder).mkdir()
+        shutil.chown(data / folder, deploy_user.pw_uid, deploy_user.pw_gid)
     repo, shas = sample_repo(short_tmpdir("sfkr-"))
-    yield {"root": root, "other_root": other_root, "data": data, "repo": repo, "shas": shas}
-    for name, manifest in sf.installed(root).items():
-        p = sf.paths(root, manifest["user"], name)
-        sf.stop_generations(p, timeout=30)
+    yield {"root": root, "other_root": other_root, "data": data, "repo": repo, "shas": shas, "user": deploy_user}
+    stop_deployments(root, timeout=30)
     for path in (root, other_root, data, repo.parent):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -70,9 +71,9 @@ def git_server(sandbox, keys):
 
 
 @pytest.fixture(scope="module")
-def pillar(sandbox, repo_root, keys, git_server):
+def pillar(sandbox, user_uv_cache, keys, git_server):
     return {
-        "saltfleet": {"root": str(sandbox["root"]), "user": USER, "uv_cache": str(repo_root / ".cache" / "uv")},
+        "saltfleet": {"root": str(sandbox["root"]), "user": sandbox["user"].pw_name, "uv_cache": str(user_uv_cache)},
         "deployments": {
             NAME: {
                 "repo": git_server.url,
@@ -95,7 +96,7 @@ def pillar(sandbox, repo_root, keys, git_server):
 @pytest.fixture(scope="module")
 def other_pillar(sandbox):
     """The second minion's pillar: a host of the fleet, no deployment assigned."""
-    return {"saltfleet": {"root": str(sandbox["other_root"]), "user": USER}}
+    return {"saltfleet": {"root": str(sandbox["other_root"]), "user": sandbox["user"].pw_name}}
 
 
 def _minion(salt_master, prefix):
@@ -141,11 +142,14 @@ def fleet(salt_master, minion, other_minion, salt_cli, pillar_dir, other_pillar)
             self.outputs.append(ret)
             return ret
 
-        def apply(self, data, test=False, tgt=minion):
+        def apply(self, data, test=False, tgt=minion, check=True):
             self.write_pillar(data)
             ret = self.run("state.apply", *(["test=True"] if test else []), tgt=tgt, _timeout=900)
             assert isinstance(ret.data, dict), ret
-            return ret, {state["__id__"]: state for state in ret.data.values()}
+            states = {state["__id__"]: state for state in ret.data.values()}
+            if check:
+                assert all(s["result"] is not False for s in states.values()), states
+            return ret, states
 
         def status(self):
             return self.run("deployment.status").data
@@ -159,16 +163,35 @@ def tasks(sandbox):
 
 
 @pytest.fixture(scope="module")
-def record():
-    """What one test hands the next (the dry run's changes)."""
-    return {}
+def deployed(fleet, pillar, sandbox, git_server, keys):
+    """
+    The host after its first deploy, and what that took: the dry run before
+    it (on the fresh host), the real run, and the SSH clients seen meanwhile.
+    """
+    before = snapshot(sandbox["root"])
+    dry_before = dry_dirs()
+    served = len(git_server.served)
+    dry_ret, dry = fleet.apply(pillar, test=True)
+    after_dry = snapshot(sandbox["root"])
+    dry_clients = ssh_clients(git_server, served)
+    served, attempts = len(git_server.served), len(git_server.auth_attempts)
+    real_ret, real = fleet.apply(pillar)
+    return {
+        "untouched_by_dry_run": before == after_dry,
+        "dry_dirs_left": dry_dirs() - dry_before,
+        "dry": (dry_ret, dry),
+        "dry_clients": dry_clients,
+        "real": (real_ret, real),
+        "real_clients": ssh_clients(git_server, served),
+        "auth_attempts": git_server.auth_attempts[attempts:],
+    }
 
 
 # ------------------------------------------------------------------- helpers
 
 
 def paths(sandbox):
-    return sf.paths(sandbox["root"], USER, NAME)
+    return utils.saltfleet_paths.paths(sandbox["root"], sandbox["user"].pw_name, NAME)
 
 
 def changes_of(states):
@@ -218,8 +241,9 @@ def dry_dirs():
     return set(Path(tempfile.gettempdir()).glob("saltfleet-dry-*"))
 
 
-def worker_pids(p):
-    return {i["name"]: i["pid"] for i in sf.process_info(p["socket"])}
+def worker_pids(p, sandbox):
+    sock = utils.saltfleet_paths.generation(p, utils.saltfleet_supervisor.serving(p))["socket"]
+    return {i["name"]: i["pid"] for i in utils.saltfleet_supervisor.process_info(sock, sandbox["user"].pw_uid)}
 
 
 # --------------------------------------------------------------------- tests
@@ -256,175 +280,145 @@ def test_ssh_server_serves_the_repo_to_the_deploy_key_only(git_server, keys, san
     assert git_server.refused == ["cat /etc/passwd"]
 
 
-def test_dry_run_on_fresh_host_reports_changes_and_writes_no_key(fleet, pillar, sandbox, keys, git_server, record):
-    record["saltfleet_from"] = len(git_server.served)  # fetches before this were the fixture's own check
-    before = snapshot(sandbox["root"])
-    dry_before = dry_dirs()
-    served = len(git_server.served)
-    ret, states = fleet.apply(pillar, test=True)
+def test_dry_run_on_fresh_host_reports_changes_and_writes_no_key(deployed, sandbox, keys):
+    ret, states = deployed["dry"]
     state = states[STATE_ID]
     assert state["result"] is None, state
     assert state["changes"]["secrets"] == ["deploy_key", "known_hosts"]
     assert state["changes"]["release"] == {"old": None, "new": sandbox["shas"]["v1"]}
     assert state["changes"]["supervisord"] == {"old": "stopped", "new": "running"}
     assert "deploy_key, known_hosts would be written" in state["comment"]
-
-    assert snapshot(sandbox["root"]) == before, "test=True changed the host"
-    assert not list(sandbox["root"].rglob("deploy_key")), "test=True wrote the key into the sandbox"
-    assert not (paths(sandbox)["deploy_key"]).exists()
-    assert dry_dirs() == dry_before, "the dry run left its temporary copy of the key behind"
+    assert deployed["untouched_by_dry_run"], "test=True changed the host"
+    assert deployed["dry_dirs_left"] == set(), "the dry run left its temporary copy of the key behind"
     assert not leaks(ret.stdout + ret.stderr, keys["fragments"])
-
     # The dry run really asked the private remote, through a throwaway copy of the key.
-    clients = ssh_clients(git_server, served)
-    assert clients, "the dry run never reached the SSH server"
-    for argv in clients:
+    assert deployed["dry_clients"], "the dry run never reached the SSH server"
+    for argv in deployed["dry_clients"]:
         key_path = Path(argv[argv.index("-i") + 1])
         assert not key_path.is_relative_to(sandbox["root"])
         assert not key_path.exists(), "the dry run's key copy outlived the run"
-    record["dry"] = changes_of(states)
 
 
-def test_deploys_private_repo_with_key_written_0600(fleet, pillar, sandbox, keys, git_server, tasks, record):
-    served, attempts = len(git_server.served), len(git_server.auth_attempts)
-    ret, states = fleet.apply(pillar)
+def test_deploys_private_repo_with_key_written_0600(deployed, sandbox, keys, git_server, tasks):
+    ret, states = deployed["real"]
     state = states[STATE_ID]
     assert state["result"] is True, state
-    assert changes_of(states) == record["dry"], "test=True reported other changes than the real run made"
-
-    status = fleet.status()[NAME]
-    assert status["release"] == sandbox["shas"]["v1"]
-    assert status["programs"] == {"worker": "RUNNING"}
+    assert {sid: s["changes"] for sid, s in states.items()} == {
+        sid: s["changes"] for sid, s in deployed["dry"][1].items()
+    }, "test=True reported other changes than the real run made"
     assert run_task(tasks, NAME)["version"] == "1"
-
     p = paths(sandbox)
     assert (p["project"] / "sampleapp.py").read_text().count('VERSION = "1"') == 1
-    assert p["deploy_key"].read_text() == keys["text"]
-    assert p["deploy_key"].stat().st_mode & 0o777 == 0o600
-    assert p["known_hosts"].read_text() == git_server.known_hosts + "\n"
-    assert p["known_hosts"].stat().st_mode & 0o777 == 0o600
-    # root's (it runs git and reads the config), traversable only: the user cannot list or swap it.
+    for key, text in (("deploy_key", keys["text"]), ("known_hosts", git_server.known_hosts + "\n")):
+        assert p[key].read_text() == text
+        assert p[key].stat().st_mode & 0o777 == 0o600
+        assert p[key].stat().st_uid == 0, "root's, who runs git"
     assert p["state"].stat().st_mode & 0o777 == 0o711
-    for f in (p["deploy_key"], p["known_hosts"]):
-        assert f.stat().st_uid == 0, "owned by root, who runs git"
-
     # The fetch went through ssh with the key's *path* and the pinned host keys.
-    clients = ssh_clients(git_server, served)
-    assert clients, "the deployment never reached the SSH server"
-    for argv in clients:
+    assert deployed["real_clients"], "the deployment never reached the SSH server"
+    for argv in deployed["real_clients"]:
         assert argv[argv.index("-i") + 1] == str(p["deploy_key"])
         assert option(argv, "StrictHostKeyChecking") == ["yes"]
         assert option(argv, "UserKnownHostsFile") == [str(p["known_hosts"])]
         assert option(argv, "IdentitiesOnly") == ["yes"]
-    assert all(a["user"] == "git" and a["accepted"] for a in git_server.auth_attempts[attempts:])
+    assert deployed["auth_attempts"] and all(a["user"] == "git" and a["accepted"] for a in deployed["auth_attempts"])
     assert not leaks(ret.stdout + ret.stderr, keys["fragments"])
 
 
-def test_key_appears_in_no_return_log_config_or_process(fleet, pillar, sandbox, keys, git_server, minion, salt_master):
+def test_key_appears_in_no_return_log_config_or_process(
+    deployed, fleet, pillar, sandbox, keys, git_server, minion, salt_master
+):
     # Dry run and real run on the deployed host: both still ask the remote (rev is a tag).
     served = len(git_server.served)
     _, dry_states = fleet.apply(pillar, test=True)
     _, real_states = fleet.apply(pillar)
     assert all(s["result"] is True for s in real_states.values()), real_states
-    assert changes_of(real_states) == {sid: {} for sid in real_states}
-    assert changes_of(dry_states) == changes_of(real_states)
+    assert {sid: s["changes"] for sid, s in real_states.items()} == {sid: {} for sid in real_states}
+    assert {sid: s["changes"] for sid, s in dry_states.items()} == {sid: {} for sid in dry_states}
     assert len(git_server.served) > served
     fragments = keys["fragments"]
-
-    # The state's return, as the salt CLI printed it (every run of this module so far).
     for ret in fleet.outputs:
         assert not leaks(ret.stdout + ret.stderr, fragments), ret.cmdline
-
-    # The minion's log file and everything else the minion keeps (cache, job records).
     log_file = Path(minion.config["log_file"])
-    assert log_file.is_file() and log_file.stat().st_size > 0
     assert "git" in log_file.read_text(errors="replace")
     assert not leaks(log_file.read_text(errors="replace"), fragments)
     assert files_holding(minion.config["root_dir"], fragments) == []
-    # The master's log and job cache (the returns it keeps) hold no key either.
-    master_log = Path(salt_master.config["log_file"])
-    assert not leaks(master_log.read_text(errors="replace"), fragments)
+    assert not leaks(Path(salt_master.config["log_file"]).read_text(errors="replace"), fragments)
     assert files_holding(Path(salt_master.config["cachedir"]) / "jobs", fragments) == []
-
     # On the host: the key file, and nothing else (supervisord.conf, manifest, the checkout, logs).
     p = paths(sandbox)
     assert not leaks(p["conf"].read_text(), fragments)
     assert files_holding(sandbox["root"], fragments) == [p["deploy_key"]]
-
     # No process carried the key in its argv or environment while fetches ran.
+    assert git_server.served and all(served["processes"] for served in git_server.served)
     for served_fetch in git_server.served:
+        hidden = [proc["pid"] for proc in served_fetch["processes"] if proc["argv"] is None]
+        assert hidden in ([], [1]), f"processes root could not read: {hidden}"
         for proc in served_fetch["processes"]:
+            if proc["argv"] is None:
+                continue
             assert not leaks("\0".join(proc["argv"]), fragments), proc["argv"]
             assert not leaks("\0".join(proc["environ"]), fragments), proc["pid"]
-    # GIT_SSH_COMMAND, as git's processes saw it, names the key's path only.
     git_ssh = [
         e.split("=", 1)[1]
         for served_fetch in git_server.served
         for proc in served_fetch["processes"]
-        for e in proc["environ"]
+        for e in proc["environ"] or []
         if e.startswith("GIT_SSH_COMMAND=") and str(p["deploy_key"]) in e
     ]
     assert git_ssh, "no git process with saltfleet's GIT_SSH_COMMAND was seen during a fetch"
 
 
-def test_wrong_host_key_fails_clearly_and_keeps_serving(fleet, pillar, sandbox, keys, git_server, repo_root, record):
+def known_hosts_of_root():
+    path = Path(os.path.expanduser("~root")) / ".ssh" / "known_hosts"
+    return path.read_text() if path.exists() else None
+
+
+def test_wrong_host_key_fails_clearly_and_keeps_serving(deployed, fleet, pillar, sandbox, keys, git_server):
     p = paths(sandbox)
     impostor = f"[127.0.0.1]:{git_server.port} {gitssh.public_line(gitssh.generate_key())}"
     bad = copy.deepcopy(pillar)
     bad["deployments"][NAME]["known_hosts"] = impostor
     serving = os.readlink(p["project"])
-    conf = p["conf"].read_text()
-    manifest = p["manifest"].read_text()
-    supervisord_pid = p["pidfile"].read_text()
-    pids = worker_pids(p)
+    conf, manifest = p["conf"].read_text(), p["manifest"].read_text()
+    pids = worker_pids(p, sandbox)
     attempts = len(git_server.auth_attempts)
-
+    served = len(git_server.served)
+    learned = known_hosts_of_root()
     for test in (True, False):
-        ret, states = fleet.apply(bad, test=test)
+        ret, states = fleet.apply(bad, test=test, check=False)
         state = states[STATE_ID]
         assert state["result"] is False, state
         comment = state["comment"]
         assert comment.startswith(
             f"deployments:{NAME}:known_hosts: the SSH host key of {git_server.url} does not match"
-        ), comment
+        )
         assert "Host key verification failed" in comment
         assert f"update deployments:{NAME}:known_hosts in pillar" in comment
         assert "@@@" not in comment and "\r" not in comment
         assert state["changes"] == {}
         assert not leaks(ret.stdout + ret.stderr, keys["fragments"])
-
-    # The key was never offered to a host that could not prove it is the pinned one.
+    # The key was never offered to a host that could not prove it is the pinned one...
     assert len(git_server.auth_attempts) == attempts
+    # ...ssh was told to check strictly, and learned no key on its own.
+    assert ssh_clients(git_server, served) == [] or all(
+        option(argv, "StrictHostKeyChecking") == ["yes"] for argv in ssh_clients(git_server, served)
+    )
+    assert known_hosts_of_root() == learned
     # Nothing that serves changed.
     assert os.readlink(p["project"]) == serving
     assert p["conf"].read_text() == conf
     assert p["manifest"].read_text() == manifest
-    assert p["pidfile"].read_text() == supervisord_pid
-    assert worker_pids(p) == pids
-    assert fleet.status()[NAME]["programs"] == {"worker": "RUNNING"}
+    assert worker_pids(p, sandbox) == pids
     assert p["known_hosts"].stat().st_mode & 0o777 == 0o600
-    # ssh never learned a host key on its own: saltfleet never disables checking.
-    source = (repo_root / "_utils" / "saltfleet.py").read_text()
-    assert "StrictHostKeyChecking=yes" in source
-    for weak in ("StrictHostKeyChecking=no", "StrictHostKeyChecking=accept-new", "StrictHostKeyChecking=off"):
-        assert weak not in source
-    assert ssh_clients(git_server, record["saltfleet_from"])
-    for argv in ssh_clients(git_server, record["saltfleet_from"]):
-        assert option(argv, "StrictHostKeyChecking") == ["yes"], argv
-    user_known_hosts = Path(os.path.expanduser("~")) / ".ssh" / "known_hosts"
-    if user_known_hosts.exists():
-        assert f"[127.0.0.1]:{git_server.port}" not in user_known_hosts.read_text()
-
     # Pinning the right key again converges, and only the pin changes.
-    ret, states = fleet.apply(pillar)
-    state = states[STATE_ID]
-    assert state["result"] is True, state
-    assert state["changes"] == {"secrets": ["known_hosts"]}
+    _, states = fleet.apply(pillar)
+    assert states[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
     assert p["known_hosts"].read_text() == git_server.known_hosts + "\n"
-    assert worker_pids(p) == pids
+    assert worker_pids(p, sandbox) == pids
 
 
-def test_rotated_pin_is_written_when_rev_is_the_serving_sha(fleet, pillar, sandbox, keys, git_server):
+def test_rotated_pin_is_written_when_rev_is_the_serving_sha(deployed, fleet, pillar, sandbox, keys, git_server):
     """
     Pillar pins the SHA that serves (no git needed) and the operator rotates
     known_hosts: the new pin is written, 0600, and the next apply is quiet.
@@ -434,44 +428,37 @@ def test_rotated_pin_is_written_when_rev_is_the_serving_sha(fleet, pillar, sandb
     rotated["deployments"][NAME]["rev"] = sandbox["shas"]["v1"]
     alias = f"[localhost]:{git_server.port} {gitssh.public_line(git_server.host_key)}"
     rotated["deployments"][NAME]["known_hosts"] = f"{git_server.known_hosts}\n{alias}\n"
-    pids = worker_pids(p)
-
-    _, dry = fleet.apply(rotated, test=True)
-    assert dry[STATE_ID]["result"] is None, dry[STATE_ID]
-    assert dry[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
-    assert p["known_hosts"].read_text() == git_server.known_hosts + "\n", "test=True wrote the pin"
-
-    _, real = fleet.apply(rotated)
-    assert real[STATE_ID]["result"] is True, real[STATE_ID]
-    assert real[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
-    assert p["known_hosts"].read_text() == rotated["deployments"][NAME]["known_hosts"], (
-        "the state reported known_hosts written, but the file still holds the old pin"
-    )
-    assert p["known_hosts"].stat().st_mode & 0o777 == 0o600
-    _, again = fleet.apply(rotated)
-    assert changes_of(again) == {sid: {} for sid in again}
-    assert worker_pids(p) == pids, "rotating a pin restarts nothing"
+    pids = worker_pids(p, sandbox)
+    try:
+        _, dry = fleet.apply(rotated, test=True)
+        assert dry[STATE_ID]["result"] is None, dry[STATE_ID]
+        assert dry[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
+        assert p["known_hosts"].read_text() == git_server.known_hosts + "\n", "test=True wrote the pin"
+        _, real = fleet.apply(rotated)
+        assert real[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
+        assert p["known_hosts"].read_text() == rotated["deployments"][NAME]["known_hosts"]
+        assert p["known_hosts"].stat().st_mode & 0o777 == 0o600
+        _, again = fleet.apply(rotated)
+        assert {sid: s["changes"] for sid, s in again.items()} == {sid: {} for sid in again}
+        assert worker_pids(p, sandbox) == pids, "rotating a pin restarts nothing"
+    finally:
+        fleet.apply(pillar)
 
 
-def test_minion_pillar_does_not_target_gets_no_key(fleet, pillar, sandbox, keys, minion, other_minion):
+def test_minion_pillar_does_not_target_gets_no_key(deployed, fleet, pillar, sandbox, keys, minion, other_minion):
     fleet.write_pillar(pillar)
-    # The targeted minion has the key in its pillar (asked without printing it)...
     keyed = fleet.run("pillar.keys", f"deployments:{NAME}")
     assert "deploy_key" in keyed.data, keyed
-    # ...the other has no deployment and no key at all.
     items = fleet.run("pillar.items", tgt=other_minion)
     assert isinstance(items.data, dict), items
     assert "deployments" not in items.data
     assert "deploy_key" not in items.stdout
     assert not leaks(items.stdout, keys["fragments"])
-
     _, states = fleet.apply(pillar, tgt=other_minion)
     assert all(s["result"] is True for s in states.values()), states
     assert not any(sid.startswith("saltfleet-deployment-") for sid in states)
     assert not list(sandbox["other_root"].rglob("deploy_key"))
-    assert not list(sandbox["other_root"].rglob("known_hosts"))
     assert files_holding(sandbox["other_root"], keys["fragments"]) == []
     assert files_holding(other_minion.config["root_dir"], keys["fragments"]) == []
     assert fleet.run("deployment.status", tgt=other_minion).data == {}
-    # The deployment's own host is untouched by the other's run.
     assert fleet.status()[NAME]["programs"] == {"worker": "RUNNING"}

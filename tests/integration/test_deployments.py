@@ -1,378 +1,197 @@
 """
-Deployments converged through a real salt-master and salt-minion with the real
-`salt` CLI: checkout, virtualenv, own supervisord with Celery workers that
-consume tasks, sysfiles, upgrade, failures that keep the old release serving,
-invalid pillar, dry runs, removal.
+Deployments of the sample Celery app converged through a real salt-master and
+salt-minion with the real `salt` CLI, as an unprivileged user: workers that
+consume tasks, upgrades that keep the task in flight, errors the CLI prints,
+secrets that stay out of every return, log and argv, and the lock that keeps
+an operator's command and a state.apply apart.
 
-The tests in this module build on one another (one sandbox host, one master),
-in file order.
+Each test sets up the host it needs (its own sandbox root); the daemons are
+shared by the module.
 """
 
-import copy
-import getpass
 import os
 import shutil
-import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from localfleet.config import saltfleet_utils
-from tests.conftest import short_tmpdir, snapshot
+from localfleet.config import stop_deployments
 from tests.apps import celery_client, run_task, sample_repo
-from tests.integration.conftest import write_pillar
+from tests.conftest import sandbox_root, short_tmpdir
+from tests.integration.conftest import Host
 
-sf = saltfleet_utils()
-USER = getpass.getuser()
 FETCHER, REPORTER = "sf-fetcher", "sf-reporter"
+SECRET = "sf-marker-3f9c1d7e-not-for-any-log"
 
 
 @pytest.fixture(scope="module")
-def sandbox(repo_root):
-    root = short_tmpdir("sf-")
-    data = short_tmpdir("sfd-")
-    repo, shas = sample_repo(short_tmpdir("sfr-"))
-    yield {"root": root, "data": data, "repo": repo, "shas": shas}
-    for name, manifest in sf.installed(root).items():
-        p = sf.paths(root, manifest["user"], name)
-        sf.stop_generations(p, timeout=30)
-    for path in (root, data, repo.parent):
-        shutil.rmtree(path, ignore_errors=True)
+def sample():
+    base = short_tmpdir("sfr-")
+    repo, shas = sample_repo(base)
+    yield {"repo": repo, "shas": shas}
+    shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def pillar(sandbox, repo_root):
+@pytest.fixture
+def host(salt_cli, synced, pillar_dir, deploy_user, user_uv_cache):
+    root = sandbox_root("sfi-", deploy_user)
+    yield Host(salt_cli, synced, pillar_dir, root, deploy_user, user_uv_cache)
+    stop_deployments(root, timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tasks(celery_data):
+    return celery_client(celery_data)
+
+
+def fetcher(sample, data, rev="v1", platforms=("alpha", "beta")):
+    """The sample app from the template deployments/sf-fetcher/files/supervisord.conf.jinja: a worker per platform."""
     return {
-        "saltfleet": {"root": str(sandbox["root"]), "user": USER, "uv_cache": str(repo_root / ".cache" / "uv")},
-        "deployments": {
-            FETCHER: {
-                "repo": str(sandbox["repo"]),
-                "rev": "v1",
-                "env": {"SAMPLEAPP_DATA": str(sandbox["data"])},
-                "context": {"platforms": ["alpha", "beta"], "startsecs": 8},
-            },
-            REPORTER: {
-                "repo": str(sandbox["repo"]),
-                "rev": "v1",
-                "handover": "stop-first",
-                "env": {"SAMPLEAPP_DATA": str(sandbox["data"])},
-                "programs": {
-                    "report": {
-                        "command": f"celery -A sampleapp worker -Q {REPORTER} -c 1 -n {REPORTER}@%%h",
-                        "stopwaitsecs": 60,
-                    }
-                },
-            },
-        },
+        "repo": str(sample["repo"]),
+        "rev": rev,
+        "env": {"SAMPLEAPP_DATA": str(data), "SF_MARKER": SECRET},
+        "context": {"platforms": list(platforms), "startsecs": 3},
     }
 
 
-@pytest.fixture(scope="module")
-def host(salt_master, salt_minion, salt_cli, pillar_dir, pillar, sandbox):
-    """The minion with saltfleet's modules synced, and a way to apply pillar to it."""
-    ret = salt_cli.run("saltutil.sync_all", minion_tgt=salt_minion.id)
-    assert ret.returncode == 0, ret
-
-    class Host:
-        minion = salt_minion
-        root = sandbox["root"]
-
-        def apply(self, data, test=False):
-            write_pillar(pillar_dir, data)
-            # deployment.status and friends read the minion's in-memory pillar.
-            salt_cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt=salt_minion.id)
-            args = ["state.apply"] + (["test=True"] if test else [])
-            ret = salt_cli.run(*args, minion_tgt=salt_minion.id, _timeout=900)
-            assert isinstance(ret.data, dict), ret
-            return {state["__id__"]: state for state in ret.data.values()}
-
-        def status(self):
-            ret = salt_cli.run("deployment.status", minion_tgt=salt_minion.id)
-            return ret.data
-
-    return Host()
-
-
-@pytest.fixture(scope="module")
-def tasks(sandbox):
-    return celery_client(sandbox["data"])
-
-
-def state_of(states, name):
-    return states[f"saltfleet-deployment-{name}"]
-
-
-def paths(sandbox, name):
-    return sf.paths(sandbox["root"], USER, name)
+def reporter(sample, data, rev="v1", handover="stop-first"):
+    """The sample app with its one worker in pillar."""
+    return {
+        "repo": str(sample["repo"]),
+        "rev": rev,
+        "handover": handover,
+        "env": {"SAMPLEAPP_DATA": str(data)},
+        "programs": {
+            "report": {"command": f"celery -A sampleapp worker -Q {REPORTER} -c 1 -n {REPORTER}@%%h", "startsecs": 3}
+        },
+    }
 
 
 def changes_of(states):
     return {sid: s["changes"] for sid, s in states.items()}
 
 
-def program_pids(p):
-    return {i["name"]: i["pid"] for i in sf.process_info(p["socket"])}
+def owner_of(pid):
+    return os.stat(f"/proc/{pid}").st_uid
 
 
-def exited(pid):
-    """True once pid has exited: gone, or a zombie this machine's init has not reaped yet."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+def wait_for(check, timeout, what, logs=()):
+    deadline = time.monotonic() + timeout
+    while not check():
+        tails = "".join(f"\n--- {log}:\n{log.read_text(errors='replace')[-2000:]}" for log in logs if log.exists())
+        assert time.monotonic() < deadline, f"{what} within {timeout} s{tails}"
+        time.sleep(0.2)
 
 
-def wait_drained(host, name):
-    """Wait for the supervisords of a deployment's earlier releases to finish their tasks and exit."""
-    draining = [psutil.Process(pid) for pid in host.status()[name]["draining"]]
-    _, alive = psutil.wait_procs(draining, timeout=90)
-    assert not alive
-    assert host.status()[name]["draining"] == []
-
-
-def test_two_deployments_run_their_own_workers(host, pillar, sandbox, tasks):
-    before = snapshot(sandbox["root"])
+def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_data, tasks):
+    pillar = host.pillar({FETCHER: fetcher(sample, celery_data), REPORTER: reporter(sample, celery_data)})
     dry = host.apply(pillar, test=True)
-    assert snapshot(sandbox["root"]) == before, "test=True changed the host"
     states = host.apply(pillar)
     assert all(s["result"] for s in states.values()), states
     assert changes_of(states) == changes_of(dry), "the dry run told what the real run did"
     status = host.status()
     assert status[FETCHER]["programs"] == {"fetcher-alpha": "RUNNING", "fetcher-beta": "RUNNING"}
     assert status[REPORTER]["programs"] == {"report": "RUNNING"}
-    assert status[FETCHER]["release"] == sandbox["shas"]["v1"]
-
-    # Each worker consumes the tasks of its own queue.
-    assert run_task(tasks, f"{FETCHER}.alpha")["version"] == "1"
-    assert run_task(tasks, f"{FETCHER}.beta")["version"] == "1"
-    assert run_task(tasks, REPORTER)["version"] == "1"
-
-    # Nothing shared: sockets, pidfiles, logs and venvs are per deployment.
-    f, r = paths(sandbox, FETCHER), paths(sandbox, REPORTER)
-    for key in ("socket", "pidfile", "logs", "venvs", "conf"):
-        assert f[key] != r[key]
-        assert f[key].exists() and r[key].exists()
-    assert int(f["pidfile"].read_text()) != int(r["pidfile"].read_text())
-    assert (f["logs"] / "fetcher-alpha.log").exists()
-    assert (r["logs"] / "report.log").exists()
-    assert not str(f["socket"]).startswith("/tmp/supervisor")
-
-    # The checkout is the app at the pinned revision, the path the seed's users know.
-    assert (f["project"] / "sampleapp.py").read_text().count('VERSION = "1"') == 1
-    assert (f["project"] / "venv" / "bin" / "celery").exists()
-
-    # Secrets-bearing config is 0600; sysfiles landed under the sandbox root.
-    assert f["conf"].stat().st_mode & 0o777 == 0o600
-    cron = sandbox["root"] / "etc" / "cron.d" / FETCHER
-    assert cron.stat().st_mode & 0o777 == 0o644
-    assert f"{USER} {f['project']}/venv/bin/celery" in cron.read_text()
-    assert (sandbox["root"] / "etc" / "logrotate.d" / "saltfleet").exists()
-
-
-def test_second_apply_reports_no_changes(host, pillar):
-    states = host.apply(pillar)
-    assert all(s["result"] is True for s in states.values()), states
-    assert changes_of(states) == {sid: {} for sid in states}
-
-
-def test_upgrade_dry_run_matches_real_run_and_task_in_flight_completes(host, pillar, sandbox, tasks):
-    upgraded = copy.deepcopy(pillar)
-    upgraded["deployments"][FETCHER]["rev"] = "v2"
-    upgraded["deployments"][FETCHER]["context"]["platforms"] = ["alpha", "beta", "gamma"]
-    before = snapshot(sandbox["root"])
-    dry = host.apply(upgraded, test=True)
-    assert snapshot(sandbox["root"]) == before, "test=True changed the host"
-    assert state_of(dry, FETCHER)["result"] is None
-    assert state_of(dry, REPORTER)["result"] is True and state_of(dry, REPORTER)["changes"] == {}
-
-    # A slow task is in the hands of the v1 worker while v2 takes over.
-    slow = tasks.send_task("sampleapp.fetch", args=("alpha", 40), queue=f"{FETCHER}.alpha")
-    deadline = time.monotonic() + 30
-    while slow.state != "STARTED" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert slow.state == "STARTED"
-    p = paths(sandbox, FETCHER)
-    v1_supervisord = int(p["pidfile"].read_text())
-
-    real = host.apply(upgraded)
-    assert state_of(real, FETCHER)["result"] is True, state_of(real, FETCHER)
-    assert changes_of(real) == changes_of(dry)
-    fetcher = state_of(real, FETCHER)["changes"]
-    assert fetcher["release"] == {"old": sandbox["shas"]["v1"], "new": sandbox["shas"]["v2"]}
-    assert fetcher["programs"] == {"added": ["fetcher-gamma"], "restarted": ["fetcher-alpha", "fetcher-beta"]}
-    assert "virtualenv" not in fetcher, "requirements did not change: the venv is reused"
-    assert f"in the background (pid {v1_supervisord})" in state_of(real, FETCHER)["comment"]
-
-    # The apply returned once v2 was RUNNING, without waiting for the task in v1's hands:
-    # v1's supervisord drains in the background while v2 consumes the same queues.
-    assert int(p["pidfile"].read_text()) != v1_supervisord
-    # What cron's @reboot line starts (supervisord.conf) is the generation that serves.
-    assert os.readlink(p["conf"]) == f"supervisord.{sf.generation(p)}.conf"
-    assert host.status()[FETCHER]["draining"] == [v1_supervisord]
-    # A Celery worker told to stop takes no new task once its event loop
-    # notices (within its 2 s drain cycle); from then on v2 alone consumes.
-    time.sleep(5)
-    assert run_task(tasks, f"{FETCHER}.alpha")["version"] == "2"
-    assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "2"
-    assert slow.state == "STARTED", "v2 served alpha while v1 still worked on its task"
-    assert slow.get(timeout=90)["version"] == "1", "the task in flight was finished by the old worker"
-    # Its task done, the old supervisord exits by itself.
-    wait_drained(host, FETCHER)
-    assert (p["releases"] / sandbox["shas"]["v1"]).is_dir(), "the previous release is kept"
-    pillar["deployments"][FETCHER] = upgraded["deployments"][FETCHER]
-
-
-def test_stop_first_handover_restarts_in_place(host, pillar, sandbox, tasks):
-    p = paths(sandbox, REPORTER)
-    supervisord = int(p["pidfile"].read_text())
-    before = program_pids(p)
-    upgraded = copy.deepcopy(pillar)
-    upgraded["deployments"][REPORTER]["rev"] = "v2"
-    states = host.apply(upgraded)
-    reporter = state_of(states, REPORTER)
-    assert reporter["result"] is True, reporter
-    assert reporter["changes"]["programs"] == {"restarted": ["report"]}
-    # The same supervisord restarted its program: the old one stopped before the new one started.
-    assert int(p["pidfile"].read_text()) == supervisord
-    assert program_pids(p)["report"] != before["report"]
-    assert host.status()[REPORTER]["draining"] == []
-    assert run_task(tasks, REPORTER)["version"] == "2"
-    pillar["deployments"][REPORTER] = upgraded["deployments"][REPORTER]
-
-
-@pytest.mark.parametrize(
-    ("rev", "message"),
-    [
-        ("no-such-branch", f"deployments:{FETCHER}:rev: 'no-such-branch' not found in"),
-        ("broken-reqs", f"deployments:{FETCHER}:requirements: installing 'requirements.txt' failed"),
-        ("crashing", "did not start (fetcher-"),
-    ],
-)
-def test_failed_release_keeps_previous_serving(host, pillar, sandbox, tasks, rev, message):
-    p = paths(sandbox, FETCHER)
-    serving = os.readlink(p["project"])
-    supervisord, pids = int(p["pidfile"].read_text()), program_pids(p)
-    bad = copy.deepcopy(pillar)
-    bad["deployments"][FETCHER]["rev"] = rev
-    states = host.apply(bad)
-    fetcher = state_of(states, FETCHER)
-    assert fetcher["result"] is False
-    assert message in fetcher["comment"]
-    assert state_of(states, REPORTER)["result"] is True, "one deployment failing does not stop another"
-    assert os.readlink(p["project"]) == serving
-    # The serving programs never stopped, and nothing of the failed release is left running.
-    assert program_pids(p) == pids
-    assert sf.generations(p) == {sf.generation(p): supervisord}
-    assert host.status()[FETCHER]["running"] == 3
-    assert run_task(tasks, f"{FETCHER}.beta")["version"] == "2"
-    if rev == "crashing":
-        assert f"rolled back to {sandbox['shas']['v2'][:12]}, which keeps serving" in fetcher["comment"]
-    if rev in sandbox["shas"]:
-        failed = p["releases"] / sandbox["shas"][rev]
-        assert (failed / ".git" / "saltfleet-failed").exists(), "a failed release is kept for inspection"
-
-
-def test_fixing_pillar_converges(host, pillar, sandbox, tasks):
-    rollback = copy.deepcopy(pillar)
-    rollback["deployments"][FETCHER]["rev"] = "v1"
-    states = host.apply(rollback)
-    fetcher = state_of(states, FETCHER)
-    assert fetcher["result"] is True, fetcher
-    assert fetcher["changes"]["release"]["new"] == sandbox["shas"]["v1"]
-    assert "virtualenv" not in fetcher["changes"]
-    wait_drained(host, FETCHER)
-    assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "1"
-    states = host.apply(pillar)
-    assert state_of(states, FETCHER)["changes"]["release"]["new"] == sandbox["shas"]["v2"]
-    wait_drained(host, FETCHER)
-    assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "2"
-
-
-def _bad(pillar, edit):
-    data = copy.deepcopy(pillar)
-    edit(data)
-    return data
-
-
-INVALID = {
-    "unknown key": (
-        lambda d: d["deployments"][FETCHER].update(reqirements="req.txt"),
-        f"deployments:{FETCHER}:reqirements: unknown key; did you mean 'requirements'?",
-    ),
-    "name escapes": (lambda d: d["deployments"].update({"../x": {"repo": "/r"}}), "'../x' is not allowed"),
-    "name is a slash": (lambda d: d["deployments"].update({"/": {"repo": "/r"}}), "'/' is not allowed"),
-    "name with space": (lambda d: d["deployments"].update({"a b": {"repo": "/r"}}), "'a b' is not allowed"),
-    "missing repo": (lambda d: d["deployments"].update({"norepo": {"rev": "v1"}}), "deployments:norepo:repo: missing"),
-    "rev not a string": (
-        lambda d: d["deployments"][FETCHER].update(rev=1234),
-        f"deployments:{FETCHER}:rev: must be a str, got int 1234; quote it in pillar: rev: '1234'",
-    ),
-    "host key typo": (lambda d: d["saltfleet"].update(uesr="x"), "saltfleet:uesr: unknown key; did you mean 'user'?"),
-    "deployments not a mapping": (
-        lambda d: d.update(deployments=[FETCHER]),
-        "deployments: must be a mapping of name to settings, got list",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(INVALID))
-def test_invalid_pillar_fails_cleanly_and_changes_nothing(host, pillar, sandbox, case):
-    edit, message = INVALID[case]
-    before = snapshot(sandbox["root"])
-    states = host.apply(_bad(pillar, edit))
-    failed = [s for s in states.values() if s["result"] is False]
-    assert failed, states
-    assert all(message in s["comment"] for s in failed), [s["comment"] for s in failed]
-    assert all(s["changes"] == {} for s in states.values())
-    assert snapshot(sandbox["root"]) == before
-    assert host.status()[FETCHER]["running"] == 3
-
-
-def test_supervisord_comes_back_after_a_reboot(host, pillar, sandbox, tasks):
-    """No systemd here: the boot entry is a cron.d @reboot line; run it as cron would after a crash."""
-    p = paths(sandbox, REPORTER)
-    boot = sandbox["root"] / "etc" / "cron.d" / f"saltfleet-{REPORTER}"
-    lines = boot.read_text().splitlines()
-    assert boot.stat().st_mode & 0o777 == 0o644
-    reboot = [line for line in lines if line.startswith("@reboot ")]
-    assert len(reboot) == 1 and reboot[0].endswith(f"supervisord -c {p['conf']}")
-    env = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith(("#", "@")))
-
-    supervisord = psutil.Process(int(p["pidfile"].read_text()))
-    for proc in [*supervisord.children(recursive=True), supervisord]:
-        proc.kill()
-    psutil.wait_procs([supervisord], timeout=10)
-    assert not sf.supervisord_running(p["socket"])
-
-    user, command = reboot[0].split()[1], reboot[0].split()[2:]
-    assert user == USER
-    subprocess.run(command, env=env, check=True, cwd="/")
-    assert sf.wait_running(p["socket"]) == {}
-    assert run_task(tasks, REPORTER)["version"] == "2"
-    states = host.apply(pillar)
-    assert changes_of(states) == {sid: {} for sid in states}
-
-
-def test_removing_a_deployment_stops_it_and_removes_its_sysfiles(host, pillar, sandbox):
-    p = paths(sandbox, FETCHER)
-    pid = int(p["pidfile"].read_text())
-    dropped = copy.deepcopy(pillar)
-    del dropped["deployments"][FETCHER]
-    dry = host.apply(dropped, test=True)
-    assert sf.supervisord_running(p["socket"])
-    states = host.apply(dropped)
-    assert changes_of(states) == changes_of(dry)
-    removed = states[f"saltfleet-deployment-{FETCHER}-removed"]
-    assert removed["result"] is True, removed
-    assert removed["changes"]["supervisord"] == {"old": "running", "new": "stopped"}
-    assert not sf.supervisord_running(p["socket"])
-    assert exited(pid), "supervisord exited"
-    assert not (sandbox["root"] / "etc" / "cron.d" / FETCHER).exists()
-    assert not (sandbox["root"] / "etc" / "cron.d" / f"saltfleet-{FETCHER}").exists()
-    assert not p["state"].exists(), "its config and secrets are gone"
-    assert p["releases"].is_dir(), "without purge the releases stay"
-    assert FETCHER not in host.status()
-    assert host.status()[REPORTER]["running"] == 1
-    again = host.apply(dropped)
+    for queue in (f"{FETCHER}.alpha", f"{FETCHER}.beta", REPORTER):
+        result = run_task(tasks, queue)
+        assert result["version"] == "1"
+        assert owner_of(result["pid"]) == host.user.pw_uid, "the worker runs as the deployment's user"
+    again = host.apply(pillar)
     assert changes_of(again) == {sid: {} for sid in again}
+
+
+def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, sample, celery_data, tasks):
+    pillar = host.pillar({FETCHER: fetcher(sample, celery_data)})
+    host.apply(pillar)
+    alpha_log = host.root / "home" / host.user.pw_name / "log" / FETCHER / "fetcher-alpha.log"
+    slow = tasks.send_task("sampleapp.fetch", args=("alpha", 30), queue=f"{FETCHER}.alpha")
+    wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1", logs=[alpha_log])
+    v1_beta = run_task(tasks, f"{FETCHER}.beta")["pid"]
+
+    upgraded = host.pillar({FETCHER: fetcher(sample, celery_data, rev="v2", platforms=("alpha", "beta", "gamma"))})
+    dry = host.apply(upgraded, test=True)
+    real = host.apply(upgraded)
+    state = real[f"saltfleet-deployment-{FETCHER}"]
+    assert state["result"] is True, state
+    assert changes_of(real) == changes_of(dry)
+    assert state["changes"]["release"] == {"old": sample["shas"]["v1"], "new": sample["shas"]["v2"]}
+    assert state["changes"]["programs"] == {"added": ["fetcher-gamma"], "restarted": ["fetcher-alpha", "fetcher-beta"]}
+    assert "virtualenv" not in state["changes"], "requirements did not change: the venv is reused"
+    # The apply returned without waiting for the task in v1's hands; v1 drains in the background.
+    assert slow.state == "STARTED"
+    assert len(host.status(FETCHER)[FETCHER]["draining"]) == 1
+    # Once v1's idle beta worker has exited, v2 alone takes beta's tasks.
+    wait_for(
+        lambda: not psutil.pid_exists(v1_beta) or psutil.Process(v1_beta).status() == "zombie",
+        60,
+        "v1's beta worker exiting",
+    )
+    assert run_task(tasks, f"{FETCHER}.beta")["version"] == "2"
+    assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "2"
+    assert slow.get(timeout=120)["version"] == "1", "the task in flight was finished by the old worker"
+    wait_for(lambda: host.status(FETCHER)[FETCHER]["draining"] == [], 120, "v1's supervisord exiting")
+    assert run_task(tasks, f"{FETCHER}.alpha")["version"] == "2"
+    assert (
+        Path(host.root) / "home" / host.user.pw_name / f"Projects-{FETCHER}.releases" / sample["shas"]["v1"]
+    ).is_dir()
+
+
+def test_stop_first_finishes_the_task_in_flight_before_the_new_program_starts(host, sample, celery_data, tasks):
+    host.apply(host.pillar({REPORTER: reporter(sample, celery_data)}))
+    slow = tasks.send_task("sampleapp.fetch", args=(REPORTER, 8), queue=REPORTER)
+    wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1")
+    states = host.apply(host.pillar({REPORTER: reporter(sample, celery_data, rev="v2")}))
+    state = states[f"saltfleet-deployment-{REPORTER}"]
+    assert state["result"] is True, state
+    assert state["changes"]["programs"] == {"restarted": ["report"]}
+    done = slow.get(timeout=60)
+    assert done["version"] == "1"
+    new_pid = run_task(tasks, REPORTER)["pid"]
+    started = psutil.Process(new_pid).create_time()
+    assert slow.date_done.timestamp() <= started, "the new program started after the task in flight finished"
+
+
+def test_a_failing_call_prints_an_error_and_exits_non_zero(host):
+    host.set_pillar(host.pillar({}))
+    ret = host.run("deployment.restart", "nosuch")
+    assert ret.returncode == 1
+    assert "ERROR: deployment nosuch is not installed on this host; deployment.list" in ret.stdout
+    assert "Traceback" not in ret.stdout + ret.stderr
+    assert "The minion function caused an exception" not in ret.stdout
+
+
+def test_a_secret_in_env_appears_in_no_return_log_job_or_argv(host, sample, celery_data, tasks, salt_master):
+    pillar = host.pillar({FETCHER: fetcher(sample, celery_data)})
+    host.apply(pillar, test=True)
+    host.apply(pillar)
+    host.status()
+    host.run("deployment.restart", FETCHER)
+    assert run_task(tasks, f"{FETCHER}.alpha")["version"] == "1"
+    for ret in host.outputs:
+        assert SECRET not in ret.stdout + ret.stderr, ret.cmdline
+    for log in (host.minion.config["log_file"], salt_master.config["log_file"]):
+        assert Path(log).stat().st_size > 0
+        assert SECRET not in Path(log).read_text(errors="replace"), log
+    jobs = Path(salt_master.config["cachedir"]) / "jobs"
+    assert any(jobs.rglob("*")), "the master keeps job returns"
+    for path in jobs.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    # Every process's argv: the workers carry the secret in their environment only.
+    seen = workers = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            seen += 1
+            assert SECRET.encode() not in argv, argv
+            environ = (proc / "environ").read_bytes() if b"celery" in argv else b""
+            if str(host.root).encode() in environ:
+                workers += 1
+                assert SECRET.encode() in environ, "the worker has its env"
+    assert seen > 20 and workers >= 2
