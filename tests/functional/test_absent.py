@@ -64,3 +64,14 @@ def test_purge_removes_every_tree_and_then_reports_nothing(host, tiny, out):
         assert not p[key].exists() and not p[key].is_symlink(), key
     again = host.apply(host.pillar({}, purge_removed=True))
     assert all(s["changes"] == {} for s in again.values())
+
+
+def test_the_clean_sls_removes_every_deployment_saltfleet_installed(host, tiny, out):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": tiny_app(tiny, out, programs=["o"])}))
+    ret = host.loaders.modules.state.sls("fleet.clean")
+    states = {s["__id__"]: s for s in ret.raw.values()}
+    assert set(states) == {"saltfleet-deployment-other-clean", "saltfleet-deployment-tiny-clean"}
+    assert all(s["result"] is True and s["changes"]["removed"] for s in states.values())
+    assert host.loaders.modules.deployment.list() == []
+    assert not (host.root / "etc" / "cron.d" / "saltfleet-tiny").exists()
+    assert exited(report(out)["pid"]) and exited(report(out, "o")["pid"])

@@ -278,3 +278,12 @@ def test_inventory_reads_the_masters_cache_only(master_opts, monkeypatch):
     table = load_runner({**master_opts, "output": None}).inventory()
     assert table.splitlines()[-1] == "50 minions, 50 up, 0 down"
     assert len([r for r in reads if r[0] == "fetch"]) == 2 * len(names)
+
+
+@pytest.mark.parametrize(("age", "expected"), [(29, "up"), (31, "down")])
+def test_down_is_two_and_a_half_missed_heartbeats_plus_slack(master_opts, age, expected):
+    """A 10 s heartbeat: up while last seen within 10 * 2.5 + 5 = 30 s, down just past it."""
+    master_opts["output"] = "json"
+    add_minion(master_opts, "w", cloud(), {"saltfleet.heartbeat": 10, "deployment.status": {}}, age=age)
+    [row] = load_runner(master_opts).inventory()
+    assert row["status"] == expected
