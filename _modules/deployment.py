@@ -1,17 +1,22 @@
 """
 Look at and drive the saltfleet deployments on a host: what the old Fabric
 tasks did, through Salt. Every function that changes something takes the
-deployment's lock, so it never interleaves with a ``state.apply``.
+deployment's lock, so it never interleaves with a ``state.apply``; code and
+virtualenv changes go through the ``deployment.present`` state itself.
 
 .. code-block:: bash
 
     salt 'worker-*' deployment.status
     salt 'worker-7' deployment.restart daily-fetcher
-    salt '*' deployment.validate
+    salt 'worker-7' deployment.update_code daily-fetcher v2.3
+    salt 'worker-7' deployment.hold daily-fetcher reason='db maintenance'
+    salt 'worker-7' deployment.run daily-fetcher python manage.py migrate
 """
 
 import contextlib
 import logging
+import re
+import time
 
 from salt.exceptions import CommandExecutionError
 
@@ -116,14 +121,27 @@ def _status(root, name, manifest):
     except CommandExecutionError as exc:
         row["supervisord"] = f"unknown: {exc}"
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
+    holds = (manifest.get("operator") or {}).get("holds") or {}
+    row["held"] = {p: h.get("reason") for p, h in holds.items()}
+    held = {p for p in row["programs"] if "*" in holds or p.split(":")[0] in holds}
+    down = sorted(f"{p} {s}" for p, s in row["programs"].items() if s != "RUNNING" and p not in held)
+    if row["supervisord"] != "running":
+        row["state"], row["summary"] = "down", f"down: supervisord {row['supervisord']}"
+    else:
+        row["state"] = "down" if down else "up"
+        row["summary"] = f"{row['state']}: {row['running']}/{len(row['programs'])} RUNNING"
+        row["summary"] += "".join(f"; {d}" for d in down) + (f"; {len(held)} held" if held else "")
     return row
 
 
 def status(name=None):
     """
     Release, supervisord and program states of the installed deployments
-    (or of ``name``), asked of each deployment's own supervisord; ``draining``
-    lists the supervisords of earlier releases still finishing their tasks.
+    (or of ``name``), asked of each deployment's own supervisord: ``state``
+    up or down and a one-line ``summary``, ``held`` programs with their
+    reasons, and ``draining``, the supervisords of earlier releases still
+    finishing their tasks. The job fails (retcode 1) when a program that
+    should run does not.
 
     CLI Example:
 
@@ -140,7 +158,11 @@ def status(name=None):
                 f"deployment {name} is not installed on this host; deployment.list shows those that are"
             )
         manifests = {name: manifests[name]}
-    return {n: _status(root, n, m) for n, m in manifests.items()}
+    rows = {n: _status(root, n, m) for n, m in manifests.items()}
+    if any(row["state"] == "down" for row in rows.values()):
+        # So `salt -b`, scripts and monitoring can act on it.
+        __context__["retcode"] = 1
+    return rows
 
 
 def restart(name, program=None):
@@ -188,3 +210,388 @@ def stop(name):
     with _changing(name, "stop") as (p, manifest, uid):
         stopped = __utils__["saltfleet_supervisor.stop_all"](p, uid, manifest.get("draining"))
     return {"stopped": bool(stopped)}
+
+
+# ----------------------------------------------------------- more programs
+
+
+def _groups(name, sock, uid, program):
+    groups = sorted({i["group"] for i in __utils__["saltfleet_supervisor.process_info"](sock, uid)})
+    if program is None:
+        return groups
+    if program not in groups:
+        raise CommandExecutionError(f"deployment {name} has no program group {program!r}; it has: {', '.join(groups)}")
+    return [program]
+
+
+def _held(manifest, program):
+    holds = (manifest.get("operator") or {}).get("holds") or {}
+    return holds.get("*") or (holds.get(program) if program else next(iter(holds.values()), None))
+
+
+def start(name, program=None):
+    """
+    Start a deployment's programs (or one program group) that are stopped.
+    A held program stays stopped: ``deployment.unhold`` first.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.start daily-fetcher
+        salt 'worker-7' deployment.start daily-fetcher fetcher-instagram
+    """
+    sup = "saltfleet_supervisor"
+    with _changing(name, "start") as (p, manifest, uid):
+        held = _held(manifest, program)
+        if held:
+            raise CommandExecutionError(
+                f"deployment {name}: held ({held.get('reason') or 'no reason given'}); deployment.unhold {name} first"
+            )
+        sock = _serving_socket(name, p, uid)
+        groups = _groups(name, sock, uid, program)
+        __utils__[f"{sup}.start_groups"](
+            sock, uid, [g for g in groups if g in __utils__[f"{sup}.idle_groups"](sock, uid)]
+        )
+        failed = __utils__[f"{sup}.wait_running"](sock, uid, groups=set(groups))
+    if failed:
+        raise CommandExecutionError(f"deployment {name}: not RUNNING: {_fmt(failed)}")
+    return {"running": groups}
+
+
+def force_restart(name, program=None):
+    """
+    Restart a deployment's programs (or one program group) now: SIGKILL,
+    whatever they hold (a task in hand is lost; ``deployment.restart`` waits
+    for it instead).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.force_restart daily-fetcher
+    """
+    sup = "saltfleet_supervisor"
+    with _changing(name, "force_restart") as (p, _, uid):
+        sock = _serving_socket(name, p, uid)
+        groups = _groups(name, sock, uid, program)
+        before = {i["pid"] for i in __utils__[f"{sup}.process_info"](sock, uid) if i["group"] in groups and i["pid"]}
+        for group in groups:
+            with contextlib.suppress(CommandExecutionError):
+                __utils__[f"{sup}.call"](sock, uid, "signalProcessGroup", group, "KILL")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            infos = [i for i in __utils__[f"{sup}.process_info"](sock, uid) if i["group"] in groups]
+            if not any(i["pid"] in before for i in infos):
+                break
+            time.sleep(0.1)
+        __utils__[f"{sup}.start_groups"](
+            sock, uid, [g for g in groups if g in __utils__[f"{sup}.idle_groups"](sock, uid)]
+        )
+        failed = __utils__[f"{sup}.wait_running"](sock, uid, groups=set(groups))
+    if failed:
+        raise CommandExecutionError(f"deployment {name}: not RUNNING after the restart: {_fmt(failed)}")
+    return {"restarted": groups}
+
+
+# supervisorctl's read and control verbs; nothing that edits or reloads its config.
+SUPERVISORCTL_VERBS = ("status", "start", "stop", "restart", "signal", "pid", "tail", "maintail", "avail", "version")
+SUPERVISORCTL_ARG_RE = re.compile(r"^[A-Za-z0-9_.:*+-]+$")
+
+
+def supervisorctl(name, *args):
+    """
+    Run supervisorctl against a deployment's own supervisord, as its user:
+    read and control verbs only (status, start, stop, restart, signal, pid,
+    tail, maintail, avail, version), never a shell.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.supervisorctl daily-fetcher status
+        salt 'worker-7' deployment.supervisorctl daily-fetcher tail fetcher-instagram
+    """
+    p, manifest, uid = _installed(name)
+    if not args or args[0] not in SUPERVISORCTL_VERBS:
+        raise CommandExecutionError(
+            f"deployment.supervisorctl {name}: the first argument must be one of {', '.join(SUPERVISORCTL_VERBS)}"
+        )
+    bad = [a for a in map(str, args) if not SUPERVISORCTL_ARG_RE.match(a)]
+    if bad:
+        raise CommandExecutionError(f"deployment.supervisorctl {name}: arguments may not hold {bad[0]!r}")
+    sock = _serving_socket(name, p, uid)
+    ctl = __utils__["saltfleet_files.trusted_tool"]("supervisorctl", None)
+    proc = __utils__["saltfleet_user.run"](
+        manifest["user"], [ctl, "-s", f"unix://{sock}", *args], p["home"], timeout=120
+    )
+    if proc.returncode not in (0, 3):  # 3: status found a program not RUNNING, which the output says
+        __context__["retcode"] = proc.returncode
+    return (proc.stdout + proc.stderr).rstrip("\n")
+
+
+def logs(name, program=None, lines=100):
+    """
+    The last ``lines`` of a program's log (or of the deployment's supervisord
+    log), read as the deployment's user.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.logs daily-fetcher fetcher-instagram 50
+    """
+    p, manifest, _ = _installed(name)
+    if program is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", str(program)):
+        raise CommandExecutionError(f"deployment.logs {name}: {program!r} is not a program name")
+    path = p["logs"] / f"{program or 'supervisord'}.log"
+    proc = __utils__["saltfleet_user.run"](
+        manifest["user"], ["tail", "-n", str(int(lines)), "--", path], p["home"], timeout=60
+    )
+    __utils__["saltfleet_user.check"](proc, f"deployment.logs {name}: reading {path} failed")
+    return proc.stdout
+
+
+# -------------------------------------------------------- code and venv
+
+
+def _apply(name, **kwargs):
+    """deployment.present through Salt's state system: the one path to a release switch."""
+    ret = __salt__["state.single"]("deployment.present", name=name, **kwargs)
+    if not isinstance(ret, dict):
+        raise CommandExecutionError(f"deployment {name}: " + "; ".join(map(str, ret)))
+    state = next(iter(ret.values()))
+    result = {key: state.get(key) for key in ("result", "changes", "comment")}
+    if not state.get("result"):
+        __context__["retcode"] = 1
+    return result
+
+
+def _operator(name, what, change):
+    """Record an operator's intent (a pinned rev, a hold, a venv rebuild) in the deployment's manifest."""
+    with _changing(name, what) as (p, manifest, _):
+        operator = dict(manifest.get("operator") or {})
+        change(operator)
+        manifest["operator"] = operator
+        __utils__["saltfleet_files.write_manifest"](p, manifest)
+        return manifest
+
+
+def _stamp(by):
+    return {"by": by, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def update_code(name, rev, _by="deployment.update_code"):
+    """
+    Deploy ``rev`` (a branch, tag or commit) of a deployment on this host now,
+    through the same build-and-switch as ``state.apply``. The rev stays until
+    pillar names the same one or ``deployment.unpin``: a later ``state.apply``
+    keeps it and says so in its comment, it never goes back silently.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.update_code daily-fetcher v2.3
+        salt -G 'saltfleet_deployments:daily-fetcher:*' deployment.update_code daily-fetcher main
+    """
+    rev = str(rev)
+    errors = []
+    __utils__["saltfleet_schema.check_rev"](f"deployment.update_code {name}: rev", rev, errors)
+    if errors:
+        raise CommandExecutionError(errors[0])
+    previous = (_installed(name)[1].get("operator") or {}).get("rev")
+    _operator(name, "update_code", lambda op: op.update(rev={"value": rev, **_stamp(_by)}))
+    result = _apply(name, rev=rev)
+    if not result["result"]:
+        _operator(name, "update_code", lambda op: op.update(rev=previous) if previous else op.pop("rev", None))
+    result["release"] = _installed(name)[1].get("release")
+    return result
+
+
+def unpin(name):
+    """
+    Follow pillar's rev again after ``deployment.update_code`` or
+    ``deployment.rollback``; the next ``state.apply`` deploys it.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.unpin daily-fetcher
+    """
+    _operator(name, "unpin", lambda op: op.pop("rev", None))
+    return {"pinned": False, "rev": ((__pillar__.get("deployments") or {}).get(name) or {}).get("rev", "HEAD")}
+
+
+def update_virtualenv(name):
+    """
+    Build the deployment's virtualenv afresh from the same requirements (to
+    pick up what unpinned requirements now resolve to) and hand the programs
+    over to it, as a new release is.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.update_virtualenv daily-fetcher
+    """
+    _operator(name, "update_virtualenv", lambda op: op.update(venv_rebuild=op.get("venv_rebuild", 0) + 1))
+    return _apply(name)
+
+
+def releases(name):
+    """
+    The releases a deployment keeps, oldest first: SHA, venv, when it was
+    deployed, whether it is complete, and which one serves.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.releases daily-fetcher
+    """
+    p, manifest, _ = _installed(name)
+    rows = []
+    for entry in manifest.get("history") or []:
+        release = __utils__["saltfleet_paths.release"](p, entry["release"])
+        rows.append(
+            {
+                "release": entry["release"],
+                "venv": entry.get("venv"),
+                "deployed": entry.get("deployed"),
+                "complete": (release / ".git" / "saltfleet-complete").exists(),
+                "serving": entry["release"] == manifest.get("release"),
+            }
+        )
+    return rows
+
+
+def rollback(name, release=None):
+    """
+    Switch back to a kept release (by default the one before the serving one;
+    a SHA or its prefix picks another), through the same handover as a deploy:
+    tasks in hand finish. The release stays pinned like ``update_code``'s.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.rollback daily-fetcher
+        salt 'worker-7' deployment.rollback daily-fetcher 3f1c9e2
+    """
+    kept = [r for r in releases(name) if r["complete"]]
+    if release is None:
+        serving = [i for i, r in enumerate(kept) if r["serving"]]
+        older = kept[: serving[0]] if serving else kept
+        if not older:
+            raise CommandExecutionError(f"deployment {name}: no complete release older than the serving one is kept")
+        target = older[-1]["release"]
+    else:
+        matches = [r["release"] for r in kept if r["release"].startswith(str(release))]
+        if len(matches) != 1:
+            known = ", ".join(r["release"][:12] for r in kept)
+            raise CommandExecutionError(
+                f"deployment {name}: {release!r} names {len(matches)} of the complete releases kept ({known})"
+            )
+        target = matches[0]
+    return update_code(name, target, _by="deployment.rollback")
+
+
+# ----------------------------------------------------------------- holds
+
+
+def hold(name, program=None, reason=None):
+    """
+    Stop a deployment's programs (or one program group) gracefully and keep
+    them stopped: ``state.apply`` reports the hold and its reason instead of
+    starting them, and so does a reboot, until ``deployment.unhold``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.hold daily-fetcher reason='db maintenance until 14:00'
+        salt 'worker-7' deployment.hold daily-fetcher fetcher-instagram reason='API quota'
+    """
+    key = program or "*"
+    _operator(
+        name,
+        "hold",
+        lambda op: op.update(holds={**(op.get("holds") or {}), key: {"reason": reason, **_stamp("deployment.hold")}}),
+    )
+    return _apply(name)
+
+
+def unhold(name, program=None):
+    """
+    Release a hold (``program`` omitted: every hold of the deployment) and
+    start what it kept stopped.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.unhold daily-fetcher
+    """
+
+    def release(op):
+        holds = dict(op.get("holds") or {})
+        for key in [program] if program else list(holds):
+            holds.pop(key, None)
+        op["holds"] = holds
+
+    _operator(name, "unhold", release)
+    return _apply(name)
+
+
+# ------------------------------------------------------------------- run
+
+
+def run(name, *command, timeout=3600):
+    """
+    Run a command in the serving release as the deployment's user, with its
+    virtualenv and env (a migration, a manage.py task, a one-off Celery call);
+    its exit code becomes the job's. Values of env never appear in the output
+    returned: each is replaced by ``<env:NAME>``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.run daily-fetcher python manage.py migrate
+        salt 'worker-7' deployment.run daily-fetcher celery -A app inspect ping
+    """
+    if not command:
+        raise CommandExecutionError(f"deployment.run {name}: give the command to run after the deployment's name")
+    p, manifest, _ = _installed(name)
+    if not manifest.get("release"):
+        raise CommandExecutionError(f"deployment {name} has no release serving yet; state.apply deploys one")
+    host, errors = __utils__["saltfleet_schema.validate_host"](
+        __pillar__.get("saltfleet"), __opts__.get("root_dir") or "/"
+    )
+    spec = (__pillar__.get("deployments") or {}).get(name) or {"repo": manifest.get("repo")}
+    cfg, more = __utils__["saltfleet_schema.validate_deployment"](name, dict(spec), host)
+    if errors or more:
+        raise CommandExecutionError("\n".join(errors + more))
+    release = __utils__["saltfleet_paths.release"](p, manifest["release"])
+    venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
+    secrets = {k: str(v) for k, v in cfg["env"].items()}
+    env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv), **secrets}
+    proc = __utils__["saltfleet_user.run"](
+        manifest["user"], list(command), p["home"], cwd=release, env=env, timeout=int(timeout)
+    )
+
+    def scrub(text):
+        for key, value in sorted(secrets.items(), key=lambda kv: -len(kv[1])):
+            if len(value) >= 3:
+                text = text.replace(value, f"<env:{key}>")
+        return text
+
+    if proc.returncode:
+        __context__["retcode"] = proc.returncode
+    return {"retcode": proc.returncode, "stdout": scrub(proc.stdout), "stderr": scrub(proc.stderr)}
+
+
+def _fmt(failed):
+    return ", ".join(f"{k}: {v}" for k, v in sorted(failed.items()))

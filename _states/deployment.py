@@ -102,7 +102,9 @@ def present(name, **kwargs):
         )
         p = __utils__["saltfleet_paths.paths"](settings["root"], cfg["user"], name)
         with _locked(p, f"state deployment.present {name}", test):
+            pinned = _pinned(cfg, __utils__["saltfleet_files.read_manifest"](p), "rev" in kwargs)
             plan = _plan(settings, cfg, p, test)
+            plan["pinned"] = pinned
             if plan["changes"] and not test:
                 _apply(settings, cfg, p, plan)
     except Exception as exc:  # pylint: disable=broad-except
@@ -229,6 +231,24 @@ def _config(name, overrides):
     if errors:
         raise CommandExecutionError("\n".join(errors))
     return host, cfg
+
+
+def _pinned(cfg, manifest, asked):
+    """
+    The rev an operator set with deployment.update_code or rollback, which
+    wins over pillar's until pillar says the same (or deployment.unpin): the
+    returned note says so, for the state's comment. ``asked``: the state was
+    given a rev itself.
+    """
+    pin = (manifest.get("operator") or {}).get("rev")
+    if not pin or asked or pin["value"] == cfg["rev"]:
+        return None
+    note = (
+        f"rev '{pin['value']}' set by {pin['by']} at {pin['at']} is kept, though pillar says '{cfg['rev']}' "
+        f"(`deployment.unpin {cfg['name']}` follows pillar again)"
+    )
+    cfg["rev"] = pin["value"]
+    return note
 
 
 @contextlib.contextmanager
@@ -364,9 +384,17 @@ def _plan(settings, cfg, p, test):
     if secrets:
         changes["secrets"] = secrets
 
-    sha, digest = _resolve(cfg, p, manifest, test)
+    operator = manifest.get("operator") or {}
+    plan["rebuild"] = operator.get("venv_rebuild", 0)
+    sha, digest = _resolve(cfg, p, manifest, test, plan["rebuild"])
     listing = __salt__["cp.list_master"](prefix=f"deployments/{cfg['name']}/")
     sections, files = _sources(cfg, p, sha, digest, listing)
+    plan["holds"] = holds = operator.get("holds") or {}
+    for section, opts in sections.items():
+        program = section.partition(":")[2]
+        if section.startswith(("program:", "fcgi-program:", "eventlistener:")) and (program in holds or "*" in holds):
+            # Held by an operator: supervisord neither starts it now nor after a reboot.
+            opts["autostart"] = "false"
     boot, entry = __utils__[f"{sup}.boot_entry"](cfg, settings, p)
     files[boot] = entry
     errors = __utils__["saltfleet_sysfiles.check"](cfg["name"], files, settings["root"])
@@ -449,6 +477,17 @@ def _program_changes(p, plan):
     same += [(str(new["release"]), "@release@"), (str(new["venv"]), "@venv@")]
     diff = __utils__["saltfleet_supervisor.diff_groups"](plan["old_conf"], plan["conf"], same)
     programs = {key: diff[key] for key in ("added", "changed", "removed") if diff[key]}
+    held, was = set(plan["holds"]), set(old.get("held") or {})
+    if held != was and diff["changed"]:
+        groups = set(diff["changed"])
+        for key, names in (("held", held - was), ("released", was - held)):
+            named = sorted(groups if "*" in names else groups & names)
+            if named:
+                programs[key] = named
+                groups -= set(named)
+        programs = {k: v for k, v in programs.items() if k != "changed"}
+        if groups:
+            programs["changed"] = sorted(groups)
     if plan["switch"] and diff["kept"]:
         programs["restarted"] = diff["kept"]
     elif not plan["switch"]:
@@ -459,7 +498,7 @@ def _program_changes(p, plan):
     return programs
 
 
-def _resolve(cfg, p, manifest, test):
+def _resolve(cfg, p, manifest, test, rebuild=0):
     """
     The SHA pillar's rev names and the digest of its virtualenv's inputs,
     from the cheapest facts that decide them: a pinned SHA that already serves
@@ -467,7 +506,11 @@ def _resolve(cfg, p, manifest, test):
     is fetched and has its requirements read.
     """
     git = "saltfleet_git"
-    same_inputs = manifest.get("venv") and all(manifest.get(k) == cfg[k] for k in ("requirements", "python"))
+    same_inputs = (
+        manifest.get("venv")
+        and all(manifest.get(k) == cfg[k] for k in ("requirements", "python"))
+        and manifest.get("rebuild", 0) == rebuild
+    )
     current = manifest.get("release")
     if same_inputs and cfg["rev"] == current and _release_ok(__utils__["saltfleet_paths.release"](p, current)):
         return current, manifest["venv"]
@@ -481,7 +524,8 @@ def _resolve(cfg, p, manifest, test):
         if same_inputs and sha == current:
             return sha, manifest["venv"]
         read_file = __utils__[f"{git}.read_file"]
-        return sha, __utils__["saltfleet_venv.digest"](lambda rel: read_file(repo, sha, rel, cfg, view_secrets), cfg)
+        read = lambda rel: read_file(repo, sha, rel, cfg, view_secrets)  # noqa: E731
+        return sha, __utils__["saltfleet_venv.digest"](read, cfg, rebuild)
 
 
 def _retention(cfg, p, plan):
@@ -608,6 +652,8 @@ def _serve(cfg, p, plan, gen, draining):
         {
             "release": plan["sha"],
             "venv": plan["digest"],
+            "rebuild": plan["rebuild"],
+            "held": plan["holds"],
             "generation": gen,
             "history": plan["history"],
             "draining": draining,
@@ -722,7 +768,7 @@ def _in_place(cfg, p, plan):
     if plan["switch"]:
         _serve(cfg, p, plan, gen, _draining(plan))
     else:
-        _record(cfg, p, {"generation": gen, "draining": _draining(plan)})
+        _record(cfg, p, {"generation": gen, "held": plan["holds"], "draining": _draining(plan)})
     if failed:
         raise CommandExecutionError(f"deployments:{cfg['name']}: programs not RUNNING: {_fmt(failed)}; see {p['logs']}")
 
@@ -740,6 +786,14 @@ def _record(cfg, p, fields):
         python=cfg["python"],
         **fields,
     )
+    operator = record.get("operator") or {}
+    if (
+        (operator.get("rev") or {}).get("value")
+        == cfg["rev"]
+        == (__pillar__.get("deployments") or {}).get(cfg["name"], {}).get("rev")
+    ):
+        # Pillar caught up with the operator's rev: pillar leads again.
+        record["operator"] = {k: v for k, v in operator.items() if k != "rev"}
     if record != old:
         record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for entry in record.get("history") or []:
@@ -791,8 +845,11 @@ def _fmt(failed):
 def _describe(cfg, plan, dry):
     name, sha = cfg["name"], plan["sha"]
     changes = plan["changes"]
+    notes = [plan["pinned"]] if plan.get("pinned") else []
+    notes += [f"{p} held: {h.get('reason') or 'no reason given'}" for p, h in sorted(plan["holds"].items())]
+    notes = "".join(f"; {n}" for n in notes).replace("* held", "all programs held")
     if not changes:
-        return f"Deployment {name} is at {sha[:12]} ({cfg['rev']}) and running"
+        return f"Deployment {name} is at {sha[:12]} ({cfg['rev']}) and running{notes}"
     verb = "would be" if dry else "was"
     parts = []
     if "release" in changes:
@@ -816,7 +873,7 @@ def _describe(cfg, plan, dry):
         parts.append(f"{', '.join(changes['secrets'])} {verb} written")
     if "pruned" in changes:
         parts.append(f"{len(changes['pruned'])} old release(s) and venv(s) {verb} pruned")
-    return f"Deployment {name}: " + "; ".join(parts or [f"configuration {verb} updated"])
+    return f"Deployment {name}: " + "; ".join(parts or [f"configuration {verb} updated"]) + notes
 
 
 def _mine_send():

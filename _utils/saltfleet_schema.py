@@ -262,6 +262,11 @@ def _check_tool(where, value, errors):
         errors.append(f"{where}: {value!r} must be an absolute path (root's, writable by root only)")
 
 
+def check_rev(where, rev, errors):
+    """Append an error unless ``rev`` is a branch, tag or commit name (never an option)."""
+    return _check_pattern(where, rev, REV_RE, "a branch, tag or commit", errors)
+
+
 def validate_host(host, default_root="/"):
     """Return (settings, errors) for pillar ``saltfleet``, defaults filled in."""
     errors = []

@@ -142,7 +142,8 @@ def answers(sock, uid):
         # supervisord's own word for its pid: it listens before it daemonizes, so
         # the socket's peer pid is the parent that exited.
         return server.getState()["statename"], server.getPID()
-    except (ConnectionRefusedError, FileNotFoundError, xmlrpc.client.Fault):
+    except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, FileNotFoundError, xmlrpc.client.Fault):
+        # Nothing listens, or a supervisord that is going away hung up.
         return None
     except (OSError, xmlrpc.client.Error) as exc:
         raise _failed(sock, exc) from None

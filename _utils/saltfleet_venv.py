@@ -35,13 +35,17 @@ def _utils(name):
     return loader.pack.get("__utils__", loader)[name]
 
 
-def digest(read, cfg):
+def digest(read, cfg, rebuild=0):
     """
     Digest of what a virtualenv is built from. ``read(relpath)`` returns
     (kind, text) of a file of the release: kind "file", "link" or None (absent).
+    ``rebuild`` (deployment.update_virtualenv's count) asks for a new one from
+    the same files.
     """
     where = f"deployments:{cfg['name']}:requirements"
     total = hashlib.sha256(f"python={cfg['python']}\n".encode())
+    if rebuild:
+        total.update(f"rebuild={rebuild}\n".encode())
     top = posixpath.normpath(cfg["requirements"])
     seen, todo = set(), [(top, None)]
     while todo:

@@ -101,3 +101,131 @@ def test_an_operator_command_waits_for_a_state_apply_of_the_same_deployment(depl
     # The restart came after the upgrade, on the new release.
     assert report(out, "a")["version"] == "2"
     assert report(out, "a")["pid"] != report(out, "b")["pid"]
+
+
+def env_app(tiny, out, rev="v1", **spec):
+    return tiny_app(
+        tiny,
+        out,
+        rev=rev,
+        programs=["a", "b"],
+        env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1", "API_TOKEN": "tok-8c1e55"},
+        **spec,
+    )
+
+
+def test_update_code_deploys_a_rev_that_the_next_apply_keeps_and_says_so(host, tiny, out):
+    pillar = host.pillar({"tiny": env_app(tiny, out)})
+    host.apply(pillar)
+    mod = host.loaders.modules.deployment
+    result = mod.update_code("tiny", "v2")
+    assert result["result"] is True, result
+    assert result["release"] == tiny["shas"]["v2"]
+    assert result["changes"]["release"] == {"old": tiny["shas"]["v1"], "new": tiny["shas"]["v2"]}
+    assert report(out)["version"] == "2"
+    kept = host.apply(pillar)["saltfleet-deployment-tiny"]
+    assert kept["changes"] == {}
+    assert "rev 'v2' set by deployment.update_code at" in kept["comment"] and "pillar says 'v1'" in kept["comment"]
+    assert report(out)["version"] == "2"
+    assert mod.unpin("tiny") == {"rev": "v1", "pinned": False}
+    back = host.apply(pillar)["saltfleet-deployment-tiny"]
+    assert back["changes"]["release"]["new"] == tiny["shas"]["v1"]
+    assert report(out)["version"] == "1"
+
+
+def test_update_code_to_a_missing_rev_fails_and_pins_nothing(host, tiny, out):
+    host.apply(host.pillar({"tiny": env_app(tiny, out)}))
+    mod = host.loaders.modules.deployment
+    result = mod.update_code("tiny", "no-such-branch")
+    assert result["result"] is False and "'no-such-branch' not found" in result["comment"]
+    again = host.apply(host.pillar({"tiny": env_app(tiny, out)}))["saltfleet-deployment-tiny"]
+    assert again["changes"] == {} and "set by" not in again["comment"]
+    with pytest.raises(CommandExecutionError, match="rev: '--upload-pack=x' is not a branch"):
+        mod.update_code("tiny", "--upload-pack=x")
+
+
+def test_releases_and_rollback(host, tiny, out):
+    for rev in ("v1", "v2"):
+        host.apply(host.pillar({"tiny": env_app(tiny, out, rev=rev)}))
+    mod = host.loaders.modules.deployment
+    kept = mod.releases("tiny")
+    assert [(r["release"], r["complete"], r["serving"]) for r in kept] == [
+        (tiny["shas"]["v1"], True, False),
+        (tiny["shas"]["v2"], True, True),
+    ]
+    assert all(r["deployed"] for r in kept)
+    result = mod.rollback("tiny")
+    assert result["result"] is True and result["release"] == tiny["shas"]["v1"]
+    assert report(out)["version"] == "1"
+    assert mod.rollback("tiny", tiny["shas"]["v2"][:10])["release"] == tiny["shas"]["v2"]
+    with pytest.raises(CommandExecutionError, match="'ffff' names 0 of the complete releases kept"):
+        mod.rollback("tiny", "ffff")
+
+
+def test_update_virtualenv_builds_a_new_one_and_hands_over_to_it(host, tiny, out):
+    host.apply(host.pillar({"tiny": env_app(tiny, out)}))
+    p = host.paths("tiny")
+    before, pid = {v.name for v in p["venvs"].iterdir()}, report(out)["pid"]
+    result = host.loaders.modules.deployment.update_virtualenv("tiny")
+    assert result["result"] is True, result
+    new = result["changes"]["virtualenv"]["new"]
+    assert new not in before and (p["venvs"] / new / "bin" / "python").exists()
+    assert report(out)["pid"] != pid
+    deadline = time.monotonic() + 60
+    while host.loaders.modules.deployment.status("tiny")["tiny"]["draining"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # The old venv serves nothing any more: the next apply prunes it, and the one after has nothing to do.
+    pruned = host.apply(host.pillar({"tiny": env_app(tiny, out)}))["saltfleet-deployment-tiny"]["changes"]
+    assert pruned == {"pruned": [str(p["venvs"] / old) for old in before]}
+    assert host.apply(host.pillar({"tiny": env_app(tiny, out)}))["saltfleet-deployment-tiny"]["changes"] == {}
+
+
+def test_a_hold_survives_state_apply_until_unhold(host, tiny, out):
+    pillar = host.pillar({"tiny": env_app(tiny, out)})
+    host.apply(pillar)
+    mod = host.loaders.modules.deployment
+    pid = report(out, "a")["pid"]
+    held = mod.hold("tiny", "a", reason="db maintenance")
+    assert held["result"] is True and held["changes"]["programs"] == {"held": ["a"]}, held
+    assert (out / "a.stopped").read_text().split() == [str(pid)], "stopped gracefully"
+    status = mod.status("tiny")["tiny"]
+    assert status["programs"]["a"] == "STOPPED" and status["held"] == {"a": "db maintenance"}
+    assert status["state"] == "up" and status["summary"].endswith("1 held")
+    routine = host.apply(pillar)["saltfleet-deployment-tiny"]
+    assert routine["changes"] == {} and "a held: db maintenance" in routine["comment"]
+    assert mod.status("tiny")["tiny"]["programs"]["a"] == "STOPPED"
+    with pytest.raises(CommandExecutionError, match="held \\(db maintenance\\); deployment.unhold tiny first"):
+        mod.start("tiny", "a")
+    released = mod.unhold("tiny")
+    assert released["changes"]["programs"] == {"released": ["a"]}
+    assert report(out, "a")["pid"] != pid and mod.status("tiny")["tiny"]["programs"]["a"] == "RUNNING"
+
+
+def test_run_runs_in_the_serving_release_as_the_user_and_hides_env_values(host, tiny, out):
+    host.apply(host.pillar({"tiny": env_app(tiny, out)}))
+    mod = host.loaders.modules.deployment
+    ret = mod.run("tiny", "sh", "-c", 'echo "$(id -un) $(pwd) $API_TOKEN $VIRTUAL_ENV"; exit 3')
+    assert ret["retcode"] == 3
+    user, cwd, token, venv = ret["stdout"].split()
+    assert user == host.user.pw_name
+    assert cwd == str(host.paths("tiny")["releases"] / tiny["shas"]["v1"])
+    assert token == "<env:API_TOKEN>" and "tok-8c1e55" not in str(ret)
+    assert venv.startswith(str(host.paths("tiny")["venvs"]))
+
+
+def test_logs_supervisorctl_and_force_restart(host, tiny, out):
+    host.apply(host.pillar({"tiny": env_app(tiny, out)}))
+    mod = host.loaders.modules.deployment
+    assert "tiny a version 1 started" in mod.logs("tiny", "a", 5)
+    lines = dict(line.split(None, 1) for line in mod.supervisorctl("tiny", "status").splitlines())
+    assert lines["a"].startswith("RUNNING") and lines["b"].startswith("RUNNING")
+    for bad in (("reread",), ("status", "a;id")):
+        with pytest.raises(CommandExecutionError, match="deployment.supervisorctl tiny"):
+            mod.supervisorctl("tiny", *bad)
+    pid = report(out, "a")["pid"]
+    assert mod.force_restart("tiny", "a") == {"restarted": ["a"]}
+    assert report(out, "a")["pid"] != pid
+    assert not (out / "a.stopped").exists(), "killed, not asked to stop"
+    mod.supervisorctl("tiny", "stop", "b")
+    status = mod.status("tiny")["tiny"]
+    assert status["state"] == "down" and "b STOPPED" in status["summary"]
