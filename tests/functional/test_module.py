@@ -220,7 +220,7 @@ def test_logs_supervisorctl_and_force_restart(host, tiny, out):
     lines = dict(line.split(None, 1) for line in mod.supervisorctl("tiny", "status").splitlines())
     assert lines["a"].startswith("RUNNING") and lines["b"].startswith("RUNNING")
     for bad in (("reread",), ("status", "a;id")):
-        with pytest.raises(CommandExecutionError, match="deployment.supervisorctl tiny"):
+        with pytest.raises(CommandExecutionError, match=r"deployment\.supervisorctl tiny"):
             mod.supervisorctl("tiny", *bad)
     pid = report(out, "a")["pid"]
     assert mod.force_restart("tiny", "a") == {"restarted": ["a"]}
