@@ -194,7 +194,7 @@ def test_a_hold_survives_state_apply_until_unhold(host, tiny, out):
     routine = host.apply(pillar)["saltfleet-deployment-tiny"]
     assert routine["changes"] == {} and "a held: db maintenance" in routine["comment"]
     assert mod.status("tiny")["tiny"]["programs"]["a"] == "STOPPED"
-    with pytest.raises(CommandExecutionError, match="held \\(db maintenance\\); deployment.unhold tiny first"):
+    with pytest.raises(CommandExecutionError, match=r"held \(db maintenance\); deployment\.unhold tiny first"):
         mod.start("tiny", "a")
     released = mod.unhold("tiny")
     assert released["changes"]["programs"] == {"released": ["a"]}
