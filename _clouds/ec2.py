@@ -106,21 +106,22 @@ def __virtual__():
     return __virtualname__
 
 
-def _util(name):
-    return __utils__[f"saltfleet_cloud.{name}"]
-
-
 def get_configured_provider():
     """The provider's configuration (nothing is required: credentials come from boto3's chain)."""
-    return _util("configured_provider")(__opts__, __active_provider_name__, __virtualname__)
+    return __utils__["saltfleet_cloud.configured_provider"](__opts__, __active_provider_name__, __virtualname__)
 
 
-def _conf(name, vm_=None, default=None):
-    return _util("provider_setting")(__opts__, __active_provider_name__, __virtualname__, name, vm_, default)
+def _setting(name, vm_=None, default=None):
+    """A setting of the VM, its profile or its provider (the provider alone without ``vm_``)."""
+    return __utils__["saltfleet_cloud.provider_setting"](
+        __opts__, __active_provider_name__, __virtualname__, name, vm_, default
+    )
 
 
 def _provider_label(vm_=None):
-    return (vm_ or {}).get("provider") or _util("provider_name")(__active_provider_name__, __virtualname__)
+    return (vm_ or {}).get("provider") or __utils__["saltfleet_cloud.provider_name"](
+        __active_provider_name__, __virtualname__
+    )
 
 
 def _known_regions():
@@ -133,27 +134,27 @@ def _known_regions():
 
 def _client(vm_=None):
     """A boto3 EC2 client for the provider (and the VM's overrides), retries from ``retries``."""
-    region = _conf("region", vm_) or boto3.session.Session().region_name
+    region = _setting("region", vm_) or boto3.session.Session().region_name
     if not region:
         raise SaltCloudConfigError(
             f"{_provider_label(vm_)}: no region; set `region:` in the provider (or AWS_DEFAULT_REGION)"
         )
-    if _conf("check_region", vm_, True) and region not in _known_regions():
+    if _setting("check_region", vm_, True) and region not in _known_regions():
         raise SaltCloudConfigError(
             f"{_provider_label(vm_)}: region: {region!r} is not an EC2 region "
             f"(e.g. {', '.join(sorted(_known_regions())[:4])}, ...); "
             "set check_region: False for a region newer than this boto3"
         )
-    retries = {"max_attempts": 10, "mode": "standard", **(_conf("retries", vm_) or {})}
+    retries = {"max_attempts": 10, "mode": "standard", **(_setting("retries", vm_) or {})}
     attempts = retries["max_attempts"]  # botocore consumes the dict
-    session = boto3.session.Session(profile_name=_conf("aws_profile", vm_), region_name=region)
+    session = boto3.session.Session(profile_name=_setting("aws_profile", vm_), region_name=region)
     client = session.client(
         "ec2",
-        endpoint_url=_conf("endpoint_url", vm_),
+        endpoint_url=_setting("endpoint_url", vm_),
         config=botocore.config.Config(
             retries=retries,
-            connect_timeout=_conf("connect_timeout", vm_, 10),
-            read_timeout=_conf("read_timeout", vm_, 60),
+            connect_timeout=_setting("connect_timeout", vm_, 10),
+            read_timeout=_setting("read_timeout", vm_, 60),
         ),
     )
     client.saltfleet_attempts = attempts
@@ -242,7 +243,7 @@ def _instances(client, names=None, instance_ids=None):
 
 
 def _row(instance):
-    return _util("node_row")(
+    return __utils__["saltfleet_cloud.node_row"](
         instance["InstanceId"],
         _name(instance),
         instance["State"]["Name"],
@@ -254,7 +255,7 @@ def _row(instance):
 
 
 def _full_row(instance):
-    row = _util("json_safe")(instance)
+    row = __utils__["saltfleet_cloud.json_safe"](instance)
     row.update(_row(instance))
     row["tags"] = _tags(instance)
     return row
@@ -278,9 +279,9 @@ def _by_name(rows):
 
 def list_nodes(call=None):
     """The instances this driver manages: id, name, state, image, size, public_ips, private_ips (``salt-cloud -Q``)."""
-    _util("check_call")("list_nodes", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("list_nodes", call, "function")
     client = _client()
-    _util("prune_autosign_tickets")(__opts__)
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     with _Api(client, "listing instances"):
         instances = _instances(client)
     return {name: _row(instance) for name, instance in _by_name(instances).items()}
@@ -288,8 +289,9 @@ def list_nodes(call=None):
 
 def list_nodes_full(call=None):
     """Everything EC2 says about each instance, plus the list_nodes fields and ``tags`` (``salt-cloud -F``)."""
-    _util("check_call")("list_nodes_full", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("list_nodes_full", call, "function")
     client = _client()
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     with _Api(client, "listing instances"):
         instances = _instances(client)
     return {name: _full_row(instance) for name, instance in _by_name(instances).items()}
@@ -297,20 +299,20 @@ def list_nodes_full(call=None):
 
 def list_nodes_select(call=None):
     """The fields of ``query.selection`` (``salt-cloud -S``)."""
-    return _util("select")(list_nodes_full("function"), __opts__, call)
+    return __utils__["saltfleet_cloud.select"](list_nodes_full("function"), __opts__, call)
 
 
 def show_instance(name, call=None):
     """One instance, as in list_nodes_full: ``salt-cloud -a show_instance worker-7``."""
-    _util("check_call")("show_instance", call, "action")
+    __utils__["saltfleet_cloud.check_call"]("show_instance", call, "action")
     return _full_row(_find(_client(), name))
 
 
 def avail_images(call=None):
     """AMIs owned by ``image_owners`` (provider; default ``[self]``): ``salt-cloud --list-images ec2``."""
-    _util("check_call")("avail_images", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_images", call, "function")
     client = _client()
-    owners = _conf("image_owners", None, ["self"])
+    owners = _setting("image_owners", None, ["self"])
     with _Api(client, "listing images"):
         images = client.describe_images(Owners=list(owners))["Images"]
     return {
@@ -326,7 +328,7 @@ def avail_images(call=None):
 
 def avail_sizes(call=None):
     """Instance types offered in the region with vCPUs and memory: ``salt-cloud --list-sizes ec2``."""
-    _util("check_call")("avail_sizes", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_sizes", call, "function")
     client = _client()
     sizes = {}
     with _Api(client, "listing instance types"):
@@ -342,7 +344,7 @@ def avail_sizes(call=None):
 
 def avail_locations(call=None):
     """Regions and their availability zones: ``salt-cloud --list-locations ec2``."""
-    _util("check_call")("avail_locations", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_locations", call, "function")
     client = _client()
     with _Api(client, "listing regions"):
         regions = client.describe_regions()["Regions"]
@@ -398,8 +400,8 @@ def _preflight(client, vm_, context):
     if context.get("subnet"):
         check(subnet)
 
-    group_ids = list(_conf("securitygroupid", vm_, []) or [])
-    names = _conf("securitygroup", vm_, []) or []
+    group_ids = list(_setting("securitygroupid", vm_, []) or [])
+    names = _setting("securitygroup", vm_, []) or []
     names = [names] if isinstance(names, str) else list(names)
     if names and not (context.get("subnet") and subnet_vpc is None):  # no VPC to look in if the subnet is bad
         with _Api(client, f"{vm_['name']}: securitygroup", **context) as c:
@@ -426,7 +428,7 @@ def _preflight(client, vm_, context):
 
 def _volumes(vm_):
     mappings = []
-    for volume in _conf("volumes", vm_, []) or []:
+    for volume in _setting("volumes", vm_, []) or []:
         if "device" not in volume:
             raise SaltCloudConfigError(f"{vm_['name']}: volumes: {volume!r} needs a device, e.g. /dev/sdf")
         ebs = {"DeleteOnTermination": volume.get("delete_on_termination", True)}
@@ -446,7 +448,7 @@ def _volumes(vm_):
 
 
 def _run_params(vm_, context, group_ids, user_data, deployments):
-    tags = {str(k): str(v) for k, v in (_conf("tag", vm_, {}) or {}).items()}
+    tags = {str(k): str(v) for k, v in (_setting("tag", vm_, {}) or {}).items()}
     tags.update({"Name": vm_["name"], MANAGED_TAG: vm_.get("profile") or "", DEPLOYMENTS_TAG: ",".join(deployments)})
     tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
     params = {
@@ -465,7 +467,7 @@ def _run_params(vm_, context, group_ids, user_data, deployments):
     }
     if context.get("keyname"):
         params["KeyName"] = context["keyname"]
-    assign_public = _conf("assign_public_ip", vm_)
+    assign_public = _setting("assign_public_ip", vm_)
     if assign_public is not None:
         interface = {"DeviceIndex": 0, "AssociatePublicIpAddress": bool(assign_public)}
         if context.get("subnet"):
@@ -478,16 +480,16 @@ def _run_params(vm_, context, group_ids, user_data, deployments):
             params["SubnetId"] = context["subnet"]
         if group_ids:
             params["SecurityGroupIds"] = group_ids
-    iam = _conf("iam_profile", vm_)
+    iam = _setting("iam_profile", vm_)
     if iam:
         params["IamInstanceProfile"] = {"Arn": iam} if str(iam).startswith("arn:") else {"Name": iam}
-    zone = _conf("availability_zone", vm_)
+    zone = _setting("availability_zone", vm_)
     if zone:
         params["Placement"] = {"AvailabilityZone": zone}
     volumes = _volumes(vm_)
     if volumes:
         params["BlockDeviceMappings"] = volumes
-    spot = _conf("spot", vm_)
+    spot = _setting("spot", vm_)
     if spot:
         spot = spot if isinstance(spot, dict) else {}
         options = {
@@ -515,39 +517,45 @@ def create(vm_):
     entry plus ``deploy`` (how the minion is bootstrapped).
     """
     name = vm_["name"]
-    util = _util
-    util("fire_event")(__opts__, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")})
+    __utils__["saltfleet_cloud.fire_event"](
+        __opts__, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")}
+    )
     client = _client(vm_)
     region = client.meta.region_name
     context = {
         "name": name,
         "provider": _provider_label(vm_),
-        "image": _conf("image", vm_),
-        "size": _conf("size", vm_),
-        "keyname": _conf("keyname", vm_),
-        "subnet": _conf("subnet", vm_),
-        "securitygroup": _conf("securitygroup", vm_),
+        "image": _setting("image", vm_),
+        "size": _setting("size", vm_),
+        "keyname": _setting("keyname", vm_),
+        "subnet": _setting("subnet", vm_),
+        "securitygroup": _setting("securitygroup", vm_),
         "region": region,
     }
     for key in ("image", "size"):
         if not context[key]:
             raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} sets no {key}")
-    mode = util("bootstrap_mode")(vm_, __opts__)
-    deployments = util("deployments")(vm_, __opts__)
-    grains = util("cloud_grains")(vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"])
+    mode = __utils__["saltfleet_cloud.bootstrap_mode"](vm_, __opts__)
+    deployments = __utils__["saltfleet_cloud.deployments"](vm_, __opts__)
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     user_data = None
     if mode == "cloud-init":
-        util("prune_autosign_tickets")(__opts__)
-        util("forget_preaccepted_key")(vm_, __opts__)
-        minion = util("minion_config")(vm_, __opts__, grains=grains, mode=mode)
-        user_data = util("render_user_data")(vm_, __opts__, minion, metadata="ec2")
+        # Fail before launching if the master would not pass the new key to fleet.admit.
+        __utils__["saltfleet_cloud.check_autosign_ready"](vm_, __opts__)
+        __utils__["saltfleet_cloud.forget_preaccepted_key"](vm_, __opts__)
+        grains = __utils__["saltfleet_cloud.cloud_grains"](
+            vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"]
+        )
+        minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=grains, mode=mode)
+        user_data = __utils__["saltfleet_cloud.render_user_data"](vm_, __opts__, minion, metadata="ec2")
         if len(user_data.encode()) > 16384:
             raise SaltCloudConfigError(f"{name}: user-data is {len(user_data.encode())} bytes; EC2 takes 16384")
-        util("check_autosign_ready")(vm_, __opts__)  # fail before launching if the master cannot autosign
 
     group_ids = _preflight(client, vm_, context)
     params = _run_params(vm_, context, group_ids, user_data, deployments)
-    util("fire_event")(__opts__, name, "requesting", {"image": context["image"], "size": context["size"]})
+    __utils__["saltfleet_cloud.fire_event"](
+        __opts__, name, "requesting", {"image": context["image"], "size": context["size"], "region": region}
+    )
     with _Api(client, f"{name}: launching", **context):
         instance_id = client.run_instances(**params)["Instances"][0]["InstanceId"]
     log.info("%s: launched %s", name, instance_id)
@@ -555,8 +563,10 @@ def create(vm_):
     try:
         return _launched(client, vm_, instance_id, mode, context)
     except Exception as exc:
-        removal = None if _conf("keep_failed", vm_, False) else _terminate(client, instance_id) or True
-        raise util("creation_failed")(vm_, __opts__, instance_id, exc, removal, ticket=mode == "cloud-init") from exc
+        removal = None if _setting("keep_failed", vm_, False) else _terminate(client, instance_id) or True
+        raise __utils__["saltfleet_cloud.creation_failed"](
+            vm_, __opts__, instance_id, exc, removal, ticket=mode == "cloud-init"
+        ) from exc
 
 
 def _terminate(client, instance_id):
@@ -571,12 +581,12 @@ def _terminate(client, instance_id):
 
 def _launched(client, vm_, instance_id, mode, context):
     """The rest of create once EC2 has the instance: ticket, wait for an address, protect, bootstrap."""
-    name, region, util = vm_["name"], context["region"], _util
+    name, region = vm_["name"], context["region"]
     if mode == "cloud-init":
-        util("record_autosign_ticket")(vm_, __opts__, instance_id)
-    interface = _conf("ssh_interface", vm_, "public_ips")
-    timeout = _conf("wait_for_ip_timeout", vm_, 600)
-    util("fire_event")(__opts__, name, "waiting for address", {"instance_id": instance_id, "interface": interface})
+        __utils__["saltfleet_cloud.record_autosign_ticket"](vm_, __opts__, instance_id)
+    interface = _setting("ssh_interface", vm_, "public_ips")
+    timeout = _setting("wait_for_ip_timeout", vm_, 600)
+    __utils__["saltfleet_cloud.fire_event"](__opts__, name, "waiting for address", {"instance_id": instance_id})
 
     def running_with_address():
         with _Api(client, f"{name}: waiting for {instance_id}", **context):
@@ -590,24 +600,35 @@ def _launched(client, vm_, instance_id, mode, context):
             raise SaltCloudSystemExit(f"{name}: instance {instance_id} went {state} while starting: {reason}")
         return instance if state == "running" and _address(instance, interface) else None
 
-    instance = util("wait_for")(
+    instance = __utils__["saltfleet_cloud.wait_for"](
         running_with_address,
         timeout,
         f"{name}: instance {instance_id} running with an address ({interface})",
-        interval=_conf("wait_for_ip_interval", vm_, 5),
+        interval=_setting("wait_for_ip_interval", vm_, 5),
     )
-    if _conf("termination_protection", vm_, False):
+    if _setting("termination_protection", vm_, False):
         with _Api(client, f"{name}: termination protection", **context):
             client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": True})
-    grains = util("cloud_grains")(
-        vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"], instance_id=instance_id
+    grains = __utils__["saltfleet_cloud.cloud_grains"](
+        vm_,
+        __opts__,
+        "ec2",
+        region=region,
+        size=context["size"],
+        image=context["image"],
+        instance_id=instance_id,
+        public_ips=[instance.get("PublicIpAddress")],
+        private_ips=[instance.get("PrivateIpAddress")],
     )
-    deploy = util("provision")(vm_, __opts__, _address(instance, interface), grains)
+    deploy = __utils__["saltfleet_cloud.provision"](vm_, __opts__, _address(instance, interface), grains)
 
     ret = _full_row(instance)
     ret.update(deploy)
-    util("fire_event")(
-        __opts__, name, "created", {"instance_id": instance_id, "profile": vm_.get("profile"), "region": region}
+    __utils__["saltfleet_cloud.fire_event"](
+        __opts__,
+        name,
+        "created",
+        {"instance_id": instance_id, "profile": vm_.get("profile"), "provider": vm_.get("driver"), "region": region},
     )
     return ret
 
@@ -627,8 +648,11 @@ def _find(client, name):
 
 
 def destroy(name, call=None):
-    """Terminate an instance (``salt-cloud -d worker-7``); refuses while termination protection is on."""
-    _util("check_call")("destroy", call, "destroy")
+    """Terminate an instance (``salt-cloud -d worker-7``); refuses while termination protection is on.
+
+    Returns ``{"name", "instance_id", "state"}`` (EC2's state after the request, e.g. ``shutting-down``).
+    """
+    __utils__["saltfleet_cloud.check_call"]("destroy", call, "destroy")
     client = _client()
     instance = _find(client, name)
     instance_id = instance["InstanceId"]
@@ -639,17 +663,15 @@ def destroy(name, call=None):
                 f"{name}: instance {instance_id} has termination protection; "
                 f"`salt-cloud -a disable_term_protect {name}` first if you really mean to destroy it"
             )
-        _util("fire_event")(__opts__, name, "destroying", {"instance_id": instance_id})
+        __utils__["saltfleet_cloud.fire_event"](__opts__, name, "destroying", {"instance_id": instance_id})
         result = client.terminate_instances(InstanceIds=[instance_id])["TerminatingInstances"][0]
-    _util("revoke_autosign_ticket")(__opts__, instance_id=instance_id, name=name)
-    _util("fire_event")(__opts__, name, "destroyed", {"instance_id": instance_id})
-    if __opts__.get("update_cachedir", False):
-        __utils__["cloud.delete_minion_cachedir"](name, _provider_label().split(":")[0], __opts__)
-    return {"instance_id": instance_id, "state": result["CurrentState"]["Name"]}
+    return __utils__["saltfleet_cloud.destroyed"](
+        __opts__, name, instance_id, _provider_label(), result["CurrentState"]["Name"]
+    )
 
 
 def _instance_action(name, call, fun, verb):
-    _util("check_call")(verb, call or "action", "action")  # also callable from code, without a call
+    __utils__["saltfleet_cloud.check_call"](verb, call or "action", "action")  # also callable from code, without a call
     client = _client()
     instance = _find(client, name)
     with _Api(client, f"{name}: {verb}", name=name):
@@ -688,7 +710,7 @@ def disable_term_protect(name, call=None):
 
 def show_term_protect(name, call=None):
     """Whether termination protection is on: ``salt-cloud -a show_term_protect worker-7``."""
-    _util("check_call")("show_term_protect", call, "action")
+    __utils__["saltfleet_cloud.check_call"]("show_term_protect", call, "action")
     client = _client()
     instance = _find(client, name)
     with _Api(client, f"{name}: show_term_protect", name=name):

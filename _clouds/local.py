@@ -41,6 +41,7 @@ import getpass
 import ipaddress
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -74,25 +75,23 @@ def __virtual__():
     return __virtualname__
 
 
-def _shared(name):
-    """A function of _utils/saltfleet_cloud.py: what every saltfleet driver does the same way."""
-    return __utils__[f"saltfleet_cloud.{name}"]
-
-
 def get_configured_provider():
     """The provider's configuration, or False when none uses this driver."""
-    return _shared("configured_provider")(__opts__, __active_provider_name__, __virtualname__)
+    return __utils__["saltfleet_cloud.configured_provider"](__opts__, __active_provider_name__, __virtualname__)
 
 
-def _provider_value(key, default=None, vm_=None):
-    return _shared("provider_setting")(__opts__, __active_provider_name__, __virtualname__, key, vm_, default)
+def _setting(name, vm_=None, default=None):
+    """A setting of the VM, its profile or its provider (the provider alone without ``vm_``)."""
+    return __utils__["saltfleet_cloud.provider_setting"](
+        __opts__, __active_provider_name__, __virtualname__, name, vm_, default
+    )
 
 
 # ------------------------------------------------------------------ sandboxes
 
 
 def _sandbox_dir(vm_=None):
-    return Path(_provider_value("sandbox_dir", DEFAULT_SANDBOX_DIR, vm_)).expanduser().resolve()
+    return Path(_setting("sandbox_dir", vm_, DEFAULT_SANDBOX_DIR)).expanduser().resolve()
 
 
 def _sandbox(name, vm_=None):
@@ -111,7 +110,7 @@ def _instances():
     base = _sandbox_dir()
     if base.is_dir():
         for entry in sorted(base.iterdir()):
-            record = _shared("read_json")(entry / INSTANCE_FILE)
+            record = __utils__["saltfleet_files.read_json"](entry / INSTANCE_FILE)
             if record:
                 found[entry.name] = record
     return found
@@ -142,7 +141,7 @@ def _state(sandbox):
 
 def _node(name, record, full=False):
     sandbox = Path(record["sandbox"])
-    node = _shared("node_row")(
+    node = __utils__["saltfleet_cloud.node_row"](
         record["instance_id"],
         name,
         _state(sandbox),
@@ -167,8 +166,8 @@ def _node(name, record, full=False):
 
 
 def _cloud_grains(vm_, record):
-    """The cloud facts every saltfleet host carries, plus the addresses a local instance knows already."""
-    grains = _shared("cloud_grains")(
+    """The cloud facts every saltfleet host carries."""
+    return __utils__["saltfleet_cloud.cloud_grains"](
         vm_,
         __opts__,
         "local",
@@ -176,11 +175,9 @@ def _cloud_grains(vm_, record):
         size=record["size"],
         image=record["image"],
         instance_id=record["instance_id"],
+        public_ips=record["public_ips"],
+        private_ips=record["private_ips"],
     )
-    grains["saltfleet_cloud"].update(
-        instance_id=record["instance_id"], public_ips=record["public_ips"], private_ips=record["private_ips"]
-    )
-    return grains
 
 
 def _unspecified(address):
@@ -193,7 +190,7 @@ def _unspecified(address):
 
 def _minion_config(vm_, record, sandbox):
     """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
-    minion = _shared("minion_config")(vm_, __opts__, grains=_cloud_grains(vm_, record))
+    minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=_cloud_grains(vm_, record))
     interface = __opts__.get("interface") or "127.0.0.1"
     if minion.get("master") in (None, "salt"):
         minion["master"] = "127.0.0.1" if _unspecified(interface) else interface
@@ -237,7 +234,7 @@ def _start_minion(name, sandbox, timeout):
         return master_pub.exists()
 
     try:
-        _shared("wait_for")(accepted, timeout, f"{name}: the master accepting the minion", 0.2)
+        __utils__["saltfleet_cloud.wait_for"](accepted, timeout, f"{name}: the master accepting the minion", 0.2)
     except SaltCloudSystemExit as exc:
         tail = "".join(log_file.read_text(errors="replace").splitlines(True)[-10:]) if log_file.exists() else ""
         raise SaltCloudSystemExit(
@@ -295,20 +292,20 @@ def _master_address(sandbox):
 
 
 def _stop_deployments(sandbox):
-    """Stop every deployment's supervisord in the sandbox (their programs stop with it)."""
+    """Stop every deployment's supervisords in the sandbox, draining ones too (their programs stop with them)."""
     stopped = []
-    try:
-        installed = __utils__["saltfleet.installed"](sandbox)
-        paths = __utils__["saltfleet.paths"]
-        stop = __utils__["saltfleet.stop_generations"]
-    except KeyError:
-        log.warning("saltfleet utils are not loadable (utils_dirs); deployments in %s are left running", sandbox)
-        return stopped
-    found = {(manifest.get("user", "root"), name) for name, manifest in installed.items()}
-    # A deployment whose manifest is gone still has its state dir, where its supervisords run.
-    found |= {(d.parent.parent.name, d.name) for d in Path(sandbox, "home").glob("*/.saltfleet/*") if d.is_dir()}
-    for user, name in sorted(found):
-        if stop(paths(sandbox, user, name), timeout=_provider_value("stop_timeout", 600)):
+    timeout = _setting("stop_timeout", default=600)
+    for name, manifest in __utils__["saltfleet_files.installed"](sandbox).items():
+        user = manifest["user"]
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise SaltCloudSystemExit(
+                f"{sandbox}: deployment {name} runs as user {user}, who does not exist on this machine; "
+                f"stop its supervisord by hand or recreate the user"
+            ) from None
+        p = __utils__["saltfleet_paths.paths"](sandbox, user, name)
+        if __utils__["saltfleet_supervisor.stop_all"](p, uid, manifest.get("draining"), timeout):
             stopped.append(name)
     return stopped
 
@@ -330,10 +327,6 @@ def _stop_minion(sandbox, timeout=30):
     return True
 
 
-def _fire(vm_name, event, args=None):
-    _shared("fire_event")(__opts__, vm_name, event, args)
-
-
 # -------------------------------------------------------------------- create
 
 
@@ -352,39 +345,42 @@ def create(vm_):
         raise SaltCloudSystemExit(
             f"{name}: a local instance already exists at {sandbox}; destroy it first (salt-cloud -d {name})"
         )
-    _fire(name, "creating", {"profile": profile, "provider": vm_["driver"]})
+    __utils__["saltfleet_cloud.fire_event"](__opts__, name, "creating", {"profile": profile, "provider": vm_["driver"]})
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
 
     record = {
         "name": name,
         "instance_id": f"local-{uuid.uuid4().hex[:12]}",
         "profile": profile,
-        "size": _provider_value("size", DEFAULT_SIZE, vm_),
-        "image": _provider_value("image", DEFAULT_IMAGE, vm_),
-        "location": _provider_value("location", DEFAULT_LOCATION, vm_),
+        "size": _setting("size", vm_, DEFAULT_SIZE),
+        "image": _setting("image", vm_, DEFAULT_IMAGE),
+        "location": _setting("location", vm_, DEFAULT_LOCATION),
         "public_ips": ["127.0.0.1"],
         "private_ips": ["127.0.0.1"],
         "sandbox": str(sandbox),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _fire(name, "requesting", {"sandbox": str(sandbox)})
+    __utils__["saltfleet_cloud.fire_event"](
+        __opts__, name, "requesting", {"image": record["image"], "size": record["size"], "region": record["location"]}
+    )
     etc = sandbox / "etc" / "salt"
     try:
         etc.mkdir(parents=True, exist_ok=True)
-        deploy = _provider_value("deploy", True, vm_)
+        deploy = _setting("deploy", vm_, True)
         if deploy:
             if not vm_.get("pub_key") or not vm_.get("priv_key"):
                 raise SaltCloudSystemExit(f"{name}: salt-cloud passed no minion keys (is deploy disabled?)")
             pki = etc / "pki" / "minion"
             pki.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write = _shared("write_atomic")
+            write = __utils__["saltfleet_files.write_atomic"]
             write(pki / "minion.pem", vm_["priv_key"], 0o400)
             write(pki / "minion.pub", vm_["pub_key"], 0o644)
             minion = _minion_config(vm_, record, sandbox)
             write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](minion))
-        _shared("write_json")(sandbox / INSTANCE_FILE, record)
+        __utils__["saltfleet_files.write_json"](sandbox / INSTANCE_FILE, record)
         if deploy:
-            _fire(name, "deploying")
-            timeout = _provider_value("wait_for_minion_timeout", 120, vm_)
+            __utils__["saltfleet_cloud.fire_event"](__opts__, name, "deploying", {"instance_id": record["instance_id"]})
+            timeout = _setting("wait_for_minion_timeout", vm_, 120)
             _start_minion(name, sandbox, timeout)
             _sync_minion(name, sandbox, timeout)
     except Exception:
@@ -395,7 +391,17 @@ def create(vm_):
 
     node = _node(name, record, full=True)
     node["deployed"] = bool(deploy)
-    _fire(name, "created", {"profile": profile, "provider": vm_["driver"]})
+    __utils__["saltfleet_cloud.fire_event"](
+        __opts__,
+        name,
+        "created",
+        {
+            "instance_id": record["instance_id"],
+            "profile": profile,
+            "provider": vm_["driver"],
+            "region": record["location"],
+        },
+    )
     log.info("Created local instance %s in %s", name, sandbox)
     return node
 
@@ -406,35 +412,34 @@ def create(vm_):
 def destroy(name, call=None):
     """
     Stop an instance (its deployments and its minion) and remove its sandbox.
-    salt-cloud then deletes its key on the master.
+    salt-cloud then deletes its key on the master. Returns
+    ``{"name", "instance_id", "state": "destroyed"}``.
 
     .. code-block:: bash
 
         salt-cloud -d worker-1
     """
-    _shared("check_call")("destroy", call, "destroy")
+    __utils__["saltfleet_cloud.check_call"]("destroy", call, "destroy")
     sandbox = _sandbox(name)
-    if not (sandbox / INSTANCE_FILE).exists():
+    record = __utils__["saltfleet_files.read_json"](sandbox / INSTANCE_FILE)
+    if not record:
         raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
-    _fire(name, "destroying")
+    instance_id = record["instance_id"]
+    __utils__["saltfleet_cloud.fire_event"](__opts__, name, "destroying", {"instance_id": instance_id})
     _stop_deployments(sandbox)
     _stop_minion(sandbox)
     shutil.rmtree(sandbox)
-    if __opts__.get("update_cachedir", False):
-        __utils__["cloud.delete_minion_cachedir"](
-            name, _shared("provider_name")(__active_provider_name__, __virtualname__).split(":")[0], __opts__
-        )
-    _fire(name, "destroyed")
-    return {"name": name, "state": "destroyed", "sandbox": str(sandbox)}
+    provider = __utils__["saltfleet_cloud.provider_name"](__active_provider_name__, __virtualname__)
+    return __utils__["saltfleet_cloud.destroyed"](__opts__, name, instance_id, provider, "destroyed")
 
 
 # ------------------------------------------------------------------- actions
 
 
 def _action_target(name, call, action):
-    _shared("check_call")(action, call, "action")
+    __utils__["saltfleet_cloud.check_call"](action, call, "action")
     sandbox = _sandbox(name)
-    record = _shared("read_json")(sandbox / INSTANCE_FILE)
+    record = __utils__["saltfleet_files.read_json"](sandbox / INSTANCE_FILE)
     if not record:
         raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
     return sandbox, record
@@ -466,7 +471,7 @@ def start(name, call=None):
     """
     sandbox, _ = _action_target(name, call, "start")
     was_running = bool(_minion_pid(sandbox))
-    _start_minion(name, sandbox, _provider_value("wait_for_minion_timeout", 120))
+    _start_minion(name, sandbox, _setting("wait_for_minion_timeout", default=120))
     return {"state": "running", "was_running": was_running}
 
 
@@ -490,7 +495,7 @@ def show_instance(name, call=None):
 
         salt-cloud -a show_instance worker-1
     """
-    _shared("check_call")("show_instance", call, "action")
+    __utils__["saltfleet_cloud.check_call"]("show_instance", call, "action")
     nodes = list_nodes_full()
     if name not in nodes:
         raise SaltCloudSystemExit(f"{name}: no local instance of that name in {_sandbox_dir()}")
@@ -504,7 +509,8 @@ def list_nodes(call=None):
     """
     The instances and whether their minion runs (``salt-cloud -Q``).
     """
-    _shared("check_call")("list_nodes", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("list_nodes", call, "function")
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     return {name: _node(name, record) for name, record in _instances().items()}
 
 
@@ -512,7 +518,8 @@ def list_nodes_full(call=None):
     """
     The instances with their sandbox, config dir and minion pid (``salt-cloud -F``).
     """
-    _shared("check_call")("list_nodes_full", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("list_nodes_full", call, "function")
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     return {name: _node(name, record, full=True) for name, record in _instances().items()}
 
 
@@ -520,19 +527,19 @@ def list_nodes_select(call=None):
     """
     The fields of ``query.selection`` for each instance (``salt-cloud -S``).
     """
-    return _shared("select")(list_nodes_full(), __opts__, call)
+    return __utils__["saltfleet_cloud.select"](list_nodes_full(), __opts__, call)
 
 
 def avail_images(call=None):
-    _shared("check_call")("avail_images", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_images", call, "function")
     return {DEFAULT_IMAGE: {"name": DEFAULT_IMAGE, "description": "this machine's own system, shared by every sandbox"}}
 
 
 def avail_sizes(call=None):
-    _shared("check_call")("avail_sizes", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_sizes", call, "function")
     return {DEFAULT_SIZE: {"name": DEFAULT_SIZE, "description": "a directory and a salt-minion process"}}
 
 
 def avail_locations(call=None):
-    _shared("check_call")("avail_locations", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_locations", call, "function")
     return {DEFAULT_LOCATION: {"name": DEFAULT_LOCATION, "description": "this machine"}}

@@ -78,23 +78,20 @@ def __virtual__():
     return __virtualname__
 
 
-def _shared(name):
-    """A function of _utils/saltfleet_cloud.py: what every saltfleet driver does the same way."""
-    return __utils__[f"saltfleet_cloud.{name}"]
-
-
 def _provider_name():
-    return _shared("provider_name")(__active_provider_name__, __virtualname__)
+    return __utils__["saltfleet_cloud.provider_name"](__active_provider_name__, __virtualname__)
 
 
 def get_configured_provider():
     """The provider configuration in use (credentials may come from the environment)."""
-    return _shared("configured_provider")(__opts__, __active_provider_name__, __virtualname__)
+    return __utils__["saltfleet_cloud.configured_provider"](__opts__, __active_provider_name__, __virtualname__)
 
 
-def _value(key, vm_=None, default=None):
-    """A setting from the profile (when given), else the provider."""
-    return _shared("provider_setting")(__opts__, __active_provider_name__, __virtualname__, key, vm_, default)
+def _setting(name, vm_=None, default=None):
+    """A setting of the VM, its profile or its provider (the provider alone without ``vm_``)."""
+    return __utils__["saltfleet_cloud.provider_setting"](
+        __opts__, __active_provider_name__, __virtualname__, name, vm_, default
+    )
 
 
 def _provider_label():
@@ -106,10 +103,10 @@ def _provider_label():
 
 def _connect(vm_=None):
     """A novaclient for Cloud Servers in the configured region (plus that region's name)."""
-    username = _value("username", vm_) or os.environ.get(ENV_USERNAME)
-    api_key = _value("api_key", vm_) or os.environ.get(ENV_API_KEY)
-    identity_url = _value("identity_url", vm_, DEFAULT_IDENTITY_URL)
-    compute_name = _value("compute_name", vm_, DEFAULT_COMPUTE_NAME)
+    username = _setting("username", vm_) or os.environ.get(ENV_USERNAME)
+    api_key = _setting("api_key", vm_) or os.environ.get(ENV_API_KEY)
+    identity_url = _setting("identity_url", vm_, DEFAULT_IDENTITY_URL)
+    compute_name = _setting("compute_name", vm_, DEFAULT_COMPUTE_NAME)
     provider = _provider_label()
     if not username or not api_key:
         raise SaltCloudSystemExit(
@@ -117,7 +114,7 @@ def _connect(vm_=None):
             f"(or {ENV_USERNAME} and {ENV_API_KEY} in salt-cloud's environment)"
         )
     identity = pyrax.create_context(id_type="rackspace", username=username, api_key=api_key)
-    identity.verify_ssl = _value("verify_ssl", vm_, True)
+    identity.verify_ssl = _setting("verify_ssl", vm_, True)
     identity.auth_endpoint = identity_url
     try:
         with warnings.catch_warnings():
@@ -142,7 +139,7 @@ def _connect(vm_=None):
         )
     identity.services.compute = Service(identity, entries[0])
     regions = sorted(identity.services.compute.endpoints)
-    region = (_value("region", vm_) or identity.get_default_region() or regions[0]).upper()
+    region = (_setting("region", vm_) or identity.get_default_region() or regions[0]).upper()
     if region not in regions:
         raise SaltCloudSystemExit(
             f"rackspace provider '{provider}': region '{region}' is not served by {compute_name} "
@@ -173,7 +170,7 @@ def avail_locations(call=None):
 
         salt-cloud --list-locations rackspace
     """
-    _shared("check_call")("avail_locations", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("avail_locations", call, "function")
     client, _ = _connect()
     endpoints = client.identity.services.compute.endpoints
     return {region: {"name": region, "url": endpoint.public_url} for region, endpoint in sorted(endpoints.items())}
@@ -203,7 +200,7 @@ def avail_sizes(call=None):
 
 def _catalog(fun, call, kind, fields):
     """{name: {field: value}} of the region's images or flavors."""
-    _shared("check_call")(fun, call, "function")
+    __utils__["saltfleet_cloud.check_call"](fun, call, "function")
     client, _ = _connect()
     return {item.name: {key: getattr(item, key, None) for key in fields} for item in _quiet(getattr(client, kind).list)}
 
@@ -238,7 +235,7 @@ def _node(server, region):
     """The fields salt-cloud shows for a node (`-Q`)."""
     public, private = _addresses(server)
     image = server.image.get("id") if isinstance(server.image, dict) else server.image
-    return _shared("node_row")(
+    return __utils__["saltfleet_cloud.node_row"](
         server.id,
         server.name,
         server.status,
@@ -270,8 +267,9 @@ def list_nodes(call=None):
 
         salt-cloud -Q
     """
-    _shared("check_call")("list_nodes", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("list_nodes", call, "function")
     client, region = _connect()
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     return {server.name: _node(server, region) for server in _servers(client)}
 
 
@@ -283,8 +281,9 @@ def list_nodes_full(call=None):
 
         salt-cloud -F
     """
-    _shared("check_call")("list_nodes_full", call, "function")
+    __utils__["saltfleet_cloud.check_call"]("list_nodes_full", call, "function")
     client, region = _connect()
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
     return {server.name: _node_full(server, region) for server in _servers(client)}
 
 
@@ -314,7 +313,7 @@ def show_instance(name, call=None):
 
         salt-cloud -a show_instance worker-7
     """
-    _shared("check_call")("show_instance", call, "action")
+    __utils__["saltfleet_cloud.check_call"]("show_instance", call, "action")
     client, region = _connect()
     return _node_full(_server_by_name(client, name, region), region)
 
@@ -327,10 +326,10 @@ def reboot(name, call=None):
 
         salt-cloud -a reboot worker-7
     """
-    _shared("check_call")("reboot", call, "action")
+    __utils__["saltfleet_cloud.check_call"]("reboot", call, "action")
     client, region = _connect()
     server = _server_by_name(client, name, region)
-    _quiet(server.reboot, _value("reboot_type", default="SOFT"))
+    _quiet(server.reboot, _setting("reboot_type", default="SOFT"))
     return {"name": name, "id": server.id, "rebooted": True}
 
 
@@ -342,7 +341,7 @@ def list_nodes_select(call=None):
 
         salt-cloud -S
     """
-    return _shared("select")(list_nodes_full(call), __opts__, call)
+    return __utils__["saltfleet_cloud.select"](list_nodes_full(call), __opts__, call)
 
 
 # ------------------------------------------------------------ create/destroy
@@ -350,7 +349,7 @@ def list_nodes_select(call=None):
 
 def _metadata(vm_, deployments):
     """The server metadata: the profile's ``metadata``, the profile's name and the deployments (strings only)."""
-    metadata = {str(key): str(value) for key, value in (_value("metadata", vm_, {}) or {}).items()}
+    metadata = {str(key): str(value) for key, value in (_setting("metadata", vm_, {}) or {}).items()}
     metadata[METADATA_PROFILE] = vm_.get("profile") or ""
     metadata[METADATA_DEPLOYMENTS] = ",".join(deployments)
     too_long = {key: value for key, value in metadata.items() if len(key) > 255 or len(value) > 255}
@@ -363,7 +362,7 @@ def _metadata(vm_, deployments):
 
 def _networks(vm_):
     """``networks`` (network ids) as nova's nics; Rackspace wants PublicNet and ServiceNet listed when any is."""
-    networks = _value("networks", vm_)
+    networks = _setting("networks", vm_)
     if not networks:
         return None
     if isinstance(networks, str):
@@ -373,7 +372,7 @@ def _networks(vm_):
 
 def _wait_until_built(client, server, vm_, timeout):
     """The server once ACTIVE with an address; an error carrying the API's fault if it goes to ERROR."""
-    interval = float(_value("wait_for_ip_interval", vm_, 5))
+    interval = float(_setting("wait_for_ip_interval", vm_, 5))
     name = vm_["name"]
 
     def built():
@@ -390,7 +389,7 @@ def _wait_until_built(client, server, vm_, timeout):
         log.debug("rackspace: %s is %s (%s%%)", name, current.status, current._info.get("progress", "?"))
         return None
 
-    return _shared("wait_for")(
+    return __utils__["saltfleet_cloud.wait_for"](
         built, timeout, f"rackspace: server '{name}' ({server.id}) becoming ACTIVE with an address", interval
     )
 
@@ -398,7 +397,7 @@ def _wait_until_built(client, server, vm_, timeout):
 def _ssh_host(server, vm_):
     """The address salt-cloud logs in to: public IPv4 unless ``ssh_interface: private_ips``."""
     public, private = _addresses(server)
-    order = (private, public) if _value("ssh_interface", vm_, "public_ips") == "private_ips" else (public, private)
+    order = (private, public) if _setting("ssh_interface", vm_, "public_ips") == "private_ips" else (public, private)
     for addresses in order:
         ipv4 = [address for address in addresses if ":" not in address]
         if ipv4:
@@ -426,13 +425,16 @@ def create(vm_):
     ):
         return False
     opts = __opts__
-    mode = _shared("bootstrap_mode")(vm_, opts)
-    deployments = _shared("deployments")(vm_, opts)
-    _shared("fire_event")(opts, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")})
+    mode = __utils__["saltfleet_cloud.bootstrap_mode"](vm_, opts)
+    deployments = __utils__["saltfleet_cloud.deployments"](vm_, opts)
+    __utils__["saltfleet_cloud.fire_event"](
+        opts, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")}
+    )
+    __utils__["saltfleet_cloud.prune_autosign_tickets"](opts)
 
     client, region = _connect(vm_)
-    image_wanted = _value("image", vm_)
-    flavor_wanted = _value("size", vm_) or _value("flavor", vm_)
+    image_wanted = _setting("image", vm_)
+    flavor_wanted = _setting("size", vm_) or _setting("flavor", vm_)
     if not image_wanted or not flavor_wanted:
         raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} needs an image and a size (a flavor)")
     image = _find("image", image_wanted, _quiet(client.images.list), region, vm_)
@@ -440,22 +442,22 @@ def create(vm_):
     facts = {"region": region, "size": flavor.name, "image": image.name}
 
     kwargs = {"meta": _metadata(vm_, deployments)}
-    if _value("key_name", vm_):
-        kwargs["key_name"] = _value("key_name", vm_)
+    if _setting("key_name", vm_):
+        kwargs["key_name"] = _setting("key_name", vm_)
     if _networks(vm_):
         kwargs["nics"] = _networks(vm_)
     # Rackspace has no metadata service: user_data.sh reads the instance id from the config drive.
-    if _value("config_drive", vm_, mode == "cloud-init"):
+    if _setting("config_drive", vm_, mode == "cloud-init"):
         kwargs["config_drive"] = True
     if mode == "cloud-init":
         # The host makes its own key; the one salt-cloud pre-accepted must go (and never ship).
-        _shared("check_autosign_ready")(vm_, opts)
-        _shared("forget_preaccepted_key")(vm_, opts)
-        grains = _shared("cloud_grains")(vm_, opts, "rackspace", **facts)
-        minion = _shared("minion_config")(vm_, opts, grains=grains, mode=mode)
-        kwargs["userdata"] = _shared("render_user_data")(vm_, opts, minion, metadata="openstack")
+        __utils__["saltfleet_cloud.check_autosign_ready"](vm_, opts)
+        __utils__["saltfleet_cloud.forget_preaccepted_key"](vm_, opts)
+        grains = __utils__["saltfleet_cloud.cloud_grains"](vm_, opts, "rackspace", **facts)
+        minion = __utils__["saltfleet_cloud.minion_config"](vm_, opts, grains=grains, mode=mode)
+        kwargs["userdata"] = __utils__["saltfleet_cloud.render_user_data"](vm_, opts, minion, metadata="openstack")
 
-    _shared("fire_event")(opts, name, "requesting", {**facts, "meta": kwargs["meta"]})
+    __utils__["saltfleet_cloud.fire_event"](opts, name, "requesting", facts)
     try:
         server = _quiet(client.servers.create, name, image.id, flavor.id, **kwargs)
     except nova_exc.ClientException as exc:
@@ -467,8 +469,8 @@ def create(vm_):
     try:
         return _requested(client, server, vm_, mode, facts)
     except Exception as exc:
-        removal = None if _value("keep_failed", vm_, False) else _delete_failed(client, server, name) or True
-        raise _shared("creation_failed")(
+        removal = None if _setting("keep_failed", vm_, False) else _delete_failed(client, server, name) or True
+        raise __utils__["saltfleet_cloud.creation_failed"](
             vm_, opts, server.id, exc, removal, what="server", ticket=mode == "cloud-init"
         ) from exc
 
@@ -487,18 +489,26 @@ def _requested(client, server, vm_, mode, facts):
     opts, name, region = __opts__, vm_["name"], facts["region"]
     admin_pass = getattr(server, "adminPass", None)
     if mode == "cloud-init":
-        _shared("record_autosign_ticket")(vm_, opts, server.id)
-    timeout = int(_value("wait_for_ip_timeout", vm_, 600))
-    _shared("fire_event")(opts, name, "waiting for address", {"id": server.id, "timeout": timeout})
+        __utils__["saltfleet_cloud.record_autosign_ticket"](vm_, opts, server.id)
+    timeout = int(_setting("wait_for_ip_timeout", vm_, 600))
+    __utils__["saltfleet_cloud.fire_event"](opts, name, "waiting for address", {"instance_id": server.id})
     server = _wait_until_built(client, server, vm_, timeout)
-    grains = _shared("cloud_grains")(vm_, opts, "rackspace", instance_id=server.id, **facts)
-    if admin_pass and not _value("ssh_keyfile", vm_) and not _value("password", vm_):
+    public, private = _addresses(server)
+    grains = __utils__["saltfleet_cloud.cloud_grains"](
+        vm_, opts, "rackspace", instance_id=server.id, public_ips=public, private_ips=private, **facts
+    )
+    if admin_pass and not _setting("ssh_keyfile", vm_) and not _setting("password", vm_):
         # No key pair: log in as root with the password Cloud Servers generated.
         vm_["password"] = admin_pass
-    deployed = _shared("provision")(vm_, opts, _ssh_host(server, vm_), grains)
-    ret = _shared("json_safe")(_node_full(server, region))
+    deployed = __utils__["saltfleet_cloud.provision"](vm_, opts, _ssh_host(server, vm_), grains)
+    ret = __utils__["saltfleet_cloud.json_safe"](_node_full(server, region))
     ret.update(deployed)
-    _shared("fire_event")(opts, name, "created", {"id": server.id, "profile": vm_.get("profile"), "region": region})
+    __utils__["saltfleet_cloud.fire_event"](
+        opts,
+        name,
+        "created",
+        {"instance_id": server.id, "profile": vm_.get("profile"), "provider": vm_.get("driver"), "region": region},
+    )
     return ret
 
 
@@ -515,26 +525,21 @@ def _delete(client, server, name):
         except nova_exc.NotFound:
             return True
 
-    _shared("wait_for")(gone, 300, f"rackspace: deletion of server '{name}' ({server.id})", 2)
+    __utils__["saltfleet_cloud.wait_for"](gone, 300, f"rackspace: deletion of server '{name}' ({server.id})", 2)
 
 
 def destroy(name, call=None):
     """
-    Delete a server; salt-cloud then removes its minion key.
+    Delete a server and wait until it is gone; salt-cloud then removes its minion key.
+    Returns ``{"name", "instance_id", "state": "deleted"}``.
 
     .. code-block:: bash
 
         salt-cloud -d worker-7
     """
-    _shared("check_call")("destroy", call, "destroy")
-    opts = __opts__
-    _shared("fire_event")(opts, name, "destroying", {})
+    __utils__["saltfleet_cloud.check_call"]("destroy", call, "destroy")
     client, region = _connect()
     server = _server_by_name(client, name, region)
+    __utils__["saltfleet_cloud.fire_event"](__opts__, name, "destroying", {"instance_id": server.id})
     _delete(client, server, name)
-    _shared("revoke_autosign_ticket")(opts, instance_id=server.id, name=name)
-    _shared("prune_autosign_tickets")(opts)
-    _shared("fire_event")(opts, name, "destroyed", {"id": server.id})
-    if opts.get("update_cachedir", False):
-        __utils__["cloud.delete_minion_cachedir"](name, _provider_label(), opts)
-    return {"name": name, "id": server.id, "destroyed": True}
+    return __utils__["saltfleet_cloud.destroyed"](__opts__, name, server.id, _provider_name(), "deleted")

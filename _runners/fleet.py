@@ -253,3 +253,27 @@ def ansible_inventory(tgt="*", deployment=None, provider=None):
         **dict(sorted(groups.items())),
     }
     return json.dumps(result, indent=2, sort_keys=True, default=str) if _as_text() else result
+
+
+# ------------------------------------------------------------ cloud-init admission
+
+
+def admit(minion_id, instance_id, pub):
+    """
+    Accept the pending key of a cloud-init host if salt-cloud's autosign ticket
+    for ``instance_id`` names ``minion_id`` and that key is ``pub``; the ticket
+    is then used up. A key whose instance was launched as another minion is
+    rejected; anything else stays pending. The master's reactor on
+    ``salt/auth`` (``etc/reactor/saltfleet_autosign.sls``) calls it with what
+    the minion sent; by hand it re-checks a key left pending.
+
+    Returns minion_id, instance_id, result (accepted, rejected or pending) and
+    the reason.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.admit worker-7 i-0abc1234def567890 "$(cat /etc/salt/pki/master/minions_pre/worker-7)"
+    """
+    return __utils__["saltfleet_cloud.admit"](__opts__, minion_id, instance_id, pub)

@@ -4,8 +4,7 @@ Provisioning shared by saltfleet's salt-cloud drivers (``ec2``, ``rackspace``, `
 A driver creates the machine with its own API; everything around that is here,
 so every provider bootstraps a minion the same way. Drivers call these functions
 as ``__utils__["saltfleet_cloud.<name>"](...)`` and pass ``__opts__`` in (the
-salt-cloud options, which include the master's), so the functions work the same
-when imported directly by tests.
+salt-cloud options, which include the master's).
 
 How a new host becomes a trusted minion (``bootstrap`` in a profile):
 
@@ -20,45 +19,71 @@ How a new host becomes a trusted minion (``bootstrap`` in a profile):
     user-data rendered out of ``deployments/common/user_data.sh``
     (:func:`render_user_data`). User-data is readable by any process on the
     host (instance metadata), so it carries no private key and no secret; the
-    minion generates its own key. The master accepts that key without an open
-    autosign through a *ticket*: the driver writes the instance id that its
-    cloud API returned into ``<autosign_grains_dir>/saltfleet_instance_id``
-    (:func:`record_autosign_ticket`); at boot the script reads the instance id
-    from the provider's metadata service into the grain
-    ``saltfleet_instance_id`` and sends it with its first authentication
-    (``autosign_grains``). The master signs only keys whose instance id it
-    launched itself, and the ticket is one-shot: it is dropped as soon as a key
-    for the minion id is accepted, when the instance is destroyed, and after
-    ``autosign_ticket_ttl`` seconds (default 1800) whichever comes first
-    (:func:`prune_autosign_tickets` runs on every create, destroy and list).
-    Salt's autosign cannot bind the ticket to a minion id, so keep the
-    master's ports reachable from the fleet's network only; an instance id is
-    not a secret, only hard to guess before the host exists.
+    minion generates its own key, and the master accepts it by *ticket*:
+
+    - right after its cloud API returned the instance id, the driver records
+      the ticket ``instance id -> minion id`` (:func:`record_autosign_ticket`)
+      in the master's ticket index (``<pki_dir>/saltfleet_autosign_tickets.json``,
+      0600, changed only under its ``flock``);
+    - at boot the script reads the instance id from the provider's metadata
+      service into the grain ``saltfleet_instance_id``, which the minion sends
+      with its authentication (``autosign_grains``);
+    - the master puts the new key in pending and fires ``salt/auth`` with the
+      grain (``auth_events_autosign_grains: [pend]``); saltfleet's reactor
+      (``etc/reactor/saltfleet_autosign.sls``) runs ``fleet.admit``
+      (:func:`admit`), which accepts the pending key only when the ticket of
+      that instance names this very minion id and the pending key is the one
+      the event carried, and marks the ticket used: it admits one key, once.
+
+    A minion that presents an instance id whose ticket names *another* minion
+    id is an impostor (any process on a new host can read its instance id):
+    its key is **rejected** (``salt-key -L`` lists it under Rejected, so
+    ``salt-key -A`` cannot accept it by mistake). A key for an instance with no
+    open ticket (expired, revoked, or not launched here) stays **pending** for
+    the operator. A second key for a minion id already accepted is refused by
+    Salt itself (``minions_denied``). Tickets expire after
+    ``autosign_ticket_ttl`` seconds (default 1800); every driver drops expired
+    ones on create and list, and destroy revokes the instance's. Salt's own
+    ``autosign_grains_dir`` is not used: it accepts any minion id that presents
+    a listed grain value. An instance id is not a secret, only hard to guess
+    before the host exists, so keep the master's ports reachable from the
+    fleet's network only.
 
 ``none``
     Launch only (``deploy: False`` with ``bootstrap: ssh``): no minion.
 
-Every function is documented with what a driver gets; the signatures are stable.
+Every host gets the same grains from every driver (:func:`cloud_grains`):
+``saltfleet_cloud`` (provider, region, size, image, profile, deployments,
+instance_id, public_ips, private_ips) and ``saltfleet_instance_id``. A
+cloud-init host completes them at boot from its metadata service.
 """
 
 import contextlib
+import copy
 import datetime
-import fcntl
+import fnmatch
 import json
 import logging
 import os
 import shlex
-import tempfile
 import time
 from pathlib import Path
 
 import salt.config
+import salt.key
+import salt.loader.context
 import salt.utils.cloud
 import salt.utils.crypt
-import salt.utils.event
 import salt.utils.files
 import salt.utils.yaml
-from salt.exceptions import LoaderError, SaltCloudConfigError, SaltCloudException, SaltCloudSystemExit
+from salt.exceptions import (
+    CommandExecutionError,
+    LoaderError,
+    SaltCloudConfigError,
+    SaltCloudException,
+    SaltCloudExecutionTimeout,
+    SaltCloudSystemExit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +95,8 @@ SETTINGS_MARKER = "# @saltfleet-settings@"
 BOOTSTRAP_MODES = ("ssh", "cloud-init")
 TICKET_GRAIN = "saltfleet_instance_id"
 CLOUD_GRAIN = "saltfleet_cloud"
+TICKET_INDEX = "saltfleet_autosign_tickets.json"
+AUTH_TAG = "salt/auth"
 DEFAULT_TICKET_TTL = 1800
 DEFAULT_SALT_VERSION = "3008.4"
 TICKET_LOCK_TIMEOUT = 60
@@ -77,6 +104,14 @@ TICKET_LOCK_TIMEOUT = 60
 
 def __virtual__():
     return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 # --- configuration -----------------------------------------------------------
@@ -105,13 +140,23 @@ def configured_provider(opts, active_provider_name, driver, required=()):
 
 
 def provider_setting(opts, active_provider_name, driver, name, vm_=None, default=None):
-    """A setting of ``vm_`` (VM, profile, provider: salt's lookup order), or of the provider alone without ``vm_``."""
-    source = vm_ if vm_ is not None else (configured_provider(opts, active_provider_name, driver) or {})
-    return salt.config.get_cloud_config_value(name, source, opts, default=default, search_global=False)
+    """A setting of ``vm_`` (VM, profile, provider: salt's lookup order), or of the provider alone without ``vm_``.
+
+    Every driver reads its settings through this, as ``_setting(name, vm_=None, default=None)``.
+    """
+    provider = (vm_ or {}).get("provider")
+    if not (isinstance(provider, str) and ":" in provider):
+        provider = provider_name(active_provider_name, driver)
+    return config_value(name, {**(vm_ or {}), "provider": provider}, opts, default=default)
 
 
 def config_value(name, vm_, opts, default=None, search_global=False):
     """A setting from the VM, its profile or its provider (salt's lookup order), else ``default``."""
+    # Salt finds the provider by vm_["driver"] read as "alias:driver"; salt-cloud's vm_ holds the bare
+    # driver there, which Salt reads as an alias: another provider's settings, credentials included.
+    provider = vm_.get("provider")
+    if isinstance(provider, str) and ":" in provider:
+        vm_ = {**vm_, "driver": provider}
     return salt.config.get_cloud_config_value(name, vm_, opts, default=default, search_global=search_global)
 
 
@@ -140,11 +185,15 @@ def deployments(vm_, opts):
     return list(value)
 
 
-def cloud_grains(vm_, opts, provider, *, region=None, size=None, image=None, instance_id=None):
-    """The grains every saltfleet host carries: ``saltfleet_cloud`` (a dict) and ``saltfleet_instance_id``.
+def cloud_grains(
+    vm_, opts, provider, *, region=None, size=None, image=None, instance_id=None, public_ips=(), private_ips=()
+):
+    """The grains every saltfleet host carries, from every driver: ``saltfleet_cloud`` and ``saltfleet_instance_id``.
 
-    ``saltfleet_cloud`` holds provider, region, size, image, profile and deployments;
-    ``saltfleet_instance_id`` is top level because autosign_grains compares flat values.
+    ``saltfleet_cloud`` holds provider, region, size, image, profile, deployments,
+    instance_id, public_ips and private_ips; ``saltfleet_instance_id`` is top level
+    because a minion's ``autosign_grains`` sends flat values. A cloud-init host
+    learns its instance id and addresses at boot (``user_data.sh`` fills them in).
     """
     grains = {
         CLOUD_GRAIN: {
@@ -154,6 +203,9 @@ def cloud_grains(vm_, opts, provider, *, region=None, size=None, image=None, ins
             "image": image,
             "profile": vm_.get("profile"),
             "deployments": deployments(vm_, opts),
+            "instance_id": instance_id,
+            "public_ips": [ip for ip in public_ips if ip],
+            "private_ips": [ip for ip in private_ips if ip],
         }
     }
     if instance_id:
@@ -212,9 +264,13 @@ def preaccept_keys(vm_, opts):
     """
     if not vm_.get("pub_key") or not vm_.get("priv_key"):
         vm_["priv_key"], vm_["pub_key"] = salt.utils.cloud.gen_keys(config_value("keysize", vm_, opts, default=2048))
-    minion_id = config_value("minion", vm_, opts, default={}).get("id", vm_["name"])
+    minion_id = _minion_id(vm_, opts)
     salt.utils.cloud.accept_key(opts["pki_dir"], vm_["pub_key"], minion_id)
     return minion_id
+
+
+def _minion_id(vm_, opts):
+    return config_value("minion", vm_, opts, default={}).get("id", vm_["name"])
 
 
 def forget_preaccepted_key(vm_, opts):
@@ -227,7 +283,7 @@ def forget_preaccepted_key(vm_, opts):
     vm_["priv_key"] = None
     if not pub or not opts.get("pki_dir"):
         return False
-    minion_id = config_value("minion", vm_, opts, default={}).get("id", vm_["name"])
+    minion_id = _minion_id(vm_, opts)
     path = os.path.join(opts["pki_dir"], "minions", minion_id)
     try:
         with salt.utils.files.fopen(path, "r") as handle:
@@ -244,145 +300,157 @@ def forget_preaccepted_key(vm_, opts):
 
 
 def check_autosign_ready(vm_, opts):
-    """Raise a clear error (before anything is launched) if the master cannot autosign a cloud-init minion."""
-    _ticket_paths(opts, vm_["name"])
-
-
-def _ticket_paths(opts, vm_name=None):
-    grains_dir = opts.get("autosign_grains_dir")
-    if not grains_dir:
+    """Raise a clear error (before anything is launched) unless the master hands new keys to ``fleet.admit``."""
+    missing = []
+    if opts.get("auth_events", True) is not True:
+        missing.append("auth_events: True")
+    if "pend" not in (opts.get("auth_events_autosign_grains") or []):
+        missing.append("auth_events_autosign_grains: [pend]")
+    reactors = [tag for entry in opts.get("reactor") or [] if isinstance(entry, dict) for tag in entry]
+    if not any(fnmatch.fnmatch(AUTH_TAG, tag) for tag in reactors):
+        missing.append(f"a reactor on {AUTH_TAG} running etc/reactor/saltfleet_autosign.sls")
+    if missing:
         raise SaltCloudConfigError(
-            f"{vm_name or 'bootstrap: cloud-init'}: the master has no autosign_grains_dir, so it cannot accept "
-            "the new minion's key; add `autosign_grains_dir: /etc/salt/autosign_grains` to the master config "
-            "(etc/master.d/saltfleet.conf does)"
+            f"{vm_['name']}: bootstrap: cloud-init needs the master to pass a new minion's key to saltfleet's "
+            f"ticket check (fleet.admit), and its config lacks {'; '.join(missing)}; "
+            "drop etc/master.d/saltfleet.conf into /etc/salt/master.d/ (or copy those settings) and restart the master"
         )
-    return Path(grains_dir) / TICKET_GRAIN, Path(opts["pki_dir"]) / "saltfleet_autosign_tickets.json"
 
 
-def write_atomic(path, text, mode=0o644):
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path, data, mode=0o644):
-    """``data`` as indented JSON, written atomically (:func:`write_atomic`)."""
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode)
-
-
-def read_json(path, default=None):
-    """The JSON in ``path``, or ``default`` when it is missing or unreadable."""
-    try:
-        with salt.utils.files.fopen(path, "r") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return default
-
-
-def _write_tickets(opts, tickets):
-    grain_file, index = _ticket_paths(opts)
-    lines = ["# Instance ids saltfleet launched and whose minion has not authenticated yet (one-shot).\n"]
-    lines += [f"{instance_id}\n" for instance_id in sorted(tickets)]
-    write_json(index, tickets, 0o600)
-    write_atomic(grain_file, "".join(lines), 0o600)  # the master ignores a group/world-writable autosign file
+def _index(opts):
+    return Path(opts["pki_dir"]) / TICKET_INDEX
 
 
 @contextlib.contextmanager
-def _ticket_lock(opts, timeout=TICKET_LOCK_TIMEOUT):
-    """An exclusive ``flock`` on the ticket index's lock file, held while the tickets are read, changed and written.
+def _tickets_locked(opts, create=True):
+    """The ticket index as a dict, read, changed and written back under its ``flock``; ``None`` if there is none.
 
     The kernel drops the lock when its holder exits, so a killed salt-cloud never leaves a stale lock behind.
     """
-    _, index = _ticket_paths(opts)
-    index.parent.mkdir(parents=True, exist_ok=True)
+    index = _index(opts)
+    if not create and not index.exists():
+        yield None
+        return
     lock_path = index.with_name(f"{index.name}.lock")
-    with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise SaltCloudSystemExit(
-                        f"the autosign ticket index {index} stayed locked for {timeout} s; another salt-cloud holds "
-                        f"{lock_path} (`fuser {lock_path}` shows which); retry when it is done"
-                    ) from None
-                time.sleep(0.05)
+    with contextlib.ExitStack() as stack:
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            stack.enter_context(
+                _utils("saltfleet_files.lock")(lock_path, f"the autosign ticket index {index}", TICKET_LOCK_TIMEOUT)
+            )
+        except CommandExecutionError as exc:
+            raise SaltCloudSystemExit(f"{exc} (`fuser {lock_path}` shows who holds it)") from None
+        tickets = _utils("saltfleet_files.read_json")(index, {}) or {}
+        before = copy.deepcopy(tickets)
+        yield tickets
+        if tickets != before:
+            _utils("saltfleet_files.write_json")(index, tickets, 0o600)
 
 
-def _with_ticket_lock(opts, change):
-    with _ticket_lock(opts):
-        _, index = _ticket_paths(opts)
-        tickets = read_json(index, {})
-        result = change(tickets)
-        _write_tickets(opts, tickets)
-        return result
+def _drop_expired(tickets):
+    now = time.time()
+    gone = [iid for iid, ticket in tickets.items() if ticket.get("expires", 0) < now]
+    for iid in gone:
+        del tickets[iid]
+    return gone
 
 
 def record_autosign_ticket(vm_, opts, instance_id):
-    """Let the master accept the first key that presents grain ``saltfleet_instance_id: <instance_id>``.
+    """Let the master accept one key of minion ``vm_`` presenting grain ``saltfleet_instance_id: <instance_id>``.
 
     Call it right after the cloud API returned the instance id, before the host
     boots. The ticket expires after ``autosign_ticket_ttl`` seconds.
     """
     ttl = int(config_value("autosign_ticket_ttl", vm_, opts, default=DEFAULT_TICKET_TTL))
-    minion_id = config_value("minion", vm_, opts, default={}).get("id", vm_["name"])
-
-    def add(tickets):
-        tickets[instance_id] = {"name": minion_id, "expires": time.time() + ttl}
-
+    minion_id = _minion_id(vm_, opts)
     check_autosign_ready(vm_, opts)
-    _with_ticket_lock(opts, add)
-    log.info("%s: master will accept the key of instance %s for %ss", minion_id, instance_id, ttl)
+    with _tickets_locked(opts) as tickets:
+        _drop_expired(tickets)
+        tickets[instance_id] = {"name": minion_id, "expires": time.time() + ttl}
+    log.info(
+        "%s: master will accept one key of minion %s from instance %s for %ss", vm_["name"], minion_id, instance_id, ttl
+    )
 
 
 def revoke_autosign_ticket(opts, instance_id=None, name=None):
     """Drop the tickets of an instance id and/or a minion id (destroy, failed create). Returns what was dropped."""
-    if not opts.get("autosign_grains_dir"):
-        return []
-
-    def drop(tickets):
+    with _tickets_locked(opts, create=False) as tickets:
+        if tickets is None:
+            return []
         gone = [iid for iid, t in tickets.items() if iid == instance_id or (name and t.get("name") == name)]
         for iid in gone:
             del tickets[iid]
         return gone
 
-    return _with_ticket_lock(opts, drop)
-
 
 def prune_autosign_tickets(opts):
-    """Drop expired tickets and those whose minion's key the master has accepted. Returns what was dropped."""
-    if not opts.get("autosign_grains_dir") or not os.path.exists(_ticket_paths(opts)[1]):
-        return []
-    accepted = Path(opts["pki_dir"]) / "minions"
+    """Drop expired tickets (every driver does on create and list). Returns the instance ids dropped."""
+    with _tickets_locked(opts, create=False) as tickets:
+        return [] if tickets is None else _drop_expired(tickets)
 
-    def prune(tickets):
-        now = time.time()
-        gone = [
-            iid for iid, t in tickets.items() if t.get("expires", 0) < now or (accepted / str(t.get("name"))).exists()
-        ]
-        for iid in gone:
-            del tickets[iid]
-        return gone
 
-    return _with_ticket_lock(opts, prune)
+def autosign_tickets(opts):
+    """The open and used tickets: ``{instance_id: {"name": minion id, "expires": epoch, "used": epoch}}``."""
+    with _tickets_locked(opts, create=False) as tickets:
+        return {} if tickets is None else copy.deepcopy(tickets)
+
+
+def admit(opts, minion_id, instance_id, pub):
+    """Accept the pending key of ``minion_id`` if salt-cloud's ticket for ``instance_id`` names it; once.
+
+    Called by ``fleet.admit`` from the ``salt/auth`` reactor with the pend event's
+    ``id``, grain ``saltfleet_instance_id`` and ``pub``. Returns
+    ``{"minion_id", "instance_id", "result", "reason"}`` where result is
+
+    ``accepted``
+        the ticket names this minion id, was not used yet, and the pending key
+        is the event's: the key is accepted and the ticket marked used;
+    ``rejected``
+        the ticket names another minion id: this key claims an instance that is
+        not its own, so it is rejected (``salt-key -d <id>`` forgets it);
+    ``pending``
+        anything else (no open ticket, a used one, a key that changed): the key
+        stays pending for the operator.
+    """
+    keys = salt.key.get_key(opts)
+
+    def pending_is_events():
+        key = keys.cache.fetch("keys", minion_id) or {}
+        return key.get("state") == "pending" and str(key.get("pub", "")).strip() == str(pub or "").strip()
+
+    def decide(tickets):
+        if not isinstance(instance_id, str) or not isinstance(minion_id, str):
+            return "pending", "the event carries no instance id and minion id as strings"
+        _drop_expired(tickets)
+        ticket = tickets.get(instance_id)
+        if ticket is None:
+            return "pending", (
+                f"no open ticket for instance {instance_id} (expired, revoked or not launched by this master's "
+                f"salt-cloud); `salt-key -a {minion_id}` if you know the host"
+            )
+        if ticket.get("name") != minion_id:
+            if pending_is_events():
+                keys.change_state(keys.PEND, keys.REJ, match_dict={keys.PEND: [minion_id]})
+                return (
+                    "rejected",
+                    f"instance {instance_id} was launched as minion {ticket.get('name')}, not {minion_id}",
+                )
+            return "pending", f"instance {instance_id} is not {minion_id}'s, and its key is no longer the one pending"
+        if ticket.get("used"):
+            used = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ticket["used"]))
+            return "pending", f"the ticket of instance {instance_id} was used at {used}; it admits one key"
+        if not pending_is_events():
+            return "pending", f"the key pending for {minion_id} is not the one that authenticated"
+        keys.change_state(keys.PEND, keys.ACC, match_dict={keys.PEND: [minion_id]})
+        if (keys.cache.fetch("keys", minion_id) or {}).get("state") != "accepted":
+            return "pending", f"Salt did not accept the key pending for {minion_id} (not a valid public key?)"
+        ticket["used"] = time.time()
+        return "accepted", f"instance {instance_id} was launched as minion {minion_id}"
+
+    with _tickets_locked(opts, create=False) as tickets:
+        result, reason = ("pending", "no autosign tickets on this master") if tickets is None else decide(tickets)
+    level = logging.WARNING if result == "rejected" else logging.INFO
+    log.log(level, "fleet.admit: %s key of minion %s (instance %s): %s", result, minion_id, instance_id, reason)
+    return {"minion_id": minion_id, "instance_id": instance_id, "result": result, "reason": reason}
 
 
 # --- user-data -------------------------------------------------------------------
@@ -392,9 +460,12 @@ def render_user_data(vm_, opts, minion, metadata="ec2", script=None):
     """The cloud-init user-data (a shell script) that installs salt-minion and writes ``minion`` as its config.
 
     ``metadata`` names the provider's metadata service the script reads the
-    instance id from at boot (``ec2`` or ``openstack``). ``script`` defaults to
-    the profile's ``user_data_script`` or ``deployments/common/user_data.sh``.
-    The result holds no key: check with :func:`assert_no_secret`.
+    instance id and addresses from at boot (``ec2`` or ``openstack``). The
+    ``saltfleet_cloud`` grain goes to the script apart from the config, which
+    completes it with those and writes it as a static grain. ``script``
+    defaults to the profile's ``user_data_script`` or
+    ``deployments/common/user_data.sh``. The result holds no key
+    (:func:`assert_no_secret`).
     """
     path = Path(script or config_value("user_data_script", vm_, opts, default=None) or USER_DATA_SCRIPT)
     try:
@@ -403,11 +474,17 @@ def render_user_data(vm_, opts, minion, metadata="ec2", script=None):
         raise SaltCloudConfigError(f"{vm_['name']}: user_data_script: cannot read {path}: {exc.strerror}") from exc
     if SETTINGS_MARKER not in text:
         raise SaltCloudConfigError(f"{vm_['name']}: {path} lacks the line {SETTINGS_MARKER!r} where settings go")
+    minion = copy.deepcopy(minion)
+    # Config grains would shadow the grains file the script writes: the facts grain goes there alone.
+    cloud = (minion.get("grains") or {}).pop(CLOUD_GRAIN, {})
+    if not minion.get("grains"):
+        minion.pop("grains", None)
     settings = {
         "SALTFLEET_MINION_ID": minion["id"],
         "SALTFLEET_METADATA": metadata,
         "SALTFLEET_SALT_VERSION": str(config_value("salt_version", vm_, opts, default=DEFAULT_SALT_VERSION)),
         "SALTFLEET_MINION_CONFIG": salt.utils.yaml.safe_dump(minion, default_flow_style=False),
+        "SALTFLEET_CLOUD": json.dumps(json_safe(cloud), sort_keys=True),
     }
     block = "\n".join(f"{key}={shlex.quote(value)}" for key, value in settings.items())
     user_data = text.replace(SETTINGS_MARKER, f"{SETTINGS_MARKER}\n{block}", 1)
@@ -454,19 +531,15 @@ def provision(vm_, opts, host, grains):
 
 
 def wait_for(check, timeout, what, interval=2.0):
-    """Call ``check()`` until it returns something truthy, and return that.
+    """Call ``check()`` every ``interval`` s until it returns something truthy, and return that.
 
-    Raises SaltCloudSystemExit("<what> did not happen within <timeout> s") when time
-    runs out; ``check`` may raise SaltCloudSystemExit itself to stop early.
+    Salt's own ``wait_for_ip`` loop; raises SaltCloudSystemExit("<what> did not
+    happen within <timeout> s") when time runs out. ``check`` may raise to stop early.
     """
-    deadline = time.monotonic() + float(timeout)
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise SaltCloudSystemExit(f"{what} did not happen within {timeout} s")
-        time.sleep(min(float(interval), max(0.0, deadline - time.monotonic())) or 0.05)
+    try:
+        return salt.utils.cloud.wait_for_ip(lambda: check() or None, timeout=float(timeout), interval=float(interval))
+    except SaltCloudExecutionTimeout:
+        raise SaltCloudSystemExit(f"{what} did not happen within {timeout} s") from None
 
 
 # --- a create that failed -----------------------------------------------------------------
@@ -561,25 +634,46 @@ def check_call(fun, call, expected):
         raise SaltCloudSystemExit(f"The {fun} action must be called with -d, --destroy, -a or --action.")
 
 
+# --- destroy --------------------------------------------------------------------------
+
+
+def destroyed(opts, name, instance_id, provider, state):
+    """What every driver's ``destroy`` ends with once the machine is gone; returns destroy's result.
+
+    Revokes the instance's autosign ticket, fires ``destroyed``, drops salt-cloud's
+    minion cache (``update_cachedir``) and returns ``{"name", "instance_id", "state"}``
+    (``state``: what the provider reports after the request).
+    """
+    revoke_autosign_ticket(opts, instance_id=instance_id, name=name)
+    fire_event(opts, name, "destroyed", {"instance_id": instance_id, "provider": provider})
+    if opts.get("update_cachedir", False):
+        _utils("cloud.delete_minion_cachedir")(name, provider.split(":")[0], opts)
+    return {"name": name, "instance_id": instance_id, "state": state}
+
+
 # --- events -----------------------------------------------------------------------------
 
 
 def fire_event(opts, vm_name, event, args=None):
-    """Fire ``salt/cloud/<vm_name>/<event>`` on the master's bus, as salt-cloud drivers do.
+    """Fire ``salt/cloud/<vm_name>/<event>`` on the master's bus with salt's own ``cloud.fire_event``.
 
     ``event`` is one of creating, requesting, waiting for address, created,
-    destroying, destroyed, failed (any string works); ``args`` are filtered by
-    the cloud config's ``filter_events`` like salt's own. Never raises.
+    destroying, destroyed, failed. The data are ``name`` and ``args`` (every
+    driver sends the same keys: ``instance_id`` once there is one, ``profile``,
+    ``provider``, ``region``, ``image``, ``size``), filtered by the cloud
+    config's ``filter_events`` (``cloud.filter_event``). Never raises: an event
+    is a notification, and losing one must not fail a create.
     """
-    tag = f"salt/cloud/{vm_name}/{event.replace(' ', '_')}"
-    data = {"name": vm_name, **json_safe(args or {})}
-    keys = list(data)
-    for ktag, spec in (opts.get("filter_events") or {}).items():
-        if ktag == event.replace(" ", "_"):
-            keys = list(spec.get("keys", [])) + (["name"] if spec.get("use_defaults", True) else [])
-    data = {k: v for k, v in data.items() if k in keys}
+    tag_event = event.replace(" ", "_")
+    data = json_safe({"name": vm_name, **(args or {})})
     try:
-        with salt.utils.event.get_event("master", opts["sock_dir"], listen=False, opts=opts) as bus:
-            bus.fire_event({"event": f"{event} instance", **data}, tag)
-    except Exception as exc:  # an event is a notification; losing it must not fail a create
-        log.debug("could not fire %s: %s", tag, exc)
+        _utils("cloud.fire_event")(
+            "event",
+            f"{event} instance",
+            f"salt/cloud/{vm_name}/{tag_event}",
+            args=_utils("cloud.filter_event")(tag_event, data, list(data)),
+            sock_dir=opts["sock_dir"],
+            transport=opts.get("transport", "zeromq"),
+        )
+    except Exception as exc:
+        log.debug("could not fire salt/cloud/%s/%s: %s", vm_name, tag_event, exc)

@@ -4,7 +4,6 @@ Every outcome is read back through boto3: what the driver asked EC2 for is what 
 """
 
 import base64
-import copy
 import http.server
 import json
 import os
@@ -20,6 +19,8 @@ import boto3
 import pytest
 import yaml
 from saltfactories.utils import random_string
+
+from localfleet.config import saltfleet_utils
 
 # The AMI the shipped `worker` profile names; moto is started with it as its only image.
 PROFILE_AMI = "ami-0123456789abcdef0"
@@ -112,18 +113,6 @@ def ec2(moto_endpoint):
 
 
 @pytest.fixture(scope="module")
-def salt_master(salt_factories, saltfleet_master_config, pillar_dir, tmp_path_factory):
-    """A master like conftest's, with an autosign_grains_dir (cloud-init minions are accepted by ticket)."""
-    overrides = copy.deepcopy(saltfleet_master_config)
-    overrides["pillar_roots"] = {"base": [str(pillar_dir)]}
-    overrides["interface"] = "127.0.0.1"
-    overrides["autosign_grains_dir"] = str(tmp_path_factory.mktemp("autosign_grains"))
-    factory = salt_factories.salt_master_daemon(random_string("master-"), overrides=overrides)
-    with factory.started(start_timeout=120):
-        yield factory
-
-
-@pytest.fixture(scope="module")
 def conf_dir(salt_master):
     return Path(salt_master.config["root_dir"]) / "conf"
 
@@ -157,6 +146,8 @@ def cloud(salt_master, moto_endpoint, ec2, conf_dir, repo_root):
         },
         "no-address-kept": {"extends": "no-address", "keep_failed": True},
         "protected": {"extends": "worker", "termination_protection": True},
+        # salt-cloud generates and pre-accepts a key pair for the VM when deploy is on.
+        "worker-deploy": {"extends": "worker", "deploy": True},
     }
     (conf_dir / "cloud.profiles.d" / "errors.conf").write_text(yaml.safe_dump(error_profiles))
     return cli
@@ -186,54 +177,50 @@ def user_data(ec2, instance_id):
     return base64.b64decode(value).decode()
 
 
-def ticket_file(salt_master):
-    return Path(salt_master.config["autosign_grains_dir"]) / "saltfleet_instance_id"
-
-
 def tickets(salt_master):
-    path = ticket_file(salt_master)
-    return [line for line in path.read_text().splitlines() if not line.startswith("#")] if path.exists() else []
+    """The master's autosign tickets: {instance id: {"name": minion id, ...}}."""
+    return saltfleet_utils().saltfleet_cloud.autosign_tickets(salt_master.config)
 
 
-def test_create_worker_from_profile(cloud, ec2, salt_master, event_listener, tmp_path):
-    start = time.time()
-    ret = cloud.run("-p", "worker", "worker-1")
-    assert ret.returncode == 0, ret
-    events = event_listener.wait_for_events(
-        [(salt_master.id, f"salt/cloud/worker-1/{tag}") for tag in ("creating", "requesting", "created")],
-        after_time=start,
-        timeout=30,
-    )
-    assert events.found_all_events, events.missed
-    created = ret.data["worker-1"]
-    inst = instance(ec2, "worker-1")
-    assert created["id"] == inst["InstanceId"]
-    assert created["deploy"] == "cloud-init"
-    assert inst["ImageId"] == PROFILE_AMI
-    assert inst["InstanceType"] == "t3.small"
-    assert inst["KeyName"] == "saltfleet"
-    assert [g["GroupName"] for g in inst["SecurityGroups"]] == ["saltfleet-worker"]
-    assert tags(inst) == {
-        "Name": "worker-1",
-        "team": "data",
-        "saltfleet:profile": "worker",
-        "saltfleet:deployments": "",
-    }
-    assert inst["MetadataOptions"]["HttpTokens"] == "required"
+def nodes(result):
+    """{name: node} from `salt-cloud -Q/-F/-S` (provider alias -> driver -> nodes; absent when there are none)."""
+    assert result.returncode == 0, result
+    return (result.data or {}).get("ec2", {}).get("ec2", {})
 
-    # user-data: the seed's entry point, configured for this minion, with no key in it.
-    script = user_data(ec2, inst["InstanceId"])
-    assert script.startswith("#!/bin/sh\n")
-    assert "SALTFLEET_MINION_ID=worker-1" in script
-    assert "PRIVATE KEY" not in script
-    # ... run in a sandbox, it writes the minion config pointing at the master with the right id.
-    root = tmp_path / "root"
-    run = subprocess.run(
+
+def unique(prefix="w"):
+    return random_string(f"{prefix}-", uppercase=False)
+
+
+@pytest.fixture
+def create(cloud, ec2):
+    """``create(profile)``: an instance made by ``salt-cloud -p profile <unique name>``; (name, salt-cloud's
+    data). Whatever a test leaves running is terminated afterwards."""
+    names = []
+
+    def make(profile="worker", prefix="w"):
+        name = unique(prefix)
+        names.append(name)
+        ret = cloud.run("-p", profile, name)
+        assert ret.returncode == 0, ret
+        return name, ret.data[name]
+
+    yield make
+    for name in names:
+        inst = instance(ec2, name, states=("pending", "running", "stopping", "stopped"))
+        if inst:
+            ec2.modify_instance_attribute(InstanceId=inst["InstanceId"], DisableApiTermination={"Value": False})
+            ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+
+
+def run_user_data(script, root, instance_id):
+    """The user-data run in a sandbox as cloud-init would, with the instance id the metadata service gives."""
+    return subprocess.run(
         ["sh", "-c", script],
         env={
             "PATH": os.environ["PATH"],
             "SALTFLEET_ROOT": str(root),
-            "SALTFLEET_INSTANCE_ID": inst["InstanceId"],
+            "SALTFLEET_INSTANCE_ID": instance_id,
             "SALTFLEET_INSTALL": "skip",
             "SALTFLEET_START": "no",
         },
@@ -241,39 +228,96 @@ def test_create_worker_from_profile(cloud, ec2, salt_master, event_listener, tmp
         text=True,
         check=False,
     )
+
+
+def test_create_worker_from_profile(cloud, ec2, salt_master, event_listener, tmp_path):
+    name = unique()
+    start = time.time()
+    ret = cloud.run("-p", "worker", name)
+    assert ret.returncode == 0, ret
+    events = event_listener.wait_for_events(
+        [(salt_master.id, f"salt/cloud/{name}/{tag}") for tag in ("creating", "requesting", "created")],
+        after_time=start,
+        timeout=30,
+    )
+    assert events.found_all_events, events.missed
+    created = ret.data[name]
+    inst = instance(ec2, name)
+    (created_event,) = [e for e in events.matches if e.tag.endswith("/created")]
+    assert created_event.data["instance_id"] == inst["InstanceId"]
+    assert created["id"] == inst["InstanceId"]
+    assert created["deploy"] == "cloud-init"
+    assert inst["ImageId"] == PROFILE_AMI
+    assert inst["InstanceType"] == "t3.small"
+    assert inst["KeyName"] == "saltfleet"
+    assert [g["GroupName"] for g in inst["SecurityGroups"]] == ["saltfleet-worker"]
+    assert tags(inst) == {
+        "Name": name,
+        "team": "data",
+        "saltfleet:profile": "worker",
+        "saltfleet:deployments": "",
+    }
+    assert inst["MetadataOptions"]["HttpTokens"] == "required"
+
+    # user-data: the seed's entry point, configured for this minion.
+    script = user_data(ec2, inst["InstanceId"])
+    assert script.startswith("#!/bin/sh\n")
+    assert f"SALTFLEET_MINION_ID={name}" in script
+    # ... run in a sandbox, it writes the minion config pointing at the master with the right id.
+    root = tmp_path / "root"
+    run = run_user_data(script, root, inst["InstanceId"])
     assert run.returncode == 0, run.stderr
     minion = yaml.safe_load((root / "etc/salt/minion.d/saltfleet.conf").read_text())
     assert minion["master"] == "127.0.0.1"
-    assert minion["id"] == "worker-1"
+    assert minion["id"] == name
     assert minion["autosign_grains"] == ["saltfleet_instance_id"]
     assert minion["master_finger"]
-    assert minion["grains"]["saltfleet_cloud"] == {
-        "provider": "ec2",
-        "region": REGION,
-        "size": "t3.small",
-        "image": PROFILE_AMI,
-        "profile": "worker",
-        "deployments": [],
+    assert (root / "etc/salt/minion_id").read_text().strip() == name
+    assert yaml.safe_load((root / "etc/salt/grains").read_text()) == {
+        "saltfleet_instance_id": inst["InstanceId"],
+        "saltfleet_cloud": {
+            "provider": "ec2",
+            "region": REGION,
+            "size": "t3.small",
+            "image": PROFILE_AMI,
+            "profile": "worker",
+            "deployments": [],
+            "instance_id": inst["InstanceId"],
+            # Read from the metadata service at boot; none here (the id was given).
+            "public_ips": [],
+            "private_ips": [],
+        },
     }
-    assert (root / "etc/salt/minion_id").read_text().strip() == "worker-1"
-    assert yaml.safe_load((root / "etc/salt/grains").read_text()) == {"saltfleet_instance_id": inst["InstanceId"]}
 
-    # The master will accept that instance's key (and only it), and holds no pre-accepted key for it.
-    assert inst["InstanceId"] in tickets(salt_master)
-    assert oct(ticket_file(salt_master).stat().st_mode & 0o777) == "0o600"
-    assert not (Path(salt_master.config["pki_dir"]) / "minions" / "worker-1").exists()
+    # The master will accept one key of this minion id from that instance, and holds no pre-accepted key.
+    assert tickets(salt_master)[inst["InstanceId"]]["name"] == name
+    assert not (Path(salt_master.config["pki_dir"]) / "minions" / name).exists()
 
 
-def test_worker_fetcher_profile_assigns_deployments(cloud, ec2):
-    ret = cloud.run("-p", "worker-fetcher", "fetcher-1")
-    assert ret.returncode == 0, ret
-    inst = instance(ec2, "fetcher-1")
+def test_cloud_init_never_ships_the_key_salt_cloud_generated(cloud, ec2, salt_master, create):
+    """With deploy on, salt-cloud makes the VM a key pair and pre-accepts it; cloud-init must drop both."""
+    name, created = create("worker-deploy")
+    assert created["deploy"] == "cloud-init"
+    script = user_data(ec2, created["id"])
+    assert f"SALTFLEET_MINION_ID={name}" in script
+    assert "PRIVATE KEY" not in script
+    assert "BEGIN PUBLIC KEY" not in script
+    # The generated public key would let the matching private key in: it is gone from the master.
+    assert name not in salt_master.salt_key_cli().run("-L").data["minions"]
+    assert tickets(salt_master)[created["id"]]["name"] == name
+
+
+def test_worker_fetcher_profile_assigns_deployments(ec2, create):
+    name, _ = create("worker-fetcher")
+    inst = instance(ec2, name)
     assert inst["InstanceType"] == "t3.medium"
     assert tags(inst)["saltfleet:deployments"] == "daily-fetcher"
-    assert "- daily-fetcher" in user_data(ec2, inst["InstanceId"])
+    assert '"deployments": ["daily-fetcher"]' in user_data(ec2, inst["InstanceId"])
 
 
-def test_query_and_full_query_list_the_workers(cloud, ec2):
+def test_query_and_full_query_list_the_workers(cloud, ec2, create):
+    worker, _ = create("worker")
+    fetcher, _ = create("worker-fetcher")
     # An instance saltfleet did not create is none of salt-cloud's business.
     ec2.run_instances(
         ImageId=PROFILE_AMI,
@@ -284,31 +328,34 @@ def test_query_and_full_query_list_the_workers(cloud, ec2):
     ret = cloud.run("-Q")
     assert ret.returncode == 0, ret
     nodes = ret.data["ec2"]["ec2"]
-    assert set(nodes) == {"worker-1", "fetcher-1"}
-    inst = instance(ec2, "worker-1")
-    assert nodes["worker-1"]["id"] == inst["InstanceId"]
-    assert nodes["worker-1"]["state"] == "running"
-    assert nodes["worker-1"]["size"] == "t3.small"
-    assert nodes["worker-1"]["public_ips"] == [inst["PublicIpAddress"]]
-    assert nodes["worker-1"]["private_ips"] == [inst["PrivateIpAddress"]]
+    assert {worker, fetcher} <= set(nodes)
+    assert "someone-else" not in nodes
+    inst = instance(ec2, worker)
+    assert nodes[worker]["id"] == inst["InstanceId"]
+    assert nodes[worker]["state"] == "running"
+    assert nodes[worker]["size"] == "t3.small"
+    assert nodes[worker]["public_ips"] == [inst["PublicIpAddress"]]
+    assert nodes[worker]["private_ips"] == [inst["PrivateIpAddress"]]
 
     full = cloud.run("-F").data["ec2"]["ec2"]
-    assert full["fetcher-1"]["tags"]["saltfleet:deployments"] == "daily-fetcher"
-    assert full["fetcher-1"]["Placement"]["AvailabilityZone"].startswith(REGION)
+    assert "someone-else" not in full
+    assert full[fetcher]["tags"]["saltfleet:deployments"] == "daily-fetcher"
+    assert full[fetcher]["Placement"]["AvailabilityZone"].startswith(REGION)
 
 
-def test_select_query_and_show_instance(cloud, conf_dir):
+def test_select_query_and_show_instance(cloud, conf_dir, create):
+    name, _ = create("worker")
     (conf_dir / "cloud.conf.d").mkdir(exist_ok=True)
     (conf_dir / "cloud.conf.d" / "select.conf").write_text(yaml.safe_dump({"query.selection": ["id", "KeyName"]}))
     try:
         ret = cloud.run("-S")
         assert ret.returncode == 0, ret
-        assert set(ret.data["ec2"]["ec2"]["worker-1"]) == {"id", "KeyName"}
+        assert set(ret.data["ec2"]["ec2"][name]) == {"id", "KeyName"}
     finally:
         (conf_dir / "cloud.conf.d" / "select.conf").unlink()
-    shown = cloud.run("-a", "show_instance", "worker-1", "-y")
+    shown = cloud.run("-a", "show_instance", name, "-y")
     assert shown.returncode == 0, shown
-    assert shown.data["ec2"]["ec2"]["worker-1"]["KeyName"] == "saltfleet"
+    assert shown.data["ec2"]["ec2"][name]["KeyName"] == "saltfleet"
 
 
 def test_list_images_sizes_locations(cloud):
@@ -321,23 +368,35 @@ def test_list_images_sizes_locations(cloud):
     assert "us-east-1a" in locations[REGION]["zones"]
 
 
-def test_actions_stop_start_reboot(cloud, ec2):
-    assert cloud.run("-a", "stop", "worker-1", "-y").returncode == 0
-    assert instance(ec2, "worker-1", states=("stopping", "stopped"))
-    assert cloud.run("-a", "start", "worker-1", "-y").returncode == 0
-    assert instance(ec2, "worker-1", states=("pending", "running"))
-    ret = cloud.run("-a", "reboot", "worker-1", "-y")
+def test_actions_stop_start_reboot(cloud, ec2, create):
+    name, _ = create("worker")
+    assert cloud.run("-a", "stop", name, "-y").returncode == 0
+    assert instance(ec2, name, states=("stopping", "stopped"))
+    assert cloud.run("-a", "start", name, "-y").returncode == 0
+    assert instance(ec2, name, states=("pending", "running"))
+    ret = cloud.run("-a", "reboot", name, "-y")
     assert ret.returncode == 0, ret
 
 
-def test_destroy_terminates_and_revokes_the_ticket(cloud, ec2, salt_master):
-    instance_id = instance(ec2, "worker-1")["InstanceId"]
-    ret = cloud.run("-d", "worker-1", "-y")
+def test_destroy_terminates_and_revokes_the_ticket(cloud, ec2, salt_master, create, event_listener):
+    name, created = create("worker")
+    instance_id = created["id"]
+    assert instance_id in tickets(salt_master)
+    start = time.time()
+    ret = cloud.run("-d", name, "-y")
     assert ret.returncode == 0, ret
-    assert instance(ec2, "worker-1") is None
-    assert instance(ec2, "worker-1", states=("shutting-down", "terminated"))["InstanceId"] == instance_id
+    assert ret.data["ec2"]["ec2"][name] == {"name": name, "instance_id": instance_id, "state": "shutting-down"}
+    events = event_listener.wait_for_events(
+        [(salt_master.id, f"salt/cloud/{name}/{tag}") for tag in ("destroying", "destroyed")],
+        after_time=start,
+        timeout=30,
+    )
+    assert events.found_all_events, events.missed
+    assert {e.data["instance_id"] for e in events.matches} == {instance_id}
+    assert instance(ec2, name) is None
+    assert instance(ec2, name, states=("shutting-down", "terminated"))["InstanceId"] == instance_id
     assert instance_id not in tickets(salt_master)
-    assert "worker-1" not in cloud.run("-Q").data["ec2"]["ec2"]
+    assert name not in nodes(cloud.run("-Q"))
 
 
 def test_parallel_create(cloud, ec2):

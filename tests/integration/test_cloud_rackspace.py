@@ -4,6 +4,7 @@ salt-cloud CLI against mimic, Rackspace's own API mock, on 127.0.0.1; results ar
 checked through pyrax, and mimic's control API injects failures.
 """
 
+import http.server
 import json
 import shutil
 import socket
@@ -11,12 +12,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
+from saltfactories.utils import random_string
+
+from localfleet.config import saltfleet_utils
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -78,20 +83,20 @@ class Mimic:
         body = {"criteria": [{"username": username_pattern}], "name": "fail", "parameters": {}}
         _post_json(f"{self.url}/mimic/v1.1/IdentityControlAPI/behaviors/auth", body)
 
-    def client(self):
-        """A pyrax (novaclient) client on the test account's Cloud Servers in REGION."""
+    def client(self, username=USERNAME):
+        """A pyrax (novaclient) client on an account's Cloud Servers in REGION (the test account by default)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            identity = pyrax.create_context(id_type="rackspace", username=USERNAME, api_key="any")
+            identity = pyrax.create_context(id_type="rackspace", username=username, api_key="any")
             identity.auth_endpoint = self.identity_url
             identity.authenticate()
             entry = next(s for s in identity.service_catalog if s["name"] == "cloudServersOpenStack")
             identity.services.compute = Service(identity, entry)
             return pyrax.connect_to_cloudservers(region=REGION, context=identity)
 
-    def servers(self):
-        """{name: server} of the test account in REGION, read through pyrax."""
-        return {server.name: server for server in self.client().servers.list()}
+    def servers(self, username=USERNAME):
+        """{name: server} of an account in REGION (the test account by default), read through pyrax."""
+        return {server.name: server for server in self.client(username).servers.list()}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +137,6 @@ def salt_cloud(salt_master, mimic, repo_root):
     root = Path(salt_master.config["root_dir"])
     overrides = {
         "deploy": False,
-        "autosign_grains_dir": str(root / "autosign_grains"),
         "query.selection": ["id", "state"],  # salt-cloud -S
     }
     cli = salt_master.salt_cloud_cli(overrides=overrides, timeout=300)
@@ -161,11 +165,22 @@ def salt_cloud(salt_master, mimic, repo_root):
         "worker-mimic-badimage": {"extends": "worker-mimic", "image": "No Such Linux"},
         "worker-mimic-impatient": {"extends": "worker-mimic", "wait_for_ip_timeout": 2},
         "worker-mimic-keep-failed": {"extends": "worker-mimic", "keep_failed": True},
-        "worker-mimic-cloudinit": {"extends": "worker-mimic", "bootstrap": "cloud-init", "key_name": "operators"},
+        # deploy: True makes salt-cloud generate the VM a key pair (and pre-accept it): one that could leak.
+        "worker-mimic-cloudinit": {
+            "extends": "worker-mimic",
+            "bootstrap": "cloud-init",
+            "key_name": "operators",
+            "deploy": True,
+        },
         "worker-mimic-ssh": {"extends": "worker-mimic", "bootstrap": "ssh", "deploy": True},
     }
     (conf_dir / "cloud.profiles.d" / "mimic.conf").write_text(yaml.safe_dump(test_profiles))
     return cli
+
+
+def tickets(salt_cloud):
+    """The master's autosign tickets: {instance id: {"name": minion id, ...}}."""
+    return saltfleet_utils().saltfleet_cloud.autosign_tickets(salt_cloud.config)
 
 
 def _nodes(result):
@@ -217,6 +232,7 @@ def test_create_from_profile_list_query_and_destroy(salt_cloud, mimic, repo_root
 
     gone = salt_cloud.run("-d", "rs-worker-1", "-y")
     assert gone.returncode == 0, gone.stderr
+    assert _nodes(gone)["rs-worker-1"] == {"name": "rs-worker-1", "instance_id": server.id, "state": "deleted"}
     assert "rs-worker-1" not in mimic.servers()
     assert "rs-worker-1" not in _nodes(salt_cloud.run("-Q"))
 
@@ -367,19 +383,21 @@ def test_cloud_init_bootstrap_sends_user_data_and_a_ticket(salt_cloud, cloud_cli
     assert server.key_name == "operators"
 
     user_data = sent["userdata"]
+    # salt-cloud generated a key pair for the VM (deploy: True): neither half ships, nor stays accepted.
     assert "PRIVATE KEY" not in user_data
+    assert "BEGIN PUBLIC KEY" not in user_data
     assert "SALTFLEET_METADATA=openstack" in user_data
     assert "SALTFLEET_MINION_ID=rs-cloudinit" in user_data
-    for line in ("provider: rackspace", f"region: {REGION}", "size: 2 GB General Purpose v1", "- daily-fetcher"):
-        assert line in user_data
+    for pair in ('"provider": "rackspace"', f'"region": "{REGION}"', '"size": "2 GB General Purpose v1"'):
+        assert pair in user_data
+    assert '"deployments": ["daily-fetcher", "hourly-report"]' in user_data
     pki_dir = Path(salt_cloud.config["pki_dir"])
     assert not (pki_dir / "minions" / "rs-cloudinit").exists()  # the host makes its own key
-    tickets = Path(salt_cloud.config["autosign_grains_dir"]) / "saltfleet_instance_id"
-    assert server.id in tickets.read_text()
+    assert tickets(salt_cloud)[server.id]["name"] == "rs-cloudinit"
 
     cloud_client.destroy(["rs-cloudinit"])
     assert "rs-cloudinit" not in mimic.servers()
-    assert server.id not in tickets.read_text()
+    assert server.id not in tickets(salt_cloud)
 
 
 def test_ssh_bootstrap_gets_grains_and_a_preaccepted_key(salt_cloud, cloud_client, mimic, monkeypatch):
@@ -400,6 +418,9 @@ def test_ssh_bootstrap_gets_grains_and_a_preaccepted_key(salt_cloud, cloud_clien
     assert deployed["password"]  # the admin password Cloud Servers generated (no ssh_keyfile given)
     grains = deployed["grains"]
     assert grains["saltfleet_instance_id"] == server.id
+    assert grains["saltfleet_cloud"]["instance_id"] == server.id
+    assert grains["saltfleet_cloud"]["public_ips"] == ret["rs-ssh"]["public_ips"]
+    assert grains["saltfleet_cloud"]["private_ips"] == ret["rs-ssh"]["private_ips"]
     assert grains["saltfleet_cloud"]["provider"] == "rackspace"
     assert grains["saltfleet_cloud"]["region"] == REGION
     assert grains["saltfleet_cloud"]["size"] == "2 GB General Purpose v1"
@@ -474,3 +495,145 @@ def test_a_failure_that_is_not_salts_still_deletes_the_server(salt_cloud, cloud_
     assert "deleted server" in message
     assert "rs-leak" not in mimic.servers()
     (Path(salt_cloud.config["pki_dir"]) / "minions" / "rs-leak").unlink(missing_ok=True)
+
+
+class IdentityRecorder(http.server.BaseHTTPRequestHandler):
+    """An identity endpoint in front of mimic's: passes every request on and records the credentials sent."""
+
+    upstream = None
+    sent = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("/tokens"):
+            credentials = json.loads(body)["auth"].get("RAX-KSKEY:apiKeyCredentials", {})
+            type(self).sent.append((credentials.get("username"), credentials.get("apiKey")))
+        request = urllib.request.Request(
+            f"{self.upstream}{self.path}",
+            data=body,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, reply = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, reply = exc.code, exc.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def identity_recorder(mimic):
+    """mimic accepts any API key, so what the driver sent is read on its way: [(username, api_key), ...]."""
+    IdentityRecorder.upstream = mimic.url
+    IdentityRecorder.sent = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), IdentityRecorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/identity/v2.0/", IdentityRecorder.sent
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def credentials_provider(salt_cloud, mimic, identity_recorder):
+    """``write(alias, **settings)``: a provider with no credentials but ``settings``, and profile
+    ``<alias>-worker``; both removed afterwards (a provider without credentials breaks -Q for the others)."""
+    conf_dir = Path(salt_cloud.config["root_dir"]) / "conf"
+    written = []
+    identity_url, _ = identity_recorder
+
+    def write(alias, **settings):
+        provider = {
+            "driver": "rackspace",
+            "region": REGION,
+            "identity_url": identity_url,
+            "wait_for_ip_interval": 0.2,
+            "wait_for_ip_timeout": 60,
+            "minion": {"master": "127.0.0.1"},
+            **settings,
+        }
+        # Not `extends: worker-mimic`: salt-cloud would merge in that profile's provider, credentials included.
+        profile = {
+            "provider": alias,
+            "image": MIMIC_IMAGE,
+            "size": "2 GB General Purpose v1",
+            "deployments": DEPLOYMENTS,
+        }
+        for kind, data in (("providers", {alias: provider}), ("profiles", {f"{alias}-worker": profile})):
+            path = conf_dir / f"cloud.{kind}.d" / f"{alias}.conf"
+            path.write_text(yaml.safe_dump(data))
+            written.append(path)
+        return f"{alias}-worker"
+
+    yield write
+    for path in written:
+        path.unlink()
+
+
+def test_credentials_from_the_environment(salt_cloud, mimic, identity_recorder, credentials_provider):
+    """RACKSPACE_USERNAME and RACKSPACE_API_KEY in salt-cloud's environment, nothing in the provider file."""
+    _, sent = identity_recorder
+    username, api_key = random_string("env-user-", uppercase=False), random_string("env-key-")
+    profile = credentials_provider("rackspace-env")
+    name = random_string("rs-env-", uppercase=False)
+    env = {"RACKSPACE_USERNAME": username, "RACKSPACE_API_KEY": api_key}
+    ret = salt_cloud.run("-p", profile, name, env=env)
+    assert ret.returncode == 0, ret.stderr
+    assert (username, api_key) in sent
+    assert {u for u, _ in sent} == {username}
+    # The server is in that account, not the one of the other providers.
+    assert name in mimic.servers(username)
+    assert name not in mimic.servers()
+    gone = salt_cloud.run("-d", name, "-y", env=env)
+    assert gone.returncode == 0, gone.stderr
+    assert name not in mimic.servers(username)
+    assert api_key not in ret.stdout + ret.stderr
+
+
+def test_missing_credentials_say_where_to_put_them(salt_cloud, mimic, credentials_provider):
+    profile = credentials_provider("rackspace-nocreds")
+    name = random_string("rs-nocreds-", uppercase=False)
+    ret = salt_cloud.run("-p", profile, name)
+    text = _error_text(ret)
+    assert "set username and api_key in its configuration" in text
+    assert "RACKSPACE_USERNAME and RACKSPACE_API_KEY" in text
+    assert name not in mimic.servers()
+
+
+def test_credentials_from_an_sdb_reference(salt_cloud, mimic, identity_recorder, credentials_provider, tmp_path):
+    """``api_key: sdb://...`` (and username) resolved through Salt's sdb, here its yaml driver."""
+    _, sent = identity_recorder
+    username, api_key = random_string("sdb-user-", uppercase=False), random_string("sdb-key-")
+    secrets = tmp_path / "rackspace-secrets.yaml"
+    secrets.write_text(yaml.safe_dump({"rackspace": {"username": username, "api_key": api_key}}))
+    secrets.chmod(0o600)
+    conf_dir = Path(salt_cloud.config["root_dir"]) / "conf"
+    sdb_conf = conf_dir / "cloud.conf.d" / "saltfleet-secrets.conf"
+    sdb_conf.parent.mkdir(exist_ok=True)
+    sdb_conf.write_text(yaml.safe_dump({"saltfleet-secrets": {"driver": "yaml", "files": [str(secrets)]}}))
+    try:
+        profile = credentials_provider(
+            "rackspace-sdb",
+            username="sdb://saltfleet-secrets/rackspace:username",
+            api_key="sdb://saltfleet-secrets/rackspace:api_key",
+        )
+        name = random_string("rs-sdb-", uppercase=False)
+        ret = salt_cloud.run("-p", profile, name)
+        assert ret.returncode == 0, ret.stderr
+        assert (username, api_key) in sent
+        assert not [u for u, k in sent if u.startswith("sdb://") or k.startswith("sdb://")]
+        assert name in mimic.servers(username)
+        gone = salt_cloud.run("-d", name, "-y")
+        assert gone.returncode == 0, gone.stderr
+        assert name not in mimic.servers(username)
+    finally:
+        sdb_conf.unlink()

@@ -1,23 +1,24 @@
 """deployments/common/user_data.sh and the provisioning helpers of _utils/saltfleet_cloud.py, without a cloud."""
 
 import http.server
-import importlib.util
 import json
 import os
 import subprocess
 import threading
 
 import pytest
+import salt.utils.cloud
 import yaml
-from salt.exceptions import SaltCloudConfigError
+from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
-from localfleet.config import REPO
+from localfleet.config import REPO, master_config, saltfleet_utils
 
-spec = importlib.util.spec_from_file_location("saltfleet_cloud", REPO / "_utils" / "saltfleet_cloud.py")
-sfc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sfc)
+# Through Salt's own utils loader, as salt-cloud's drivers reach it (it calls its siblings through the loader).
+sfc = saltfleet_utils().saltfleet_cloud
 
 INSTANCE_ID = "i-0abc1234def567890"
+PRIVATE_IP = "172.31.5.9"
+PUBLIC_IP = "203.0.113.7"
 
 
 class FakeImds(http.server.BaseHTTPRequestHandler):
@@ -30,12 +31,15 @@ class FakeImds(http.server.BaseHTTPRequestHandler):
             return self.reply(400, "")
         return self.reply(200, self.token)
 
+    meta_data = {"instance-id": INSTANCE_ID, "local-ipv4": PRIVATE_IP, "public-ipv4": PUBLIC_IP}
+
     def do_GET(self):
         if self.headers.get("X-aws-ec2-metadata-token") != self.token:
             return self.reply(401, "")
-        if self.path != "/latest/meta-data/instance-id":
+        item = self.path.removeprefix("/latest/meta-data/")
+        if item not in self.meta_data:
             return self.reply(404, "")
-        return self.reply(200, INSTANCE_ID)
+        return self.reply(200, self.meta_data[item])
 
     def reply(self, status, body):
         data = body.encode()
@@ -59,15 +63,21 @@ def imds():
 
 @pytest.fixture
 def opts(tmp_path):
+    """salt-cloud's options on a master configured with etc/master.d/saltfleet.conf."""
     pki = tmp_path / "pki"
     (pki / "minions").mkdir(parents=True)
+    snippet = master_config()
     return {
         "providers": {"ec2": {"ec2": {"driver": "ec2"}}},
         "profiles": {"worker": {"provider": "ec2:ec2"}},
         "pki_dir": str(pki),
-        "autosign_grains_dir": str(tmp_path / "autosign_grains"),
         "sock_dir": str(tmp_path / "sock"),
+        **{key: snippet[key] for key in ("auth_events", "auth_events_autosign_grains", "reactor")},
     }
+
+
+def tickets(opts):
+    return sfc.autosign_tickets(opts)
 
 
 def vm(**settings):
@@ -75,11 +85,25 @@ def vm(**settings):
 
 
 def test_user_data_run_in_a_sandbox_configures_the_minion(tmp_path, opts, imds):
-    vm_ = vm(minion={"master": "10.0.0.5"}, deployments=["daily-fetcher"], bootstrap="cloud-init")
+    # deploy: True makes salt-cloud generate a key pair for the VM and pre-accept it: the
+    # private half must never reach user-data, and the host makes its own key.
+    priv, pub = salt.utils.cloud.gen_keys(2048)
+    (tmp_path / "pki" / "minions" / "worker-7").write_text(pub)
+    vm_ = vm(
+        minion={"master": "10.0.0.5"},
+        deployments=["daily-fetcher"],
+        bootstrap="cloud-init",
+        priv_key=priv,
+        pub_key=pub,
+    )
     grains = sfc.cloud_grains(vm_, opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
+    assert sfc.forget_preaccepted_key(vm_, opts) is True
     minion = sfc.minion_config(vm_, opts, grains=grains, mode="cloud-init")
     script = sfc.render_user_data(vm_, opts, minion, metadata="ec2")
+    key_body = "".join(priv.strip().splitlines()[1:-1])
+    assert key_body[:64] not in script.replace("\n", "")
     assert "PRIVATE KEY" not in script
+    assert not (tmp_path / "pki" / "minions" / "worker-7").exists()
 
     root = tmp_path / "root"
     run = subprocess.run(
@@ -101,10 +125,23 @@ def test_user_data_run_in_a_sandbox_configures_the_minion(tmp_path, opts, imds):
     assert written["master"] == "10.0.0.5"
     assert written["id"] == "worker-7"
     assert written["autosign_grains"] == ["saltfleet_instance_id"]
-    assert written["grains"]["saltfleet_cloud"]["deployments"] == ["daily-fetcher"]
-    assert written["grains"]["saltfleet_cloud"]["provider"] == "ec2"
+    # The facts grain lives in the grains file alone: a config grain would shadow it.
+    assert "saltfleet_cloud" not in written.get("grains", {})
     assert (root / "etc/salt/minion_id").read_text() == "worker-7\n"
-    assert yaml.safe_load((root / "etc/salt/grains").read_text()) == {"saltfleet_instance_id": INSTANCE_ID}
+    assert yaml.safe_load((root / "etc/salt/grains").read_text()) == {
+        "saltfleet_instance_id": INSTANCE_ID,
+        "saltfleet_cloud": {
+            "provider": "ec2",
+            "region": "eu-west-1",
+            "size": "t3.small",
+            "image": "ami-1",
+            "profile": "worker",
+            "deployments": ["daily-fetcher"],
+            "instance_id": INSTANCE_ID,
+            "public_ips": [PUBLIC_IP],
+            "private_ips": [PRIVATE_IP],
+        },
+    }
 
 
 def run_user_data(root, **env):
@@ -137,23 +174,31 @@ def test_user_data_refuses_a_bad_instance_id(tmp_path):
 def test_user_data_never_carries_a_private_key(opts):
     marker = "-----BEGIN RSA " + "PRIVATE KEY-----"  # spelled in two parts: no key-looking line in the repo
     vm_ = vm(minion={"master": "salt", "note": marker})
-    with pytest.raises(sfc.SaltCloudSystemExit, match="private key"):
+    with pytest.raises(SaltCloudSystemExit, match="private key"):
         sfc.render_user_data(vm_, opts, sfc.minion_config(vm_, opts))
 
 
-def test_autosign_tickets_are_one_shot_and_expire(opts):
-    grain_file = os.path.join(opts["autosign_grains_dir"], "saltfleet_instance_id")
+def test_autosign_tickets_name_the_minion_and_expire(opts):
     sfc.record_autosign_ticket(vm(), opts, "i-1")
     sfc.record_autosign_ticket(vm(name="worker-8"), opts, "i-2")
     sfc.record_autosign_ticket(vm(name="worker-9", autosign_ticket_ttl=-1), opts, "i-3")
-    assert os.stat(grain_file).st_mode & 0o777 == 0o600  # the master ignores a group/world-writable file
-    # The minion worker-7 authenticated: its key is accepted, its ticket goes; i-3 has expired.
-    with open(os.path.join(opts["pki_dir"], "minions", "worker-7"), "w") as handle:
-        handle.write("key")
-    assert sorted(sfc.prune_autosign_tickets(opts)) == ["i-1", "i-3"]
+    index = os.path.join(opts["pki_dir"], "saltfleet_autosign_tickets.json")
+    assert os.stat(index).st_mode & 0o777 == 0o600  # who may enrol is the master's business only
+    assert {iid: t["name"] for iid, t in tickets(opts).items()} == {
+        "i-1": "worker-7",
+        "i-2": "worker-8",
+        "i-3": "worker-9",
+    }
+    assert sfc.prune_autosign_tickets(opts) == ["i-3"]
     assert sfc.revoke_autosign_ticket(opts, name="worker-8") == ["i-2"]
-    with open(grain_file) as handle:
-        assert [line for line in handle if not line.startswith("#")] == []
+    assert sfc.revoke_autosign_ticket(opts, instance_id="i-1") == ["i-1"]
+    assert tickets(opts) == {}
+
+
+def test_no_ticket_index_means_nothing_to_prune_or_revoke(opts):
+    assert sfc.prune_autosign_tickets(opts) == []
+    assert sfc.revoke_autosign_ticket(opts, instance_id="i-1", name="worker-7") == []
+    assert not os.path.exists(os.path.join(opts["pki_dir"], "saltfleet_autosign_tickets.json"))
 
 
 def test_tickets_recorded_in_parallel_are_all_kept(opts):
@@ -171,20 +216,27 @@ def test_tickets_recorded_in_parallel_are_all_kept(opts):
     for process in workers:
         process.join(60)
     assert [process.exitcode for process in workers] == [0] * 6
-    expected = sorted(f"i-{worker}-{n}" for worker in range(6) for n in range(5))
-    grain_file = os.path.join(opts["autosign_grains_dir"], "saltfleet_instance_id")
-    with open(grain_file) as handle:
-        assert sorted(line.strip() for line in handle if not line.startswith("#")) == expected
-    index = sfc.read_json(os.path.join(opts["pki_dir"], "saltfleet_autosign_tickets.json"))
-    assert sorted(index) == expected
-    leftovers = os.listdir(opts["pki_dir"]) + os.listdir(opts["autosign_grains_dir"])
-    assert not [name for name in leftovers if name.startswith(".")]  # no temporary file left half-written
+    expected = {f"i-{worker}-{n}": f"w{worker}-{n}" for worker in range(6) for n in range(5)}
+    assert {iid: t["name"] for iid, t in tickets(opts).items()} == expected
+    # no temporary file left half-written
+    assert not [name for name in os.listdir(opts["pki_dir"]) if name.startswith(".")]
 
 
-def test_cloud_init_needs_an_autosign_grains_dir(opts):
-    del opts["autosign_grains_dir"]
-    with pytest.raises(SaltCloudConfigError, match="autosign_grains_dir"):
-        sfc.check_autosign_ready(vm(), opts)
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("auth_events_autosign_grains", [], "auth_events_autosign_grains: [pend]"),
+        ("reactor", [], "a reactor on salt/auth"),
+        ("auth_events", False, "auth_events: True"),
+    ],
+)
+def test_cloud_init_needs_the_master_to_pass_new_keys_to_fleet_admit(opts, setting, value, named):
+    opts[setting] = value
+    with pytest.raises(SaltCloudConfigError, match="worker-7: bootstrap: cloud-init") as refused:
+        sfc.record_autosign_ticket(vm(), opts, "i-1")
+    assert named in str(refused.value)
+    assert "etc/master.d/saltfleet.conf" in str(refused.value)
+    assert tickets(opts) == {}
 
 
 def test_bootstrap_modes(opts):
@@ -211,7 +263,7 @@ def test_forget_preaccepted_key_only_removes_salt_clouds_own(opts):
 
 def test_wait_for_says_what_did_not_happen():
     checks = []
-    with pytest.raises(sfc.SaltCloudSystemExit, match=r"worker-7 got an address did not happen within 0\.3 s"):
+    with pytest.raises(SaltCloudSystemExit, match=r"worker-7 got an address did not happen within 0\.3 s"):
         sfc.wait_for(lambda: checks.append(1), 0.3, "worker-7 got an address", interval=0.1)
     assert len(checks) >= 2  # it kept asking until the time was up
     assert sfc.wait_for(lambda: "10.0.0.9", 1, "x") == "10.0.0.9"
@@ -245,12 +297,31 @@ def test_openstack_instance_id_from_the_config_drive(tmp_path):
     drive = tmp_path / "config-2"
     (drive / "openstack/latest").mkdir(parents=True)
     (drive / "openstack/latest/meta_data.json").write_text(json.dumps({"uuid": UUID, "hostname": "worker-7"}))
+    networks = [
+        {"id": "network0", "type": "ipv4", "ip_address": "23.253.12.4"},  # PublicNet
+        {"id": "network1", "type": "ipv6", "ip_address": "2001:4802:7800:1::be"},
+        {"id": "network2", "type": "ipv4", "ip_address": "10.176.3.4"},  # ServiceNet
+        {"id": "network3", "type": "ipv4_dhcp"},
+    ]
+    (drive / "openstack/latest/network_data.json").write_text(json.dumps({"links": [], "networks": networks}))
     # Nothing answers on the metadata URL: the id can only come from the drive.
     grains, run = run_openstack_user_data(
-        tmp_path, SALTFLEET_CONFIG_DRIVE=str(drive), SALTFLEET_METADATA_URL="http://127.0.0.1:9"
+        tmp_path,
+        SALTFLEET_CONFIG_DRIVE=str(drive),
+        SALTFLEET_METADATA_URL="http://127.0.0.1:9",
+        SALTFLEET_CLOUD=json.dumps({"provider": "rackspace", "region": "ORD"}),
     )
     assert run.returncode == 0, run.stderr
-    assert grains == {"saltfleet_instance_id": UUID}
+    assert grains == {
+        "saltfleet_instance_id": UUID,
+        "saltfleet_cloud": {
+            "provider": "rackspace",
+            "region": "ORD",
+            "instance_id": UUID,
+            "public_ips": ["23.253.12.4", "2001:4802:7800:1::be"],
+            "private_ips": ["10.176.3.4"],
+        },
+    }
 
 
 def test_openstack_instance_id_falls_back_to_the_metadata_service(tmp_path):
@@ -267,7 +338,10 @@ def test_openstack_instance_id_falls_back_to_the_metadata_service(tmp_path):
         server.server_close()
     assert run.returncode == 0, run.stderr
     assert "no config drive" in run.stderr
-    assert grains == {"saltfleet_instance_id": UUID}
+    assert grains == {
+        "saltfleet_instance_id": UUID,
+        "saltfleet_cloud": {"instance_id": UUID, "public_ips": [], "private_ips": []},
+    }
 
 
 def test_user_data_installs_the_pinned_salt_with_pip_in_a_venv(tmp_path):

@@ -1,0 +1,294 @@
+"""
+A new cloud host cannot be impersonated: an autosign ticket admits exactly the
+minion id salt-cloud launched the instance as, once.
+
+Real salt-master (with etc/master.d/saltfleet.conf's auth events and reactor)
+and real salt-minion daemons on 127.0.0.1, each minion sending grain
+``saltfleet_instance_id`` through ``autosign_grains`` as a cloud-init host
+does. The master accepts nothing by itself here: salt-factories' own
+accept-every-pending-key hook is switched off, so a key is accepted only by
+saltfleet's reactor and ``fleet.admit``.
+"""
+
+import copy
+import getpass
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from saltfactories.utils import random_string
+
+from localfleet.config import saltfleet_utils
+from tests.conftest import short_tmpdir
+
+pytestmark = pytest.mark.timeout(900)
+
+BIN = Path(sys.executable).parent
+GRAIN = "saltfleet_instance_id"
+
+
+@pytest.fixture(scope="module")
+def salt_master(salt_factories, saltfleet_master_config, pillar_dir):
+    overrides = copy.deepcopy(saltfleet_master_config)
+    overrides["pillar_roots"] = {"base": [str(pillar_dir)]}
+    overrides["interface"] = "127.0.0.1"
+    factory = salt_factories.salt_master_daemon(
+        random_string("master-"),
+        overrides=overrides,
+        # salt-factories accepts every pending key itself unless told otherwise.
+        on_auth_event_callback=lambda master, payload: None,
+    )
+    with factory.started(start_timeout=120):
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def cloud_opts(salt_master):
+    """What salt-cloud passes the provisioning code on this master: its options, a provider and a profile."""
+    return {
+        **salt_master.config,
+        "providers": {"ec2": {"ec2": {"driver": "ec2"}}},
+        "profiles": {"worker": {"provider": "ec2:ec2"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def sfc():
+    return saltfleet_utils().saltfleet_cloud
+
+
+def launch(sfc, cloud_opts, minion_id, **settings):
+    """What a driver does once the cloud returned a new instance's id: the ticket. Returns the instance id."""
+    instance_id = random_string("i-", uppercase=False)
+    vm_ = {"name": minion_id, "profile": "worker", "driver": "ec2:ec2", **settings}
+    sfc.record_autosign_ticket(vm_, cloud_opts, instance_id)
+    return instance_id
+
+
+def keys(salt_master):
+    """salt-key -L: {"minions": [...], "minions_pre": [...], "minions_rejected": [...], "minions_denied": [...]}."""
+    ret = salt_master.salt_key_cli().run("-L")
+    assert ret.returncode == 0, ret
+    return ret.data
+
+
+def pub_keys(salt_master, minion_id):
+    """{state: public key} of every key the master holds under minion_id (salt-key -p)."""
+    ret = salt_master.salt_key_cli().run("-p", minion_id)
+    assert ret.returncode == 0, ret
+    return {state: found[minion_id] for state, found in (ret.data or {}).items() if minion_id in (found or {})}
+
+
+def until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout} s")
+        time.sleep(0.5)
+
+
+class Minion:
+    """A real salt-minion daemon in its own sandbox, with its own key, claiming an instance id."""
+
+    def __init__(self, master, minion_id, instance_id):
+        self.id = minion_id
+        self.root = short_tmpdir("sfa-")
+        self.conf = self.root / "etc" / "salt"
+        self.conf.mkdir(parents=True)
+        self.log = self.root / "minion.log"
+        config = {
+            "id": minion_id,
+            "master": "127.0.0.1",
+            "master_port": master.config["ret_port"],
+            "transport": master.config["transport"],
+            "root_dir": str(self.root),
+            "user": getpass.getuser(),
+            "log_file": str(self.log),
+            "log_level_logfile": "info",
+            # As user_data.sh configures a cloud-init host.
+            "grains": {GRAIN: instance_id},
+            "autosign_grains": [GRAIN],
+            # Ask again soon while the key is pending (Salt's default is 10 s).
+            "acceptance_wait_time": 1,
+            "acceptance_wait_time_max": 1,
+        }
+        (self.conf / "minion").write_text(yaml.safe_dump(config))
+        self.proc = subprocess.Popen(
+            [str(BIN / "salt-minion"), "-c", str(self.conf), "-l", "quiet"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def pub(self):
+        return (self.conf / "pki" / "minion" / "minion.pub").read_text().strip()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def minions(salt_master):
+    """Start minions for a test (``minions(minion_id, instance_id)``); stopped, and their keys deleted, afterwards."""
+    started = []
+
+    def start(minion_id, instance_id):
+        minion = Minion(salt_master, minion_id, instance_id)
+        started.append(minion)
+        return minion
+
+    yield start
+    for minion in started:
+        minion.stop()
+    for minion_id in {minion.id for minion in started}:
+        salt_master.salt_key_cli().run("-y", "-d", minion_id)
+
+
+def admitted(event_listener, salt_master, minion_id, since):
+    """The results fleet.admit returned for minion_id since ``since`` (the reactor's runner jobs)."""
+    results = []
+    for event in event_listener.get_events([(salt_master.id, "salt/run/*/ret")], after_time=since):
+        ret = event.data.get("return")
+        if event.data.get("fun") == "runner.fleet.admit" and isinstance(ret, dict) and ret["minion_id"] == minion_id:
+            results.append(ret)
+    return results
+
+
+def answers(salt_master, minion_id):
+    return salt_master.salt_cli(timeout=30).run("-t", "10", "test.ping", minion_tgt=minion_id).data is True
+
+
+def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, cloud_opts, minions):
+    host = random_string("host-", uppercase=False)
+    instance_id = launch(sfc, cloud_opts, host)
+
+    # Any process on the new host can read the instance id; here one enrols under another id.
+    impostor = minions(random_string("other-", uppercase=False), instance_id)
+    until(lambda: impostor.id in keys(salt_master)["minions_rejected"], 180, f"{impostor.id}'s key rejected")
+    assert pub_keys(salt_master, impostor.id) == {"minions_rejected": impostor.pub()}
+    assert impostor.id not in keys(salt_master)["minions"]
+    # The impostor used nothing up: the ticket still admits the minion it names.
+    ticket = sfc.autosign_tickets(cloud_opts)[instance_id]
+    assert ticket["name"] == host
+    assert "used" not in ticket
+
+    real = minions(host, instance_id)
+    until(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
+    assert pub_keys(salt_master, host) == {"minions": real.pub()}
+    until(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
+    assert "used" in sfc.autosign_tickets(cloud_opts)[instance_id]
+    assert impostor.id in keys(salt_master)["minions_rejected"]
+
+
+def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions):
+    host = random_string("host-", uppercase=False)
+    instance_id = launch(sfc, cloud_opts, host)
+    real = minions(host, instance_id)
+    until(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
+    until(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
+
+    # A replay: another key under the same id and instance. Salt itself denies it.
+    replay = minions(host, instance_id)
+    until(lambda: host in keys(salt_master)["minions_denied"], 180, f"the second key of {host} denied")
+    held = pub_keys(salt_master, host)
+    assert held["minions"] == real.pub()
+    assert held["minions_denied"] == replay.pub() != real.pub()
+
+    # The used ticket admits no other id either: that key is rejected.
+    late = minions(random_string("other-", uppercase=False), instance_id)
+    until(lambda: late.id in keys(salt_master)["minions_rejected"], 180, f"{late.id}'s key rejected")
+    assert late.id not in keys(salt_master)["minions"]
+    assert answers(salt_master, host)
+
+
+def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, minions, event_listener):
+    since = time.time()
+    host = random_string("host-", uppercase=False)
+    instance_id = launch(sfc, cloud_opts, host, autosign_ticket_ttl=-1)
+    late = minions(host, instance_id)
+    results = until(lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit deciding on {host}")
+    assert results[0]["result"] == "pending"
+    assert f"no open ticket for instance {instance_id}" in results[0]["reason"]
+    assert pub_keys(salt_master, host) == {"minions_pre": late.pub()}
+    assert instance_id not in sfc.autosign_tickets(cloud_opts)
+
+
+def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts, minions):
+    """deployments/common/user_data.sh, run as cloud-init would (settings rendered by salt-cloud's code)."""
+    host = random_string("host-", uppercase=False)
+    root = short_tmpdir("sfu-")
+    vm_ = {
+        "name": host,
+        "profile": "worker",
+        "driver": "ec2:ec2",
+        "bootstrap": "cloud-init",
+        "deployments": ["daily-fetcher"],
+        "minion": {
+            "master": "127.0.0.1",
+            "master_port": salt_master.config["ret_port"],
+            "transport": salt_master.config["transport"],
+            "root_dir": str(root),
+            "user": getpass.getuser(),
+            "acceptance_wait_time": 1,
+        },
+    }
+    try:
+        grains = sfc.cloud_grains(vm_, cloud_opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
+        minion = sfc.minion_config(vm_, cloud_opts, grains=grains, mode="cloud-init")
+        script = sfc.render_user_data(vm_, cloud_opts, minion, metadata="ec2")
+        instance_id = launch(sfc, cloud_opts, host)
+        run = subprocess.run(
+            ["sh", "-c", script],
+            env={
+                "PATH": f"{BIN}:{os.environ['PATH']}",
+                "SALTFLEET_ROOT": str(root),
+                "SALTFLEET_INSTANCE_ID": instance_id,
+                "SALTFLEET_INSTALL": "skip",
+                "SALTFLEET_START": "sync",
+                "SALTFLEET_ACCEPT_WAIT": "1",
+                "SALTFLEET_ACCEPT_TRIES": "300",
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr
+        assert f"the master accepted minion {host}" in run.stderr
+        conf = root / "etc" / "salt"
+        assert pub_keys(salt_master, host) == {"minions": (conf / "pki/minion/minion.pub").read_text().strip()}
+        assert "used" in sfc.autosign_tickets(cloud_opts)[instance_id]
+        # It synced saltfleet's modules once, and carries the cloud facts as grains.
+        assert (root / "var/cache/salt/minion/extmods/utils/saltfleet_cloud.py").exists()
+        local = subprocess.run(
+            [str(BIN / "salt-call"), "-c", str(conf), "--local", "--out=json", "grains.item", "saltfleet_cloud"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        cloud = json.loads(local.stdout)["local"]["saltfleet_cloud"]
+        assert (cloud["provider"], cloud["instance_id"], cloud["deployments"]) == (
+            "ec2",
+            instance_id,
+            ["daily-fetcher"],
+        )
+    finally:
+        salt_master.salt_key_cli().run("-y", "-d", host)
+        shutil.rmtree(root, ignore_errors=True)
