@@ -83,6 +83,28 @@ def port_free(port):
     return True
 
 
+def _run(argv, cwd, timeout=None):
+    """Run a command with the environment of :func:`environ`, no stdin, its output captured as text."""
+    return subprocess.run(
+        [str(a) for a in argv],
+        cwd=cwd,
+        env=environ(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
+def _daemonize(argv, cwd, what, see):
+    """Start a Salt daemon (``argv`` with ``-d``: it forks and returns at once); a FleetError when it refuses to."""
+    proc = _run(argv, cwd)
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip()[-1000:]
+        raise FleetError(f"{what} exited {proc.returncode}: {tail}; see {see}")
+
+
 def _listening(port):
     with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
         return True
@@ -97,10 +119,18 @@ def _write_yaml(path, data, header=""):
 # ------------------------------------------------------------------ master
 
 
+def daemon_pid(root_dir, name):
+    """
+    The pid of Salt daemon ``name`` (salt-master, salt-minion) whose root_dir is
+    ``root_dir`` while it runs, else None: its pidfile, and a command line that
+    names its config folder (a recycled pid does not).
+    """
+    root_dir = Path(root_dir)
+    return procs.pid_from_file(root_dir / "var" / "run" / f"{name}.pid", str(root_dir / "etc" / "salt"))
+
+
 def master_pid(base):
-    """The pid of the salt-master whose root_dir is ``base`` while it runs, else None."""
-    base = Path(base)
-    return procs.pid_from_file(base / "var" / "run" / "salt-master.pid", str(base / "etc" / "salt"))
+    return daemon_pid(base, "salt-master")
 
 
 class Master:
@@ -172,20 +202,7 @@ class Master:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if not (self.etc / "master").exists():
             self.write()
-        proc = subprocess.run(
-            self.argv,
-            cwd=self.base,
-            env=environ(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode:
-            raise FleetError(
-                f"salt-master exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-1000:]}; "
-                f"see {self.log_file}"
-            )
+        _daemonize(self.argv, self.base, "salt-master", self.log_file)
         # Ready once it wrote its pidfile, opened its event bus and accepts minions on ret_port.
         pub_ipc = Path(self.config["sock_dir"]) / "master_event_pub.ipc"
         deadline = time.monotonic() + timeout
@@ -212,16 +229,7 @@ class Master:
         argv = [command("salt"), "-c", str(self.etc), "-t", str(timeout), "--out=json", "--static", "-l", "quiet"]
         if list_tgt:
             argv.append("-L")
-        proc = subprocess.run(
-            [*argv, tgt, fun, *map(str, args)],
-            cwd=self.base,
-            env=environ(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout + 120,
-        )
+        proc = _run([*argv, tgt, fun, *args], self.base, timeout=timeout + 120)
         try:
             ret = json.loads(proc.stdout or "{}")
         except ValueError:
@@ -245,9 +253,7 @@ class Master:
 
 
 def minion_pid(sandbox):
-    """The pid of the salt-minion whose root_dir is ``sandbox`` while it runs, else None."""
-    sandbox = Path(sandbox)
-    return procs.pid_from_file(sandbox / "var" / "run" / "salt-minion.pid", str(sandbox / "etc" / "salt"))
+    return daemon_pid(sandbox, "salt-minion")
 
 
 class Minion:
@@ -291,6 +297,10 @@ class Minion:
         _write_yaml(self.etc / "minion", self.config)
         return self
 
+    @property
+    def log_file(self):
+        return self.sandbox / "var" / "log" / "salt" / "minion"
+
     def pid(self):
         return minion_pid(self.sandbox)
 
@@ -300,17 +310,8 @@ class Minion:
             return False
         if not (self.etc / "minion").exists():
             self.prepare()
-        proc = subprocess.run(
-            [command("salt-minion"), "-c", str(self.etc), "-d"],
-            cwd=self.sandbox,
-            env=environ(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode:
-            raise FleetError(f"salt-minion {self.id} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-1000:]}")
+        argv = [command("salt-minion"), "-c", self.etc, "-d"]
+        _daemonize(argv, self.sandbox, f"salt-minion {self.id}", self.log_file)
         return True
 
 
@@ -349,6 +350,7 @@ def supervisords(root):
     if not folder.is_dir():
         return found
     for state in sorted(p for p in folder.iterdir() if p.is_dir()):
+        # Root's state dir and run/ do not depend on the deployment's user: any name serves here.
         p = utils.saltfleet_paths.paths(root, "root", state.name)
         gens = {c.name.removeprefix("supervisord.").removesuffix(".conf") for c in state.glob("supervisord.*.conf")}
         gens |= {pidfile.stem for pidfile in p["run"].glob("*.pid")} if p["run"].is_dir() else set()

@@ -137,7 +137,7 @@ def _ports(running):
     return tuple(free_ports(2))
 
 
-def master(running=None):
+def master(running):
     """The demo's salt-master: .demo/ is its root_dir, its config .demo/etc/salt/master."""
     user = getpass.getuser()
     settings = {
@@ -154,8 +154,6 @@ def master(running=None):
             "uv_cache": str(UV_CACHE),
         },
     }
-    if running is None:
-        running = bool(master_pid())
     return Master(DEMO, settings, ports=_ports(running))
 
 

@@ -96,19 +96,16 @@ def test_make_demo_brings_the_fleet_up(demo_up):
     assert printed_commands(out)
 
 
+def shell(line, env):
+    """A line the demo printed, typed into a shell in the repository."""
+    return subprocess.run(line, shell=True, cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=env)
+
+
 def test_printed_commands_work_from_another_shell(demo_running):
     commands = printed_commands(demo_running[0].stdout)
     ping = next(c for c in commands if "test.ping" in c)
-    proc = subprocess.run(
-        f"{ping} --out=json --static",
-        shell=True,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
-    )
+    activated = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = shell(f"{ping} --out=json --static", activated)
     assert proc.returncode == 0, proc.stderr
     assert '"demo-worker-1": true' in proc.stdout
     assert '"demo-worker-2": true' in proc.stdout
@@ -138,16 +135,7 @@ def inventory_groups(graph):
 def test_ansible_inventory_script_needs_no_venv_on_path(demo_running):
     printed = demo_running[0].stdout.splitlines()
     command = next(line for line in printed if "localfleet/ansible_inventory.py --list" in line).split("#", 1)[0]
-    proc = subprocess.run(
-        command.strip(),
-        shell=True,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=without_venv(),
-    )
+    proc = shell(command.strip(), without_venv())
     assert proc.returncode == 0, proc.stderr
     inventory = json.loads(proc.stdout)
     assert inventory["deployment_sample_fetcher"]["hosts"] == ["demo-worker-1"]
