@@ -344,7 +344,8 @@ def logs(name, program=None, lines=100):
     p, manifest, _ = _installed(name)
     if program is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", str(program)):
         raise CommandExecutionError(f"deployment.logs {name}: {program!r} is not a program name")
-    path = p["logs"] / f"{program or 'supervisord'}.log"
+    gen = __utils__["saltfleet_supervisor.serving"](p)
+    path = p["logs"] / f"{program or 'supervisord'}.g{gen}.log"
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], ["tail", "-n", str(int(lines)), "--", path], p["home"], timeout=60
     )

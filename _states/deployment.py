@@ -432,6 +432,8 @@ def _plan(settings, cfg, p, test):
         plan["gen"] = __utils__[f"{sup}.free_generation"](p, gens)
     else:
         plan["gen"] = serving
+    # Celery workers get node names of their generation: two generations never share one.
+    plan["workers"] = __utils__["saltfleet_celery.per_generation"](sections, plan["gen"])
     plan["conf"] = __utils__[f"{sup}.render"](cfg, sections, p, plan["gen"], release, venv)
     if running:
         programs = _program_changes(p, plan)
@@ -467,8 +469,9 @@ def _program_changes(p, plan):
     old, new = plan["manifest"], plan
     # Groups that differ only by their release, venv or generation are the same program restarted.
     same = [
-        (str(paths(p, plan["serving"])["socket"]), "@socket@"),
-        (str(paths(p, plan["gen"])["socket"]), "@socket@"),
+        (f"{text}{gen}{end}", f"{text}{end}")
+        for gen in (plan["serving"], plan["gen"])
+        for text, end in (("/", ".sock"), (".g", "@"), (".g", ".log"))
     ]
     if old.get("release"):
         same += [(str(__utils__["saltfleet_paths.release"](p, old["release"])), "@release@")]
@@ -709,6 +712,12 @@ def _overlap(settings, cfg, p, plan):
         failed = __utils__[f"{sup}.wait_running"](_socket(p, gen), uid)
     except CommandExecutionError as exc:
         started, failed = None, {"supervisord": str(exc)}
+    if not failed and plan["workers"]:
+        try:
+            missing = __utils__["saltfleet_celery.wait_ready"](cfg, p, plan["release"], plan["venv"], plan["workers"])
+        except CommandExecutionError as exc:
+            missing = {"celery": str(exc)}
+        failed = {node: f"Celery: {why}" for node, why in missing.items()}
     _fault(p, "started")
     if failed:
         __utils__[f"{sup}.shutdown"](_socket(p, gen), uid)
@@ -730,8 +739,23 @@ def _overlap(settings, cfg, p, plan):
         }
         plan["drain_pid"] = old_info["pid"]
     _serve(cfg, p, plan, gen, draining)
+    _stop_consuming(cfg, p, plan)
     __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
     _fault(p, "signalled")
+
+
+def _stop_consuming(cfg, p, plan):
+    """The old generation's Celery workers take no new task from here on; their tasks in hand go on."""
+    old = __utils__["saltfleet_celery.workers_in"](__utils__["saltfleet_supervisor.sections_of"](plan["old_conf"]))
+    if not old or not plan["current"]:
+        return
+    release = __utils__["saltfleet_paths.release"](p, plan["current"])
+    venv = __utils__["saltfleet_paths.venv"](p, plan["manifest"].get("venv"))
+    try:
+        __utils__["saltfleet_celery.stop_consuming"](cfg, p, release, venv, old)
+    except CommandExecutionError as exc:
+        # The new release serves already; the old workers still stop on SIGTERM.
+        log.warning("deployments:%s: telling the old workers to stop consuming failed: %s", cfg["name"], exc)
 
 
 def _in_place(cfg, p, plan):

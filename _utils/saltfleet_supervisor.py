@@ -240,7 +240,7 @@ def start(cfg, settings, p, gen, uid):
         output.seek(0)
         said = output.read().decode(errors="replace").strip()[-500:]
     raise CommandExecutionError(
-        f"supervisord did not start: {said or 'no output'} (see {p['logs'] / 'supervisord.log'})"
+        f"supervisord did not start: {said or 'no output'} (see {p['logs'] / f'supervisord.g{gen}.log'})"
     )
 
 
@@ -434,7 +434,7 @@ def render(cfg, sections, p, gen, release, venv):
         "supervisord": {
             "identifier": f"saltfleet-{cfg['name']}",
             "pidfile": str(g["pidfile"]),
-            "logfile": str(p["logs"] / "supervisord.log"),
+            "logfile": str(p["logs"] / f"supervisord.g{gen}.log"),
             "childlogdir": str(p["logs"]),
             "directory": str(p["home"]),
             "environment": environment({"HOME": str(p["home"]), "LANG": "C.UTF-8", "USER": cfg["user"]}),
@@ -458,7 +458,8 @@ def render(cfg, sections, p, gen, release, venv):
             continue
         merged = {k: _ini(v) for k, v in PROGRAM_DEFAULTS.items()}
         merged["directory"] = str(release)
-        merged["stdout_logfile"] = str(p["logs"] / f"{prog}.log")
+        # Each generation its own log: two of them overlap during a handover.
+        merged["stdout_logfile"] = str(p["logs"] / f"{prog}.g{gen}.log")
         merged.update(opts)
         merged["environment"] = ",".join(filter(None, [environment(base_env), opts.get("environment", "")]))
         own[section] = merged
@@ -469,6 +470,14 @@ def render(cfg, sections, p, gen, release, venv):
         for key, value in opts.items():
             out.write(f"{key}={value}\n")
     return out.getvalue()
+
+
+def sections_of(conf_text):
+    """{section: options} of a supervisord.conf (the program sections saltfleet wrote, among others)."""
+    parser = configparser.RawConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str
+    parser.read_string(conf_text or "")
+    return {section: dict(parser.items(section)) for section in parser.sections()}
 
 
 def groups_of(conf_text, same=()):

@@ -58,7 +58,7 @@ def test_layout_on_the_host_is_the_documented_one(host, tiny, out):
     assert (home / "Projects-tiny" / "venv" / "bin" / "python").exists()
     venvs = list((home / "Projects-tiny.venvs").iterdir())
     assert len(venvs) == 1 and owner_mode(venvs[0])[0] == user.pw_uid
-    assert (home / "log" / "tiny" / "a.log").exists()
+    assert (home / "log" / "tiny" / "a.g1.log").exists(), "each generation logs to its own file"
     assert owner_mode(root / "etc" / "cron.d" / "saltfleet-tiny") == (0, 0o644)
     # Nothing of root's is left in the user's tree, nothing of the user's in root's (run/ aside).
     for dirpath, dirnames, filenames in os.walk(home / "Projects-tiny.releases"):

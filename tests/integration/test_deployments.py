@@ -106,7 +106,7 @@ def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_
 def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, sample, celery_data, tasks):
     pillar = host.pillar({FETCHER: fetcher(sample, celery_data)})
     host.apply(pillar)
-    alpha_log = host.root / "home" / host.user.pw_name / "log" / FETCHER / "fetcher-alpha.log"
+    alpha_log = host.root / "home" / host.user.pw_name / "log" / FETCHER / "fetcher-alpha.g1.log"
     slow = tasks.send_task("sampleapp.fetch", args=("alpha", 30), queue=f"{FETCHER}.alpha")
     wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1", logs=[alpha_log])
     v1_beta = run_task(tasks, f"{FETCHER}.beta")["pid"]

@@ -1,0 +1,225 @@
+"""
+Celery workers among a deployment's programs: a handover asks Celery itself.
+
+A program is a Celery worker when its command runs ``celery -A APP worker``
+(queues from ``-Q``, the node from ``-n``). For those:
+
+- each generation's nodes have their own names (``NAME.g<gen>@HOST``), so two
+  generations never share a node name;
+- a new generation serves only once each of its nodes answers Celery's
+  control and consumes the queues it should (``active_queues``);
+- an old generation's nodes stop consuming (``cancel_consumer``) before its
+  supervisord tells them to stop, so no task reaches a worker on its way out;
+  Celery's warm shutdown then finishes the tasks in hand (up to
+  ``stopwaitsecs``).
+
+Celery's control is the app's own: it runs as the deployment's user, in the
+release, with the deployment's venv and env (one short Python process per
+question), never as root.
+"""
+
+import json
+import shlex
+import socket
+import time
+from pathlib import PurePosixPath
+
+import salt.loader.context
+from salt.exceptions import CommandExecutionError
+
+__virtualname__ = "saltfleet_celery"
+
+# How long a new generation's workers get to answer and consume their queues.
+READY_TIMEOUT = 90
+CONTROL_TIMEOUT = 60
+
+# What runs as the user: load the app as `celery -A` does, ask its workers, print JSON.
+CONTROL = r"""
+import json, sys
+from celery.app.utils import find_app
+request = json.loads(sys.argv[1])
+app = find_app(request["app"])
+nodes, wait = request["nodes"], request["wait"]
+if request["ask"] == "cancel":
+    answers = {}
+    for queue in request["queues"]:
+        replies = app.control.cancel_consumer(queue, destination=nodes, reply=True, timeout=wait, limit=len(nodes))
+        for reply in replies or []:
+            answers.update(reply)
+    print(json.dumps(answers))
+else:
+    inspect = app.control.inspect(destination=nodes, timeout=wait, limit=len(nodes))
+    found = getattr(inspect, request["ask"])() or {}
+    if request["ask"] == "active_queues":
+        found = {node: sorted(q["name"] for q in queues) for node, queues in found.items()}
+    elif request["ask"] == "active":
+        found = {node: len(tasks) for node, tasks in found.items()}
+    print(json.dumps(found))
+"""
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules. The loader in
+    # context is that mapping while one of their functions runs, or the loader
+    # module's whose code runs on (a context manager's body) and holds it.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
+
+
+def _option(argv, short, long):
+    """(index, value, spelled) of an option in argv: ``-n X``, ``--hostname X``, ``--hostname=X`` or ``-nX``."""
+    for index, arg in enumerate(argv):
+        if arg in (short, long) and index + 1 < len(argv):
+            return index + 1, argv[index + 1], "{}"
+        if arg.startswith(f"{long}="):
+            return index, arg.split("=", 1)[1], long + "={}"
+        if arg.startswith(short) and len(arg) > len(short) and not arg.startswith("--"):
+            return index, arg[len(short) :], short + "{}"
+    return None, None, None
+
+
+def _argv(command):
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return None
+    start = next((i for i, arg in enumerate(argv) if PurePosixPath(arg).name == "celery"), None)
+    if start is None or "worker" not in argv[start:] or not _option(argv[start:], "-A", "--app")[1]:
+        return None
+    return argv
+
+
+def workers_in(sections):
+    """{program: {app, queues, hostname, numprocs, numprocs_start}} of the Celery workers among ``sections``."""
+    found = {}
+    for section, opts in sections.items():
+        kind, _, program = section.partition(":")
+        argv = _argv(opts.get("command", "")) if kind == "program" else None
+        if argv is None:
+            continue
+        _, app, _ = _option(argv, "-A", "--app")
+        _, queues, _ = _option(argv, "-Q", "--queues")
+        _, hostname, _ = _option(argv, "-n", "--hostname")
+        found[program] = {
+            "app": app,
+            "queues": sorted((queues or "celery").split(",")),
+            "hostname": hostname or "celery@%%h",
+            "numprocs": int(opts.get("numprocs", 1)),
+            "numprocs_start": int(opts.get("numprocs_start", 0)),
+        }
+    return found
+
+
+def per_generation(sections, gen):
+    """
+    Give every Celery worker program in ``sections`` node names of generation
+    ``gen`` (``NAME.g<gen>@HOST``), in place; return its workers (``workers_in``).
+    """
+    for section, opts in sections.items():
+        argv = _argv(opts.get("command", "")) if section.startswith("program:") else None
+        if argv is None:
+            continue
+        index, hostname, spelled = _option(argv, "-n", "--hostname")
+        name, at, host = (hostname or f"{section.partition(':')[2]}@%%h").partition("@")
+        node = f"{name}.g{gen}{at}{host}"
+        if index is None:
+            argv += ["-n", node]
+        else:
+            argv[index] = spelled.format(node)
+        opts["command"] = shlex.join(argv)
+    return workers_in(sections)
+
+
+def nodes(program, spec):
+    """The Celery node names a worker program's processes take (supervisord's and Celery's expansions done)."""
+    host = socket.gethostname()
+    names = []
+    for num in range(spec["numprocs_start"], spec["numprocs_start"] + spec["numprocs"]):
+        values = {
+            "program_name": program,
+            "process_num": num,
+            "group_name": program,
+            "host_node_name": host,
+            "numprocs": spec["numprocs"],
+        }
+        name = spec["hostname"] % values
+        short, _, domain = host.partition(".")
+        names.append(name.replace("%h", host).replace("%n", short).replace("%d", domain))
+    return names
+
+
+def ask(cfg, p, release, venv, app, request, timeout=CONTROL_TIMEOUT):
+    """Ask an app's workers through Celery's control, as the deployment's user; the JSON they answered."""
+    env = {
+        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
+        "VIRTUAL_ENV": str(venv),
+        **{k: str(v) for k, v in cfg["env"].items()},
+    }
+    proc = _utils("saltfleet_user.run")(
+        cfg["user"],
+        [f"{venv}/bin/python", "-c", CONTROL, json.dumps({"app": app, **request})],
+        p["home"],
+        cwd=release,
+        env=env,
+        timeout=timeout,
+    )
+    _utils("saltfleet_user.check")(proc, f"asking the Celery workers of app {app} ({request['ask']}) failed")
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise CommandExecutionError(f"Celery's control of app {app} answered no JSON: {proc.stdout[-300:]}") from None
+
+
+def by_app(workers):
+    """{app: {node: expected queues}} of a generation's workers."""
+    apps = {}
+    for program, spec in workers.items():
+        for node in nodes(program, spec):
+            apps.setdefault(spec["app"], {})[node] = spec["queues"]
+    return apps
+
+
+def wait_ready(cfg, p, release, venv, workers, timeout=READY_TIMEOUT):
+    """
+    Wait until every node of ``workers`` answers and consumes its queues;
+    return {node: what is missing} of those that did not within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    missing = {}
+    for app, expected in by_app(workers).items():
+        while True:
+            answered = ask(cfg, p, release, venv, app, {"ask": "active_queues", "nodes": sorted(expected), "wait": 2})
+            missing = {
+                node: "no answer" if node not in answered else f"consumes {answered[node]}, not {queues}"
+                for node, queues in expected.items()
+                if not set(queues) <= set(answered.get(node, ()))
+            }
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if missing:
+            return missing
+    return {}
+
+
+def stop_consuming(cfg, p, release, venv, workers):
+    """Tell a generation's nodes to stop consuming every queue; {node: answer} of those that answered."""
+    answers = {}
+    for app, expected in by_app(workers).items():
+        queues = sorted({q for qs in expected.values() for q in qs})
+        answers.update(
+            ask(cfg, p, release, venv, app, {"ask": "cancel", "nodes": sorted(expected), "queues": queues, "wait": 3})
+        )
+    return answers
+
+
+def active(cfg, p, release, venv, workers):
+    """{node: tasks in hand} of a generation's nodes that answered."""
+    counts = {}
+    for app, expected in by_app(workers).items():
+        counts.update(ask(cfg, p, release, venv, app, {"ask": "active", "nodes": sorted(expected), "wait": 2}))
+    return counts
