@@ -10,7 +10,9 @@ CFG = {"name": "f", "python": "python3", "requirements": "requirements.txt"}
 
 
 def reader(files, links=()):
-    return lambda rel: ("link", files[rel]) if rel in links else (("file", files[rel]) if rel in files else (None, None))
+    return lambda rel: (
+        ("link", files[rel]) if rel in links else (("file", files[rel]) if rel in files else (None, None))
+    )
 
 
 def test_digest_follows_included_files():

@@ -79,7 +79,9 @@ def test_socket_path_too_long_is_refused():
 
 
 def test_whole_pillar_validation_collects_every_error():
-    _, configs, errors = schema.validate({"saltfleet": {"rooot": "/"}, "deployments": {"ok": {"repo": "/r"}, "bad": {}}})
+    _, configs, errors = schema.validate(
+        {"saltfleet": {"rooot": "/"}, "deployments": {"ok": {"repo": "/r"}, "bad": {}}}
+    )
     assert "ok" in configs and "bad" not in configs
     assert any(e.startswith("saltfleet:rooot: unknown key") for e in errors)
     assert any(e.startswith("deployments:bad:repo: missing") for e in errors)
@@ -112,12 +114,18 @@ HOSTILE = {
         {"repo": "/r", "supervisord_conf": "/etc/supervisor/x.conf"},
         "deployments:fetcher:supervisord_conf: must be a salt:// URL",
     ),
-    "rev like an option": ({"repo": "/r", "rev": "--upload-pack=id"}, "deployments:fetcher:rev: '--upload-pack=id' is not"),
+    "rev like an option": (
+        {"repo": "/r", "rev": "--upload-pack=id"},
+        "deployments:fetcher:rev: '--upload-pack=id' is not",
+    ),
     "repo like an option": ({"repo": "--upload-pack=touch /tmp/x"}, "deployments:fetcher:repo: '--upload-pack"),
     "ext transport": ({"repo": "ext::sh -c touch% /tmp/pwned"}, "is not a git URL saltfleet fetches"),
     "fd transport": ({"repo": "fd::17"}, "is not a git URL saltfleet fetches"),
     "plain http": ({"repo": "http://git.example.com/app.git"}, "is not a git URL saltfleet fetches"),
-    "requirements like an option": ({"repo": "/r", "requirements": "-e ."}, "requirements: '-e .' must be a path inside the repository"),
+    "requirements like an option": (
+        {"repo": "/r", "requirements": "-e ."},
+        "requirements: '-e .' must be a path inside the repository",
+    ),
     "relative python": ({"repo": "/r", "python": "../bin/python"}, "python: '../bin/python' is not a Python version"),
     "python with a space": ({"repo": "/r", "python": "python3 -c x"}, "is not a Python version"),
 }
@@ -133,7 +141,11 @@ def test_hostile_pillar_values_are_refused_with_their_key(case):
 @pytest.mark.parametrize(
     "spec",
     [
-        program(command="celery -A app worker -n w%(process_num)02d@%%h", numprocs=2, process_name="%(program_name)s_%(process_num)d"),
+        program(
+            command="celery -A app worker -n w%(process_num)02d@%%h",
+            numprocs=2,
+            process_name="%(program_name)s_%(process_num)d",
+        ),
         program(environment={"DSN": "postgres://u:p%w@db/x"}),
         {"repo": "git@github.com:example/app.git", "rev": "release/2024.05", "known_hosts": "github.com ssh-ed25519 K"},
         {"repo": "ssh://git@127.0.0.1:2222/srv/app.git"},
