@@ -118,6 +118,7 @@ def _status(root, name, manifest):
             row["programs"] = {__utils__[f"{sup}.proc_name"](i): i["statename"] for i in infos}
             row["supervisord"] = "running"
         row["draining"] = sorted(i["pid"] for g, i in gens.items() if g != serving)
+        row["draining_tasks"] = _draining_tasks(name, p, manifest, {g: i for g, i in gens.items() if g != serving})
     except CommandExecutionError as exc:
         row["supervisord"] = f"unknown: {exc}"
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
@@ -132,6 +133,26 @@ def _status(root, name, manifest):
         row["summary"] = f"{row['state']}: {row['running']}/{len(row['programs'])} RUNNING"
         row["summary"] += "".join(f"; {d}" for d in down) + (f"; {len(held)} held" if held else "")
     return row
+
+
+def _draining_tasks(name, p, manifest, draining):
+    """{supervisord pid: Celery tasks still in hand} of the draining generations whose workers still answer."""
+    found = {}
+    env = ((__pillar__.get("deployments") or {}).get(name) or {}).get("env") or {}
+    spec = {"name": name, "user": manifest["user"], "env": env}
+    for gen, info in draining.items():
+        conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
+        if not info.get("answering") or not info.get("release") or not conf.exists():
+            continue
+        workers = __utils__["saltfleet_celery.workers_in"](
+            __utils__["saltfleet_supervisor.sections_of"](conf.read_text())
+        )
+        if workers:
+            release = __utils__["saltfleet_paths.release"](p, info["release"])
+            venv = __utils__["saltfleet_paths.venv"](p, info["venv"])
+            counts = __utils__["saltfleet_celery.active"](spec, p, release, venv, workers)
+            found[info["pid"]] = sum(counts.values())
+    return found
 
 
 def status(name=None):

@@ -418,8 +418,13 @@ def _plan(settings, cfg, p, test):
     plan["running"] = running = serving is not None and gens.get(serving, {}).get("state") == "RUNNING"
     plan["serving"], plan["serving_info"] = serving, gens.get(serving)
     # Not serving, yet taking work: left by an apply that was interrupted. It drains now.
-    plan["orphans"] = {g: i for g, i in gens.items() if g != serving and i["state"] == "RUNNING"}
-    plan["draining"] = {g: i for g, i in gens.items() if g != serving and i["state"] == "draining"}
+    # So is a drain whose drainer should have finished long ago.
+    plan["orphans"] = {
+        g: i
+        for g, i in gens.items()
+        if g != serving and (i["state"] == "RUNNING" or (i.get("answering") and i.get("until", 0) < time.time()))
+    }
+    plan["draining"] = {g: i for g, i in gens.items() if g != serving and g not in plan["orphans"]}
     if plan["orphans"]:
         changes["generations"] = {"stopped": sorted(i["pid"] for i in plan["orphans"].values())}
 
@@ -587,7 +592,8 @@ def _apply(settings, cfg, p, plan):
     else:
         _record(cfg, p, {"draining": _draining(plan)})
     __utils__["saltfleet_sysfiles.apply"](cfg["name"], plan["sysfiles"], settings["root"])
-    __utils__["saltfleet_supervisor.prune_confs"](p, {plan["gen"], *_draining(plan)})
+    # The configs of generations that serve or drain stay (a drain's tells which workers it waits for).
+    __utils__["saltfleet_supervisor.prune_confs"](p, {plan["gen"], plan["serving"], *_draining(plan)})
     if plan["prune"]:
         __utils__["saltfleet_user.remove"](user, p["home"], *plan["prune"])
 
@@ -669,7 +675,7 @@ def _serve(cfg, p, plan, gen, draining):
 
 def _draining(plan):
     return {
-        g: {k: i[k] for k in ("pid", "start", "release", "venv") if k in i}
+        g: {k: i[k] for k in ("pid", "start", "release", "venv", "until") if k in i}
         for g, i in {**plan["draining"], **plan["orphans"]}.items()
     }
 
@@ -730,32 +736,42 @@ def _overlap(settings, cfg, p, plan):
         )
     old, old_info = plan["serving"], plan["serving_info"]
     draining = _draining(plan)
+    old_sections = __utils__[f"{sup}.sections_of"](plan["old_conf"])
+    seconds = max([int(o.get("stopwaitsecs", 600)) for s, o in old_sections.items() if s.startswith("program:")] or [0])
     if old_info:
         draining[old] = {
             "pid": old_info["pid"],
             "start": old_info["start"],
             "release": plan["current"],
             "venv": plan["manifest"].get("venv"),
+            # After this, a drain still going is overdue: the next apply stops it.
+            "until": time.time() + seconds + 120,
         }
         plan["drain_pid"] = old_info["pid"]
     _serve(cfg, p, plan, gen, draining)
-    _stop_consuming(cfg, p, plan)
-    __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
+    if not _drain(cfg, p, plan, old_sections, seconds):
+        __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
     _fault(p, "signalled")
 
 
-def _stop_consuming(cfg, p, plan):
-    """The old generation's Celery workers take no new task from here on; their tasks in hand go on."""
-    old = __utils__["saltfleet_celery.workers_in"](__utils__["saltfleet_supervisor.sections_of"](plan["old_conf"]))
+def _drain(cfg, p, plan, old_sections, seconds):
+    """
+    Hand the old generation to a drainer when it runs Celery workers: they stop
+    consuming now, and supervisord is told to stop once they hold no task
+    (within ``seconds``). False when there is nothing for Celery to drain.
+    """
+    old = __utils__["saltfleet_celery.workers_in"](old_sections)
     if not old or not plan["current"]:
-        return
+        return False
     release = __utils__["saltfleet_paths.release"](p, plan["current"])
     venv = __utils__["saltfleet_paths.venv"](p, plan["manifest"].get("venv"))
     try:
-        __utils__["saltfleet_celery.stop_consuming"](cfg, p, release, venv, old)
+        __utils__["saltfleet_celery.drain"](cfg, p, release, venv, old, _socket(p, plan["serving"]), seconds)
     except CommandExecutionError as exc:
         # The new release serves already; the old workers still stop on SIGTERM.
-        log.warning("deployments:%s: telling the old workers to stop consuming failed: %s", cfg["name"], exc)
+        log.warning("deployments:%s: starting the drain of the old workers failed: %s", cfg["name"], exc)
+        return False
+    return True
 
 
 def _in_place(cfg, p, plan):

@@ -8,10 +8,10 @@ A program is a Celery worker when its command runs ``celery -A APP worker``
   generations never share a node name;
 - a new generation serves only once each of its nodes answers Celery's
   control and consumes the queues it should (``active_queues``);
-- an old generation's nodes stop consuming (``cancel_consumer``) before its
-  supervisord tells them to stop, so no task reaches a worker on its way out;
-  Celery's warm shutdown then finishes the tasks in hand (up to
-  ``stopwaitsecs``).
+- an old generation drains: its nodes stop consuming (``cancel_consumer``)
+  first, so no task reaches a worker on its way out; a drainer (a process
+  of the user's) waits until they hold no task (``inspect active``), up to
+  ``stopwaitsecs``, and only then tells their supervisord to stop.
 
 Celery's control is the app's own: it runs as the deployment's user, in the
 release, with the deployment's venv and env (one short Python process per
@@ -41,20 +41,50 @@ request = json.loads(sys.argv[1])
 app = find_app(request["app"])
 nodes, wait = request["nodes"], request["wait"]
 if request["ask"] == "cancel":
-    answers = {}
+    found = {}
     for queue in request["queues"]:
         replies = app.control.cancel_consumer(queue, destination=nodes, reply=True, timeout=wait, limit=len(nodes))
         for reply in replies or []:
-            answers.update(reply)
-    print(json.dumps(answers))
-else:
-    inspect = app.control.inspect(destination=nodes, timeout=wait, limit=len(nodes))
-    found = getattr(inspect, request["ask"])() or {}
-    if request["ask"] == "active_queues":
-        found = {node: sorted(q["name"] for q in queues) for node, queues in found.items()}
-    elif request["ask"] == "active":
-        found = {node: len(tasks) for node, tasks in found.items()}
+            found.update(reply)
     print(json.dumps(found))
+    sys.exit()
+inspect = app.control.inspect(destination=nodes, timeout=wait, limit=len(nodes))
+found = getattr(inspect, request["ask"])() or {}
+if request["ask"] == "active_queues":
+    found = {node: sorted(q["name"] for q in queues) for node, queues in found.items()}
+elif request["ask"] == "active":
+    found = {node: len(tasks) for node, tasks in found.items()}
+print(json.dumps(found))
+"""
+
+
+# The drainer, detached, as the user: wait for the tasks in hand, then stop supervisord.
+DRAIN = r"""
+import http.client, json, socket, sys, time, xmlrpc.client
+from celery.app.utils import find_app
+request = json.loads(sys.argv[1])
+deadline = time.monotonic() + request["seconds"]
+for app_name, nodes in request["apps"].items():
+    app = find_app(app_name)
+    while time.monotonic() < deadline:
+        active = app.control.inspect(destination=nodes, timeout=2, limit=len(nodes)).active() or {}
+        if not any(active.values()):
+            break
+        time.sleep(1)
+
+class Connection(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(request["socket"])
+
+class Transport(xmlrpc.client.Transport):
+    def make_connection(self, host):
+        return Connection("localhost")
+
+server = xmlrpc.client.ServerProxy("http://localhost", transport=Transport()).supervisor
+server.stopAllProcesses(False)
+server.shutdown()
 """
 
 
@@ -206,15 +236,31 @@ def wait_ready(cfg, p, release, venv, workers, timeout=READY_TIMEOUT):
     return {}
 
 
-def stop_consuming(cfg, p, release, venv, workers):
-    """Tell a generation's nodes to stop consuming every queue; {node: answer} of those that answered."""
-    answers = {}
-    for app, expected in by_app(workers).items():
+def drain(cfg, p, release, venv, workers, sock, seconds):
+    """
+    Drain a generation (its ``workers``, its supervisord on ``sock``): its
+    nodes stop consuming now; a drainer, in the background as the user, waits
+    for their tasks in hand (``seconds`` at most), then stops supervisord. Its
+    output goes to the deployment's log dir.
+    """
+    apps = by_app(workers)
+    for app, expected in apps.items():
         queues = sorted({q for qs in expected.values() for q in qs})
-        answers.update(
-            ask(cfg, p, release, venv, app, {"ask": "cancel", "nodes": sorted(expected), "queues": queues, "wait": 3})
-        )
-    return answers
+        ask(cfg, p, release, venv, app, {"ask": "cancel", "nodes": sorted(expected), "queues": queues, "wait": 3})
+    request = {
+        "apps": {app: sorted(expected) for app, expected in apps.items()},
+        "socket": str(sock),
+        "seconds": seconds,
+    }
+    env = {
+        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
+        "VIRTUAL_ENV": str(venv),
+        **{k: str(v) for k, v in cfg["env"].items()},
+    }
+    log = p["logs"] / f"drain.{PurePosixPath(sock).stem}.log"
+    _utils("saltfleet_user.spawn")(
+        cfg["user"], [f"{venv}/bin/python", "-c", DRAIN, json.dumps(request)], p["home"], log, cwd=release, env=env
+    )
 
 
 def active(cfg, p, release, venv, workers):

@@ -180,9 +180,12 @@ def serving(p):
 def generations(p, uid, draining=None):
     """
     {gen: {"pid", "start", "state"}} of the deployment's supervisords that
-    still run: those answering on their socket (state RUNNING) and those
-    recorded as ``draining`` ({gen: {pid, start}}) that have not exited yet.
+    still run: those answering on their socket (state RUNNING), and those
+    recorded as ``draining`` ({gen: {pid, start, ...}}) that have not exited
+    yet (state draining; ``answering`` while their workers finish their
+    tasks before supervisord is told to stop).
     """
+    draining = draining or {}
     found = {}
     if p["run"].is_dir():
         for sock in sorted(p["run"].glob("*.sock")):
@@ -190,6 +193,8 @@ def generations(p, uid, draining=None):
             if answer and answer[0] == "RUNNING":
                 gen = sock.name.removesuffix(".sock")
                 found[gen] = {"pid": answer[1], "start": process_start(answer[1]), "state": "RUNNING"}
+                if draining.get(gen, {}).get("pid") == answer[1]:
+                    found[gen] = {**draining[gen], "state": "draining", "answering": True}
     for gen, record in (draining or {}).items():
         if gen not in found and alive(record):
             found[gen] = {**record, "state": "draining"}
@@ -274,7 +279,7 @@ def stop_all(p, uid, draining=None, timeout=700):
     """Stop every supervisord of a deployment, draining ones too, and wait for them; the gens that ran."""
     running = generations(p, uid, draining)
     for gen, info in running.items():
-        if info["state"] == "RUNNING":
+        if info["state"] == "RUNNING" or info.get("answering"):
             shutdown(_utils("saltfleet_paths.generation")(p, gen)["socket"], uid)
     left = wait_exited(running, timeout)
     if left:

@@ -101,6 +101,26 @@ def run(user, argv, home, cwd=None, env=None, timeout=3600):
         raise CommandExecutionError(f"`{' '.join(map(str, argv))}` as {user} ran over {timeout} s") from None
 
 
+def spawn(user, argv, home, log, cwd=None, env=None):
+    """Start ``argv`` as ``user`` in the background, detached, its output appended to ``log`` (opened as the user)."""
+    pw = account(user)
+    kwargs = {}
+    if pw.pw_uid != os.geteuid():
+        kwargs = {"user": pw.pw_uid, "group": pw.pw_gid}
+    subprocess.Popen(
+        ["/bin/sh", "-c", 'log=$1; shift; exec "$@" >> "$log" 2>&1', "sh", str(log), *map(str, argv)],
+        cwd=str(cwd or home),
+        env=environ(user, home, env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        umask=0o022,
+        start_new_session=True,
+        close_fds=True,
+        **kwargs,
+    )
+
+
 def check(proc, what):
     """Raise ``what`` with the tail of the output when ``proc`` failed."""
     if proc.returncode:

@@ -123,17 +123,16 @@ def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, 
     # The apply returned without waiting for the task in v1's hands; v1 drains in the background.
     assert slow.state == "STARTED"
     assert len(host.status(FETCHER)[FETCHER]["draining"]) == 1
-    # Once v1's idle beta worker has exited, v2 alone takes beta's tasks.
-    wait_for(
-        lambda: not psutil.pid_exists(v1_beta) or psutil.Process(v1_beta).status() == "zombie",
-        60,
-        "v1's beta worker exiting",
-    )
-    assert run_task(tasks, f"{FETCHER}.beta")["version"] == "2"
-    assert run_task(tasks, f"{FETCHER}.gamma")["version"] == "2"
+    # v1's workers stopped consuming before the apply returned: from now on v2 takes every task,
+    # alpha's too while v1's alpha worker still finishes the slow one.
+    status = host.status(FETCHER)[FETCHER]
+    assert status["draining_tasks"] == {str(status["draining"][0]): 1}, status
+    for queue in ("alpha", "beta", "gamma"):
+        assert run_task(tasks, f"{FETCHER}.{queue}")["version"] == "2"
+    assert slow.state == "STARTED"
     assert slow.get(timeout=120)["version"] == "1", "the task in flight was finished by the old worker"
     wait_for(lambda: host.status(FETCHER)[FETCHER]["draining"] == [], 120, "v1's supervisord exiting")
-    assert run_task(tasks, f"{FETCHER}.alpha")["version"] == "2"
+    assert not psutil.pid_exists(v1_beta) or psutil.Process(v1_beta).status() == "zombie"
     assert (
         Path(host.root) / "home" / host.user.pw_name / f"Projects-{FETCHER}.releases" / sample["shas"]["v1"]
     ).is_dir()
