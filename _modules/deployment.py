@@ -107,6 +107,8 @@ def _status(root, name, manifest):
         "programs": {},
         "running": 0,
         "draining": [],
+        "draining_tasks": {},
+        "workers": {},
     }
     try:
         uid = __utils__["saltfleet_user.account"](manifest["user"]).pw_uid
@@ -117,6 +119,7 @@ def _status(root, name, manifest):
             infos = __utils__[f"{sup}.process_info"](sock, uid)
             row["programs"] = {__utils__[f"{sup}.proc_name"](i): i["statename"] for i in infos}
             row["supervisord"] = "running"
+            row["workers"] = _workers(name, p, manifest, serving)
         row["draining"] = sorted(i["pid"] for g, i in gens.items() if g != serving)
         row["draining_tasks"] = _draining_tasks(name, p, manifest, {g: i for g, i in gens.items() if g != serving})
     except CommandExecutionError as exc:
@@ -135,11 +138,32 @@ def _status(root, name, manifest):
     return row
 
 
+def _celery_spec(name, manifest):
+    return {
+        "name": name,
+        "user": manifest["user"],
+        "env": ((__pillar__.get("deployments") or {}).get(name) or {}).get("env") or {},
+    }
+
+
+def _workers(name, p, manifest, gen):
+    """{node: {queues, active}} of the serving generation's Celery workers ({} when it runs none)."""
+    conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
+    workers = __utils__["saltfleet_celery.workers_in"](__utils__["saltfleet_supervisor.sections_of"](conf.read_text()))
+    if not workers or not manifest.get("release"):
+        return {}
+    release = __utils__["saltfleet_paths.release"](p, manifest["release"])
+    venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
+    try:
+        return __utils__["saltfleet_celery.serving"](_celery_spec(name, manifest), p, release, venv, workers)
+    except CommandExecutionError as exc:
+        return {"error": str(exc)}
+
+
 def _draining_tasks(name, p, manifest, draining):
     """{supervisord pid: Celery tasks still in hand} of the draining generations whose workers still answer."""
     found = {}
-    env = ((__pillar__.get("deployments") or {}).get(name) or {}).get("env") or {}
-    spec = {"name": name, "user": manifest["user"], "env": env}
+    spec = _celery_spec(name, manifest)
     for gen, info in draining.items():
         conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
         if not info.get("answering") or not info.get("release") or not conf.exists():

@@ -520,7 +520,14 @@ def _resolve(cfg, p, manifest, test, rebuild=0):
         and manifest.get("rebuild", 0) == rebuild
     )
     current = manifest.get("release")
-    if same_inputs and cfg["rev"] == current and _release_ok(__utils__["saltfleet_paths.release"](p, current)):
+    # The commit the master resolved rev to for the whole fleet (ext_pillar saltfleet_revs), while it still applies.
+    known = (__pillar__.get("saltfleet_revs") or {}).get(cfg["name"]) or {}
+    fleet_sha = known.get("sha") if (known.get("repo"), known.get("rev")) == (cfg["repo"], cfg["rev"]) else None
+    if (
+        same_inputs
+        and current in (cfg["rev"], fleet_sha)
+        and _release_ok(__utils__["saltfleet_paths.release"](p, current))
+    ):
         return current, manifest["venv"]
     secrets = __utils__[f"{git}.secrets_of"](p)
     if not test:
@@ -528,7 +535,7 @@ def _resolve(cfg, p, manifest, test, rebuild=0):
         _root_dirs(p)
         __utils__[f"{git}.write_secrets"](cfg, secrets)
     with __utils__[f"{git}.view"](cfg, p["mirror"], secrets, test) as (repo, view_secrets):
-        sha = __utils__[f"{git}.resolve"](cfg, repo, view_secrets)
+        sha = __utils__[f"{git}.resolve"](cfg, repo, view_secrets, fleet_sha)
         if same_inputs and sha == current:
             return sha, manifest["venv"]
         read_file = __utils__[f"{git}.read_file"]

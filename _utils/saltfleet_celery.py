@@ -49,6 +49,11 @@ if request["ask"] == "cancel":
     print(json.dumps(found))
     sys.exit()
 inspect = app.control.inspect(destination=nodes, timeout=wait, limit=len(nodes))
+if request["ask"] == "workers":
+    queues, active = inspect.active_queues() or {}, inspect.active() or {}
+    print(json.dumps({n: {"queues": sorted(q["name"] for q in queues.get(n, [])), "active": len(active.get(n, []))}
+                      for n in set(queues) | set(active)}))
+    sys.exit()
 found = getattr(inspect, request["ask"])() or {}
 if request["ask"] == "active_queues":
     found = {node: sorted(q["name"] for q in queues) for node, queues in found.items()}
@@ -261,6 +266,14 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
     _utils("saltfleet_user.spawn")(
         cfg["user"], [f"{venv}/bin/python", "-c", DRAIN, json.dumps(request)], p["home"], log, cwd=release, env=env
     )
+
+
+def serving(cfg, p, release, venv, workers):
+    """{node: {queues, active}} of a generation's nodes, as they answer; a node that does not is missing."""
+    found = {}
+    for app, expected in by_app(workers).items():
+        found.update(ask(cfg, p, release, venv, app, {"ask": "workers", "nodes": sorted(expected), "wait": 2}))
+    return found
 
 
 def active(cfg, p, release, venv, workers):

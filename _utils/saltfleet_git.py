@@ -182,15 +182,18 @@ def fetch(repo, cfg, secrets):
     _git(["fetch", "-q", "--prune", "--force", "--", cfg["repo"], *refspecs], cfg, secrets, cwd=repo)
 
 
-def resolve(cfg, repo, secrets):
+def resolve(cfg, repo, secrets, known=None):
     """
     Turn pillar ``rev`` into a full SHA present in ``repo``, fetching only when
     repo lacks it; an error naming the rev when the remote does not have it.
+    ``known`` is the commit rev already resolved to (by the master, for the
+    whole fleet): no ls-remote then.
     """
     rev = cfg["rev"]
-    if SHA_RE.match(rev) and has_commit(repo, rev, cfg, secrets):
-        return rev
-    sha = resolve_remote(rev, ls_remote(cfg, secrets))
+    for sha in (rev, known):
+        if sha and SHA_RE.match(sha) and has_commit(repo, sha, cfg, secrets):
+            return sha
+    sha = known or resolve_remote(rev, ls_remote(cfg, secrets))
     if sha and has_commit(repo, sha, cfg, secrets):
         return sha
     fetch(repo, cfg, secrets)

@@ -108,3 +108,15 @@ def celery_client(data_dir):
 def run_task(app, queue, seconds=0, timeout=60):
     """Send sampleapp.fetch to queue and wait for its result."""
     return app.send_task("sampleapp.fetch", args=(queue, seconds), queue=queue).get(timeout=timeout)
+
+
+def advance(bare, branch="master"):
+    """A new commit on ``branch`` of a bare repository (someone pushing): its VERSION bumped; returns the SHA."""
+    work = Path(bare).parent / f"push-{uuid.uuid4().hex[:8]}"
+    repo = git.Repo.clone_from(str(bare), work, branch=branch)
+    app = next(p for p in (work / "app.py", work / "sampleapp.py") if p.exists())
+    app.write_text(re.sub(r'VERSION = "(\d+)"', lambda m: f'VERSION = "{int(m.group(1)) + 100}"', app.read_text()))
+    sha = commit(work, "a push in the middle of a rollout")
+    repo.remote().push(branch)
+    shutil.rmtree(work, ignore_errors=True)
+    return sha

@@ -462,3 +462,14 @@ def test_minion_pillar_does_not_target_gets_no_key(deployed, fleet, pillar, sand
     assert files_holding(other_minion.config["root_dir"], keys["fragments"]) == []
     assert fleet.run("deployment.status", tgt=other_minion).data == {}
     assert fleet.status()[NAME]["programs"] == {"worker": "RUNNING"}
+
+
+def test_a_minion_cannot_read_another_minions_mine(deployed, fleet, minion, other_minion, salt_run_cli):
+    assert fleet.run("mine.send", "deployment.status").data is True
+    # The master keeps the row (fleet.inventory reads it from its cache)...
+    cached = salt_run_cli.run("cache.fetch", "mine", minion.id)
+    assert NAME in (cached.data or {}).get("deployment.status", {}), cached
+    # ...and refuses it to every minion, the one that sent it included.
+    for asker in (other_minion, minion):
+        got = fleet.run("mine.get", minion.id, "deployment.status", tgt=asker)
+        assert got.returncode == 0 and got.data == {}, got

@@ -94,6 +94,11 @@ def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_
     assert changes_of(states) == changes_of(dry), "the dry run told what the real run did"
     status = host.status()
     assert status[FETCHER]["programs"] == {"fetcher-alpha": "RUNNING", "fetcher-beta": "RUNNING"}
+    nodes = status[FETCHER]["workers"]
+    assert {n.split("@")[0]: w["queues"] for n, w in nodes.items()} == {
+        f"{FETCHER}-alpha.g1": [f"{FETCHER}.alpha"],
+        f"{FETCHER}-beta.g1": [f"{FETCHER}.beta"],
+    }, "each Celery node answers, with its generation in its name, and consumes its queue"
     assert status[REPORTER]["programs"] == {"report": "RUNNING"}
     for queue in (f"{FETCHER}.alpha", f"{FETCHER}.beta", REPORTER):
         result = run_task(tasks, queue)
