@@ -139,11 +139,10 @@ def _status(root, name, manifest):
 
 
 def _celery_spec(name, manifest):
-    return {
-        "name": name,
-        "user": manifest["user"],
-        "env": ((__pillar__.get("deployments") or {}).get(name) or {}).get("env") or {},
-    }
+    deployments = __pillar__.get("deployments")
+    spec = deployments.get(name) if isinstance(deployments, dict) else None
+    env = spec.get("env") if isinstance(spec, dict) else None
+    return {"name": name, "user": manifest["user"], "env": env if isinstance(env, dict) else {}}
 
 
 def _workers(name, p, manifest, gen):

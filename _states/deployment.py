@@ -751,12 +751,15 @@ def _overlap(settings, cfg, p, plan):
             "start": old_info["start"],
             "release": plan["current"],
             "venv": plan["manifest"].get("venv"),
-            # After this, a drain still going is overdue: the next apply stops it.
-            "until": time.time() + seconds + 120,
         }
         plan["drain_pid"] = old_info["pid"]
     _serve(cfg, p, plan, gen, draining)
-    if not _drain(cfg, p, plan, old_sections, seconds):
+    if old_info and _drain(cfg, p, plan, old_sections, seconds):
+        # A drainer took it over. Until this is recorded (a kill just before), the
+        # next apply finds it answering and stops it; after, it does once overdue.
+        draining[old]["until"] = time.time() + seconds + 120
+        _record(cfg, p, {"draining": draining})
+    else:
         __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
     _fault(p, "signalled")
 
