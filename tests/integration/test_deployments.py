@@ -11,6 +11,8 @@ shared by the module.
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -199,3 +201,15 @@ def test_a_secret_in_env_appears_in_no_return_log_job_or_argv(host, sample, cele
                 workers += 1
                 assert SECRET.encode() in environ, "the worker has its env"
     assert seen > 20 and workers >= 2
+
+
+def test_salt_run_prints_no_warning_to_the_operator(salt_master):
+    """What an operator types, at salt-run's own log level: an inventory and nothing else."""
+    salt_run = Path(sys.executable).with_name("salt-run")
+    ret = subprocess.run(
+        [salt_run, "-c", salt_master.config_dir, "fleet.inventory"], capture_output=True, text=True, timeout=120
+    )
+    assert ret.returncode == 0, ret
+    assert "minions," in ret.stdout
+    assert "unclosed" not in ret.stdout + ret.stderr, ret.stderr
+    assert "[WARNING" not in ret.stdout + ret.stderr, ret.stderr
