@@ -24,8 +24,11 @@ $(VENV)/.synced: requirements-dev.lock | $(UV)
 
 venv: $(VENV)/.synced
 
+# Unit and functional tests need no daemons and run two at a time; the
+# integration tests share daemons per module and run one after another.
 test: venv
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 tests/unit tests/functional $(PYTEST_ARGS)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

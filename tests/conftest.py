@@ -71,9 +71,11 @@ def deploy_user():
         yield pwd.getpwnam(DEPLOY_USER)
         return
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", DEPLOY_USER], check=True)
+        # Two test processes (pytest-xdist) may both find it missing: the one that loses the race finds it made.
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", DEPLOY_USER], check=False)
     yield pwd.getpwnam(DEPLOY_USER)
-    subprocess.run(["userdel", DEPLOY_USER], check=False, capture_output=True)
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # another worker may still run deployments as the user
+        subprocess.run(["userdel", DEPLOY_USER], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")

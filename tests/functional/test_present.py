@@ -171,6 +171,8 @@ def test_only_the_program_that_changed_restarts(host, tiny, out, testmode):
 )
 def test_a_failed_release_never_serves_and_the_old_one_keeps_serving(host, tiny, out, rev, handover, message):
     deployment = tiny_app(tiny, out, handover=handover)
+    # A program that dies at start is given up on at once, not after supervisord's three retries.
+    deployment["programs"]["a"]["startretries"] = 0
     first = host.apply(host.pillar({"tiny": deployment}))
     assert first[STATE]["result"] is True, first[STATE]["comment"]
     p = host.paths("tiny")

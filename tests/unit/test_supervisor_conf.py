@@ -27,7 +27,7 @@ def test_each_generation_owns_its_socket_pidfile_and_runs_programs_in_its_releas
     assert "serverurl=unix:///srv/sandbox/var/lib/saltfleet/deployments/fetcher/run/2.sock\n" in text
     assert f"directory={RELEASE}\n" in text
     assert f'PATH="{VENV}/bin:/usr/local/bin:/usr/bin:/bin"' in text
-    assert "stdout_logfile=/srv/sandbox/home/ubuntu/log/fetcher/w.log\n" in text
+    assert "stdout_logfile=/srv/sandbox/home/ubuntu/log/fetcher/w.g2.log\n" in text, "each generation its own log"
     assert "stopwaitsecs=30\n" in text
     # A secret's % is literal, never a supervisord expansion.
     assert 'DSN="s3cret%%"' in text
@@ -56,7 +56,12 @@ def test_programs_that_differ_only_by_release_compare_equal():
     old = sup.render(cfg, sections, P, "1", RELEASE, VENV)
     new = sup.render(cfg, sections, P, "2", P["releases"] / ("c" * 40), VENV)
     assert sup.diff_groups(old, new)["changed"] == ["w"]
-    same = [(str(RELEASE), "@r@"), (str(P["releases"] / ("c" * 40)), "@r@")]
+    same = [
+        (str(RELEASE), "@r@"),
+        (str(P["releases"] / ("c" * 40)), "@r@"),
+        (".g1.log", ".g.log"),
+        (".g2.log", ".g.log"),
+    ]
     assert sup.diff_groups(old, new, same)["kept"] == ["w"]
 
 
