@@ -1,10 +1,17 @@
 """A small Celery app that saltfleet deploys in its demo and tests.
 
-Its broker and result store are folders (kombu's filesystem transport and
-Celery's file result backend), so it needs no server: SAMPLEAPP_DATA names
-the folder, shared by the workers and whoever sends them tasks.
+Its broker and result store are folders by default (kombu's filesystem
+transport and Celery's file result backend), so it needs no server:
+SAMPLEAPP_DATA names the folder, shared by the workers and whoever sends them
+tasks. SAMPLEAPP_BROKER, when set, is a broker URL instead (RabbitMQ:
+``amqp://user:password@host:5672/vhost``); results stay in the folder.
+
+Each execution of a task leaves a record in SAMPLEAPP_DATA/executions/ (one
+JSON file per execution: task id, node, pid, version, start and end), so a
+caller can tell which worker ran a task, and that none ran twice.
 """
 
+import json
 import os
 import time
 from pathlib import Path
@@ -14,30 +21,80 @@ from celery import Celery
 VERSION = "1"
 
 DATA = Path(os.environ.get("SAMPLEAPP_DATA", "/var/lib/sampleapp"))
-for folder in ("queue", "control", "results", "processed"):
-    (DATA / folder).mkdir(parents=True, exist_ok=True)
+BROKER = os.environ.get("SAMPLEAPP_BROKER")
+EXECUTIONS = DATA / "executions"
+
+
+def _folders(*names):
+    DATA.mkdir(parents=True, exist_ok=True)
+    owner = DATA.stat()
+    for name in names:
+        folder = DATA / name
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            # A sender running as root makes the folder for the workers, who own the data folder.
+            if os.geteuid() == 0 and owner.st_uid != 0:
+                os.chown(folder, owner.st_uid, owner.st_gid)
+
 
 app = Celery("sampleapp")
 app.conf.update(
-    broker_url="filesystem://",
-    broker_transport_options={
-        "data_folder_in": str(DATA / "queue"),
-        "data_folder_out": str(DATA / "queue"),
-        "control_folder": str(DATA / "control"),
-        # Delivered messages move here rather than to /tmp: a worker cannot
-        # delete from a sticky /tmp a message another user (the sender) wrote.
-        "store_processed": True,
-        "processed_folder": str(DATA / "processed"),
-    },
     result_backend=f"file://{DATA / 'results'}",
     task_track_started=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    # A worker holds only the tasks it runs, acknowledged when done: told to
+    # stop consuming (a handover), it has none waiting behind them, so the
+    # next release takes every task not yet started.
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
 )
+if BROKER:
+    _folders("results", "executions")
+    app.conf.broker_url = BROKER
+else:
+    _folders("queue", "control", "results", "processed", "executions")
+    app.conf.update(
+        broker_url="filesystem://",
+        broker_transport_options={
+            "data_folder_in": str(DATA / "queue"),
+            "data_folder_out": str(DATA / "queue"),
+            "control_folder": str(DATA / "control"),
+            # Delivered messages move here rather than to /tmp: a worker cannot
+            # delete from a sticky /tmp a message another user (the sender) wrote.
+            "store_processed": True,
+            "processed_folder": str(DATA / "processed"),
+        },
+    )
 
 
-@app.task(name="sampleapp.fetch")
-def fetch(platform, seconds=0):
-    """Pretend to fetch a platform's data; report which release did it."""
-    time.sleep(seconds)
-    return {"platform": platform, "version": VERSION, "pid": os.getpid()}
+def _record(path, record):
+    """Write an execution record whole (a reader never sees half of one)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(record))
+    part.replace(path)
+
+
+@app.task(name="sampleapp.fetch", bind=True)
+def fetch(self, platform, seconds=0, until=None):
+    """
+    Pretend to fetch a platform's data for ``seconds`` (or, with ``until``,
+    until that file exists, ``seconds`` at most); report which release and
+    worker did it.
+    """
+    record = {
+        "task": self.request.id,
+        "node": self.request.hostname,
+        "pid": os.getpid(),
+        "version": VERSION,
+        "start": time.time(),
+        "end": None,
+    }
+    path = EXECUTIONS / f"{self.request.id}.{os.getpid()}.{time.time_ns()}.json"
+    _record(path, record)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and Path(until).exists()):
+        time.sleep(min(0.1, seconds))
+    record["end"] = time.time()
+    _record(path, record)
+    return {"platform": platform, "version": VERSION, "pid": os.getpid(), "node": self.request.hostname}
