@@ -277,3 +277,101 @@ def admit(minion_id, instance_id, pub):
         salt-run fleet.admit worker-7 i-0abc1234def567890 "$(cat /etc/salt/pki/master/minions_pre/worker-7)"
     """
     return __utils__["saltfleet_cloud.admit"](__opts__, minion_id, instance_id, pub)
+
+
+# ------------------------------------------------------------------ Celery queues
+# fleet.queues: each Celery queue with the workers that consume it across the
+# fleet, from the master's cache like fleet.inventory: the mine's
+# deployment.status rows, whose ``workers`` are the serving generation's nodes
+# as they answered ({node: {"queues": [...], "active": n}}, or {"error": ...}
+# when they did not).
+
+
+def _consumers(tgt="*", deployment=None, queue=None):
+    """({queue: [consumer, ...]}, [deployments whose workers did not answer]) from the mine."""
+    cache = salt.cache.factory(__opts__)
+    now = time.time()
+    queues, unanswered = {}, []
+    for minion_id in sorted(_accepted()):
+        if not fnmatch.fnmatchcase(minion_id, tgt):
+            continue
+        mine = cache.fetch("mine", minion_id) or {}
+        rows = mine.get(STATUS) if isinstance(mine, dict) else None
+        if not isinstance(rows, dict):
+            continue
+        # A minion that stopped reporting: its workers are what they were when it last did.
+        status = _row(minion_id, cache, now)["status"]
+        for name, facts in sorted(rows.items()):
+            workers = facts.get("workers") if isinstance(facts, dict) else None
+            if (deployment and name != deployment) or not isinstance(workers, dict):
+                continue
+            if isinstance(workers.get("error"), str):
+                unanswered.append({"minion": minion_id, "deployment": name, "error": workers["error"]})
+                continue
+            for node, worker in sorted(workers.items()):
+                if not isinstance(worker, dict):
+                    continue
+                for name_of_queue in worker.get("queues") or []:
+                    if queue and not fnmatch.fnmatchcase(name_of_queue, queue):
+                        continue
+                    queues.setdefault(name_of_queue, []).append(
+                        {
+                            "minion": minion_id,
+                            "deployment": name,
+                            "node": node,
+                            "active": worker.get("active"),
+                            "status": status,
+                        }
+                    )
+    return dict(sorted(queues.items())), unanswered
+
+
+def _format_queues(report):
+    lines = []
+    width = max([len("QUEUE"), *(len(q) for q in report["queues"])])
+    lines.append(f"{'QUEUE'.ljust(width)}  CONSUMERS  NODES (tasks in hand)")
+    for name, info in report["queues"].items():
+        nodes = ", ".join(
+            f"{c['node']} ({c['active']})" + ("" if c["status"] == "up" else f" on {c['minion']}, down")
+            for c in info["consumers"]
+        )
+        lines.append(f"{name.ljust(width)}  {info['up']:>2} up/{len(info['consumers']):<2}  {nodes}")
+    for row in report["unanswered"]:
+        lines.append(f"not answering: {row['deployment']} on {row['minion']}: {row['error']}")
+    return "\n".join(lines)
+
+
+def queues(tgt="*", deployment=None, queue=None):
+    """
+    Each Celery queue with the workers that consume it across the fleet:
+    per consumer its minion, deployment, node and tasks in hand, and whether
+    the minion is up; ``up`` counts the consumers on minions that are.
+    Read from the master's cache (the mine's ``deployment.status``, refreshed
+    by the heartbeat), so a queue none of whose workers answers is not
+    listed; deployments whose workers did not answer are, under
+    ``unanswered``.
+
+    tgt
+        Only the minions whose id matches this glob.
+    deployment
+        Only this deployment's workers.
+    queue
+        Only the queues whose name matches this glob.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.queues
+        salt-run fleet.queues deployment=daily-fetcher --out=json
+        salt-run fleet.queues queue='daily_fetching.*'
+    """
+    found, unanswered = _consumers(tgt, deployment, queue)
+    report = {
+        "queues": {
+            name: {"up": sum(1 for c in consumers if c["status"] == "up"), "consumers": consumers}
+            for name, consumers in found.items()
+        },
+        "unanswered": unanswered,
+    }
+    return _format_queues(report) if _as_text() else report
