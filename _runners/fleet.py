@@ -375,3 +375,262 @@ def queues(tgt="*", deployment=None, queue=None):
         "unanswered": unanswered,
     }
     return _format_queues(report) if _as_text() else report
+
+
+# ------------------------------------------------ rollouts, deploy ledger, fleet status
+# fleet.deploy, rollback, unlock, history, record, status. Batches and outcomes
+# live in _utils/saltfleet_rollout.py; the deploy lock and ledger (and what a
+# stale lock is) in _utils/saltfleet_ledger.py.
+
+ROLLOUT = "saltfleet_rollout"
+LEDGER = "saltfleet_ledger"
+LEDGER_FUNS = ("deployment.update_code", "deployment.rollback")
+
+
+def _progress(message):
+    """A progress event, which salt-run prints as it comes (as Salt's own runners report)."""
+    __jid_event__.fire_event({"message": message}, "progress")
+
+
+def _user():
+    # The runner client sets __user__: salt-run's caller (sudo_<name> under sudo) or the eauth user.
+    return globals().get("__user__") or "UNKNOWN"
+
+
+def _finish(report):
+    """The report, its retcode also the job's (salt-run exits with a returned dict's ``retcode``)."""
+    if report.get("retcode"):
+        __context__["retcode"] = report["retcode"]
+    return report
+
+
+def _refuse(message, **fields):
+    return _finish({**fields, "error": message, "retcode": 1})
+
+
+def _plan(what, name, batch, tgt, tgt_type):
+    """({minion: release it serves}, batches) of the hosts of ``name``; ValueError when there are none."""
+    serving = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, tgt, tgt_type)
+    if not serving:
+        where = "" if tgt == "*" else f" matching {tgt!r}"
+        raise ValueError(f"{what}: no minion{where} hosts deployment {name} (`salt-run fleet.inventory` shows where)")
+    return serving, __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
+
+
+def _hooks(name, host, pre, post):
+    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the first host's pillar."""
+    if pre is None and post is None:
+        return __utils__[f"{ROLLOUT}.hooks_in_pillar"](__salt__["pillar.show_pillar"](host), name)
+    commands = __utils__[f"{ROLLOUT}.commands"]
+    return {"pre": commands(pre, f"fleet.deploy {name} pre"), "post": commands(post, f"fleet.deploy {name} post")}
+
+
+def _opts():
+    # A plain dict: the dunders resolve through the loader in context, the utils' while they run.
+    return dict(__opts__)
+
+
+def _take(kind, name, rev, command, lock_wait):
+    """The deploy lock of ``name``, held; a refusal (recorded in the ledger) names its holder."""
+    lock = __utils__[f"{LEDGER}.lock"](_opts(), name)
+    try:
+        lock.acquire(_user(), command, wait=lock_wait, jid=__jid__)
+    except Exception as exc:
+        __utils__[f"{LEDGER}.refused"](_opts(), __jid__, kind, _user(), name, rev, str(exc))
+        raise
+    return lock
+
+
+def _roll(lock, kind, name, rev, plan, serving, fun, hooks, timeout):
+    """The rollout under ``lock`` (held), recorded in the ledger: its report."""
+    journal = __utils__[f"{LEDGER}.journal"](_opts(), __jid__)
+    args = (kind, _user(), name, rev, plan, serving, fun, hooks, timeout, _progress)
+    return _finish(__utils__[f"{ROLLOUT}.roll"](_opts(), lock, journal, *args))
+
+
+def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_wait=0, timeout=30, pre=None, post=None):
+    """
+    Deploy ``rev`` of deployment ``name`` to every minion that hosts it, batch
+    by batch, each host through ``deployment.update_code`` (the state's own
+    build-and-switch). A batch fails when any of its hosts fails or does not
+    answer within ``timeout`` seconds, and the rollout stops there. The report
+    lists the hosts ``deployed`` (their SHA), ``failed`` (why; what each still
+    serves), ``no answer`` and ``not touched`` (what each still serves);
+    salt-run exits non-zero unless the rollout completed.
+
+    One rollout of a deployment at a time: another refuses at once, naming
+    who deploys and since when (``lock_wait=SECONDS`` waits instead;
+    ``fleet.unlock`` shows and breaks the lock). Every rollout goes into the
+    deploy ledger (``fleet.history``).
+
+    batch
+        Hosts per batch: a number (``1``, the default) or a share (``20%``).
+    tgt, tgt_type
+        Only the hosts of ``name`` among these minions (default: all).
+    test
+        ``True``: what each host would do (``state.single deployment.present
+        NAME rev=REV test=True``); nothing changes, nothing is locked.
+    pre, post
+        Commands run once through ``deployment.run`` on the first host:
+        ``pre`` before any host changes (in the release serving then; if it
+        fails, nothing is deployed), ``post`` after the last batch (in the new
+        release). A string is one command, a list several. Without either,
+        pillar ``deployments:<name>:hooks:{pre,post}`` of that host counts.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.deploy daily-fetcher rev=v2.3
+        salt-run fleet.deploy daily-fetcher rev=main batch=20% test=True
+        salt-run fleet.deploy daily-fetcher rev=v2.3 tgt='worker-*' lock_wait=600
+        salt-run fleet.deploy daily-fetcher rev=v2.3 post='python manage.py migrate'
+    """
+    from salt.exceptions import CommandExecutionError
+
+    if rev is None:
+        return _refuse(f"fleet.deploy {name}: give the rev to deploy: rev=BRANCH, rev=TAG or rev=SHA")
+    rev = str(rev)
+    try:
+        serving, plan = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
+        if test:
+            return _finish(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress))
+        hooks = _hooks(name, plan[0][0], pre, post)
+        lock = _take("fleet.deploy", name, rev, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
+    except (ValueError, CommandExecutionError) as exc:
+        return _refuse(str(exc), deployment=name, rev=rev, outcome="refused")
+    try:
+        return _roll(lock, "fleet.deploy", name, rev, plan, serving, "deployment.update_code", hooks, timeout)
+    finally:
+        lock.release()
+
+
+def rollback(name, release=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_wait=0, timeout=30):
+    """
+    Roll every host of deployment ``name`` back, batch by batch through
+    ``deployment.rollback``, to the newest release kept complete on all of
+    them other than the newest one serving (or to ``release``, a SHA or its
+    prefix, if all keep it). Every host must answer ``deployment.releases``
+    first, or nothing changes. Lock, ledger, stop on the first failed or
+    silent batch, and report as ``fleet.deploy``'s.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.rollback daily-fetcher
+        salt-run fleet.rollback daily-fetcher test=True
+        salt-run fleet.rollback daily-fetcher release=3f1c9e2 batch=50%
+    """
+    from salt.exceptions import CommandExecutionError
+
+    what = f"fleet.rollback {name}"
+    lock = None
+    try:
+        serving, plan = _plan(what, name, batch, tgt, tgt_type)
+        lock = None if test else _take("fleet.rollback", name, release, f"{what} batch={batch}", lock_wait)
+        target = __utils__[f"{ROLLOUT}.rollback_target"](_opts(), name, sorted(serving), release, timeout, _progress)
+        if test:
+            moving = sorted(m for m in serving if serving[m] != target)
+            summary = f"test: {len(moving)} of {len(serving)} hosts would go back to {target[:12]}"
+            report = {"deployment": name, "release": target, "test": True, "batches": plan, "would switch": moving}
+            return _finish({**report, "summary": summary, "retcode": 0})
+        return _roll(lock, "fleet.rollback", name, target, plan, serving, "deployment.rollback", {}, timeout)
+    except (ValueError, CommandExecutionError) as exc:
+        return _refuse(f"{what}: {exc}" if isinstance(exc, ValueError) else str(exc), deployment=name)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def unlock(name, force=False):
+    """
+    Show and clear the deploy lock of deployment ``name``. A stale lock (its
+    runner died: its record stays though the lock is free, or a process it
+    left behind still holds it) is cleared; a live rollout's lock is shown,
+    and broken only with ``force=True`` (that rollout stops before its next
+    batch). Clearing and breaking go into the ledger.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.unlock daily-fetcher
+        salt-run fleet.unlock daily-fetcher force=True
+    """
+    from salt.exceptions import CommandExecutionError
+
+    try:
+        result = __utils__[f"{LEDGER}.unlock"](_opts(), name, _user(), force=bool(force))
+    except CommandExecutionError as exc:
+        return _refuse(f"fleet.unlock {name}: {exc}")
+    return _finish({**result, "retcode": 0 if result["result"] else 1})
+
+
+def history(deployment=None, limit=20):
+    """
+    The deploy ledger, oldest first: each ``fleet.deploy``, ``fleet.rollback``
+    and host-level ``deployment.update_code``/``deployment.rollback`` job (who,
+    when, deployment, rev, outcome, each host's outcome and release) and each
+    lock cleared. ``limit``: the last N entries (0: all).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.history
+        salt-run fleet.history daily-fetcher limit=5 --out=yaml
+    """
+    return __utils__[f"{LEDGER}.view"](_opts(), deployment, limit)
+
+
+def record(jid, minion, fun, fun_args=None, ret=None, retcode=0):
+    """
+    Record one host's return of ``deployment.update_code`` or
+    ``deployment.rollback`` in the deploy ledger, with the user who sent the
+    job (from the master's job cache: a return for a job the master never
+    sent is not recorded). The master's reactor calls it for every such
+    return (``etc/reactor/saltfleet_ledger.sls``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.record 20240501100000123456 worker-7 deployment.update_code \\
+            fun_args='["daily-fetcher", "v2.3"]' ret='{"result": true, "release": "3f1c9e2"}'
+    """
+    if fun not in LEDGER_FUNS:
+        return {"recorded": False, "comment": f"{fun} is not recorded (only {', '.join(LEDGER_FUNS)})"}
+    user = __utils__[f"{LEDGER}.job_user"](_opts(), str(jid))
+    if user is None:
+        return {"recorded": False, "comment": f"the master has no job {jid}"}
+    row = __utils__[f"{ROLLOUT}.outcome"]({"ret": ret, "retcode": retcode})
+    entry = __utils__[f"{LEDGER}.host_entry"](jid, minion, fun, fun_args, user, row)
+    __utils__[f"{LEDGER}.append"](_opts(), entry)
+    return {"recorded": True, **entry}
+
+
+def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
+    """
+    The fleet, live: which programs are down and which held, on which host,
+    and which hosts do not answer ``deployment.status`` within ``timeout``
+    seconds. salt-run exits non-zero when a program that should run is down
+    or a host does not answer.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.status
+        salt-run fleet.status daily-fetcher
+        salt-run fleet.status tgt='worker-*' --out=json
+    """
+    if deployment is None:
+        hosts = sorted(__utils__[f"{ROLLOUT}.deployments_of"](_opts(), tgt, tgt_type))
+    else:
+        hosts = sorted(__utils__[f"{ROLLOUT}.hosts_of"](_opts(), deployment, tgt, tgt_type))
+    if not hosts:
+        return {"summary": f"no minion hosts {f'deployment {deployment}' if deployment else 'a deployment'}"}
+    args = [deployment] if deployment else []
+    _, returns = __utils__[f"{ROLLOUT}.publish"](_opts(), hosts, "deployment.status", args, None, timeout)
+    return _finish(__utils__[f"{ROLLOUT}.status_report"](deployment, hosts, returns))

@@ -1,0 +1,450 @@
+"""
+Rolling changes across the fleet, for the ``fleet`` runner: which minions
+host a deployment, batches, one job per batch through Salt's LocalClient, and
+what each host's return means.
+
+A host's outcome is one of:
+
+- ``deployed``: it answered and serves the new release (``release``: its SHA);
+- ``failed``: it answered with an error (``reason``); ``release`` is what it
+  still serves, as it said;
+- ``no answer``: it did not return within the timeout (its minion is down or
+  hung): never a success, and whether it switched is not known;
+- ``not touched``: the rollout stopped before its batch; ``release`` is what
+  the master last heard it serve.
+
+A batch succeeds only when every host in it is ``deployed``; the rollout
+stops at the first batch that does not.
+"""
+
+import math
+import shlex
+
+import salt.cache
+import salt.client
+import salt.utils.minions
+
+__virtualname__ = "saltfleet_rollout"
+
+DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
+REASON_MAX = 2000
+
+
+def __virtual__():
+    return __virtualname__
+
+
+# ------------------------------------------------------------------ planning
+
+
+def batches(hosts, size):
+    """
+    ``hosts`` in batches of ``size``: a count (``1``, ``'2'``) or a share of
+    the hosts (``'20%'``, rounded up: never a batch of none).
+    """
+    hosts = list(hosts)
+    text = str(size).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            count = max(1, math.ceil(len(hosts) * share / 100))
+        else:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"batch={size!r}: give a number of hosts (batch=2) or a share of them (batch=20%)") from None
+    return [hosts[i : i + count] for i in range(0, len(hosts), count)]
+
+
+def hosts_of(opts, name, tgt="*", tgt_type="glob"):
+    """
+    The accepted minions matching ``tgt`` that host deployment ``name``, as
+    the master last heard (cached grains ``saltfleet_deployments`` and the
+    mine's ``deployment.status``): {minion: the release it serves, or None}.
+    """
+    matched = salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]
+    cache = salt.cache.factory(opts)
+    found = {}
+    for minion in sorted(matched):
+        grains = cache.fetch("grains", minion) or {}
+        mine = cache.fetch("mine", minion) or {}
+        known = (grains.get("saltfleet_deployments") if isinstance(grains, dict) else None) or {}
+        status = (mine.get("deployment.status") if isinstance(mine, dict) else None) or {}
+        if not isinstance(status, dict):
+            status = {}
+        if name in known or name in status:
+            # The mine is refreshed after every change: fresher than the grains.
+            facts = status.get(name) if isinstance(status.get(name), dict) else known.get(name) or {}
+            found[minion] = facts.get("release") or (known.get(name) or {}).get("release")
+    return found
+
+
+def deployments_of(opts, tgt="*", tgt_type="glob"):
+    """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any."""
+    matched = salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]
+    cache = salt.cache.factory(opts)
+    found = {}
+    for minion in sorted(matched):
+        grains = cache.fetch("grains", minion) or {}
+        mine = cache.fetch("mine", minion) or {}
+        names = set((grains.get("saltfleet_deployments") or {}) if isinstance(grains, dict) else {})
+        status = mine.get("deployment.status") if isinstance(mine, dict) else None
+        names |= set(status) if isinstance(status, dict) else set()
+        if names:
+            found[minion] = sorted(names)
+    return found
+
+
+def commands(value, what):
+    """
+    Hook commands as argv lists: a string is one command (split like a
+    shell's words, never run by one); a list holds several, each a string or
+    an argv list.
+    """
+    if value in (None, "", []):
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{what}: give a command (a string) or a list of them")
+    argvs = []
+    for item in items:
+        argv = shlex.split(item) if isinstance(item, str) else [str(word) for word in item]
+        if not argv:
+            raise ValueError(f"{what}: an empty command")
+        argvs.append(argv)
+    return argvs
+
+
+def hooks_in_pillar(pillar, name):
+    """``deployments:<name>:hooks`` of a host's pillar: {pre: [argv...], post: [argv...]}."""
+    spec = (((pillar or {}).get("deployments") or {}).get(name) or {}).get("hooks") or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"deployments:{name}:hooks: give a mapping with pre and/or post")
+    return {when: commands(spec.get(when), f"deployments:{name}:hooks:{when}") for when in ("pre", "post")}
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_return=None):
+    """
+    Run ``fun`` on ``hosts`` (minion ids) in one job and wait for their
+    returns: a host gets ``timeout`` seconds and as long again as it says it
+    is still running the job. Returns (jid, {minion: {ret, retcode}}); a
+    host missing from the returns did not answer.
+    """
+    returns = {}
+    jid = None
+    with salt.client.get_local_client(mopts=opts) as client:
+        for item in client.cmd_iter(
+            list(hosts), fun, list(arg), timeout=timeout, tgt_type="list", kwarg=kwarg, yield_pub_data=True
+        ):
+            if jid is None:
+                if not item or "jid" not in item:
+                    raise RuntimeError(f"the master did not publish {fun} to {', '.join(hosts)}: is it running?")
+                jid = item["jid"]
+                if on_jid:
+                    on_jid(jid)
+                continue
+            for minion, data in item.items():
+                if minion in returns:
+                    continue
+                returns[minion] = data
+                if on_return:
+                    on_return(minion, data)
+    return jid, returns
+
+
+def _reason(text):
+    text = str(text).strip()
+    if text.startswith("ERROR: "):
+        text = text[len("ERROR: ") :]
+    return text if len(text) <= REASON_MAX else text[: REASON_MAX - 3] + "..."
+
+
+def outcome(data):
+    """What a host's return of ``deployment.update_code``/``rollback`` means (``None``: no return)."""
+    if data is None:
+        return {"outcome": NO_ANSWER}
+    ret, retcode = data.get("ret"), data.get("retcode") or 0
+    if isinstance(ret, dict) and "result" in ret:
+        if ret["result"] is True and not retcode:
+            return {"outcome": DEPLOYED, "release": ret.get("release")}
+        return {"outcome": FAILED, "reason": _reason(ret.get("comment") or "failed"), "release": ret.get("release")}
+    return {"outcome": FAILED, "reason": _reason(ret)}
+
+
+def dry_outcome(data):
+    """What a host's return of ``state.single deployment.present ... test=True`` says it would do."""
+    if data is None:
+        return {"outcome": NO_ANSWER}
+    ret = data.get("ret")
+    state = next(iter(ret.values()), None) if isinstance(ret, dict) and ret else None
+    if not isinstance(state, dict) or "result" not in state:
+        return {"outcome": FAILED, "reason": _reason("; ".join(map(str, ret)) if isinstance(ret, list) else ret)}
+    if state["result"] is False:
+        return {"outcome": FAILED, "reason": _reason(state.get("comment"))}
+    release = (state.get("changes") or {}).get("release") or {}
+    row = {"outcome": "would change" if state["result"] is None else "no change", "comment": state.get("comment")}
+    if release:
+        row["release"] = release
+    return row
+
+
+# ---------------------------------------------------------------- a rollout
+
+
+def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, check):
+    """
+    Run ``fun`` with ``arg`` batch by batch over ``plan`` (lists of minion
+    ids), stopping at the first batch with a host that is not ``deployed``;
+    ``hooks`` {pre, post: [argv]} run through ``deployment.run`` on the
+    first host, ``pre`` before any host changes, ``post`` after the last
+    batch. ``serving``: {minion: release} before the rollout. ``emit`` takes
+    progress lines, ``journal`` ledger events, ``check`` raises to stop.
+    Returns (hosts {minion: outcome}, hook results, why it stopped or None).
+    """
+    hosts = {m: {"outcome": NOT_TOUCHED, "release": serving.get(m)} for batch in plan for m in batch}
+    first = plan[0][0]
+    ran = {}
+    stopped = _hooks("pre", hooks.get("pre"), opts, name, first, timeout, emit, ran)
+    if stopped:
+        return hosts, ran, f"{stopped}; no host was changed"
+    for number, batch in enumerate(plan, 1):
+        try:
+            check()
+        except Exception as exc:  # pylint: disable=broad-except
+            return hosts, ran, str(exc)
+        emit(f"{name}: batch {number} of {len(plan)}: {', '.join(batch)}")
+
+        def returned(minion, data):
+            row = outcome(data)
+            what = row.get("release") if row["outcome"] == DEPLOYED else row.get("reason")
+            emit(f"{name}: {minion}: {row['outcome']}: {what}")
+
+        try:
+            _, returns = publish(
+                opts,
+                batch,
+                fun,
+                arg,
+                timeout=timeout,
+                on_jid=lambda jid, n=number, b=batch: journal({"event": "batch", "batch": n, "jid": jid, "hosts": b}),
+                on_return=returned,
+            )
+        except Exception as exc:  # pylint: disable=broad-except
+            # The master failed us mid-batch: what its hosts did is not known.
+            for minion in batch:
+                hosts[minion] = {"outcome": NO_ANSWER, "reason": str(exc)}
+            return hosts, ran, f"batch {number} of {len(plan)}: {exc}; the rollout stopped there"
+        for minion in batch:
+            hosts[minion] = outcome(returns.get(minion))
+            if minion not in returns:
+                emit(f"{name}: {minion}: no answer within {timeout} s")
+        bad = [m for m in batch if hosts[m]["outcome"] != DEPLOYED]
+        if bad:
+            return hosts, ran, f"batch {number} of {len(plan)} failed ({_words(bad, hosts)}); the rollout stopped there"
+    stopped = _hooks("post", hooks.get("post"), opts, name, first, timeout, emit, ran)
+    return hosts, ran, stopped
+
+
+def roll(opts, lock, journal, kind, user, name, rev, plan, serving, fun, hooks, timeout, emit):
+    """
+    ``rollout`` under ``lock`` (held), its start, batches and end in the
+    ledger through ``journal``; the report.
+    """
+    if lock.replaced:
+        emit(f"{name}: the lock's last holder, {lock.describe(lock.replaced)}, died before its end (see fleet.history)")
+    emit(f"{name}: {kind} {rev} to {len(serving)} hosts in {len(plan)} batches")
+    journal(
+        {"event": "start", "kind": kind, "user": user, "deployment": name, "rev": rev, "batches": plan}
+        | {"serving": serving}
+    )
+    hosts, ran, stopped = rollout(
+        opts, name, plan, serving, fun, [name, rev], hooks, timeout, emit, journal, lock.check
+    )
+    out = report(name, rev, plan, hosts, stopped, ran)
+    journal({"event": "end", "outcome": out["outcome"], "summary": out["summary"], "hosts": hosts})
+    emit(f"{name}: {out['summary']}")
+    return out
+
+
+def _words(minions, hosts):
+    return ", ".join(f"{m}: {hosts[m]['outcome']}" for m in minions)
+
+
+def _hooks(when, argvs, opts, name, host, timeout, emit, ran):
+    """Run the ``when`` hooks on ``host``; what stopped them (None: all succeeded)."""
+    for argv in argvs or []:
+        emit(f"{name}: {when} hook on {host}: {shlex.join(argv)}")
+        try:
+            _, returns = publish(opts, [host], "deployment.run", [name, *argv], timeout=timeout)
+        except Exception as exc:  # pylint: disable=broad-except
+            returns = {host: {"ret": f"ERROR: {exc}"}}
+        data = returns.get(host)
+        ret = data.get("ret") if data else None
+        row = {"host": host, "command": shlex.join(argv)}
+        if isinstance(ret, dict):
+            row.update(retcode=ret.get("retcode"), stdout=ret.get("stdout", "")[-REASON_MAX:])
+            row["stderr"] = ret.get("stderr", "")[-REASON_MAX:]
+        else:
+            row.update(retcode=None, error=_reason(ret) if data else f"{host} did not answer within {timeout} s")
+        ran.setdefault(when, []).append(row)
+        if row["retcode"] != 0:
+            why = row.get("error") or f"exit code {row['retcode']}"
+            return f"the {when} hook `{row['command']}` failed on {host}: {why}"
+    return None
+
+
+def dry_run(opts, name, rev, plan, timeout, emit):
+    """What each host would do for ``rev`` (``state.single deployment.present NAME rev=REV test=True``)."""
+    hosts = [minion for batch in plan for minion in batch]
+    emit(f"{name}: asking {len(hosts)} hosts what deploying {rev} would do (test=True: nothing changes)")
+    _, returns = publish(opts, hosts, "state.single", ["deployment.present", name], {"rev": rev, "test": True}, timeout)
+    rows = {minion: dry_outcome(returns.get(minion)) for minion in hosts}
+    bad = sorted(m for m, row in rows.items() if row["outcome"] in (FAILED, NO_ANSWER))
+    summary = f"test: {sum(r['outcome'] == 'would change' for r in rows.values())} of {len(hosts)} hosts would change"
+    if bad:
+        summary += "; the rollout would stop at " + ", ".join(f"{m} ({rows[m]['outcome']})" for m in bad)
+    report = {"deployment": name, "rev": rev, "test": True, "batches": plan, "hosts": rows, "summary": summary}
+    return {**report, "retcode": 1 if bad else 0}
+
+
+def rollback_target(opts, name, hosts, requested, timeout, emit):
+    """The release ``fleet.rollback`` goes to (``choose_release``); ValueError if a host cannot say what it keeps."""
+    emit(f"{name}: asking {len(hosts)} hosts which releases they keep")
+    _, returns = publish(opts, hosts, "deployment.releases", [name], None, timeout)
+    kept = {m: (returns.get(m) or {}).get("ret", f"no answer within {timeout} s") for m in hosts}
+    unknown = {m: ret for m, ret in kept.items() if not isinstance(ret, list)}
+    if unknown:
+        why = "; ".join(f"{m}: {_reason(ret)}" for m, ret in sorted(unknown.items()))
+        raise ValueError(f"{name}: every host must say which releases it keeps, and {why}")
+    return choose_release(name, kept, requested)
+
+
+# ----------------------------------------------------------------- reports
+
+
+def report(name, rev, plan, hosts, stopped, hooks=None):
+    """The rollout's report: hosts by outcome, one line of summary, and a retcode (0 only when complete)."""
+    by = {DEPLOYED: {}, FAILED: {}, NO_ANSWER: [], NOT_TOUCHED: {}}
+    for minion, row in sorted(hosts.items()):
+        if row["outcome"] == DEPLOYED:
+            by[DEPLOYED][minion] = row.get("release")
+        elif row["outcome"] == FAILED:
+            by[FAILED][minion] = {"reason": row.get("reason"), "still serves": row.get("release")}
+        elif row["outcome"] == NO_ANSWER:
+            by[NO_ANSWER].append(minion)
+        else:
+            by[NOT_TOUCHED][minion] = row.get("release")
+    total = len(hosts)
+    done = len(by[DEPLOYED])
+    if stopped:
+        summary = f"stopped: {stopped}; {done} of {total} hosts on {rev}"
+    else:
+        summary = f"complete: {total} hosts in {len(plan)} batches on {rev}"
+    shas = sorted({sha for sha in by[DEPLOYED].values() if sha})
+    if len(shas) > 1:
+        summary += f"; {rev} resolved to {len(shas)} commits ({', '.join(s[:12] for s in shas)}): it moved meanwhile"
+    out = {
+        "deployment": name,
+        "rev": rev,
+        "outcome": "stopped" if stopped else "complete",
+        "summary": summary,
+        "batches": plan,
+        "deployed": by[DEPLOYED],
+        "failed": by[FAILED],
+        "no answer": by[NO_ANSWER],
+        "not touched": by[NOT_TOUCHED],
+        "retcode": 1 if stopped else 0,
+    }
+    if hooks:
+        out["hooks"] = hooks
+    return out
+
+
+def choose_release(name, releases, requested=None):
+    """
+    The release a fleet rollback goes to, from ``deployment.releases`` of
+    every host ({minion: rows}): ``requested`` (a SHA or prefix) if every
+    host keeps it complete, else the newest release complete on all of them
+    other than the newest one serving (the one being rolled back).
+    """
+    complete = {m: {r["release"]: r for r in rows if r.get("complete")} for m, rows in releases.items()}
+    common = set.intersection(*(set(c) for c in complete.values())) if complete else set()
+
+    def deployed(sha):
+        return max(complete[m][sha].get("deployed") or "" for m in complete if sha in complete[m])
+
+    if requested is not None:
+        matches = sorted(s for s in common if s.startswith(str(requested)))
+        if len(matches) != 1:
+            raise ValueError(
+                f"{name}: {requested!r} names {len(matches)} of the releases complete on every host "
+                f"({', '.join(s[:12] for s in sorted(common, key=deployed)) or 'none'})"
+            )
+        return matches[0]
+    serving = {}
+    for minion, rows in releases.items():
+        for row in rows:
+            if row.get("serving"):
+                serving[minion] = (row.get("deployed") or "", row["release"])
+    newest = max(serving.values())[1] if serving else None
+    candidates = sorted((s for s in common if s != newest), key=deployed)
+    if not candidates:
+        raise ValueError(
+            f"{name}: no release other than the serving {(newest or '?')[:12]} is kept complete on every host; "
+            "name one with release=SHA, or deploy a rev with fleet.deploy"
+        )
+    return candidates[-1]
+
+
+def status_report(name, expected, returns):
+    """
+    ``deployment.status`` returns of the fleet folded into what an operator
+    looks for: programs down and held, by host and deployment, and the hosts
+    that did not answer; retcode 1 when any should-run program is down or a
+    host did not answer.
+    """
+    down, held, errors, up = {}, {}, {}, {}
+    for minion in sorted(returns):
+        ret = returns[minion].get("ret")
+        if not isinstance(ret, dict):
+            errors[minion] = _reason(ret)
+            continue
+        for deployment, row in sorted(ret.items()):
+            if not isinstance(row, dict):
+                continue
+            holds = row.get("held") or {}
+            programs = row.get("programs") or {}
+            kept = {p for p in programs if "*" in holds or p.split(":")[0] in holds}
+            if row.get("supervisord") != "running":
+                bad = [f"supervisord {row.get('supervisord')}"]
+            else:
+                bad = [f"{p} {s}" for p, s in sorted(programs.items()) if s != "RUNNING" and p not in kept]
+            if bad:
+                down.setdefault(minion, {})[deployment] = bad
+            if holds:
+                held.setdefault(minion, {})[deployment] = {
+                    ("all programs" if p == "*" else p): reason or "no reason given" for p, reason in holds.items()
+                }
+            if not bad:
+                up.setdefault(minion, []).append(f"{deployment} {row.get('summary')}")
+    silent = sorted(set(expected) - set(returns))
+    parts = [f"{len(expected)} hosts"]
+    parts += [f"{len(down)} with programs down"] if down else []
+    parts += [f"{len(held)} with programs held"] if held else []
+    parts += [f"{len(silent)} not answering"] if silent else []
+    parts += [f"{len(errors)} with errors"] if errors else []
+    if not (down or silent or errors):
+        parts.append("every program that should run is running")
+    out = {"summary": ", ".join(parts), "down": down, "held": held, "not answering": silent, "up": up}
+    if name:
+        out["deployment"] = name
+    if errors:
+        out["errors"] = errors
+    out["retcode"] = 1 if (down or silent or errors) else 0
+    return out

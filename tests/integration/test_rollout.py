@@ -1,0 +1,456 @@
+"""
+Rolling deploys across a fleet through a real salt-master and three real
+salt-minions: fleet.deploy, fleet.rollback, fleet.history, fleet.unlock and
+fleet.status with the real `salt-run` CLI.
+
+Each minion is a host with its own sandbox root (its own pillar file says
+which) running the sample Celery app as the unprivileged test user. Every
+host's worker consumes a queue of its own, so a task sent there says which
+release serves on that host. Each test deploys a deployment of its own name,
+so tests share the daemons and nothing else.
+"""
+
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import celery.exceptions
+import git
+import pytest
+import yaml
+from saltfactories.utils import random_string
+
+from localfleet.config import saltfleet_utils, stop_deployments
+from tests.apps import SAMPLE_APP, celery_client, commit, run_task
+from tests.conftest import sandbox_root, short_tmpdir
+
+BROKEN_REQUIREMENTS = "requirements-broken.txt"
+HOSTS = 3
+
+
+def fleet_repo(base):
+    """The sample app at v1, v2 and v3 (tags; VERSION says which), each with a requirements file that cannot install."""
+    work = Path(base) / "app"
+    shutil.copytree(SAMPLE_APP, work)
+    (work / BROKEN_REQUIREMENTS).write_text("celery==5.7.0\nsaltfleet-no-such-package==0.0.1\n")
+    git.Repo.init(work, initial_branch="master")
+    app = work / "sampleapp.py"
+    shas = {}
+    for version in ("1", "2", "3"):
+        app.write_text(app.read_text().replace('VERSION = "1"', f'VERSION = "{version}"'))
+        shas[f"v{version}"] = commit(work, f"app v{version}", tag=f"v{version}")
+        app.write_text(app.read_text().replace(f'VERSION = "{version}"', 'VERSION = "1"'))
+    bare = Path(base) / "app.git"
+    git.Repo(work).clone(bare, bare=True)
+    return bare, shas
+
+
+@pytest.fixture(scope="module")
+def places(deploy_user):
+    base = short_tmpdir("sfo-")
+    repo, shas = fleet_repo(base)
+    # The broker and result folders the workers of every host and the tests share.
+    data = short_tmpdir("sfd-", owner=deploy_user)
+    for folder in ("queue", "control", "results", "processed"):
+        (data / folder).mkdir()
+        shutil.chown(data / folder, deploy_user.pw_uid, deploy_user.pw_gid)
+    roots = [sandbox_root("sfh-", deploy_user) for _ in range(HOSTS)]
+    yield {"repo": repo, "shas": shas, "data": data, "roots": roots}
+    for root in roots:
+        stop_deployments(root, timeout=60)
+    for path in (base, data, *roots):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def minions(salt_master):
+    """Three minions; sorted by id, the first is fleet.deploy's first batch."""
+    factories = [
+        salt_master.salt_minion_daemon(random_string(f"fleet{n}-"), overrides={"log_level_logfile": "info"})
+        for n in range(1, HOSTS + 1)
+    ]
+    factories.sort(key=lambda f: f.id)
+    with contextlib.ExitStack() as stack:
+        for factory in factories:
+            stack.enter_context(factory.started(start_timeout=120))
+        yield factories
+
+
+class Fleet:
+    """The three hosts: per-host pillar in, the real `salt` and `salt-run` CLIs out."""
+
+    def __init__(self, salt_cli, salt_run_cli, minions, pillar_dir, places, user, uv_cache):
+        self.cli, self.run_cli, self.minions = salt_cli, salt_run_cli, minions
+        self.ids = [m.id for m in minions]
+        self.pillar_dir, self.places, self.user, self.uv_cache = pillar_dir, places, user, uv_cache
+        self.deployments = {minion: {} for minion in self.ids}
+        self.tasks = celery_client(places["data"])
+
+    def salt(self, *args, tgt=None, **kwargs):
+        """`salt -L <the hosts, or tgt> ARGS`: the CLI's result."""
+        return self.cli.run("-L", *args, minion_tgt=",".join(tgt or self.ids), **kwargs)
+
+    def salt_run(self, *args, **kwargs):
+        """`salt-run ARGS`: (returncode, report, progress messages), from its JSON lines."""
+        ret = self.run_cli.run(*args, **kwargs)
+        return parse_run(ret.returncode, ret.stdout, ret.stderr)
+
+    def spec(self, name, host, rev="v1", requirements=None):
+        queue = self.queue(name, host)
+        spec = {
+            "repo": str(self.places["repo"]),
+            "rev": rev,
+            "env": {"SAMPLEAPP_DATA": str(self.places["data"])},
+            "programs": {
+                "worker": {"command": f"celery -A sampleapp worker -Q {queue} -c 1 -n {queue}@%%h", "startsecs": 3}
+            },
+        }
+        if requirements:
+            spec["requirements"] = requirements
+        return spec
+
+    def queue(self, name, host):
+        return f"{name}.h{self.ids.index(host) + 1}"
+
+    def write_pillar(self):
+        top = {"base": {minion: [f"host{n}"] for n, minion in enumerate(self.ids, 1)}}
+        self.pillar_dir.mkdir(parents=True, exist_ok=True)
+        (self.pillar_dir / "top.sls").write_text(yaml.safe_dump(top))
+        for n, (minion, root) in enumerate(zip(self.ids, self.places["roots"], strict=True), 1):
+            host = {"root": str(root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache)}
+            data = {"saltfleet": host, "deployments": self.deployments[minion]}
+            (self.pillar_dir / f"host{n}.sls").write_text(yaml.safe_dump(data))
+        ret = self.salt("saltutil.refresh_pillar", "wait=True")
+        assert ret.returncode == 0, ret
+
+    def setup(self, name):
+        """Deployment ``name`` at v1 on every host, each worker consuming its queue; the master knows where it runs."""
+        for minion in self.ids:
+            self.deployments[minion][name] = self.spec(name, minion)
+        self.write_pillar()
+        ret = self.salt("state.single", "deployment.present", f"name={name}", _timeout=900)
+        assert ret.returncode == 0, ret
+        for minion in self.ids:
+            [state] = ret.data[minion].values()
+            assert state["result"] is True, state
+        assert self.versions(name) == ["1"] * HOSTS
+
+    def break_requirements(self, name, host):
+        """Pillar of ``host`` names requirements that cannot install there (and only there)."""
+        self.deployments[host][name] = self.spec(name, host, requirements=BROKEN_REQUIREMENTS)
+        self.write_pillar()
+
+    def mend_requirements(self, name, host):
+        self.deployments[host][name] = self.spec(name, host)
+        self.write_pillar()
+
+    def versions(self, name):
+        """The app version that serves a task on each host (in host order)."""
+        return [self.version(name, minion) for minion in self.ids]
+
+    def version(self, name, host):
+        try:
+            return run_task(self.tasks, self.queue(name, host), timeout=120)["version"]
+        except celery.exceptions.TimeoutError:
+            root = self.places["roots"][self.ids.index(host)]
+            logs = sorted((root / "home" / self.user.pw_name / "log" / name).glob("*.log"))
+            tails = "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
+            status = self.salt("deployment.status", name, tgt=[host]).data
+            pytest.fail(f"no worker of {name} on {host} took a task within 120 s; status: {status}{tails}")
+
+    def releases(self, name):
+        """What each host says it serves (deployment.status), in host order."""
+        ret = self.salt("deployment.status", name)
+        return [ret.data[minion][name]["release"] for minion in self.ids]
+
+    def fault(self, host, point, action="wait"):
+        """Hold (or kill) deployment changes on ``host`` at ``point`` until the marker goes."""
+        root = self.places["roots"][self.ids.index(host)]
+        marker = saltfleet_utils().saltfleet_paths.registry(root) / "faults" / point
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(action)
+        return marker
+
+
+def parse_run(returncode, stdout, stderr):
+    """salt-run's JSON documents, one after another: progress events, then the return."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while stdout[at:].strip():
+        at += len(stdout[at:]) - len(stdout[at:].lstrip())
+        doc, at = decoder.raw_decode(stdout, at)
+        docs.append(doc)
+    progress = [d["event"]["message"] for d in docs if isinstance(d, dict) and d.get("suffix") == "progress"]
+    returned = [d for d in docs if not (isinstance(d, dict) and d.get("suffix") == "progress")]
+    assert len(returned) == 1, (returncode, stdout, stderr)
+    return returncode, returned[0], progress
+
+
+@pytest.fixture(scope="module")
+def fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, user_uv_cache):
+    ret = salt_cli.run("-L", "saltutil.sync_all", minion_tgt=",".join(m.id for m in minions))
+    assert ret.returncode == 0, ret
+    fleet = Fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, user_uv_cache)
+    fleet.write_pillar()
+    return fleet
+
+
+def wait_for(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout} s")
+        time.sleep(0.5)
+
+
+def test_a_rollout_stops_at_the_batch_whose_host_fails_and_says_who_serves_what(fleet, places):
+    name = "ro-fail"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+
+    code, dry, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "test=True")
+    assert code == 0, dry
+    assert {h: row["outcome"] for h, row in dry["hosts"].items()} == dict.fromkeys(fleet.ids, "would change")
+    assert all(row["release"] == {"old": shas["v1"], "new": shas["v2"]} for row in dry["hosts"].values())
+    assert fleet.versions(name) == ["1", "1", "1"], "a dry run changes nothing"
+
+    fleet.break_requirements(name, h2)
+    code, report, progress = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=1")
+    assert code != 0, report
+    assert report["outcome"] == "stopped", report
+    assert report["deployed"] == {h1: shas["v2"]}, report
+    assert list(report["failed"]) == [h2]
+    assert "saltfleet-no-such-package" in report["failed"][h2]["reason"]
+    assert report["failed"][h2]["still serves"] == shas["v1"]
+    assert report["not touched"] == {h3: shas["v1"]}
+    assert report["summary"].startswith("stopped: batch 2 of 3 failed")
+    assert any(f"batch 1 of 3: {h1}" in line for line in progress), progress
+    assert any(f"batch 2 of 3: {h2}" in line for line in progress), progress
+    assert not any("batch 3 of 3" in line for line in progress), "the rollout stopped at batch 2"
+    # What the report says is what serves: host one on v2, two and three still on v1 and consuming.
+    assert fleet.releases(name) == [shas["v2"], shas["v1"], shas["v1"]]
+    assert fleet.versions(name) == ["2", "1", "1"]
+
+
+def test_a_rollout_stops_at_a_host_that_does_not_answer(fleet, places):
+    name = "ro-down"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+    stopped = fleet.minions[1]
+    stopped.terminate()
+    try:
+        code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=1", "timeout=10")
+        assert code != 0, report
+        assert report["deployed"] == {h1: shas["v2"]}, report
+        assert report["no answer"] == [h2]
+        assert report["failed"] == {}
+        assert report["not touched"] == {h3: shas["v1"]}
+        code, status, _ = fleet.salt_run("fleet.status", name, "timeout=5")
+        assert code != 0, status
+        assert status["not answering"] == [h2]
+        assert sorted(status["up"]) == [h1, h3]
+    finally:
+        stopped.start(start_timeout=120)
+    wait_for(lambda: fleet.salt("test.ping", tgt=[h2], _timeout=30).data is True, 120, f"{h2} answering again")
+    # The host that never got the job still serves v1.
+    assert fleet.versions(name) == ["2", "1", "1"]
+
+
+def test_a_second_rollout_of_a_deployment_is_refused_naming_who_deploys_it(fleet, places, salt_master):
+    name = "ro-lock"
+    h1 = fleet.ids[0]
+    fleet.setup(name)
+    record = Path(salt_master.config["cachedir"]) / "saltfleet" / "locks" / f"{name}.json"
+    marker = fleet.fault(h1, "build")
+    first = subprocess.Popen(
+        fleet.run_cli.cmdline("fleet.deploy", name, "rev=v2", f"tgt={h1}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    waiting = None
+    try:
+        # The first rollout holds the lock while host one's build waits at the fault point.
+        holder = wait_for(lambda: record.exists() and json.loads(record.read_text()), 120, "the first rollout's lock")
+        assert holder["pid"] == first.pid
+        code, refused, _ = fleet.salt_run("fleet.deploy", name, "rev=v3")
+        assert code != 0, refused
+        assert refused["outcome"] == "refused"
+        assert (
+            f"being deployed by {holder['user']} (fleet.deploy {name} rev=v2 batch=1, pid {first.pid}"
+            in refused["error"]
+        )
+        assert f"since {holder['since']}" in refused["error"]
+        code, shown, _ = fleet.salt_run("fleet.unlock", name)
+        assert code != 0 and shown["state"] == "held", shown
+        # One that may wait gets its turn after the first.
+        waiting = subprocess.Popen(
+            fleet.run_cli.cmdline("fleet.deploy", name, "rev=v2", f"tgt={h1}", "lock_wait=600"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        marker.unlink()
+    out, err = first.communicate(timeout=600)
+    code, report, _ = parse_run(first.returncode, out, err)
+    assert code == 0, report
+    assert report["deployed"] == {h1: places["shas"]["v2"]}
+    out, err = waiting.communicate(timeout=600)
+    code, again, _ = parse_run(waiting.returncode, out, err)
+    assert code == 0, again
+    assert again["deployed"] == {h1: places["shas"]["v2"]}
+    assert not record.exists(), "the lock's record goes with its holder"
+    # The ledger has all three: the one that ran, the refused one and the one that waited.
+    code, history, _ = fleet.salt_run("fleet.history", name)
+    assert code == 0
+    assert [(h["rev"], h["outcome"].split(":")[0]) for h in history] == [
+        ("v2", "complete"),
+        ("v3", "refused"),
+        ("v2", "complete"),
+    ]
+
+
+def test_history_lists_the_rollouts_and_rollback_brings_every_host_back(fleet, places):
+    name = "ro-back"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+    code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=2")
+    assert code == 0, report
+    assert report["deployed"] == dict.fromkeys(fleet.ids, shas["v2"])
+    assert report["batches"] == [[h1, h2], [h3]]
+    fleet.break_requirements(name, h2)
+    code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v3", "batch=1")
+    assert code != 0, report
+    fleet.mend_requirements(name, h2)
+    assert fleet.versions(name) == ["3", "2", "2"]
+
+    code, history, _ = fleet.salt_run("fleet.history", name)
+    assert code == 0
+    assert [(h["what"], h["rev"]) for h in history] == [("fleet.deploy", "v2"), ("fleet.deploy", "v3")]
+    done, stopped = history
+    assert done["outcome"].startswith("complete") and done["who"]
+    assert done["hosts"] == {h: {"outcome": "deployed", "release": shas["v2"]} for h in fleet.ids}
+    assert stopped["outcome"].startswith("stopped: batch 2 of 3 failed")
+    assert stopped["hosts"][h1] == {"outcome": "deployed", "release": shas["v3"]}
+    assert stopped["hosts"][h2]["outcome"] == "failed"
+    assert stopped["hosts"][h2]["release"] == shas["v2"]
+    assert stopped["hosts"][h3] == {"outcome": "not touched", "release": shas["v2"]}
+
+    # Back to the newest release every host keeps complete: v2 (host two's v3 never built).
+    code, report, _ = fleet.salt_run("fleet.rollback", name)
+    assert code == 0, report
+    assert report["rev"] == shas["v2"]
+    assert report["deployed"] == dict.fromkeys(fleet.ids, shas["v2"])
+    assert fleet.versions(name) == ["2", "2", "2"]
+    # And once more: every host back to the release before, v1, and its code runs.
+    code, report, _ = fleet.salt_run("fleet.rollback", name, "batch=100%")
+    assert code == 0, report
+    assert fleet.releases(name) == [shas["v1"]] * HOSTS
+    assert fleet.versions(name) == ["1", "1", "1"]
+    code, history, _ = fleet.salt_run("fleet.history", name)
+    assert [(h["what"], h["rev"], h["outcome"].split(":")[0]) for h in history[2:]] == [
+        ("fleet.rollback", shas["v2"], "complete"),
+        ("fleet.rollback", shas["v1"], "complete"),
+    ]
+
+
+def test_a_failing_pre_hook_stops_the_rollout_before_any_host_switches(fleet, places):
+    name = "ro-hook"
+    fleet.setup(name)
+    code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "pre=python -c 'raise SystemExit(3)'")
+    assert code != 0, report
+    assert "the pre hook `python -c 'raise SystemExit(3)'` failed" in report["summary"]
+    assert "no host was changed" in report["summary"]
+    assert report["deployed"] == {}
+    assert report["not touched"] == dict.fromkeys(fleet.ids, places["shas"]["v1"])
+    assert fleet.versions(name) == ["1", "1", "1"]
+    # A post hook runs once, after the last batch, in the new release.
+    code, report, _ = fleet.salt_run(
+        "fleet.deploy", name, "rev=v2", "batch=3", "post=python -c 'import sampleapp; print(sampleapp.VERSION)'"
+    )
+    assert code == 0, report
+    [post] = report["hooks"]["post"]
+    assert (post["host"], post["retcode"], post["stdout"].strip()) == (fleet.ids[0], 0, "2")
+    assert fleet.versions(name) == ["2", "2", "2"]
+
+
+def test_fleet_status_names_held_and_down_programs_and_exits_non_zero_while_one_is_down(fleet):
+    name = "ro-status"
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+    code, status, _ = fleet.salt_run("fleet.status", name)
+    assert code == 0, status
+    ret = fleet.salt("deployment.hold", name, "worker", "reason=db maintenance", tgt=[h1])
+    assert ret.returncode == 0, ret
+    ret = fleet.salt("deployment.supervisorctl", name, "stop", "worker", tgt=[h3])
+    assert ret.returncode == 0, ret
+
+    code, status, _ = fleet.salt_run("fleet.status", name)
+    assert code != 0, status
+    assert status["down"] == {h3: {name: ["worker STOPPED"]}}
+    assert status["held"] == {h1: {name: {"worker": "db maintenance"}}}
+    assert status["not answering"] == []
+    assert sorted(status["up"]) == [h1, h2]
+    # The whole fleet's status says the same of this deployment.
+    code, everything, _ = fleet.salt_run("fleet.status")
+    assert code != 0
+    assert everything["down"][h3][name] == ["worker STOPPED"]
+
+    ret = fleet.salt("deployment.start", name, tgt=[h3])
+    assert ret.returncode == 0, ret
+    code, status, _ = fleet.salt_run("fleet.status", name)
+    assert code == 0, status
+    assert status["held"] == {h1: {name: {"worker": "db maintenance"}}}, "a held program is not down"
+
+
+def test_host_level_deploys_go_into_the_ledger_and_the_grain_targets_the_hosts(fleet, places):
+    name = "ro-host"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+    # Ad-hoc targeting by deployment, as the README shows it.
+    # The master matches -G against its grains cache, which a host's pillar refresh updates.
+    ret = fleet.salt("saltutil.refresh_pillar", "wait=True")
+    assert ret.returncode == 0, ret
+    ret = fleet.cli.run("-G", "test.ping", minion_tgt=f"saltfleet_deployments:{name}:*")
+    assert ret.returncode == 0, ret
+    assert sorted(ret.data) == sorted(fleet.ids)
+    ret = fleet.cli.run("-G", "test.ping", minion_tgt=f"saltfleet_deployments:{name}-nowhere:*")
+    assert not ret.data
+
+    ret = fleet.salt("deployment.update_code", name, "v2", tgt=[h1, h2])
+    assert ret.returncode == 0, ret
+    # The reactor records each return as it arrives.
+    jobs = wait_for(
+        lambda: [
+            h
+            for h in fleet.salt_run("fleet.history", name)[1]
+            if h["what"] == "deployment.update_code" and len(h["hosts"]) == 2
+        ],
+        120,
+        "both returns in the ledger",
+    )
+    [job] = jobs
+    assert job["who"] and job["rev"] == "v2"
+    assert job["hosts"] == {h: {"outcome": "deployed", "release": shas["v2"]} for h in (h1, h2)}
+    assert job["outcome"] == "2 deployed"
+    ret = fleet.salt("deployment.rollback", name, tgt=[h1])
+    assert ret.returncode == 0, ret
+    wait_for(
+        lambda: any(h["what"] == "deployment.rollback" for h in fleet.salt_run("fleet.history", name)[1]),
+        120,
+        "the rollback in the ledger",
+    )
+    [back] = [h for h in fleet.salt_run("fleet.history", name)[1] if h["what"] == "deployment.rollback"]
+    assert back["hosts"] == {h1: {"outcome": "deployed", "release": shas["v1"]}}
+    assert fleet.versions(name) == ["1", "2", "1"]
+    assert h3 not in job["hosts"]
