@@ -49,6 +49,8 @@ DEPLOYMENT_DEFAULTS = {
     "context": {},
     "programs": {},
     "supervisord_conf": None,
+    # Commands fleet.deploy runs once per rollout on its first host (e.g. migrations).
+    "hooks": {},
     "user": None,
     "python": None,
     "keep_releases": None,
@@ -257,6 +259,23 @@ def _check_program(where, opts, errors):
                 _check_expansions(kwhere, value, errors)
 
 
+def _check_hooks(where, hooks, errors):
+    if not _check_type(where, hooks, dict, errors):
+        return
+    _check_keys(where, hooks, ("pre", "post"), errors)
+    for when in ("pre", "post"):
+        value = hooks.get(when)
+        items = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            errors.append(f"{where}:{when}: give a command (a string) or a list of them")
+            continue
+        for item in items:
+            if not isinstance(item, (str, list)) or not item:
+                errors.append(f"{where}:{when}: {item!r} is not a command (a string or a list of words)")
+            else:
+                _check_line(f"{where}:{when}", item if isinstance(item, str) else " ".join(map(str, item)), errors)
+
+
 def _check_tool(where, value, errors):
     if value is not None and _check_type(where, value, str, errors) and not ROOT_RE.match(value):
         errors.append(f"{where}: {value!r} must be an absolute path (root's, writable by root only)")
@@ -334,6 +353,7 @@ def validate_deployment(name, spec, host):
             "(the output of ssh-keyscan, checked); saltfleet never disables host key checking"
         )
     _check_env(f"{where}:env", cfg["env"], errors)
+    _check_hooks(f"{where}:hooks", cfg["hooks"], errors)
     _check_type(f"{where}:context", cfg["context"], dict, errors)
     if _check_type(f"{where}:programs", cfg["programs"], dict, errors):
         for prog, opts in cfg["programs"].items():

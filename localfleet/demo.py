@@ -27,6 +27,7 @@ SANDBOXES = DEMO / "minions"
 APP_SOURCE = REPO / "examples" / "sample-app"
 APP_REPO = DEMO / "sample-app.git"
 APP_BRANCH = "main"
+SECOND_REVISION = "v2"
 BROKER = DEMO / "broker"
 WORKERS = ("demo-worker-1", "demo-worker-2")
 PROFILE = "local-worker"
@@ -115,7 +116,27 @@ def publish_sample_app(source=APP_SOURCE, bare=APP_REPO, branch=APP_BRANCH):
     parents = ["-p", head] if head else []
     sha = _git("commit-tree", tree, *parents, "-m", "sample-app as of `make demo`", env=env)
     _git("update-ref", f"refs/heads/{branch}", sha, env=env)
+    publish_second_revision(bare, sha, env)
     return sha
+
+
+def publish_second_revision(bare, base, env):
+    """Branch v2 of the sample app: main with VERSION "2", what the demo's printed fleet.deploy rolls out."""
+    app = (APP_SOURCE / "sampleapp.py").read_text()
+    blob = subprocess.run(
+        ["git", "hash-object", "-w", "--stdin"],
+        input=app.replace('VERSION = "1"', 'VERSION = "2"'),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "GIT_DIR": str(bare)},
+    ).stdout.strip()
+    index = {**env, "GIT_INDEX_FILE": str(bare / "saltfleet-demo-v2.index")}
+    _git("read-tree", base, env=index)
+    _git("update-index", "--cacheinfo", f"100644,{blob},sampleapp.py", env=index)
+    tree = _git("write-tree", env=index)
+    sha = _git("commit-tree", tree, "-p", base, "-m", "sample-app, second revision (VERSION 2)", env=index)
+    _git("update-ref", f"refs/heads/{SECOND_REVISION}", sha, env=index)
 
 
 # ------------------------------------------------------------------ config
@@ -274,7 +295,7 @@ def send_task(timeout=180):
 
 def up(workers=WORKERS):
     started = time.monotonic()
-    progress = Progress(9)
+    progress = Progress(10)
     salt = ["salt", *CONFIG_ARG.split()]
 
     progress("sample app: examples/sample-app committed into .demo/sample-app.git (the deployments' repo)")
@@ -320,6 +341,9 @@ def up(workers=WORKERS):
     progress("a task through the fleet: sampleapp.fetch on queue sample-fetcher.instagram (demo-worker-1)")
     send_task()
 
+    progress("every deployment's programs across the fleet, asked of the hosts")
+    run(["salt-run", *CONFIG_ARG.split(), "fleet.status"])
+
     elapsed = time.monotonic() - started
     print(
         f"""
@@ -331,6 +355,9 @@ The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's comm
     salt {CONFIG_ARG} 'demo-worker-*' cmd.run 'uptime'
     salt {CONFIG_ARG} '*' state.apply
     salt-run {CONFIG_ARG} fleet.inventory
+    salt-run {CONFIG_ARG} fleet.status
+    salt-run {CONFIG_ARG} fleet.deploy sample-fetcher rev={SECOND_REVISION}   # the app's second revision, host by host
+    salt-run {CONFIG_ARG} fleet.history
     salt-run {CONFIG_ARG} fleet.ansible_inventory --out=json
     salt-cloud {CONFIG_ARG} -Q
     salt-cloud {CONFIG_ARG} -p {PROFILE} demo-worker-3

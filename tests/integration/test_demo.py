@@ -226,3 +226,23 @@ def test_make_demo_down_stops_the_demo_and_nothing_else(demo_running):
     # And it is harmless when there is nothing left to stop.
     again = make("demo-down")
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_the_printed_fleet_deploy_rolls_the_second_revision_out(demo_running):
+    """The rollout the demo prints, typed into another shell: every fetcher then answers with version 2."""
+    printed = demo_running[0].stdout
+    assert "fleet.status" in printed.split("The demo fleet runs")[0], "make demo ends by printing fleet.status"
+    line = next(c for c in printed_commands(printed) if "fleet.deploy" in c).split("#", 1)[0].strip()
+    activated = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    try:
+        proc = shell(line, activated)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "demo-worker-1" in proc.stdout
+        task = shell(demo.task_command(), activated)
+        assert task.returncode == 0, task.stderr
+        assert "'version': '2'" in task.stdout
+    finally:
+        # Back to the branch pillar names, for the tests after this one.
+        salt = ["salt", "-c", ".demo/etc/salt", "demo-worker-1"]
+        shell(" ".join([*salt, "deployment.unpin", "sample-fetcher"]), activated)
+        shell(" ".join([*salt, "state.apply"]), activated)

@@ -169,3 +169,18 @@ def test_ordinary_values_pass(spec):
 def test_host_tools_are_absolute_or_a_version(key, value, message):
     _, errors = schema.validate_host({key: value})
     assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("hooks", "message"),
+    [
+        ({"pre": "python manage.py migrate", "post": ["a b", ["c", "d"]]}, None),
+        ({"during": "x"}, "deployments:fetcher:hooks:during: unknown key"),
+        ({"pre": 3}, "deployments:fetcher:hooks:pre: give a command"),
+        ({"pre": "migrate\nrm -rf /"}, "deployments:fetcher:hooks:pre: must be one line"),
+        ("migrate", "deployments:fetcher:hooks: must be a mapping"),
+    ],
+)
+def test_rollout_hooks(hooks, message):
+    errors = errors_of({"repo": "/r", "hooks": hooks})
+    assert (errors == []) if message is None else any(message in e for e in errors), errors
