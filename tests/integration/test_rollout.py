@@ -363,7 +363,7 @@ def test_history_lists_the_rollouts_and_rollback_brings_every_host_back(fleet, p
     ]
 
 
-def test_a_failing_pre_hook_stops_the_rollout_before_any_host_switches(fleet, places):
+def test_a_failing_pre_hook_stops_the_rollout_before_any_host_switches_and_post_hooks_run_after_it(fleet, places):
     name = "ro-hook"
     fleet.setup(name)
     code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "pre=python -c 'raise SystemExit(3)'")
@@ -381,6 +381,14 @@ def test_a_failing_pre_hook_stops_the_rollout_before_any_host_switches(fleet, pl
     [post] = report["hooks"]["post"]
     assert (post["host"], post["retcode"], post["stdout"].strip()) == (fleet.ids[0], 0, "2")
     assert fleet.versions(name) == ["2", "2", "2"]
+    # Without hook arguments, pillar deployments:<name>:hooks of the first host counts.
+    for minion in fleet.ids:
+        fleet.deployments[minion][name]["hooks"] = {"post": "python -c 'import sampleapp; print(sampleapp.VERSION)'"}
+    fleet.write_pillar()
+    code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v3", "batch=3")
+    assert code == 0, report
+    [post] = report["hooks"]["post"]
+    assert (post["host"], post["retcode"], post["stdout"].strip()) == (fleet.ids[0], 0, "3")
 
 
 def test_fleet_status_names_held_and_down_programs_and_exits_non_zero_while_one_is_down(fleet):
