@@ -930,6 +930,7 @@ def _mine_send():
     """Tell the master at once (mine and grains cache) what changed, for fleet.inventory."""
     try:
         __salt__["mine.send"]("deployment.status")
-        __salt__["saltutil.refresh_grains"](refresh_pillar=False)
+        # The master caches grains at a pillar refresh: -G 'saltfleet_deployments:NAME:*' matches at once.
+        __salt__["saltutil.refresh_grains"](refresh_pillar=True)
     except Exception:  # pylint: disable=broad-except
         log.debug("updating the mine or grains after a change failed", exc_info=True)
