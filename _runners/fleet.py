@@ -70,7 +70,7 @@ def _addresses(cloud, grains):
 
 
 def _deployments(grains, mine):
-    """{name: {rev, release, running, programs, supervisord}} from grains and mine."""
+    """{name: {rev, release, running, programs, supervisord[, workers]}} from grains and mine."""
     found = {}
     for name, known in (grains.get("saltfleet_deployments") or {}).items():
         facts = known or {}
@@ -93,6 +93,9 @@ def _deployments(grains, mine):
             row["running"] = facts.get("running")
             row["programs"] = len(facts.get("programs") or {})
             row["supervisord"] = facts.get("supervisord")
+            if facts.get("workers"):
+                # Celery nodes: the queues each consumes and its tasks in hand.
+                row["workers"] = facts["workers"]
     return dict(sorted(found.items()))
 
 
@@ -157,7 +160,7 @@ def _deployment_cell(name, facts):
     return f"{name} {where} {running}"
 
 
-def format_table(rows):
+def _format_table(rows):
     """The inventory as a fixed-width table, one line per minion (and per extra deployment)."""
     header = ["ID", "STATUS", "PROVIDER", "REGION", "SIZE", "PUBLIC IP", "PRIVATE IP", "DEPLOYMENTS"]
     lines = []
@@ -199,14 +202,16 @@ def inventory(tgt="*", deployment=None, provider=None):
     provider
         Only the minions of this cloud provider (``local``, ``ec2``, ``rackspace``).
 
+    CLI Example:
+
     .. code-block:: bash
 
         salt-run fleet.inventory
         salt-run fleet.inventory deployment=daily-fetcher --out=json
         salt-run fleet.inventory provider=ec2 tgt='worker-*'
     """
-    rows = _rows(tgt, deployment, provider)
-    return format_table(rows) if _as_text() else rows
+    rows = _with_syndics(_rows(tgt, deployment, provider), tgt, deployment, provider)
+    return _format_table(rows) if _as_text() else rows
 
 
 def _group(prefix, name):
@@ -220,6 +225,8 @@ def ansible_inventory(tgt="*", deployment=None, provider=None):
     (``deployment_<name>``), per provider (``provider_<name>``) and per
     status (``salt_up``/``salt_down``); hostvars hold ``ansible_host``, the
     cloud facts, the deployments and every cached grain under ``salt_grains``.
+
+    CLI Example:
 
     .. code-block:: bash
 
@@ -377,6 +384,89 @@ def queues(tgt="*", deployment=None, queue=None):
     return _format_queues(report) if _as_text() else report
 
 
+# ------------------------------------------------------------ masters of masters
+# A master of masters (order_masters) holds the keys of its syndics, not of the
+# minions below them, and its cache holds none of their grains or mine: each
+# syndic master's own cache does. So fleet.inventory there asks each of its
+# syndics for the rows of the syndic's master, through the salt-minion beside
+# the syndic (the syndic's id, its config beside the master's): `saltutil.runner
+# fleet.inventory_rows`. Its syndics are Salt's own record of them,
+# <cachedir>/syndics (Salt registers a syndic when it forwards its first
+# return). A syndic that does not answer within SYNDIC_TIMEOUT seconds stays
+# the one row the top's own cache has of it.
+
+SYNDIC_TIMEOUT = 30
+
+
+def _syndics():
+    """This master's accepted keys that Salt registered as syndics."""
+    import os
+
+    try:
+        registered = set(os.listdir(os.path.join(__opts__["cachedir"], "syndics")))
+    except OSError:
+        return []
+    return sorted(registered.intersection(_accepted()))
+
+
+def _below(syndics):
+    """{syndic: the rows of its master's inventory} of the syndics that answered."""
+    import salt.client
+
+    answered = {}
+    with salt.client.get_local_client(mopts=__opts__) as client:
+        returns = client.cmd_iter(
+            syndics, "saltutil.runner", ["fleet.inventory_rows"], tgt_type="list", timeout=SYNDIC_TIMEOUT
+        )
+        for item in returns:
+            for syndic, data in item.items():
+                rows = data.get("ret") if isinstance(data, dict) else None
+                if syndic in syndics and isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+                    answered[syndic] = rows
+                else:
+                    log.warning("fleet.inventory: syndic %s returned no inventory: %s", syndic, data)
+    return answered
+
+
+def _with_syndics(rows, tgt="*", deployment=None, provider=None):
+    """
+    ``rows``, this master's own; on a master of masters, each answering
+    syndic's row replaced by the rows of its master (filtered alike), and
+    every row naming its ``syndic`` (``None``: a minion of this master).
+    """
+    syndics = _syndics()
+    if not syndics:
+        return rows
+    below = _below(syndics)
+    merged = [{**row, "syndic": None} for row in rows if row["id"] not in below]
+    for syndic, found in below.items():
+        for row in found:
+            if not fnmatch.fnmatchcase(str(row.get("id")), tgt):
+                continue
+            if deployment and deployment not in (row.get("deployments") or {}):
+                continue
+            if provider and row.get("provider") != provider:
+                continue
+            merged.append({**row, "syndic": syndic})
+    return sorted(merged, key=lambda row: str(row["id"]))
+
+
+def inventory_rows(tgt="*", deployment=None, provider=None):
+    """
+    The rows of ``fleet.inventory`` from this master's own cache, as data
+    whatever ``--out`` says: what ``fleet.inventory`` on a master of masters
+    asks each syndic master for, through the minion beside its syndic.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.inventory_rows --out=json
+        salt syndic-1 saltutil.runner fleet.inventory_rows
+    """
+    return _rows(tgt, deployment, provider)
+
+
 # ------------------------------------------------ rollouts, deploy ledger, fleet status
 # fleet.deploy, rollback, unlock, history, record, status. Batches and outcomes
 # live in _utils/saltfleet_rollout.py; the deploy lock and ledger (and what a
@@ -409,18 +499,43 @@ def _refuse(message, **fields):
 
 
 def _plan(what, name, batch, tgt, tgt_type):
-    """({minion: release it serves}, batches) of the hosts of ``name``; ValueError when there are none."""
+    """
+    ({minion: release it serves}, batches, held back, the first host's
+    pillar) of the hosts of ``name``, the batches within the deployment's
+    ``min_consumers``; ValueError when there are no hosts or a floor cannot hold.
+    """
     serving = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, tgt, tgt_type)
     if not serving:
         where = "" if tgt == "*" else f" matching {tgt!r}"
         raise ValueError(f"{what}: no minion{where} hosts deployment {name} (`salt-run fleet.inventory` shows where)")
-    return serving, __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
+    plan = __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
+    pillar = __salt__["pillar.show_pillar"](plan[0][0])
+    floors = (((pillar or {}).get("deployments") or {}).get(name) or {}).get("min_consumers") or {}
+    errors = []
+    if not __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", floors, errors):
+        raise ValueError(f"{what}: {'; '.join(errors)}")
+    consumers = {}
+    for queue, rows in _consumers()[0].items():
+        for row in rows:
+            if queue in floors and row["status"] == "up":
+                consumers.setdefault(row["minion"], {}).setdefault(queue, 0)
+                consumers[row["minion"]][queue] += 1
+    try:
+        plan, held = __utils__[f"{ROLLOUT}.within_floor"](plan, consumers, floors)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}; nothing was changed") from None
+    for row in held:
+        _progress(
+            f"{name}: batch {row['batch']} cut short: queue {row['queue']} keeps {row['floor']} "
+            f"of its {row['consumers']} consumers (min_consumers)"
+        )
+    return serving, plan, held, pillar
 
 
-def _hooks(name, host, pre, post):
-    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the first host's pillar."""
+def _hooks(name, pillar, pre, post):
+    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the first host's ``pillar``."""
     if pre is None and post is None:
-        return __utils__[f"{ROLLOUT}.hooks_in_pillar"](__salt__["pillar.show_pillar"](host), name)
+        return __utils__[f"{ROLLOUT}.hooks_in_pillar"](pillar, name)
     commands = __utils__[f"{ROLLOUT}.commands"]
     return {"pre": commands(pre, f"fleet.deploy {name} pre"), "post": commands(post, f"fleet.deploy {name} post")}
 
@@ -441,11 +556,16 @@ def _take(kind, name, rev, command, lock_wait):
     return lock
 
 
-def _roll(lock, kind, name, rev, plan, serving, fun, hooks, timeout):
+def _roll(lock, kind, name, rev, plan, held, serving, fun, hooks, timeout):
     """The rollout under ``lock`` (held), recorded in the ledger: its report."""
     journal = __utils__[f"{LEDGER}.journal"](_opts(), __jid__)
     args = (kind, _user(), name, rev, plan, serving, fun, hooks, timeout, _progress)
-    return _finish(__utils__[f"{ROLLOUT}.roll"](_opts(), lock, journal, *args))
+    return _finish(_held(__utils__[f"{ROLLOUT}.roll"](_opts(), lock, journal, *args), held))
+
+
+def _held(report, held):
+    """``report`` with the batches ``min_consumers`` cut short, and which queue held each back."""
+    return {**report, "held back": held} if held else report
 
 
 def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_wait=0, timeout=30, pre=None, post=None):
@@ -462,6 +582,13 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
     who deploys and since when (``lock_wait=SECONDS`` waits instead;
     ``fleet.unlock`` shows and breaks the lock). Every rollout goes into the
     deploy ledger (``fleet.history``).
+
+    A Celery queue with a floor in pillar (``deployments:<name>:min_consumers:
+    {queue: N}``, of the first host) keeps N consumers up through the rollout:
+    a host counts as out of service during its batch, so a batch that would
+    leave fewer is cut short (the report's ``held back`` names the queue), and
+    a rollout where one host alone would is refused before anything changes.
+    Consumers are counted from the master's cache, as ``fleet.queues`` shows them.
 
     batch
         Hosts per batch: a number (``1``, the default) or a share (``20%``).
@@ -492,15 +619,15 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         return _refuse(f"fleet.deploy {name}: give the rev to deploy: rev=BRANCH, rev=TAG or rev=SHA")
     rev = str(rev)
     try:
-        serving, plan = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
+        serving, plan, held, pillar = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
         if test:
-            return _finish(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress))
-        hooks = _hooks(name, plan[0][0], pre, post)
+            return _finish(_held(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress), held))
+        hooks = _hooks(name, pillar, pre, post)
         lock = _take("fleet.deploy", name, rev, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
     except (ValueError, CommandExecutionError) as exc:
         return _refuse(str(exc), deployment=name, rev=rev, outcome="refused")
     try:
-        return _roll(lock, "fleet.deploy", name, rev, plan, serving, "deployment.update_code", hooks, timeout)
+        return _roll(lock, "fleet.deploy", name, rev, plan, held, serving, "deployment.update_code", hooks, timeout)
     finally:
         lock.release()
 
@@ -511,8 +638,8 @@ def rollback(name, release=None, batch=1, tgt="*", tgt_type="glob", test=False, 
     ``deployment.rollback``, to the newest release kept complete on all of
     them other than the newest one serving (or to ``release``, a SHA or its
     prefix, if all keep it). Every host must answer ``deployment.releases``
-    first, or nothing changes. Lock, ledger, stop on the first failed or
-    silent batch, and report as ``fleet.deploy``'s.
+    first, or nothing changes. Lock, ledger, ``min_consumers``, stop on the
+    first failed or silent batch, and report as ``fleet.deploy``'s.
 
     CLI Example:
 
@@ -527,15 +654,15 @@ def rollback(name, release=None, batch=1, tgt="*", tgt_type="glob", test=False, 
     what = f"fleet.rollback {name}"
     lock = None
     try:
-        serving, plan = _plan(what, name, batch, tgt, tgt_type)
+        serving, plan, held, _ = _plan(what, name, batch, tgt, tgt_type)
         lock = None if test else _take("fleet.rollback", name, release, f"{what} batch={batch}", lock_wait)
         target = __utils__[f"{ROLLOUT}.rollback_target"](_opts(), name, sorted(serving), release, timeout, _progress)
         if test:
             moving = sorted(m for m in serving if serving[m] != target)
             summary = f"test: {len(moving)} of {len(serving)} hosts would go back to {target[:12]}"
             report = {"deployment": name, "release": target, "test": True, "batches": plan, "would switch": moving}
-            return _finish({**report, "summary": summary, "retcode": 0})
-        return _roll(lock, "fleet.rollback", name, target, plan, serving, "deployment.rollback", {}, timeout)
+            return _finish(_held({**report, "summary": summary, "retcode": 0}, held))
+        return _roll(lock, "fleet.rollback", name, target, plan, held, serving, "deployment.rollback", {}, timeout)
     except (ValueError, CommandExecutionError) as exc:
         return _refuse(f"{what}: {exc}" if isinstance(exc, ValueError) else str(exc), deployment=name)
     finally:

@@ -59,6 +59,51 @@ def batches(hosts, size):
     return [hosts[i : i + count] for i in range(0, len(hosts), count)]
 
 
+def within_floor(plan, consumers, floors):
+    """
+    ``plan`` (batches of minion ids, the first as large as any) cut again so
+    that no batch leaves a Celery queue with fewer consumers than its floor.
+    As with a minimum of healthy hosts, a host counts as out of service for
+    its batch. ``consumers``: {minion: {queue: workers consuming it}}, every
+    consumer across the fleet that is up; ``floors``: {queue: fewest}.
+
+    Returns (batches, held back: [{batch, queue, floor, consumers}] for each
+    batch cut short). ValueError when a host alone would take a queue below
+    its floor: no order of batches deploys it.
+    """
+    if not floors:
+        return plan, []
+    size = max(len(batch) for batch in plan)
+    total = {queue: sum(mine.get(queue, 0) for mine in consumers.values()) for queue in floors}
+
+    def short(batch):
+        """The first floored queue ``batch`` takes below its floor, or None."""
+        for queue, floor in sorted(floors.items()):
+            out = sum(consumers.get(minion, {}).get(queue, 0) for minion in batch)
+            if out and total[queue] - out < floor:
+                return queue
+        return None
+
+    cut, held, batch = [], [], []
+    for minion in (m for b in plan for m in b):
+        alone = short([minion])
+        if alone:
+            raise ValueError(
+                f"queue {alone} has {total[alone]} consumers up and a floor of {floors[alone]} (min_consumers): "
+                f"{minion} consumes it with {consumers[minion][alone]}, and deploying it would leave "
+                f"{total[alone] - consumers[minion][alone]}"
+            )
+        queue = short([*batch, minion]) if len(batch) < size else None
+        if batch and (len(batch) == size or queue):
+            if queue:
+                held.append({"batch": len(cut) + 1, "queue": queue, "floor": floors[queue], "consumers": total[queue]})
+            cut.append(batch)
+            batch = []
+        batch.append(minion)
+    cut.append(batch)
+    return cut, held
+
+
 def hosts_of(opts, name, tgt="*", tgt_type="glob"):
     """
     The accepted minions matching ``tgt`` that host deployment ``name``, as

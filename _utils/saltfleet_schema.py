@@ -51,6 +51,8 @@ DEPLOYMENT_DEFAULTS = {
     "supervisord_conf": None,
     # Commands fleet.deploy runs once per rollout on its first host (e.g. migrations).
     "hooks": {},
+    # {Celery queue: fewest consumers}: fleet.deploy keeps a batch from leaving fewer.
+    "min_consumers": {},
     "user": None,
     "python": None,
     "keep_releases": None,
@@ -276,6 +278,19 @@ def _check_hooks(where, hooks, errors):
                 _check_line(f"{where}:{when}", item if isinstance(item, str) else " ".join(map(str, item)), errors)
 
 
+def check_min_consumers(where, floors, errors):
+    """Append an error unless ``floors`` is {queue name: fewest consumers (0-10000)}."""
+    if not _check_type(where, floors, dict, errors):
+        return False
+    before = len(errors)
+    for queue, floor in floors.items():
+        if not isinstance(queue, str) or not queue:
+            errors.append(f"{where}: {queue!r} is not a queue name")
+        elif _check_line(where, queue, errors):
+            _check_int(f"{where}:{queue}", floor, 0, 10000, errors)
+    return len(errors) == before
+
+
 def _check_tool(where, value, errors):
     if value is not None and _check_type(where, value, str, errors) and not ROOT_RE.match(value):
         errors.append(f"{where}: {value!r} must be an absolute path (root's, writable by root only)")
@@ -354,6 +369,7 @@ def validate_deployment(name, spec, host):
         )
     _check_env(f"{where}:env", cfg["env"], errors)
     _check_hooks(f"{where}:hooks", cfg["hooks"], errors)
+    check_min_consumers(f"{where}:min_consumers", cfg["min_consumers"], errors)
     _check_type(f"{where}:context", cfg["context"], dict, errors)
     if _check_type(f"{where}:programs", cfg["programs"], dict, errors):
         for prog, opts in cfg["programs"].items():

@@ -98,8 +98,8 @@ class Fleet:
         ret = self.run_cli.run(*args, **kwargs)
         return parse_run(ret.returncode, ret.stdout, ret.stderr)
 
-    def spec(self, name, host, rev="v1", requirements=None):
-        queue = self.queue(name, host)
+    def spec(self, name, host, rev="v1", requirements=None, queue=None):
+        queue = queue or self.queue(name, host)
         spec = {
             "repo": str(self.places["repo"]),
             "rev": rev,
@@ -462,3 +462,45 @@ def test_host_level_deploys_go_into_the_ledger_and_the_grain_targets_the_hosts(f
     assert back["hosts"] == {h1: {"outcome": "deployed", "release": shas["v1"]}}
     assert fleet.versions(name) == ["1", "2", "1"]
     assert h3 not in job["hosts"]
+
+
+def test_a_queue_floor_cuts_batches_short_and_refuses_a_rollout_it_cannot_hold(fleet, places):
+    name = "ro-floor"
+    shared = f"{name}.shared"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    # Every host's worker consumes one queue; the first host's pillar keeps two of the three up.
+    for minion in fleet.ids:
+        fleet.deployments[minion][name] = fleet.spec(name, minion, queue=shared)
+    fleet.deployments[h1][name]["min_consumers"] = {shared: 2}
+    fleet.write_pillar()
+    ret = fleet.salt("state.single", "deployment.present", f"name={name}", _timeout=900)
+    assert ret.returncode == 0, ret
+    # The master counts the consumers each host reported (fleet.queues, from the mine).
+    wait_for(
+        lambda: (fleet.salt_run("fleet.queues", f"queue={shared}")[1]["queues"].get(shared) or {}).get("up") == 3,
+        120,
+        f"three consumers of {shared} in fleet.queues",
+    )
+
+    # batch=2 would take two of three consumers out at once: one host a batch instead, and the report says why.
+    code, dry, progress = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=2", "test=True")
+    assert code == 0, dry
+    assert dry["batches"] == [[h1], [h2], [h3]], dry
+    assert [row["queue"] for row in dry["held back"]] == [shared, shared], dry
+    assert any(f"batch 1 cut short: queue {shared} keeps 2 of its 3 consumers" in line for line in progress), progress
+    code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=2")
+    assert code == 0, report
+    assert report["batches"] == [[h1], [h2], [h3]], report
+    assert report["held back"][0] == {"batch": 1, "queue": shared, "floor": 2, "consumers": 3}, report
+    assert report["deployed"] == dict.fromkeys(fleet.ids, shas["v2"])
+    assert run_task(fleet.tasks, shared, timeout=120)["version"] == "2"
+
+    # A floor of three: no host can go out, so nothing is deployed and the refusal names the queue.
+    fleet.deployments[h1][name]["min_consumers"] = {shared: 3}
+    fleet.write_pillar()
+    code, refused, _ = fleet.salt_run("fleet.deploy", name, "rev=v1")
+    assert code != 0, refused
+    assert f"queue {shared} has 3 consumers up and a floor of 3" in refused["error"], refused
+    assert refused["error"].endswith("nothing was changed"), refused
+    assert fleet.releases(name) == [shas["v2"]] * 3

@@ -292,7 +292,8 @@ def test_down_is_two_and_a_half_missed_heartbeats_plus_slack(master_opts, age, e
 def test_celery_workers_with_their_queues_and_tasks_in_hand(master_opts):
     master_opts["output"] = "json"
     row = status(1, 1)
-    row["workers"] = {"fetch.g1@vm": {"queues": ["fetch.instagram"], "active": 2}}
+    workers = {"fetch.g1@vm": {"queues": ["fetch.instagram"], "active": 2}}
+    row["workers"] = dict(workers)
     add_minion(master_opts, "w", cloud(), {"saltfleet.heartbeat": 10, "deployment.status": {"fetcher": row}}, age=1)
     [inventory] = load_runner(master_opts).inventory()
-    assert inventory["deployments"]["fetcher"]["workers"] == {"fetch.g1@vm": {"queues": ["fetch.instagram"], "active": 2}}
+    assert inventory["deployments"]["fetcher"]["workers"] == workers

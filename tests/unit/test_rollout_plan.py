@@ -209,3 +209,46 @@ def test_the_hosts_of_a_deployment_are_those_the_master_heard_run_it(master_opts
     assert rollout.hosts_of(master_opts, "app", "w1,x1", "list") == {"w1": OLD, "x1": OLD}
     assert rollout.hosts_of(master_opts, "nowhere") == {}
     assert rollout.deployments_of(master_opts, "w*") == {"w1": ["app"], "w2": ["app", "other"], "w3": ["other"]}
+
+
+# min_consumers: four hosts, two Celery workers each on queue q (8 consumers up), one on r on h4.
+CONSUMERS = {"h1": {"q": 2}, "h2": {"q": 2}, "h3": {"q": 2}, "h4": {"q": 2, "r": 1}, "elsewhere": {"q": 1}}
+HOSTS = ["h1", "h2", "h3", "h4"]
+
+
+def test_without_a_floor_the_batches_stand():
+    plan = rollout.batches(HOSTS, 2)
+    assert rollout.within_floor(plan, CONSUMERS, {}) == (plan, [])
+
+
+@pytest.mark.parametrize(
+    ("floors", "expected"),
+    [
+        # 9 consumers, two hosts out leave 5: a floor of 5 holds; 6 does not, so one host a batch.
+        ({"q": 5}, [["h1", "h2"], ["h3", "h4"]]),
+        ({"q": 6}, [["h1"], ["h2"], ["h3"], ["h4"]]),
+        # A floor on a queue none of the batch consumes holds nothing back.
+        ({"q": 5, "other": 3}, [["h1", "h2"], ["h3", "h4"]]),
+    ],
+)
+def test_a_batch_that_would_leave_a_queue_below_its_floor_is_cut_short(floors, expected):
+    plan, held = rollout.within_floor(rollout.batches(HOSTS, 2), CONSUMERS, floors)
+    assert plan == expected
+    if expected != [["h1", "h2"], ["h3", "h4"]]:
+        assert held[0] == {"batch": 1, "queue": "q", "floor": 6, "consumers": 9}
+        assert [row["batch"] for row in held] == [1, 2, 3]
+    else:
+        assert held == []
+
+
+def test_cut_short_batches_fill_up_again_once_the_queue_allows():
+    # r has one consumer and a floor of 0; q's floor lets three hosts out at once.
+    plan, held = rollout.within_floor([HOSTS], CONSUMERS, {"q": 3, "r": 0})
+    assert plan == [["h1", "h2", "h3"], ["h4"]]
+    assert held == [{"batch": 1, "queue": "q", "floor": 3, "consumers": 9}]
+
+
+def test_a_host_that_alone_would_leave_a_queue_below_its_floor_is_refused_naming_the_queue():
+    # h4 holds r's only consumer: no batch can take it out with a floor of 1.
+    with pytest.raises(ValueError, match=r"queue r has 1 consumers up and a floor of 1 .*h4 consumes it with 1"):
+        rollout.within_floor(rollout.batches(HOSTS, 1), CONSUMERS, {"r": 1})

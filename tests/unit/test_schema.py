@@ -184,3 +184,20 @@ def test_host_tools_are_absolute_or_a_version(key, value, message):
 def test_rollout_hooks(hooks, message):
     errors = errors_of({"repo": "/r", "hooks": hooks})
     assert (errors == []) if message is None else any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("floors", "message"),
+    [
+        ({"fetch.instagram": 2, "fetch.twitter": 0}, None),
+        (2, "deployments:fetcher:min_consumers: must be a mapping, got int 2"),
+        ({"fetch": "2"}, "deployments:fetcher:min_consumers:fetch: must be a int, got str '2'"),
+        ({"fetch": True}, "deployments:fetcher:min_consumers:fetch: must be a int, got bool True"),
+        ({"fetch": -1}, "deployments:fetcher:min_consumers:fetch: must be between 0 and 10000, got -1"),
+        ({"a\nb": 1}, "deployments:fetcher:min_consumers: must be one line"),
+        ({3: 1}, "deployments:fetcher:min_consumers: 3 is not a queue name"),
+    ],
+)
+def test_queue_floors(floors, message):
+    errors = errors_of({"repo": "/r", "min_consumers": floors})
+    assert (errors == []) if message is None else any(message in e for e in errors), errors
