@@ -23,7 +23,7 @@ import pytest
 import yaml
 from saltfactories.utils import random_string
 
-from localfleet.config import saltfleet_utils, stop_deployments
+from localfleet.config import REPO, saltfleet_utils, stop_deployments
 from tests.apps import SAMPLE_APP, celery_client, commit, run_task
 from tests.conftest import sandbox_root, short_tmpdir
 
@@ -116,8 +116,10 @@ class Fleet:
         return f"{name}.h{self.ids.index(host) + 1}"
 
     def write_pillar(self):
-        top = {"base": {minion: [f"host{n}"] for n, minion in enumerate(self.ids, 1)}}
+        # Every host the repository's pillar/fleet.sls (its mine: what fleet.queues counts), and its own file.
+        top = {"base": {"*": ["fleet"], **{minion: [f"host{n}"] for n, minion in enumerate(self.ids, 1)}}}
         self.pillar_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / "pillar" / "fleet.sls", self.pillar_dir / "fleet.sls")
         (self.pillar_dir / "top.sls").write_text(yaml.safe_dump(top))
         for n, (minion, root) in enumerate(zip(self.ids, self.places["roots"], strict=True), 1):
             host = {"root": str(root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache)}
