@@ -373,36 +373,40 @@ def test_a_worker_holding_a_long_task_finishes_it_takes_no_new_one_and_exits(hos
     host.apply(host.pillar({NAME: deployment(sample, data, broker, concurrency=1)}))
     old = serving_generation(host)
     release = data / "release-the-long-task"
-    long = send(app, "a", seconds=900, until=str(release))
-    wait_for(lambda: long.id in executions(data), 120, "the long task started")
-    [record] = executions(data)[long.id]
-    old_node = record["node"]
-    # Queued behind it: the old worker, busy, must leave these to the new release.
-    queued = [send(app, "a") for _ in range(5)]
+    try:
+        long = send(app, "a", seconds=900, until=str(release))
+        wait_for(lambda: long.id in executions(data), 120, "the long task started")
+        [record] = executions(data)[long.id]
+        old_node = record["node"]
+        # Queued behind it: the old worker, busy, must leave these to the new release.
+        queued = [send(app, "a") for _ in range(5)]
 
-    states = host.apply(host.pillar({NAME: deployment(sample, data, broker, rev="v2", concurrency=1)}))
-    assert states[f"saltfleet-deployment-{NAME}"]["changes"]["release"]["new"] == sample["shas"]["v2"]
-    status = host.status(NAME)[NAME]
-    assert len(status["draining"]) == 1, status
-    assert status["draining_tasks"] == {str(status["draining"][0]): 1}, status
-    assert long.state == "STARTED"
+        states = host.apply(host.pillar({NAME: deployment(sample, data, broker, rev="v2", concurrency=1)}))
+        assert states[f"saltfleet-deployment-{NAME}"]["changes"]["release"]["new"] == sample["shas"]["v2"]
+        status = host.status(NAME)[NAME]
+        assert len(status["draining"]) == 1, status
+        assert status["draining_tasks"] == {str(status["draining"][0]): 1}, status
+        assert long.state == "STARTED"
 
-    for result in [*queued, *(send(app, "a") for _ in range(5))]:
-        assert result.get(timeout=120)["version"] == "2", "a task not started by the old worker goes to the new one"
-    assert long.state == "STARTED", "the long task is still in the old worker's hands"
+        for result in [*queued, *(send(app, "a") for _ in range(5))]:
+            assert result.get(timeout=120)["version"] == "2", "a task not started by the old worker goes to the new one"
+        assert long.state == "STARTED", "the long task is still in the old worker's hands"
 
-    def release_and_drain():
+        def release_and_drain():
+            release.touch()
+            wait_for(lambda: host.status(NAME)[NAME]["draining"] == [], 120, "the old generation exiting")
+
+        # Tasks keep coming while the old worker finishes the long one and exits: idle then, it must take none.
+        _, meanwhile, _, _ = stream(app, release_and_drain, before=0, after=10)
+        done = long.get(timeout=120)
+        assert (done["version"], done["node"]) == ("1", old_node), "the old worker finished the long task"
+        assert {result.get(timeout=120)["version"] for _, _, result in meanwhile} == {"2"}
+        assert gone(status["draining"][0]), "the old generation's supervisord exited"
+        assert gone(record["pid"]), "the old worker exited"
+        ran_by_old = {task for task, recs in executions(data).items() for r in recs if r["node"] == old_node}
+        since = {task for task, recs in executions(data).items() if recs[0]["start"] >= record["start"]}
+        assert ran_by_old & since == {long.id}, "the old worker took no task after the long one"
+        assert told_to_stop(host, "a", old) is not None
+    finally:
+        # The long task ends whatever happened: nothing outlives the test.
         release.touch()
-        wait_for(lambda: host.status(NAME)[NAME]["draining"] == [], 120, "the old generation exiting")
-
-    # Tasks keep coming while the old worker finishes the long one and exits: idle then, it must take none.
-    _, meanwhile, _, _ = stream(app, release_and_drain, before=0, after=10)
-    done = long.get(timeout=120)
-    assert (done["version"], done["node"]) == ("1", old_node), "the old worker finished the long task"
-    assert {result.get(timeout=120)["version"] for _, _, result in meanwhile} == {"2"}
-    assert gone(status["draining"][0]), "the old generation's supervisord exited"
-    assert gone(record["pid"]), "the old worker exited"
-    ran_by_old = {task for task, recs in executions(data).items() for r in recs if r["node"] == old_node}
-    since = {task for task, recs in executions(data).items() if recs[0]["start"] >= record["start"]}
-    assert ran_by_old & since == {long.id}, "the old worker took no task after the long one"
-    assert told_to_stop(host, "a", old) is not None
