@@ -112,16 +112,26 @@ def publish_sample_app(source=APP_SOURCE, bare=APP_REPO, branch=APP_BRANCH):
         check=False,
     ).stdout.strip()
     if head and _git("rev-parse", f"{head}^{{tree}}", env=env) == tree:
-        return head
-    parents = ["-p", head] if head else []
-    sha = _git("commit-tree", tree, *parents, "-m", "sample-app as of `make demo`", env=env)
-    _git("update-ref", f"refs/heads/{branch}", sha, env=env)
+        sha = head
+    else:
+        parents = ["-p", head] if head else []
+        sha = _git("commit-tree", tree, *parents, "-m", "sample-app as of `make demo`", env=env)
+        _git("update-ref", f"refs/heads/{branch}", sha, env=env)
     publish_second_revision(bare, sha, env)
     return sha
 
 
 def publish_second_revision(bare, base, env):
     """Branch v2 of the sample app: main with VERSION "2", what the demo's printed fleet.deploy rolls out."""
+    current = subprocess.run(
+        ["git", "rev-parse", "-q", "--verify", f"refs/heads/{SECOND_REVISION}^"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_DIR": str(bare)},
+        check=False,
+    ).stdout.strip()
+    if current == base:
+        return
     app = (APP_SOURCE / "sampleapp.py").read_text()
     blob = subprocess.run(
         ["git", "hash-object", "-w", "--stdin"],

@@ -85,7 +85,7 @@ def test_make_demo_brings_the_fleet_up(demo_up):
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     # One progress line per step, in order.
-    steps = re.findall(r"^==> \[(\d)/(\d)\]", out, re.M)
+    steps = re.findall(r"^==> \[(\d+)/(\d+)\]", out, re.M)
     assert [int(s) for s, _ in steps] == list(range(1, int(steps[0][1]) + 1))
     table = out[re.search(r"^\$ salt-run -c \.demo/etc/salt .*fleet\.inventory$", out, re.M).end() :]
     assert re.search(r"^demo-worker-1\s+up\s+local\s.*sample-fetcher main@\w{8} 2/2 RUNNING", table, re.M), table
