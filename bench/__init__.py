@@ -1,5 +1,5 @@
 """
-`make bench`: saltfleet against Salt's built-in states and the raw shell floor (issue 6).
+`make bench`: saltfleet against Salt's built-in states and the raw shell floor.
 
 Every scenario runs in this one process, on this machine, with the sample app
 (examples/sample-app) in a bare git repository of its own and the repository's

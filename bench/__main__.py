@@ -1,5 +1,5 @@
 """
-`python -m bench` (`make bench`): every scenario of issue 6, then one table of
+`python -m bench` (`make bench`): every scenario, then one table of
 scenario, baseline medians, saltfleet median, ratio, target and whether it is
 met. `--quick` (`make bench QUICK=1`) runs a reduced set in under 5 minutes,
 `--smoke` one run of the smallest set (what the test suite runs). Results also

@@ -10,6 +10,8 @@ the public key into the master's pki/minions, as salt-cloud does.
 """
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -17,7 +19,7 @@ import yaml
 from bench.env import BIN, USER, UV_CACHE, BenchError, run, stop_everything_under, stop_supervisords
 from localfleet import procs
 from localfleet.config import REPO
-from localfleet.daemons import Master, start_minions
+from localfleet.daemons import Master, free_ports, start_minions
 
 # Each fan-out deployment runs a program that costs nothing: 100 supervisords must
 # not mean 100 Celery workers on a 2-core machine.
@@ -26,14 +28,48 @@ IDLE_PROGRAM = {"idle": {"command": "sleep 3600"}}
 NOP_SLS = "saltfleet_bench_nop"
 
 
-def fanout_pillar(repo):
-    """Every minion gets the same two deployments; saltfleet:root defaults to each minion's root_dir."""
+def fanout_pillar(url):
+    """
+    Every minion gets the same two deployments of branch master of the repo at
+    ``url``; saltfleet:root defaults to each minion's root_dir.
+    """
     return {
         "saltfleet": {"user": USER, "uv_cache": str(UV_CACHE)},
-        "deployments": {
-            name: {"repo": str(repo), "rev": "v1", "programs": IDLE_PROGRAM} for name in FANOUT_DEPLOYMENTS
-        },
+        "deployments": {name: {"repo": url, "rev": "master", "programs": IDLE_PROGRAM} for name in FANOUT_DEPLOYMENTS},
     }
+
+
+class GitServer:
+    """
+    ``git daemon`` serving a bare repo on 127.0.0.1, logging each request:
+    how many times the fleet asks the git server (ls-remote and fetch alike).
+    """
+
+    def __init__(self, repo, log):
+        self.repo, self.log = Path(repo), Path(log)
+        [self.port] = free_ports(1)
+        self.url = f"git://127.0.0.1:{self.port}/{self.repo.name}"
+        self.proc = None
+
+    def start(self, timeout=30):
+        argv = ["git", "daemon", "--reuseaddr", "--listen=127.0.0.1", f"--port={self.port}", "--export-all"]
+        argv += ["--verbose", f"--base-path={self.repo.parent}", str(self.repo.parent)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while "Ready to rumble" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"git daemon did not start: {self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+
+    def requests(self):
+        """Requests served so far."""
+        return self.log.read_text(errors="replace").count("Request upload-pack for")
+
+    def stop(self):
+        if self.proc is not None:
+            procs.stop([self.proc.pid], timeout=10)
+            self.proc.wait()
 
 
 class Fleet:
@@ -51,7 +87,8 @@ class Fleet:
         if not heartbeat:
             fleet = fleet.split("\nschedule:", 1)[0] + "\n"
         (self.pillar_dir / "fleet.sls").write_text(fleet)
-        (self.pillar_dir / "bench.sls").write_text(yaml.safe_dump(fanout_pillar(repo)))
+        self.git = GitServer(repo, self.base / "git-daemon.log")
+        (self.pillar_dir / "bench.sls").write_text(yaml.safe_dump(fanout_pillar(self.git.url)))
         # Salt's own floor beside saltfleet's apply: the same fan-out of one test.nop state.
         nop_tree = self.base / "nop"
         nop_tree.mkdir()
@@ -65,6 +102,7 @@ class Fleet:
     # ------------------------------------------------------------- daemons
 
     def start_master(self, timeout=120):
+        self.git.start()
         self.master.start(timeout)
 
     def add_minions(self, count, timeout=600):
@@ -161,4 +199,5 @@ class Fleet:
             stop_supervisords(root)
         procs.stop([pid for pid in (m.pid() for m in self.minions.values()) if pid], timeout=30)
         self.master.stop()
+        self.git.stop()
         stop_everything_under(self.base, roots)

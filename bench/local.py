@@ -15,9 +15,9 @@ def deployment_names(count, prefix="bd"):
     return [f"{prefix}{i + 1}" for i in range(count)]
 
 
-def worker_command(name):
+def worker_command(name, concurrency=1):
     # %% is supervisord's escape for a literal %: celery sees -n <name>@%h.
-    return f"celery -A sampleapp worker -Q {name} -c 1 -n {name}@%%h"
+    return f"celery -A sampleapp worker -Q {name} -c {concurrency} -n {name}@%%h"
 
 
 class LocalHost:
@@ -91,7 +91,7 @@ class LocalHost:
 # ------------------------------------------------------------------ saltfleet
 
 
-def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None):
+def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None, env=None, concurrency=1):
     revs = revs or {}
     return {
         "saltfleet": {"root": str(root), "user": USER, "uv_cache": str(UV_CACHE)},
@@ -99,8 +99,8 @@ def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None):
             name: {
                 "repo": str(repo),
                 "rev": revs.get(name, rev),
-                "env": {"SAMPLEAPP_DATA": str(data)},
-                "programs": {"worker": {"command": worker_command(name)}},
+                "env": {"SAMPLEAPP_DATA": str(data), **(env or {})},
+                "programs": {"worker": {"command": worker_command(name, concurrency)}},
             }
             for name in names
         },
@@ -108,15 +108,21 @@ def saltfleet_pillar(root, repo, data, names, rev="v1", revs=None):
 
 
 class SaltfleetHost(LocalHost):
-    def __init__(self, root, repo, data, names):
+    """saltfleet's deployments of the sample app; ``env`` (e.g. its broker) and ``concurrency`` for each worker."""
+
+    def __init__(self, root, repo, data, names, env=None, concurrency=1):
         super().__init__(root, repo, data)
         self.names = names
         self.revs = {}
+        self.env, self.concurrency = env, concurrency
 
     def converge(self, revs=None):
         """Apply pillar (revisions by name, v1 otherwise); check every deployment's programs RUNNING."""
         self.revs.update(revs or {})
-        self.write_pillar(saltfleet_pillar(self.root, self.repo, self.data, self.names, revs=self.revs))
+        pillar = saltfleet_pillar(
+            self.root, self.repo, self.data, self.names, revs=self.revs, env=self.env, concurrency=self.concurrency
+        )
+        self.write_pillar(pillar)
         states = self.apply()
         for name in self.names:
             wait_programs_running(*serving_socket(self.root, USER, name))

@@ -1,11 +1,15 @@
-"""The scenarios of issue 6, each timed run recorded under a measurement key."""
+"""The bench's scenarios, each timed run recorded under a measurement key."""
 
 import os
 import time
 
+import yaml
+
+from bench import handover
 from bench.env import BIN, BenchError, Workspace, median, run, stop_supervisords, timed
 from bench.fleet import Fleet
-from bench.local import BuiltinsHost, SaltfleetHost, deployment_names, raw_floor
+from bench.local import BuiltinsHost, LocalHost, SaltfleetHost, deployment_names, raw_floor
+from localfleet import rabbitmq
 from localfleet.daemons import FleetError
 
 # Seconds between a fresh apply and the no-op ones timed after it.
@@ -22,6 +26,7 @@ MODES = {
         "builtins": (1, 5),
         "fanout": (1, 10, 25, 50),
         "sf_noop_1": True,
+        "handover_tasks": 300,
     },
     # Every target but fan-out and built-ins, in under 5 minutes on 2 cores.
     "quick": {
@@ -31,6 +36,7 @@ MODES = {
         "builtins": (),
         "fanout": (),
         "sf_noop_1": False,
+        "handover_tasks": 300,
     },
     # One run of every code path (the test suite's smoke test).
     "smoke": {
@@ -40,6 +46,7 @@ MODES = {
         "builtins": (1,),
         "fanout": (1,),
         "sf_noop_1": False,
+        "handover_tasks": 100,
     },
 }
 
@@ -105,6 +112,8 @@ class Bench:
                 self.guarded("built-ins", self.builtins)
             if self.plan["fanout"]:
                 self.guarded("fan-out", self.fanout)
+            if self.plan["handover_tasks"]:
+                self.guarded("handover", self.handover)
         finally:
             self.ws.close()
         return self
@@ -151,12 +160,17 @@ class Bench:
             stop_supervisords(host.root)
 
     def noop(self, host, count):
-        self.step(f"saltfleet no-op: {count} deployment(s), nothing changed")
+        self.step(f"saltfleet no-op: {count} deployment(s), nothing changed, beside {count} test.nop states")
+        # Salt's floor for the same shape: an apply of one test.nop state per deployment.
+        nops = {f"nop-{n + 1}": {"test.nop": []} for n in range(count)}
+        floor = LocalHost(self.ws.sandbox(), self.ws.repo, self.ws.data, sls=yaml.safe_dump(nops))
+        floor.apply()
         settle()
         for _ in range(self.plan["runs"]):
-            # Salt's start-up again beside each no-op: the machine's load drifts between scenarios.
+            # Salt's start-up and floor again beside each no-op: the machine's load drifts between scenarios.
             seconds, _ = timed(host.ping)
             self.record(f"startup_beside_noop_{count}", seconds)
+            self.record(f"salt_nop_local_{count}", timed(floor.apply)[0])
             seconds, states = timed(host.converge)
             changed = host.changes(states)
             if changed:
@@ -220,13 +234,53 @@ class Bench:
             self.log(f"    minions up and synced in {time.monotonic() - started:.1f} s")
             seconds, _ = timed(fleet.apply, "list", new)
             self.record(f"master_fresh_new_{more}", seconds)
-            self.step(f"fan-out: salt '*' state.apply, no-op, {size} minion(s)")
-            self.measure(f"master_noop_{size}", fleet.apply)
-            self.measure(f"salt_nop_{size}", fleet.apply_nop)
+            self.step(f"fan-out: salt '*' state.apply, no-op, {size} minion(s), beside Salt's own (one test.nop)")
+            for _ in range(self.plan["runs"]):
+                asked = fleet.git.requests()
+                self.record(f"master_noop_{size}", timed(fleet.apply)[0])
+                self.times.setdefault(f"git_requests_noop_{size}", []).append(fleet.git.requests() - asked)
+                self.record(f"salt_nop_{size}", timed(fleet.apply_nop)[0])
             self.step(f"fan-out: salt-run fleet.inventory over {size} minion(s)")
             self.measure(f"inventory_cli_{size}", fleet.inventory_cli)
             fleet.inventory_in_process(client)
             self.measure(f"inventory_runner_{size}", fleet.inventory_in_process, client)
+
+    def handover(self):
+        """
+        Task latency during a handover: the same steady stream at rest, then while
+        a new release takes over, against RabbitMQ when it is installed.
+        """
+        count = self.plan["handover_tasks"]
+        broker = rabbitmq.RabbitMQ() if rabbitmq.installed() else None
+        self.plan["handover_broker"] = (
+            "RabbitMQ" if broker else "the sample app's filesystem broker (rabbitmq-server is not installed)"
+        )
+        self.step(f"handover: {count} tasks at {handover.RATE}/s at rest, then during an upgrade")
+        host = None
+        try:
+            url = broker.start().url() if broker else None
+            data = self.ws.base / "handover-data"
+            data.mkdir()
+            name = "hv1"
+            env = {"SAMPLEAPP_BROKER": url} if url else {}
+            host = SaltfleetHost(self.ws.sandbox(), self.ws.repo, data, [name], env=env, concurrency=2)
+            host.converge()
+            app = handover.client(data, url)
+            handover.stream(app, name, data, handover.LEAD)  # untimed: connections and workers warm
+            for n in range(self.plan["runs"]):
+                for key, result in (
+                    ("rest", handover.stream(app, name, data, count)),
+                    ("deploy", handover.stream(app, name, data, count, lambda n=n: host.converge({name: f"v{n + 2}"}))),
+                ):
+                    self.record(f"handover_{key}_p50", handover.percentile(result["latencies"], 50))
+                    self.record(f"handover_{key}_p99", handover.percentile(result["latencies"], 99))
+                    self.record(f"handover_{key}_gap", result["gap"])
+                    self.times.setdefault(f"handover_{key}_tasks", []).append(result["tasks"])
+        finally:
+            if host is not None:
+                stop_supervisords(host.root)
+            if broker is not None:
+                broker.stop()
 
 
 def settle(seconds=SETTLE):

@@ -14,9 +14,12 @@ SCENARIOS = (
     "salt-call --local test.ping",
     "fresh host, 1 deployment(s)",
     "no-op re-apply, 1 deployment(s), vs built-ins",
+    "no-op re-apply, 1 deployment(s), vs 1 test.nop states",
     "new revision of 1 of 1 deployments",
     "fan-out no-op: salt '*' state.apply, 1 minion(s)",
+    "git server requests in a fan-out no-op, 1 minion(s)",
     "fleet.inventory over 1 minion(s)",
+    "task latency p99 during a handover",
 )
 
 
@@ -40,4 +43,6 @@ def test_smoke_bench_prints_its_table(tmp_path):
     assert result["mode"] == "smoke"
     assert result["errors"] == {}
     assert result["machine"]["cores"] >= 1
-    assert {"startup", "floor_fresh_1", "sf_fresh_1", "builtins_noop_1", "master_noop_1"} <= set(result["times"])
+    assert {"startup", "floor_fresh_1", "sf_fresh_1", "builtins_noop_1", "master_noop_1", "handover_deploy_p99"} <= set(
+        result["times"]
+    )
