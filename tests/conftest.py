@@ -6,6 +6,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,19 @@ def saltfleet_master_config():
 
 # The non-root user deployments run as in the tests, as `ubuntu` does on a real host.
 DEPLOY_USER = "sfdeploy"
+
+
+def wait_for(check, timeout, what, logs=(), interval=0.5):
+    """``check()``'s first true result within ``timeout`` s; else fail with ``what`` and the tails of ``logs``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {log}:\n{log.read_text(errors='replace')[-2000:]}" for log in logs if log.exists())
+            pytest.fail(f"{what} within {timeout} s{tails}")
+        time.sleep(interval)
 
 
 def short_tmpdir(prefix, owner=None):

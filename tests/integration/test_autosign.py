@@ -25,7 +25,7 @@ import yaml
 from saltfactories.utils import random_string
 
 from localfleet.config import saltfleet_utils
-from tests.conftest import short_tmpdir
+from tests.conftest import short_tmpdir, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -83,17 +83,6 @@ def pub_keys(salt_master, minion_id):
     ret = salt_master.salt_key_cli().run("-p", minion_id)
     assert ret.returncode == 0, ret
     return {state: found[minion_id] for state, found in (ret.data or {}).items() if minion_id in (found or {})}
-
-
-def until(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout} s")
-        time.sleep(0.5)
 
 
 class Minion:
@@ -180,7 +169,7 @@ def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, c
 
     # Any process on the new host can read the instance id; here one enrols under another id.
     impostor = minions(random_string("other-", uppercase=False), instance_id)
-    until(lambda: impostor.id in keys(salt_master)["minions_rejected"], 180, f"{impostor.id}'s key rejected")
+    wait_for(lambda: impostor.id in keys(salt_master)["minions_rejected"], 180, f"{impostor.id}'s key rejected")
     assert pub_keys(salt_master, impostor.id) == {"minions_rejected": impostor.pub()}
     assert impostor.id not in keys(salt_master)["minions"]
     # The impostor used nothing up: the ticket still admits the minion it names.
@@ -189,9 +178,9 @@ def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, c
     assert "used" not in ticket
 
     real = minions(host, instance_id)
-    until(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
+    wait_for(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
     assert pub_keys(salt_master, host) == {"minions": real.pub()}
-    until(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
+    wait_for(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
     assert "used" in sfc.autosign_tickets(cloud_opts)[instance_id]
     assert impostor.id in keys(salt_master)["minions_rejected"]
 
@@ -200,19 +189,19 @@ def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions
     host = random_string("host-", uppercase=False)
     instance_id = launch(sfc, cloud_opts, host)
     real = minions(host, instance_id)
-    until(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
-    until(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
+    wait_for(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
+    wait_for(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
 
     # A replay: another key under the same id and instance. Salt itself denies it.
     replay = minions(host, instance_id)
-    until(lambda: host in keys(salt_master)["minions_denied"], 180, f"the second key of {host} denied")
+    wait_for(lambda: host in keys(salt_master)["minions_denied"], 180, f"the second key of {host} denied")
     held = pub_keys(salt_master, host)
     assert held["minions"] == real.pub()
     assert held["minions_denied"] == replay.pub() != real.pub()
 
     # The used ticket admits no other id either: that key is rejected.
     late = minions(random_string("other-", uppercase=False), instance_id)
-    until(lambda: late.id in keys(salt_master)["minions_rejected"], 180, f"{late.id}'s key rejected")
+    wait_for(lambda: late.id in keys(salt_master)["minions_rejected"], 180, f"{late.id}'s key rejected")
     assert late.id not in keys(salt_master)["minions"]
     assert answers(salt_master, host)
 
@@ -222,7 +211,9 @@ def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, 
     host = random_string("host-", uppercase=False)
     instance_id = launch(sfc, cloud_opts, host, autosign_ticket_ttl=-1)
     late = minions(host, instance_id)
-    results = until(lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit deciding on {host}")
+    results = wait_for(
+        lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit deciding on {host}"
+    )
     assert results[0]["result"] == "pending"
     assert f"no open ticket for instance {instance_id}" in results[0]["reason"]
     assert pub_keys(salt_master, host) == {"minions_pre": late.pub()}

@@ -39,7 +39,7 @@ from localfleet.config import stop_deployments
 from localfleet.daemons import free_ports
 from localfleet.rabbitmq import RabbitMQ
 from tests.apps import SAMPLE_APP, commit
-from tests.conftest import sandbox_root, short_tmpdir
+from tests.conftest import sandbox_root, short_tmpdir, wait_for
 from tests.integration.conftest import Host
 
 NAME = "sf-handover"
@@ -211,13 +211,6 @@ def gone(pid):
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.2)
 
 
 def stream(app, handover, interval=0.05, before=40, after=100):

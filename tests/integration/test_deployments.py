@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -21,7 +20,7 @@ import pytest
 
 from localfleet.config import stop_deployments
 from tests.apps import celery_client, run_task, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir
+from tests.conftest import sandbox_root, short_tmpdir, wait_for
 from tests.integration.conftest import Host
 
 FETCHER, REPORTER = "sf-fetcher", "sf-reporter"
@@ -78,14 +77,6 @@ def changes_of(states):
 
 def owner_of(pid):
     return os.stat(f"/proc/{pid}").st_uid
-
-
-def wait_for(check, timeout, what, logs=()):
-    deadline = time.monotonic() + timeout
-    while not check():
-        tails = "".join(f"\n--- {log}:\n{log.read_text(errors='replace')[-2000:]}" for log in logs if log.exists())
-        assert time.monotonic() < deadline, f"{what} within {timeout} s{tails}"
-        time.sleep(0.2)
 
 
 def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_data, tasks):

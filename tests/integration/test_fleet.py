@@ -9,14 +9,13 @@ unprivileged test user.
 """
 
 import shutil
-import time
 
 import pytest
 import yaml
 
 from localfleet import procs
 from tests.apps import sample_repo
-from tests.conftest import short_tmpdir
+from tests.conftest import short_tmpdir, wait_for
 
 A, B = "inv-a", "inv-b"
 # Instances of one test each (a glob apart from A and B: "inv-*" targets those two only).
@@ -97,17 +96,6 @@ def cloud(salt_master, places, repo_root, fleet_pillar):
     leftovers = procs.processes_under(places["sandboxes"])
     procs.stop(list(leftovers), timeout=30)
     assert not leftovers, f"processes left running by destroyed instances: {leftovers}"
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout} s")
-        time.sleep(1)
 
 
 def provision(cloud, salt_cli, *names):

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import os
 import shutil
-import time
 
 import pytest
 import yaml
@@ -27,21 +26,10 @@ from saltfactories.utils import random_string
 
 from localfleet.config import stop_deployments
 from tests.apps import celery_client, run_task, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir
+from tests.conftest import sandbox_root, short_tmpdir, wait_for
 
 HEARTBEAT = 4  # seconds; pillar/fleet.sls says 60, tests cannot wait that long
 APP, REPORT = "mm-app", "mm-report"
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout} s")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import celery.exceptions
@@ -25,7 +24,7 @@ from saltfactories.utils import random_string
 
 from localfleet.config import REPO, saltfleet_utils, stop_deployments
 from tests.apps import SAMPLE_APP, celery_client, commit, run_task
-from tests.conftest import sandbox_root, short_tmpdir
+from tests.conftest import sandbox_root, short_tmpdir, wait_for
 
 BROKEN_REQUIREMENTS = "requirements-broken.txt"
 HOSTS = 3
@@ -197,17 +196,6 @@ def fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, user
     fleet = Fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, user_uv_cache)
     fleet.write_pillar()
     return fleet
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout} s")
-        time.sleep(0.5)
 
 
 def test_a_rollout_stops_at_the_batch_whose_host_fails_and_says_who_serves_what(fleet, places):

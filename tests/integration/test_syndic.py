@@ -20,7 +20,6 @@ The daemons, hosts and deployments are the module's, set up once by fixtures.
 import contextlib
 import copy
 import shutil
-import time
 
 import pytest
 import yaml
@@ -28,23 +27,12 @@ from saltfactories.utils import random_string
 
 from localfleet.config import stop_deployments
 from tests.apps import celery_client, run_task, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir
+from tests.conftest import sandbox_root, short_tmpdir, wait_for
 
 HEARTBEAT = 4  # seconds; pillar/fleet.sls says 60, tests cannot wait that long
 APP = "syn-app"
 # The syndic masters' addresses: their own, beside the top's 127.0.0.1, with the top's port numbers.
 BRANCHES = {"syn-a-": "127.0.0.2", "syn-b-": "127.0.0.3"}
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout} s")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
