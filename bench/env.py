@@ -14,11 +14,11 @@ from pathlib import Path
 from localfleet import daemons, procs
 from localfleet.config import REPO, saltfleet_utils, stop_deployments
 from localfleet.daemons import BIN, UV_CACHE, FleetError
+from localfleet.sampleapp import SAMPLE_APP
 
 __all__ = ["BIN", "REPO", "UV_CACHE", "BenchError"]
 
 USER = getpass.getuser()
-SAMPLE_APP = REPO / "examples" / "sample-app"
 # Revisions of the sample app in the bench's repo: each new-revision run gets one never deployed before.
 REVISIONS = 12
 

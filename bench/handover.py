@@ -10,15 +10,12 @@ completed tasks while the handover runs (or, at rest, while the stream does).
 """
 
 import concurrent.futures
-import importlib.util
 import itertools
-import json
 import math
-import os
 import time
-import uuid
 
-from bench.env import SAMPLE_APP, BenchError
+from bench.env import BenchError
+from localfleet.sampleapp import executions
 
 # Tasks per second, and how long each one works.
 RATE = 20
@@ -31,40 +28,6 @@ def percentile(values, p):
     """The nearest-rank ``p``-th percentile of ``values``."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def client(data, broker=None):
-    """
-    The sample app loaded in this process, its data folder ``data`` and its
-    broker ``broker`` (None: the folder); the environment is left as it was.
-    """
-    keys = {"SAMPLEAPP_DATA": str(data), "SAMPLEAPP_BROKER": broker}
-    saved = {key: os.environ.get(key) for key in keys}
-    try:
-        for key, value in keys.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        spec = importlib.util.spec_from_file_location(f"sampleapp_{uuid.uuid4().hex}", SAMPLE_APP / "sampleapp.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return module.app
-
-
-def executions(data):
-    """{task id: [execution record, ...]} that the workers left in ``data``."""
-    found = {}
-    for path in (data / "executions").glob("*.json"):
-        record = json.loads(path.read_text())
-        found.setdefault(record["task"], []).append(record)
-    return found
 
 
 def stream(app, queue, data, count, during=None):

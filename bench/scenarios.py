@@ -11,6 +11,7 @@ from bench.fleet import Fleet
 from bench.local import BuiltinsHost, LocalHost, SaltfleetHost, deployment_names, raw_floor
 from localfleet import rabbitmq
 from localfleet.daemons import FleetError
+from localfleet.sampleapp import celery_app
 
 # Seconds between a fresh apply and the no-op ones timed after it.
 SETTLE = 5
@@ -265,7 +266,7 @@ class Bench:
             env = {"SAMPLEAPP_BROKER": url} if url else {}
             host = SaltfleetHost(self.ws.sandbox(), self.ws.repo, data, [name], env=env, concurrency=2)
             host.converge()
-            app = handover.client(data, url)
+            app = celery_app(data, url)
             handover.stream(app, name, data, handover.LEAD)  # untimed: connections and workers warm
             for n in range(self.plan["runs"]):
                 for key, result in (

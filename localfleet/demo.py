@@ -20,11 +20,12 @@ from localfleet import daemons as local
 from localfleet import procs
 from localfleet.config import REPO, stop_deployments
 from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free
+from localfleet.sampleapp import SAMPLE_APP
 
 DEMO = REPO / ".demo"
 ETC = DEMO / "etc" / "salt"
 SANDBOXES = DEMO / "minions"
-APP_SOURCE = REPO / "examples" / "sample-app"
+APP_SOURCE = SAMPLE_APP
 APP_REPO = DEMO / "sample-app.git"
 APP_BRANCH = "main"
 SECOND_REVISION = "v2"

@@ -5,8 +5,6 @@ which release runs them (functional tests), and a client that sends the
 Celery app tasks.
 """
 
-import importlib.util
-import os
 import re
 import shutil
 import uuid
@@ -14,9 +12,8 @@ from pathlib import Path
 
 import git
 
-from localfleet.config import REPO
+from localfleet.sampleapp import SAMPLE_APP, celery_app
 
-SAMPLE_APP = REPO / "examples" / "sample-app"
 TINY_APP = Path(__file__).resolve().parent / "fixtures" / "tiny-app"
 
 
@@ -94,15 +91,9 @@ def tiny_repo(base):
     return bare, shas
 
 
-def celery_client(data_dir):
-    """The sample app module, loaded afresh with its broker in data_dir."""
-    os.environ["SAMPLEAPP_DATA"] = str(data_dir)
-    # The workers run as the deployment's user: the messages this process writes must be theirs to read.
-    os.umask(0o022)
-    spec = importlib.util.spec_from_file_location(f"sampleapp_{uuid.uuid4().hex}", SAMPLE_APP / "sampleapp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.app
+def celery_client(data_dir, broker=None):
+    """The sample app, loaded afresh, its data in ``data_dir`` and its broker there too unless ``broker`` says."""
+    return celery_app(data_dir, broker)
 
 
 def run_task(app, queue, seconds=0, timeout=60):

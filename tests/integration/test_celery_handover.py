@@ -21,10 +21,8 @@ stop consuming.
 
 import concurrent.futures
 import datetime
-import importlib.util
 import itertools
 import json
-import os
 import re
 import shutil
 import time
@@ -38,7 +36,8 @@ import pytest
 from localfleet.config import stop_deployments
 from localfleet.daemons import free_ports
 from localfleet.rabbitmq import RabbitMQ
-from tests.apps import SAMPLE_APP, commit
+from localfleet.sampleapp import executions
+from tests.apps import SAMPLE_APP, celery_client, commit
 from tests.conftest import sandbox_root, short_tmpdir, wait_for
 from tests.integration.conftest import Host
 
@@ -116,26 +115,6 @@ def data(deploy_user):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def client(data, broker):
-    """The sample app loaded afresh in this process, its broker RabbitMQ's ``broker``; the environment is restored."""
-    keys = ("SAMPLEAPP_DATA", "SAMPLEAPP_BROKER")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update(SAMPLEAPP_DATA=str(data), SAMPLEAPP_BROKER=broker)
-    # The result files the workers write are theirs; what this process writes must be theirs to read.
-    os.umask(0o022)
-    try:
-        spec = importlib.util.spec_from_file_location(f"sampleapp_{uuid.uuid4().hex}", SAMPLE_APP / "sampleapp.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return module.app
-
-
 def deployment(sample, data, broker, rev="v1", concurrency=2):
     """The sample app with a Celery worker per queue of QUEUES, its broker RabbitMQ."""
     return {
@@ -161,15 +140,6 @@ def deployment(sample, data, broker, rev="v1", concurrency=2):
 
 def send(app, queue, seconds=0.0, until=None):
     return app.send_task("sampleapp.fetch", args=(queue, seconds), kwargs={"until": until}, queue=f"{NAME}.{queue}")
-
-
-def executions(data):
-    """{task id: [execution record, ...]} of every execution the workers recorded."""
-    found = {}
-    for path in (data / "executions").glob("*.json"):
-        record = json.loads(path.read_text())
-        found.setdefault(record["task"], []).append(record)
-    return found
 
 
 def serving_generation(host):
@@ -292,7 +262,7 @@ def check_stream(host, data, sent, old_gen, new_version, started, returned):
 
 
 def test_a_first_deploy_consumes_from_rabbitmq(host, sample, data, broker, rabbitmq):
-    app = client(data, broker)
+    app = celery_client(data, broker)
     states = host.apply(host.pillar({NAME: deployment(sample, data, broker)}))
     assert states[f"saltfleet-deployment-{NAME}"]["result"] is True
     result = send(app, "a").get(timeout=120)
@@ -311,7 +281,7 @@ def test_a_first_deploy_consumes_from_rabbitmq(host, sample, data, broker, rabbi
 
 
 def test_a_stream_of_tasks_across_an_upgrade_and_a_rollback(host, sample, data, broker):
-    app = client(data, broker)
+    app = celery_client(data, broker)
     host.apply(host.pillar({NAME: deployment(sample, data, broker)}))
     assert send(app, "a").get(timeout=120)["version"] == "1"
 
@@ -338,7 +308,7 @@ def test_a_stream_of_tasks_across_an_upgrade_and_a_rollback(host, sample, data, 
     ],
 )
 def test_a_release_whose_workers_never_consume_does_not_serve(host, sample, data, broker, rev, why):
-    app = client(data, broker)
+    app = celery_client(data, broker)
     host.apply(host.pillar({NAME: deployment(sample, data, broker)}))
     old = serving_generation(host)
     states = host.apply(host.pillar({NAME: deployment(sample, data, broker, rev=rev)}), check=False)
@@ -362,7 +332,7 @@ def test_a_release_whose_workers_never_consume_does_not_serve(host, sample, data
 
 
 def test_a_worker_holding_a_long_task_finishes_it_takes_no_new_one_and_exits(host, sample, data, broker):
-    app = client(data, broker)
+    app = celery_client(data, broker)
     host.apply(host.pillar({NAME: deployment(sample, data, broker, concurrency=1)}))
     old = serving_generation(host)
     release = data / "release-the-long-task"
