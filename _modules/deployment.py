@@ -13,7 +13,9 @@ virtualenv changes go through the ``deployment.present`` state itself.
     salt 'worker-7' deployment.run daily-fetcher python manage.py migrate
 """
 
+import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -202,11 +204,43 @@ def status(name=None):
                 f"deployment {name} is not installed on this host; deployment.list shows those that are"
             )
         manifests = {name: manifests[name]}
-    rows = {n: _status(root, n, m) for n, m in manifests.items()}
+    # Each deployment asks its own supervisord and Celery workers: all at once, each in the loader's context.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(manifests)))) as pool:
+        futures = {n: pool.submit(contextvars.copy_context().run, _status, root, n, m) for n, m in manifests.items()}
+        rows = {n: future.result() for n, future in futures.items()}
     if any(row["state"] == "down" for row in rows.values()):
         # So `salt -b`, scripts and monitoring can act on it.
         __context__["retcode"] = 1
     return rows
+
+
+def report():
+    """
+    Tell the master now what this host runs, rather than at its next
+    heartbeat: the mine's ``deployment.status`` (what ``fleet.inventory``,
+    ``fleet.queues`` and ``fleet.deploy`` read) and the grains cache (what
+    ``-G 'saltfleet_deployments:NAME:*'`` matches). The fleet SLS does this
+    once per ``state.apply`` that changed a deployment, and every verb here
+    that changes one does it too.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.report
+    """
+    __salt__["mine.send"]("deployment.status")
+    # The master caches grains at a pillar refresh.
+    __salt__["saltutil.refresh_grains"](refresh_pillar=True)
+    return True
+
+
+def _reported():
+    """``report``, for the verbs that changed something: a failure to reach the master is logged, not raised."""
+    try:
+        report()
+    except Exception:  # pylint: disable=broad-except
+        log.debug("telling the master what changed failed", exc_info=True)
 
 
 def restart(name, program=None):
@@ -409,6 +443,8 @@ def _apply(name, **kwargs):
     result = {key: state.get(key) for key in ("result", "changes", "comment")}
     if not state.get("result"):
         __context__["retcode"] = 1
+    if state.get("changes") and not kwargs.get("test"):
+        _reported()
     return result
 
 

@@ -113,8 +113,6 @@ def present(name, **kwargs):
     ret["comment"] = _describe(cfg, plan, dry=test)
     if test:
         ret["result"] = None if plan["changes"] else True
-    elif plan["changes"]:
-        _mine_send()
     return ret
 
 
@@ -147,8 +145,35 @@ def absent(name, purge=None):
         ret.update(result=None, comment=f"Deployment {name} would be removed")
     else:
         ret["comment"] = f"Deployment {name} removed"
-        _mine_send()
     return ret
+
+
+def reported(name):
+    """
+    Tell the master now what this host runs (``deployment.report``: the
+    mine's ``deployment.status`` and the grains cache), once, after the
+    deployments changed: give it ``onchanges`` on their states. The fleet
+    SLS does; without it the host's heartbeat tells the master within a
+    minute.
+
+    .. code-block:: yaml
+
+        saltfleet-report:
+          deployment.reported:
+            - name: saltfleet
+            - onchanges:
+              - deployment: deployment-daily-fetcher
+    """
+    ret = _ret(name)
+    if __opts__["test"]:
+        return {**ret, "result": None, "comment": "The master would be told what changed"}
+    try:
+        __salt__["deployment.report"]()
+    except Exception as exc:  # pylint: disable=broad-except
+        # What changed is done; the heartbeat tells the master within a minute.
+        log.warning("telling the master what changed failed", exc_info=True)
+        return {**ret, "comment": f"The master was not told what changed ({exc}); the heartbeat will tell it"}
+    return {**ret, "comment": "The master was told what changed (mine and grains)"}
 
 
 def pillar_valid(name):
@@ -924,13 +949,3 @@ def _describe(cfg, plan, dry):
     if "pruned" in changes:
         parts.append(f"{len(changes['pruned'])} old release(s) and venv(s) {verb} pruned")
     return f"Deployment {name}: " + "; ".join(parts or [f"configuration {verb} updated"]) + notes
-
-
-def _mine_send():
-    """Tell the master at once (mine and grains cache) what changed, for fleet.inventory."""
-    try:
-        __salt__["mine.send"]("deployment.status")
-        # The master caches grains at a pillar refresh: -G 'saltfleet_deployments:NAME:*' matches at once.
-        __salt__["saltutil.refresh_grains"](refresh_pillar=True)
-    except Exception:  # pylint: disable=broad-except
-        log.debug("updating the mine or grains after a change failed", exc_info=True)

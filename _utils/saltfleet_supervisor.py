@@ -4,7 +4,7 @@ calls that drive it.
 
 Root starts supervisord from a config in root's state dir; supervisord drops
 to the deployment's user before it opens its socket, pidfile and logs. Root
-then talks to it over that socket with supervisor's own XML-RPC transport,
+then talks to it over that socket (XML-RPC over HTTP, as supervisorctl),
 always with a timeout, and only after the kernel confirmed (SO_PEERCRED) that
 whoever listens there runs as the deployment's user: a socket the user swaps
 for a link to someone else's is refused, and a pidfile the user could edit is
@@ -19,6 +19,7 @@ under a new generation beside the serving one, and the old one drains.
 
 import configparser
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import salt.loader.context
 from salt.exceptions import CommandExecutionError
-from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 
 __virtualname__ = "saltfleet_supervisor"
 
@@ -80,8 +80,8 @@ def _utils(name):
 # ------------------------------------------------------------------ XML-RPC
 
 
-class _Connection(UnixStreamHTTPConnection):
-    """supervisor's unix-socket connection, with a timeout and the listener's uid checked."""
+class _Connection(http.client.HTTPConnection):
+    """HTTP over supervisord's unix socket, with a timeout and the listener's uid checked."""
 
     def __init__(self, path, timeout, uid):
         super().__init__("localhost", timeout=timeout)
@@ -98,6 +98,17 @@ class _Connection(UnixStreamHTTPConnection):
             raise PermissionError(f"{self.socketfile} is served by uid {uid}, not the deployment's user")
 
 
+class _Transport(xmlrpc.client.Transport):
+    """XML-RPC through a new ``_Connection`` for every call (supervisord's own transport does the same)."""
+
+    def __init__(self, path, timeout, uid):
+        super().__init__()
+        self.connection_args = (path, timeout, uid)
+
+    def make_connection(self, host):
+        return _Connection(*self.connection_args)
+
+
 def peer(sock):
     """(pid, uid, gid) the process that listens on a connected unix socket had when it began to listen."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -106,8 +117,7 @@ def peer(sock):
 
 def rpc(sock, uid, timeout=RPC_TIMEOUT):
     """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``."""
-    transport = SupervisorTransport(serverurl=f"unix://{sock}")
-    transport._get_connection = lambda: _Connection(sock, timeout, uid)
+    transport = _Transport(sock, timeout, uid)
     return xmlrpc.client.ServerProxy("http://localhost", transport=transport, allow_none=True).supervisor
 
 

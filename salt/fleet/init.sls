@@ -2,7 +2,8 @@
     (first, so a renamed deployment frees its files before the new name
     claims them), then one deployment.present per deployment pillar assigns
     to this minion. Deployments converge in parallel and independently: one
-    failing does not stop the others. The states read their settings from
+    failing does not stop the others. Then, if any changed, the master is
+    told what this host now runs. The states read their settings from
     pillar themselves, so secrets never appear in this file's rendered output. #}
 {%- set wanted = pillar.get('deployments') %}
 {%- if wanted is not none and wanted is not mapping %}
@@ -13,17 +14,31 @@ saltfleet-pillar-invalid:
     - name: saltfleet
 {%- else %}
 {%- set wanted = wanted or {} %}
+{%- set states = [] %}
 {%- for name in salt['deployment.list']() if name not in wanted %}
+{%- do states.append('saltfleet-deployment-' ~ name ~ '-removed') %}
 
 {{ ('saltfleet-deployment-' ~ name ~ '-removed') | json }}:
   deployment.absent:
     - name: {{ name | json }}
 {%- endfor %}
 {%- for name in wanted %}
+{%- do states.append('saltfleet-deployment-' ~ name) %}
 
 {{ ('saltfleet-deployment-' ~ name) | json }}:
   deployment.present:
     - name: {{ name | json }}
     - parallel: true
 {%- endfor %}
+{%- if states %}
+
+{#- Once all of them ran: the master learns at once what changed (mine, grains). #}
+saltfleet-report:
+  deployment.reported:
+    - name: saltfleet
+    - onchanges:
+{%- for id in states %}
+      - deployment: {{ id | json }}
+{%- endfor %}
+{%- endif %}
 {%- endif %}

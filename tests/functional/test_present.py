@@ -93,7 +93,7 @@ def test_a_no_op_runs_no_installer_and_no_fetch(host, tiny, out, monkeypatch, sh
     assert "fetch" in calls.read_text() and "pip install" in calls.read_text(), "the shims saw the first deploy"
     calls.write_text("")
     again = host.apply(pillar)
-    assert changes_of(again) == {STATE: {}}
+    assert STATE in again and not any(changes_of(again).values()), changes_of(again)
     seen = calls.read_text().splitlines()
     assert not [c for c in seen if c.startswith(("fetch", "pip", "venv", "clone"))], seen
     assert [c for c in seen if c.startswith("ls-remote")], "a branch is still asked of the remote"
@@ -254,3 +254,14 @@ def test_keep_releases_prunes_old_releases_and_their_venvs_but_spares_a_draining
     assert not any((p["venvs"] / v).exists() for v in old_venv)
     kept = sorted(r.name for r in p["releases"].iterdir())
     assert kept == sorted([tiny["shas"]["v2"], tiny["shas"]["v3"]])
+
+
+def test_the_master_is_told_once_after_a_change_and_not_on_a_no_op(host, tiny, out):
+    pillar = host.pillar({"tiny": tiny_app(tiny, out), "other": tiny_app(tiny, out, programs=["o"])})
+    first = host.apply(pillar)
+    report = first["saltfleet-report"]
+    assert report["comment"] == "The master was told what changed (mine and grains)", report
+    # Once, after both deployments converged.
+    assert report["__run_num__"] > max(first[s]["__run_num__"] for s in first if s.startswith("saltfleet-deployment-"))
+    again = host.apply(pillar)
+    assert again["saltfleet-report"]["__state_ran__"] is False, again["saltfleet-report"]
