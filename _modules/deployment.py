@@ -221,7 +221,8 @@ def report():
     ``fleet.queues`` and ``fleet.deploy`` read) and the grains cache (what
     ``-G 'saltfleet_deployments:NAME:*'`` matches). The fleet SLS does this
     once per ``state.apply`` that changed a deployment, and every verb here
-    that changes one does it too.
+    that changes one does it too. Returns False, doing nothing, under
+    ``salt-call --local``: there is no master.
 
     CLI Example:
 
@@ -229,8 +230,11 @@ def report():
 
         salt 'worker-7' deployment.report
     """
+    if __opts__.get("local"):
+        # salt-call --local: there is no master to tell.
+        return False
     __salt__["mine.send"]("deployment.status")
-    # The master caches grains at a pillar refresh.
+    # The minion refreshes its pillar, and the master caches its grains then.
     __salt__["saltutil.refresh_grains"](refresh_pillar=True)
     return True
 

@@ -168,11 +168,13 @@ def reported(name):
     if __opts__["test"]:
         return {**ret, "result": None, "comment": "The master would be told what changed"}
     try:
-        __salt__["deployment.report"]()
+        told = __salt__["deployment.report"]()
     except Exception as exc:  # pylint: disable=broad-except
         # What changed is done; the heartbeat tells the master within a minute.
         log.warning("telling the master what changed failed", exc_info=True)
         return {**ret, "comment": f"The master was not told what changed ({exc}); the heartbeat will tell it"}
+    if not told:
+        return {**ret, "comment": "No master to tell (salt-call --local)"}
     return {**ret, "comment": "The master was told what changed (mine and grains)"}
 
 

@@ -33,7 +33,7 @@ MODES = {
     "quick": {
         "runs": 3,
         "counts": (1, 5),
-        "floor": (5,),
+        "floor": (1, 5),
         "builtins": (),
         "fanout": (),
         "sf_noop_1": False,

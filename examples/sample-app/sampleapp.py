@@ -64,6 +64,9 @@ else:
             # delete from a sticky /tmp a message another user (the sender) wrote.
             "store_processed": True,
             "processed_folder": str(DATA / "processed"),
+            # The folders are polled: every 0.1 s rather than kombu's 1 s, so a
+            # task, or a control message such as a ping, waits no second for it.
+            "polling_interval": 0.1,
         },
     )
 
