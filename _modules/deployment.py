@@ -219,10 +219,10 @@ def report():
     Tell the master now what this host runs, rather than at its next
     heartbeat: the mine's ``deployment.status`` (what ``fleet.inventory``,
     ``fleet.queues`` and ``fleet.deploy`` read) and the grains cache (what
-    ``-G 'saltfleet_deployments:NAME:*'`` matches). The fleet SLS does this
-    once per ``state.apply`` that changed a deployment, and every verb here
-    that changes one does it too. Returns False, doing nothing, under
-    ``salt-call --local``: there is no master.
+    ``-G 'saltfleet_deployments:NAME:*'`` matches). A change does this by
+    itself: once per ``state.apply`` of the fleet SLS, once per
+    ``deployment.present`` run without it (``state.single``, the verbs here).
+    Returns False, doing nothing, under ``salt-call --local``: there is no master.
 
     CLI Example:
 
@@ -237,14 +237,6 @@ def report():
     # The minion refreshes its pillar, and the master caches its grains then.
     __salt__["saltutil.refresh_grains"](refresh_pillar=True)
     return True
-
-
-def _reported():
-    """``report``, for the verbs that changed something: a failure to reach the master is logged, not raised."""
-    try:
-        report()
-    except Exception:  # pylint: disable=broad-except
-        log.debug("telling the master what changed failed", exc_info=True)
 
 
 def restart(name, program=None):
@@ -447,8 +439,6 @@ def _apply(name, **kwargs):
     result = {key: state.get(key) for key in ("result", "changes", "comment")}
     if not state.get("result"):
         __context__["retcode"] = 1
-    if state.get("changes") and not kwargs.get("test"):
-        _reported()
     return result
 
 

@@ -113,6 +113,8 @@ def present(name, **kwargs):
     ret["comment"] = _describe(cfg, plan, dry=test)
     if test:
         ret["result"] = None if plan["changes"] else True
+    elif plan["changes"]:
+        _tell()
     return ret
 
 
@@ -145,16 +147,36 @@ def absent(name, purge=None):
         ret.update(result=None, comment=f"Deployment {name} would be removed")
     else:
         ret["comment"] = f"Deployment {name} removed"
+        _tell()
     return ret
+
+
+def _tell():
+    """
+    Tell the master what changed, unless a ``deployment.reported`` state of
+    this run does it once for all (as the fleet SLS has): ``state.single``
+    and SLS files without one tell it for each deployment that changed.
+    """
+    try:
+        chunks = __lowstate__  # pylint: disable=undefined-variable
+    except NameError:
+        chunks = []
+    if any(isinstance(c, dict) and (c.get("state"), c.get("fun")) == ("deployment", "reported") for c in chunks):
+        return
+    try:
+        __salt__["deployment.report"]()
+    except Exception:  # pylint: disable=broad-except
+        # What changed is done; the heartbeat tells the master within a minute.
+        log.warning("telling the master what changed failed", exc_info=True)
 
 
 def reported(name):
     """
     Tell the master now what this host runs (``deployment.report``: the
     mine's ``deployment.status`` and the grains cache), once, after the
-    deployments changed: give it ``onchanges`` on their states. The fleet
-    SLS does; without it the host's heartbeat tells the master within a
-    minute.
+    deployments changed: give it ``onchanges`` on their states, as the fleet
+    SLS does. In a run without one, each deployment state that changed tells
+    the master itself.
 
     .. code-block:: yaml
 

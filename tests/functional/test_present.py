@@ -37,7 +37,8 @@ def test_first_deploy_dry_run_tells_the_real_run(host, tiny, out, testmode):
 
 def test_layout_on_the_host_is_the_documented_one(host, tiny, out):
     """The README's layout, spelled out here rather than taken from the code under test."""
-    host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    assert all(s["result"] is True for s in states.values()), states
     root, user, sha = host.root, host.user, tiny["shas"]["v1"]
     home = root / "home" / user.pw_name
     state = root / "var" / "lib" / "saltfleet" / "deployments" / "tiny"
