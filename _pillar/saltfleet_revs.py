@@ -26,6 +26,7 @@ A push during a wave longer than ``ttl`` can still split it; ``salt-run
 fleet.deploy`` resolves its rev once for the whole rollout.
 """
 
+import hashlib
 import logging
 import re
 import tempfile
@@ -89,7 +90,9 @@ def ext_pillar(minion_id, pillar, ttl=60):  # pylint: disable=unused-argument
         known = __utils__[f"{files}.read_json"](cache, {}) or {}
         for name, spec in wanted.items():
             rev = spec.get("rev", "HEAD")
-            key = f"{spec['repo']} {rev}"
+            # A new deploy key or host key pin is asked with, never answered from what another pin allowed.
+            pins = hashlib.sha256(f"{spec.get('deploy_key')}\0{spec.get('known_hosts')}".encode()).hexdigest()[:16]
+            key = f"{spec['repo']} {rev} {pins}"
             entry = known.get(key)
             if not entry or now - entry["at"] > float(ttl):
                 sha = _resolve(name, {**spec, "rev": rev})

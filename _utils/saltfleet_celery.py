@@ -35,22 +35,11 @@ CONTROL_TIMEOUT = 60
 
 # What runs as the user: load the app as `celery -A` does, ask its workers, print JSON.
 CONTROL = r"""
-import json, sys, time
+import json, sys
 from celery.app.utils import find_app
 request = json.loads(sys.argv[1])
 app = find_app(request["app"])
 nodes, wait = request["nodes"], request["wait"]
-if request["ask"] == "ready":
-    # Until each node consumes its queues (or time is up): one process, the app loaded once.
-    deadline = time.monotonic() + request["seconds"]
-    while True:
-        found = app.control.inspect(destination=nodes, timeout=wait, limit=len(nodes)).active_queues() or {}
-        found = {node: sorted(q["name"] for q in queues) for node, queues in found.items()}
-        if all(set(q) <= set(found.get(n, ())) for n, q in request["expected"].items()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    print(json.dumps(found))
-    sys.exit()
 if request["ask"] == "cancel":
     found = {}
     for queue in request["queues"]:
@@ -65,8 +54,12 @@ if request["ask"] == "workers":
     print(json.dumps({n: {"queues": sorted(q["name"] for q in queues.get(n, [])), "active": len(active.get(n, []))}
                       for n in set(queues) | set(active)}))
     sys.exit()
-if request["ask"] == "active":
-    print(json.dumps({node: len(tasks) for node, tasks in (inspect.active() or {}).items()}))
+found = getattr(inspect, request["ask"])() or {}
+if request["ask"] == "active_queues":
+    found = {node: sorted(q["name"] for q in queues) for node, queues in found.items()}
+elif request["ask"] == "active":
+    found = {node: len(tasks) for node, tasks in found.items()}
+print(json.dumps(found))
 """
 
 
@@ -231,15 +224,20 @@ def wait_ready(cfg, p, release, venv, workers, timeout=READY_TIMEOUT):
     return {node: what is missing} of those that did not within ``timeout``.
     """
     deadline = time.monotonic() + timeout
+    missing = {}
     for app, expected in by_app(workers).items():
-        seconds = max(0.0, deadline - time.monotonic())
-        request = {"ask": "ready", "nodes": sorted(expected), "expected": expected, "seconds": seconds, "wait": 2}
-        answered = ask(cfg, p, release, venv, app, request, timeout=seconds + CONTROL_TIMEOUT)
-        missing = {
-            node: "no answer" if node not in answered else f"consumes {answered[node]}, not {queues}"
-            for node, queues in expected.items()
-            if not set(queues) <= set(answered.get(node, ()))
-        }
+        while True:
+            # A process each time: one that loaded the app before the new workers bound their queues
+            # did not always hear them answer.
+            answered = ask(cfg, p, release, venv, app, {"ask": "active_queues", "nodes": sorted(expected), "wait": 2})
+            missing = {
+                node: "no answer" if node not in answered else f"consumes {answered[node]}, not {queues}"
+                for node, queues in expected.items()
+                if not set(queues) <= set(answered.get(node, ()))
+            }
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if missing:
             return missing
     return {}

@@ -187,7 +187,10 @@ def test_state_apply_deploys_and_inventory_counts_running(deployed, salt_cli, sa
         assert rows[name]["provider"] == "local"
         assert rows[name]["size"] == "sandbox"
         assert rows[name]["public_ips"] == ["127.0.0.1"]
-    assert rows[A]["deployments"]["inv-app"] == {
+    row = dict(rows[A]["deployments"]["inv-app"])
+    # Its Celery worker, with the queue it consumes and its tasks in hand.
+    assert [(w["queues"], w["active"]) for w in row.pop("workers").values()] == [(["inv-app"], 0)]
+    assert row == {
         "rev": "master",
         "release": master_sha,
         "running": 1,
