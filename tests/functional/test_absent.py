@@ -1,13 +1,13 @@
 """A deployment dropped from pillar: stopped, its sysfiles, config and secrets gone; purged when asked."""
 
 import time
+from pathlib import Path
 
 from tests.conftest import snapshot
 from tests.functional.conftest import report, tiny_app
 
-KEY = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key-but-a-secret-all-the-same\n-----END OPENSSH PRIVATE KEY-----\n"
-)
+# Not a key, but a secret all the same: a deployment's deploy key goes when it does.
+KEY = (Path(__file__).resolve().parents[1] / "fixtures" / "not-a-deploy-key").read_text()
 
 
 def exited(pid, timeout=30):
