@@ -104,22 +104,28 @@ def within_floor(plan, consumers, floors):
     return cut, held
 
 
+def _cached(opts, tgt, tgt_type):
+    """
+    (minion, grains' ``saltfleet_deployments``, mine's ``deployment.status``)
+    for each accepted minion matching ``tgt``, as the master last heard.
+    """
+    cache = salt.cache.factory(opts)
+    for minion in sorted(salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]):
+        grains = cache.fetch("grains", minion) or {}
+        mine = cache.fetch("mine", minion) or {}
+        known = (grains.get("saltfleet_deployments") if isinstance(grains, dict) else None) or {}
+        status = (mine.get("deployment.status") if isinstance(mine, dict) else None) or {}
+        yield minion, known if isinstance(known, dict) else {}, status if isinstance(status, dict) else {}
+
+
 def hosts_of(opts, name, tgt="*", tgt_type="glob"):
     """
     The accepted minions matching ``tgt`` that host deployment ``name``, as
     the master last heard (cached grains ``saltfleet_deployments`` and the
     mine's ``deployment.status``): {minion: the release it serves, or None}.
     """
-    matched = salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]
-    cache = salt.cache.factory(opts)
     found = {}
-    for minion in sorted(matched):
-        grains = cache.fetch("grains", minion) or {}
-        mine = cache.fetch("mine", minion) or {}
-        known = (grains.get("saltfleet_deployments") if isinstance(grains, dict) else None) or {}
-        status = (mine.get("deployment.status") if isinstance(mine, dict) else None) or {}
-        if not isinstance(status, dict):
-            status = {}
+    for minion, known, status in _cached(opts, tgt, tgt_type):
         if name in known or name in status:
             # The mine is refreshed after every change: fresher than the grains.
             facts = status.get(name) if isinstance(status.get(name), dict) else known.get(name) or {}
@@ -129,18 +135,9 @@ def hosts_of(opts, name, tgt="*", tgt_type="glob"):
 
 def deployments_of(opts, tgt="*", tgt_type="glob"):
     """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any."""
-    matched = salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]
-    cache = salt.cache.factory(opts)
-    found = {}
-    for minion in sorted(matched):
-        grains = cache.fetch("grains", minion) or {}
-        mine = cache.fetch("mine", minion) or {}
-        names = set((grains.get("saltfleet_deployments") or {}) if isinstance(grains, dict) else {})
-        status = mine.get("deployment.status") if isinstance(mine, dict) else None
-        names |= set(status) if isinstance(status, dict) else set()
-        if names:
-            found[minion] = sorted(names)
-    return found
+    return {
+        minion: sorted({*known, *status}) for minion, known, status in _cached(opts, tgt, tgt_type) if known or status
+    }
 
 
 def commands(value, what):
