@@ -99,7 +99,7 @@ def build(cfg, settings, home, venv, release):
         env["UV_CACHE_DIR"] = settings["uv_cache"]
     run, remove = _utils("saltfleet_user.run"), _utils("saltfleet_user.remove")
     steps = (
-        [uv, "venv", "-q", "--seed", "--python", cfg["python"], venv],
+        [uv, "venv", "-q", "--python", cfg["python"], venv],
         [uv, "pip", "install", "-q", "--python", venv / "bin" / "python", "-r", release / cfg["requirements"]],
     )
     remove(user, home, venv)
