@@ -24,11 +24,11 @@ $(VENV)/.synced: requirements-dev.lock | $(UV)
 
 venv: $(VENV)/.synced
 
-# Unit and functional tests need no daemons and run two at a time; the
-# integration tests share daemons per module and run one after another.
+# Two at a time: unit and functional tests need no daemons; integration
+# modules each keep their tests on one worker (their daemons start once).
 test: venv
 	$(BIN)/pytest -n 2 tests/unit tests/functional $(PYTEST_ARGS)
-	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadscope tests/integration $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -43,6 +43,20 @@ __virtualname__ = "deployment"
 
 # Pillar keys a state may override with its own arguments (``rev`` for deployment.update_code).
 STATE_ARGS = ("fun", "state", "order", "name")
+# Where mod_init leaves the master's listing of deployments/ for the run's states.
+LISTING = "saltfleet.deployments_listing"
+# One function of each utils module a deployment state uses (the loader loads a module by a function).
+PRELOAD = (
+    "saltfleet_celery.per_generation",
+    "saltfleet_files.read_manifest",
+    "saltfleet_git.write_secrets",
+    "saltfleet_paths.paths",
+    "saltfleet_schema.validate_deployment",
+    "saltfleet_supervisor.serving",
+    "saltfleet_sysfiles.check",
+    "saltfleet_user.account",
+    "saltfleet_venv.complete",
+)
 
 
 def __virtual__():
@@ -337,7 +351,28 @@ def _context(cfg, p, project, venv):
     return context
 
 
-def _sources(cfg, p, sha, digest, listing):
+def mod_init(low):  # pylint: disable=unused-argument
+    """
+    Once per state run, before its first deployment state (and so before any
+    runs in a process of its own): the master's files under ``deployments/``,
+    in one request, for every deployment state of the run.
+    """
+    __context__[LISTING] = __salt__["cp.list_master"](prefix="deployments/")
+    # Loaded here, once: each parallel state's process inherits them instead of loading its own.
+    for util in PRELOAD:
+        __utils__[util]  # pylint: disable=pointless-statement
+    return True
+
+
+def _listing(prefix):
+    """The master's files under ``prefix``: this run's listing, or the master's own outside a state run."""
+    listing = __context__.get(LISTING)
+    if listing is None:
+        listing = __salt__["cp.list_master"](prefix=prefix)
+    return [path for path in listing if path.startswith(prefix)]
+
+
+def _sources(cfg, p, sha, digest):
     """
     The program sections of a release (template rendered with that release's
     own paths, so a new generation runs the new code) and the deployment's
@@ -351,7 +386,7 @@ def _sources(cfg, p, sha, digest, listing):
     template = cfg.get("supervisord_conf")
     if not template:
         for candidate in ("files/supervisord.conf.jinja", "files/supervisord.conf"):
-            if prefix + candidate in listing:
+            if prefix + candidate in _listing(prefix):
                 template = f"salt://{prefix}{candidate}"
                 break
     if template:
@@ -370,17 +405,15 @@ def _sources(cfg, p, sha, digest, listing):
             f"deployments:{name}:programs: the deployment runs nothing: set pillar programs or ship "
             f"deployments/{name}/files/supervisord.conf(.jinja)"
         )
-    files = _sysfile_sources(name, _context(cfg, p, p["project"], p["project"] / "venv"), listing)
+    files = _sysfile_sources(name, _context(cfg, p, p["project"], p["project"] / "venv"))
     return sections, files
 
 
-def _sysfile_sources(name, context, listing=None):
+def _sysfile_sources(name, context):
     """The files of ``deployments/<name>/sysfiles/`` as {path under root: bytes}; ``*.jinja`` rendered."""
     prefix = f"deployments/{name}/sysfiles/"
-    if listing is None:
-        listing = __salt__["cp.list_master"](prefix=prefix)
     found = {}
-    for path in sorted(f for f in listing if f.startswith(prefix)):
+    for path in sorted(_listing(prefix)):
         rel = path[len(prefix) :]
         text = _fetch(f"salt://{path}", name, "sysfiles")
         if rel.endswith(".jinja"):
@@ -436,8 +469,7 @@ def _plan(settings, cfg, p, test):
     operator = manifest.get("operator") or {}
     plan["rebuild"] = operator.get("venv_rebuild", 0)
     sha, digest = _resolve(cfg, p, manifest, test, plan["rebuild"])
-    listing = __salt__["cp.list_master"](prefix=f"deployments/{cfg['name']}/")
-    sections, files = _sources(cfg, p, sha, digest, listing)
+    sections, files = _sources(cfg, p, sha, digest)
     plan["holds"] = holds = operator.get("holds") or {}
     for section, opts in sections.items():
         program = section.partition(":")[2]

@@ -69,13 +69,21 @@ import http.client, json, socket, sys, time, xmlrpc.client
 from celery.app.utils import find_app
 request = json.loads(sys.argv[1])
 deadline = time.monotonic() + request["seconds"]
-for app_name, nodes in request["apps"].items():
-    app = find_app(app_name)
+
+def wait(app_name, nodes):
+    # Until no node holds a task, or the deadline. A failed ask is asked again: the
+    # broker may hiccup, and supervisord must be stopped whatever happens here.
     while time.monotonic() < deadline:
-        active = app.control.inspect(destination=nodes, timeout=2, limit=len(nodes)).active() or {}
-        if not any(active.values()):
-            break
+        try:
+            active = find_app(app_name).control.inspect(destination=nodes, timeout=2, limit=len(nodes)).active() or {}
+        except Exception as exc:
+            print(f"asking {nodes} for their tasks in hand failed: {exc!r}; asking again", flush=True)
+        else:
+            if not any(active.values()):
+                print(f"{nodes}: no task in hand", flush=True)
+                return
         time.sleep(1)
+    print(f"{nodes}: still busy at the deadline; supervisord stops them (SIGTERM: tasks in hand finish)", flush=True)
 
 class Connection(http.client.HTTPConnection):
     def connect(self):
@@ -87,9 +95,14 @@ class Transport(xmlrpc.client.Transport):
     def make_connection(self, host):
         return Connection("localhost")
 
-server = xmlrpc.client.ServerProxy("http://localhost", transport=Transport()).supervisor
-server.stopAllProcesses(False)
-server.shutdown()
+try:
+    for app_name, nodes in request["apps"].items():
+        wait(app_name, nodes)
+finally:
+    server = xmlrpc.client.ServerProxy("http://localhost", transport=Transport()).supervisor
+    server.stopAllProcesses(False)
+    server.shutdown()
+    print("supervisord told to stop", flush=True)
 """
 
 

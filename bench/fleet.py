@@ -26,6 +26,7 @@ from localfleet.daemons import Master, free_ports, start_minions
 FANOUT_DEPLOYMENTS = ("fa", "fb")
 IDLE_PROGRAM = {"idle": {"command": "sleep 3600"}}
 NOP_SLS = "saltfleet_bench_nop"
+NOP_ENV = "saltfleet_bench_nop"
 
 
 def fanout_pillar(url):
@@ -89,12 +90,14 @@ class Fleet:
         (self.pillar_dir / "fleet.sls").write_text(fleet)
         self.git = GitServer(repo, self.base / "git-daemon.log")
         (self.pillar_dir / "bench.sls").write_text(yaml.safe_dump(fanout_pillar(self.git.url)))
-        # Salt's own floor beside saltfleet's apply: the same fan-out of one test.nop state.
+        # Salt's own floor beside saltfleet's apply: the same `state.apply` (a highstate:
+        # top file, its SLS) of one test.nop state, from an environment of its own.
         nop_tree = self.base / "nop"
         nop_tree.mkdir()
+        (nop_tree / "top.sls").write_text(yaml.safe_dump({NOP_ENV: {"*": [NOP_SLS]}}))
         (nop_tree / f"{NOP_SLS}.sls").write_text(yaml.safe_dump({"bench-nop": {"test.nop": []}}))
         self.master = Master(self.base, {"id": "bench-master", "log_level_logfile": "warning"})
-        self.master.config["file_roots"] = {"base": [*self.master.config["file_roots"]["base"], str(nop_tree)]}
+        self.master.config["file_roots"] = {**self.master.config["file_roots"], NOP_ENV: [str(nop_tree)]}
         self.master.config["pillar_roots"] = {"base": [str(self.pillar_dir)]}
         self.master.write()
         self.etc = self.master.etc
@@ -131,8 +134,11 @@ class Fleet:
             raise BenchError(f"no answer from {missing}; failed: {json.dumps(bad, default=str)[:3000]}")
         return ret
 
-    def apply(self, tgt="*", ids=None, sls=None):
-        """salt <tgt> state.apply [sls]; raise unless every minion answered and every state succeeded."""
+    def apply(self, tgt="*", ids=None, saltenv="base"):
+        """
+        salt <tgt> state.apply saltenv=<saltenv> (each environment's own top
+        file alone); raise unless every minion answered and every state succeeded.
+        """
         ids = ids or list(self.minions)
         list_tgt = tgt != "*"
         if list_tgt:
@@ -141,11 +147,11 @@ class Fleet:
         def ok(states):
             return isinstance(states, dict) and states and all(s.get("result") is True for s in states.values())
 
-        return self.check_all(self.salt(tgt, "state.apply", *filter(None, [sls]), list_tgt=list_tgt), ids, ok)
+        return self.check_all(self.salt(tgt, "state.apply", f"saltenv={saltenv}", list_tgt=list_tgt), ids, ok)
 
     def apply_nop(self):
         """Salt alone: salt '*' state.apply of one test.nop state, no saltfleet state in it."""
-        return self.apply(sls=NOP_SLS)
+        return self.apply(saltenv=NOP_ENV)
 
     def inventory_cli(self):
         """salt-run fleet.inventory --out=json; check it lists every minion with its deployments."""

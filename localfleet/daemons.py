@@ -83,12 +83,12 @@ def port_free(port):
     return True
 
 
-def _run(argv, cwd, timeout=None):
-    """Run a command with the environment of :func:`environ`, no stdin, its output captured as text."""
+def _run(argv, cwd, timeout=None, env=None):
+    """Run a command with the environment of :func:`environ` (or ``env``), no stdin, its output captured as text."""
     return subprocess.run(
         [str(a) for a in argv],
         cwd=cwd,
-        env=environ(),
+        env=env or environ(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -99,7 +99,10 @@ def _run(argv, cwd, timeout=None):
 
 def _daemonize(argv, cwd, what, see):
     """Start a Salt daemon (``argv`` with ``-d``: it forks and returns at once); a FleetError when it refuses to."""
-    proc = _run(argv, cwd)
+    # As a service runs it: caching its modules' bytecode (a shell's PYTHONDONTWRITEBYTECODE
+    # would make every minion job compile saltfleet's modules afresh).
+    env = {k: v for k, v in environ().items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = _run(argv, cwd, env=env)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip()[-1000:]
         raise FleetError(f"{what} exited {proc.returncode}: {tail}; see {see}")

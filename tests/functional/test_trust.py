@@ -149,6 +149,8 @@ def test_a_socket_swapped_for_someone_elses_is_refused(host, tiny, out, short_tm
                 received += conn.recv(65536)
     finally:
         roots.close()
+        # The deployment's own socket back: the fixture stops its supervisord through it.
+        as_user(host.user, "mv", "-fT", str(sock) + ".moved", str(sock))
     assert state["result"] is False
     assert state["comment"].startswith("deployments:tiny: ") and "not the deployment's user" in state["comment"], state
     assert received == b"", "root sent its XML-RPC to a socket the user pointed it at"
@@ -182,6 +184,7 @@ def test_a_socket_that_never_answers_fails_the_apply_within_the_timeout(host, ti
         took = time.monotonic() - started
     finally:
         silent.kill()
+        as_user(host.user, "mv", "-fT", str(sock) + ".moved", str(sock))
     assert state["result"] is False
     assert state["comment"].startswith("deployments:tiny: ") and "did not answer within" in state["comment"], state
     assert took < 120

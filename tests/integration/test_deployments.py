@@ -129,7 +129,9 @@ def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, 
         assert run_task(tasks, f"{FETCHER}.{queue}")["version"] == "2"
     assert slow.state == "STARTED"
     assert slow.get(timeout=120)["version"] == "1", "the task in flight was finished by the old worker"
-    wait_for(lambda: host.status(FETCHER)[FETCHER]["draining"] == [], 120, "v1's supervisord exiting")
+    logs = sorted((host.root / "home" / host.user.pw_name / "log" / FETCHER).glob("*.g1.log"))
+    logs.append(host.root / "home" / host.user.pw_name / "log" / FETCHER / "drain.1.log")
+    wait_for(lambda: host.status(FETCHER)[FETCHER]["draining"] == [], 120, "v1's supervisord exiting", logs=logs)
     assert not psutil.pid_exists(v1_beta) or psutil.Process(v1_beta).status() == "zombie"
     assert (
         Path(host.root) / "home" / host.user.pw_name / f"Projects-{FETCHER}.releases" / sample["shas"]["v1"]

@@ -176,6 +176,20 @@ class Fleet:
         return marker
 
 
+@pytest.fixture(autouse=True)
+def removed_after(fleet):
+    """
+    Each test's deployments go when it ends, through the fleet SLS as pillar
+    drops them: idle workers of earlier tests would share the CPU with later ones.
+    """
+    yield
+    if any(fleet.deployments.values()):
+        fleet.deployments = {minion: {} for minion in fleet.ids}
+        fleet.write_pillar()
+        ret = fleet.salt("state.apply", "fleet", _timeout=600)
+        assert ret.returncode == 0, ret
+
+
 def parse_run(returncode, stdout, stderr):
     """salt-run's JSON documents, one after another: progress events, then the return."""
     decoder, docs, at = json.JSONDecoder(), [], 0

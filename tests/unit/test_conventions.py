@@ -9,13 +9,15 @@ import yaml
 from localfleet.config import REPO, saltfleet_utils
 
 LOADER_DIRS = ("_modules", "_runners", "_states")
+# What Salt's state machinery calls itself, never a user: no SLS example to show.
+SALT_HOOKS = {"mod_init", "mod_watch", "mod_aggregate"}
 
 
 def public_functions():
     for folder in LOADER_DIRS:
         for path in sorted((REPO / folder).glob("*.py")):
             for node in ast.parse(path.read_text()).body:
-                if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and node.name not in SALT_HOOKS:
                     yield f"{folder}/{path.name}:{node.name}", ast.get_docstring(node) or ""
 
 
