@@ -14,9 +14,12 @@ caller can tell which worker ran a task, and that none ran twice.
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from celery import Celery
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 VERSION = "1"
 
@@ -35,6 +38,24 @@ def _folders(*names):
             # A sender running as root makes the folder for the workers, who own the data folder.
             if os.geteuid() == 0 and owner.st_uid != 0:
                 os.chown(folder, owner.st_uid, owner.st_gid)
+
+
+class _Channel(filesystem.Channel):
+    def _put(self, queue, payload, **kwargs):
+        # kombu writes a message file in place: a worker polling meanwhile can take
+        # it half written, fail to parse it and die, and the message is lost. Write
+        # it under a name no queue reads, then rename it in whole.
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        part = os.path.join(self.data_folder_out, f".{name}.part")
+        with open(part, "w") as f:
+            f.write(dumps(payload))
+        os.replace(part, os.path.join(self.data_folder_out, name))
+
+
+class _Transport(filesystem.Transport):
+    """kombu's filesystem transport, each message written whole."""
+
+    Channel = _Channel
 
 
 app = Celery("sampleapp")
@@ -56,6 +77,7 @@ else:
     _folders("queue", "control", "results", "processed", "executions")
     app.conf.update(
         broker_url="filesystem://",
+        broker_transport=_Transport,
         broker_transport_options={
             "data_folder_in": str(DATA / "queue"),
             "data_folder_out": str(DATA / "queue"),
