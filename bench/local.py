@@ -52,6 +52,9 @@ class LocalHost:
             "module_dirs": [str(REPO / "_modules")],
             "states_dirs": [str(REPO / "_states")],
             "grains_dirs": [str(REPO / "_grains")],
+            # As saltfleet provisions hosts: a state run syncs no modules first (the
+            # dirs above are the repository's own, so there is nothing to sync).
+            "autoload_dynamic_modules": False,
             "log_level_logfile": "warning",
             "state_output": "terse",
         }
