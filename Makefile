@@ -24,10 +24,10 @@ $(VENV)/.synced: requirements-dev.lock | $(UV)
 
 venv: $(VENV)/.synced
 
-# Two at a time: unit and functional tests need no daemons; integration
-# modules each keep their tests on one worker (their daemons start once).
+# Unit and functional tests need no daemons: four at a time. Integration
+# modules two at a time, each keeping its tests on one worker (their daemons start once).
 test: venv
-	$(BIN)/pytest -n 2 tests/unit tests/functional $(PYTEST_ARGS)
+	$(BIN)/pytest -n 4 tests/unit tests/functional $(PYTEST_ARGS)
 	$(BIN)/pytest -n 2 --dist loadscope tests/integration $(PYTEST_ARGS)
 
 lint: venv

@@ -202,7 +202,11 @@ def test_the_boot_line_brings_the_programs_back_as_cron_runs_it(host, tiny, out)
     p = host.paths("tiny")
     pid = host.loaders.modules.deployment.status("tiny")["tiny"]
     old = report(out)["pid"]
-    subprocess.run(["pkill", "-KILL", "-u", host.user.pw_name], check=False)
+    # Its supervisord leads a session of its own, with its programs in it (not every
+    # process of the user: other tests' deployments run as the same user meanwhile).
+    supervisord = int(p["run"].joinpath("1.pid").read_text())
+    assert os.getsid(supervisord) == supervisord
+    subprocess.run(["pkill", "-KILL", "-s", str(supervisord)], check=True)
     deadline = time.monotonic() + 10
     while Path(f"/proc/{old}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
