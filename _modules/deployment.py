@@ -18,8 +18,10 @@ import contextlib
 import contextvars
 import logging
 import re
+import shlex
 import time
 
+import salt.utils.args
 from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
@@ -251,17 +253,10 @@ def restart(name, program=None):
         salt 'worker-7' deployment.restart daily-fetcher
         salt 'worker-7' deployment.restart daily-fetcher fetcher-instagram
     """
-    sup = "saltfleet_supervisor"
     with _changing(name, "restart") as (p, _, uid):
         sock = _serving_socket(name, p, uid)
-        groups = sorted({i["group"] for i in __utils__[f"{sup}.process_info"](sock, uid)})
-        if program is not None:
-            if program not in groups:
-                raise CommandExecutionError(
-                    f"deployment {name} has no program group {program!r}; it has: {', '.join(groups)}"
-                )
-            groups = [program]
-        failed = __utils__[f"{sup}.restart_groups"](sock, uid, groups)
+        groups = _groups(name, sock, uid, program)
+        failed = __utils__["saltfleet_supervisor.restart_groups"](sock, uid, groups)
     if failed:
         raise CommandExecutionError(
             f"deployment {name}: not RUNNING after the restart: "
@@ -270,20 +265,27 @@ def restart(name, program=None):
     return {"restarted": groups}
 
 
-def stop(name):
+def stop(name, program=None):
     """
     Stop a deployment's supervisord and its programs (gracefully), draining
-    generations too; the next ``state.apply`` starts it again.
+    generations too; or, given ``program``, that program group alone. The next
+    ``state.apply`` starts them again (``deployment.hold`` keeps them stopped).
 
     CLI Example:
 
     .. code-block:: bash
 
         salt 'worker-7' deployment.stop daily-fetcher
+        salt 'worker-7' deployment.stop daily-fetcher fetcher-instagram
     """
+    sup = "saltfleet_supervisor"
     with _changing(name, "stop") as (p, manifest, uid):
-        stopped = __utils__["saltfleet_supervisor.stop_all"](p, uid, manifest.get("draining"))
-    return {"stopped": bool(stopped)}
+        if program is None:
+            return {"stopped": bool(__utils__[f"{sup}.stop_all"](p, uid, manifest.get("draining")))}
+        sock = _serving_socket(name, p, uid)
+        groups = _groups(name, sock, uid, program)
+        __utils__[f"{sup}.stop_groups"](sock, uid, groups)
+    return {"stopped": groups}
 
 
 # ----------------------------------------------------------- more programs
@@ -623,12 +625,16 @@ def unhold(name, program=None):
 # ------------------------------------------------------------------- run
 
 
-def run(name, *command, timeout=3600):
+def run(name, *command, timeout=3600, **kwargs):
     """
     Run a command in the serving release as the deployment's user, with its
     virtualenv and env (a migration, a manage.py task, a one-off Celery call);
     its exit code becomes the job's. Values of env never appear in the output
     returned: each is replaced by ``<env:NAME>``.
+
+    The command is its words, or one argument that holds it all (split as the
+    shell would, without a shell). Salt reads a word of the form ``KEY=value``
+    as a keyword argument: quote such a command whole.
 
     CLI Example:
 
@@ -636,7 +642,17 @@ def run(name, *command, timeout=3600):
 
         salt 'worker-7' deployment.run daily-fetcher python manage.py migrate
         salt 'worker-7' deployment.run daily-fetcher celery -A app inspect ping
+        salt 'worker-7' deployment.run daily-fetcher 'env DJANGO_SETTINGS_MODULE=app.prod python manage.py check'
     """
+    taken = salt.utils.args.clean_kwargs(**kwargs)
+    if taken:
+        words = " ".join(f"{k}={v}" for k, v in taken.items())
+        raise CommandExecutionError(
+            f"deployment.run {name}: Salt read {words} as keyword arguments, not words of the command; "
+            f"give the command as one quoted argument: deployment.run {name} '...'"
+        )
+    if len(command) == 1 and isinstance(command[0], str) and any(c.isspace() for c in command[0]):
+        command = shlex.split(command[0])
     if not command:
         raise CommandExecutionError(f"deployment.run {name}: give the command to run after the deployment's name")
     p, manifest, _ = _installed(name)

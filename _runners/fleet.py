@@ -157,6 +157,12 @@ def _deployment_cell(name, facts):
         running = "?"
     else:
         running = f"{facts['running']}/{facts['programs']} RUNNING"
+    workers = facts.get("workers") or {}
+    if workers:
+        # Celery: the queues its workers consume, and the tasks they hold.
+        queues = ",".join(sorted({q for w in workers.values() for q in w.get("queues") or []})) or "no queue"
+        active = sum(w.get("active") or 0 for w in workers.values())
+        running += f" {queues} ({active} active)"
     return f"{name} {where} {running}"
 
 
@@ -339,7 +345,8 @@ def _format_queues(report):
     lines.append(f"{'QUEUE'.ljust(width)}  CONSUMERS  NODES (tasks in hand)")
     for name, info in report["queues"].items():
         nodes = ", ".join(
-            f"{c['node']} ({c['active']})" + ("" if c["status"] == "up" else f" on {c['minion']}, down")
+            f"{c['node']} ({'?' if c['active'] is None else c['active']})"
+            + ("" if c["status"] == "up" else f" on {c['minion']}, down")
             for c in info["consumers"]
         )
         lines.append(f"{name.ljust(width)}  {info['up']:>2} up/{len(info['consumers']):<2}  {nodes}")

@@ -114,6 +114,7 @@ def present(name, **kwargs):
         settings, cfg = _config(
             name, {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in STATE_ARGS}
         )
+        _check_tools(settings, cfg)
         p = __utils__["saltfleet_paths.paths"](settings["root"], cfg["user"], name)
         with _locked(p, f"state deployment.present {name}", test):
             pinned = _pinned(cfg, __utils__["saltfleet_files.read_manifest"](p), "rev" in kwargs)
@@ -125,11 +126,21 @@ def present(name, **kwargs):
         return _failed(ret, name, exc)
     ret["changes"] = plan["changes"]
     ret["comment"] = _describe(cfg, plan, dry=test)
+    if plan.get("warnings"):
+        ret["warnings"] = plan["warnings"]
     if test:
         ret["result"] = None if plan["changes"] else True
     elif plan["changes"]:
         _tell()
     return ret
+
+
+def _check_tools(settings, cfg):
+    """Refuse, before any change, a tool root would run that is not root's alone."""
+    for tool in ("uv", "supervisord"):
+        __utils__["saltfleet_files.trusted_tool"](tool, settings[tool])
+    if cfg["python"].startswith("/"):
+        __utils__["saltfleet_files.check_trusted"](cfg["python"], f"deployments:{cfg['name']}:python")
 
 
 def absent(name, purge=None):
@@ -856,12 +867,19 @@ def _drain(cfg, p, plan, old_sections, seconds):
         return False
     release = __utils__["saltfleet_paths.release"](p, plan["current"])
     venv = __utils__["saltfleet_paths.venv"](p, plan["manifest"].get("venv"))
+    warnings = plan.setdefault("warnings", [])
     try:
-        __utils__["saltfleet_celery.drain"](cfg, p, release, venv, old, _socket(p, plan["serving"]), seconds)
+        sock = _socket(p, plan["serving"])
+        unconfirmed = __utils__["saltfleet_celery.drain"](cfg, p, release, venv, old, sock, seconds)
     except CommandExecutionError as exc:
         # The new release serves already; the old workers still stop on SIGTERM.
-        log.warning("deployments:%s: starting the drain of the old workers failed: %s", cfg["name"], exc)
+        warnings.append(f"deployments:{cfg['name']}: the old workers were sent SIGTERM without a drain: {exc}")
         return False
+    if unconfirmed:
+        warnings.append(
+            f"deployments:{cfg['name']}: {', '.join(unconfirmed)} did not confirm they stopped consuming; "
+            "they stop once their tasks are done"
+        )
     return True
 
 

@@ -32,6 +32,8 @@ __virtualname__ = "saltfleet_celery"
 # How long a new generation's workers get to answer and consume their queues.
 READY_TIMEOUT = 90
 CONTROL_TIMEOUT = 60
+# How long a status question waits for the nodes' replies (it ends as soon as each one answered).
+ANSWER_WAIT = 5
 
 # What runs as the user: load the app as `celery -A` does, ask its workers, print JSON.
 CONTROL = r"""
@@ -51,8 +53,9 @@ if request["ask"] == "cancel":
 inspect = app.control.inspect(destination=nodes, timeout=wait, limit=len(nodes))
 if request["ask"] == "workers":
     queues, active = inspect.active_queues() or {}, inspect.active() or {}
-    print(json.dumps({n: {"queues": sorted(q["name"] for q in queues.get(n, [])), "active": len(active.get(n, []))}
-                      for n in set(queues) | set(active)}))
+    # A node is listed once it said what it consumes; its tasks in hand, when it said that too.
+    print(json.dumps({n: {"queues": sorted(q["name"] for q in qs), "active": len(active[n]) if n in active else None}
+                      for n, qs in queues.items()}))
     sys.exit()
 found = getattr(inspect, request["ask"])() or {}
 if request["ask"] == "active_queues":
@@ -261,12 +264,15 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
     Drain a generation (its ``workers``, its supervisord on ``sock``): its
     nodes stop consuming now; a drainer, in the background as the user, waits
     for their tasks in hand (``seconds`` at most), then stops supervisord. Its
-    output goes to the deployment's log dir.
+    output goes to the deployment's log dir. Returns the nodes that did not
+    confirm they stopped consuming.
     """
     apps = by_app(workers)
+    unconfirmed = []
     for app, expected in apps.items():
         queues = sorted({q for qs in expected.values() for q in qs})
-        ask(cfg, p, release, venv, app, {"ask": "cancel", "nodes": sorted(expected), "queues": queues, "wait": 3})
+        request = {"ask": "cancel", "nodes": sorted(expected), "queues": queues, "wait": 3}
+        unconfirmed += sorted(set(expected) - set(ask(cfg, p, release, venv, app, request)))
     request = {
         "apps": {app: sorted(expected) for app, expected in apps.items()},
         "socket": str(sock),
@@ -281,19 +287,21 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
     _utils("saltfleet_user.spawn")(
         cfg["user"], [f"{venv}/bin/python", "-c", DRAIN, json.dumps(request)], p["home"], log, cwd=release, env=env
     )
+    return unconfirmed
+
+
+def _status(cfg, p, release, venv, workers, question):
+    found = {}
+    for app, expected in by_app(workers).items():
+        found.update(ask(cfg, p, release, venv, app, {"ask": question, "nodes": sorted(expected), "wait": ANSWER_WAIT}))
+    return found
 
 
 def serving(cfg, p, release, venv, workers):
     """{node: {queues, active}} of a generation's nodes, as they answer; a node that does not is missing."""
-    found = {}
-    for app, expected in by_app(workers).items():
-        found.update(ask(cfg, p, release, venv, app, {"ask": "workers", "nodes": sorted(expected), "wait": 2}))
-    return found
+    return _status(cfg, p, release, venv, workers, "workers")
 
 
 def active(cfg, p, release, venv, workers):
     """{node: tasks in hand} of a generation's nodes that answered."""
-    counts = {}
-    for app, expected in by_app(workers).items():
-        counts.update(ask(cfg, p, release, venv, app, {"ask": "active", "nodes": sorted(expected), "wait": 2}))
-    return counts
+    return _status(cfg, p, release, venv, workers, "active")

@@ -323,7 +323,8 @@ def _hooks(when, argvs, opts, name, host, timeout, emit, ran):
     for argv in argvs or []:
         emit(f"{name}: {when} hook on {host}: {shlex.join(argv)}")
         try:
-            _, returns = publish(opts, [host], "deployment.run", [name, *argv], timeout=timeout)
+            # One argument: a word like KEY=value would otherwise reach it as a keyword.
+            _, returns = publish(opts, [host], "deployment.run", [name, shlex.join(argv)], timeout=timeout)
         except Exception as exc:  # pylint: disable=broad-except
             returns = {host: {"ret": f"ERROR: {exc}"}}
         data = returns.get(host)

@@ -92,8 +92,6 @@ def build(cfg, settings, home, venv, release):
     """As the user: create ``venv`` and install the release's requirements into it with uv."""
     user = cfg["user"]
     uv = _utils("saltfleet_files.trusted_tool")("uv", settings["uv"])
-    if cfg["python"].startswith("/"):
-        _utils("saltfleet_files.check_trusted")(cfg["python"], f"deployments:{cfg['name']}:python")
     env = {"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
     if settings.get("uv_cache"):
         env["UV_CACHE_DIR"] = settings["uv_cache"]

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from localfleet.config import REPO, master_config
@@ -24,6 +25,20 @@ def pytest_sessionstart(session):
     if log_server is not None:
         log_server.log_host = "127.0.0.1"
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What tests measured for people to read (``record_property("report", ...)``), after the run's summary."""
+    lines = [
+        f"{report.nodeid}: {value}"
+        for report in terminalreporter.stats.get("passed", [])
+        for name, value in report.user_properties
+        if name == "report"
+    ]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +66,14 @@ def saltfleet_master_config():
 
 # The non-root user deployments run as in the tests, as `ubuntu` does on a real host.
 DEPLOY_USER = "sfdeploy"
+
+
+def gone(pid):
+    """True when pid no longer runs (a zombie waits for its parent, init here, to reap it: it runs no more)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(check, timeout, what, logs=(), interval=0.5):
@@ -117,17 +140,17 @@ def short_tmp():
 
 
 def snapshot(root):
-    """Every path under root with its mode and content digest (link targets for links)."""
+    """Every path under root with its owner, mode and content digest (link targets for links)."""
     tree = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for entry in sorted(dirnames + filenames):
             path = os.path.join(dirpath, entry)
             st = os.lstat(path)
             if os.path.islink(path):
-                tree[path] = ("link", os.readlink(path))
+                tree[path] = (st.st_uid, "link", os.readlink(path))
             elif os.path.isfile(path):
                 with open(path, "rb") as fh:
-                    tree[path] = (oct(st.st_mode), hashlib.sha256(fh.read()).hexdigest())
+                    tree[path] = (st.st_uid, oct(st.st_mode), hashlib.sha256(fh.read()).hexdigest())
             else:
-                tree[path] = (oct(st.st_mode), None)
+                tree[path] = (st.st_uid, oct(st.st_mode), None)
     return tree

@@ -69,6 +69,21 @@ def test_stop_stops_everything_and_the_next_apply_starts_it(deployed, host, tiny
     assert report(out)["pid"] != pid
 
 
+def test_stop_one_program_leaves_the_others_and_the_next_apply_starts_it(deployed, host, tiny, out):
+    before = {name: report(out, name)["pid"] for name in ("a", "b")}
+    assert deployed.stop("tiny", "b") == {"stopped": ["b"]}
+    assert deployed.status("tiny")["tiny"]["programs"] == {"a": "RUNNING", "b": "STOPPED"}
+    assert (out / "b.stopped").read_text().split() == [str(before["b"])]
+    states = host.apply(
+        host.pillar(
+            {"tiny": tiny_app(tiny, out, programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"})}
+        )
+    )
+    assert states["saltfleet-deployment-tiny"]["changes"] == {"programs": {"started": ["b"]}}, states
+    assert deployed.status("tiny")["tiny"]["programs"] == {"a": "RUNNING", "b": "RUNNING"}
+    assert report(out, "a")["pid"] == before["a"]
+
+
 def test_validate_reports_every_error(host):
     host.set_pillar({"saltfleet": {"uesr": "x"}, "deployments": {"a": {"rev": 1}}})
     errors = host.loaders.modules.deployment.validate()
@@ -211,6 +226,10 @@ def test_run_runs_in_the_serving_release_as_the_user_and_hides_env_values(host, 
     assert cwd == str(host.paths("tiny")["releases"] / tiny["shas"]["v1"])
     assert token == "<env:API_TOKEN>" and "tok-8c1e55" not in str(ret)
     assert venv.startswith(str(host.paths("tiny")["venvs"]))
+    # One quoted argument, split as the shell would; words Salt took for keywords are refused, not dropped.
+    assert mod.run("tiny", "env GREETING='hi there' sh -c 'echo $GREETING'")["stdout"] == "hi there\n"
+    with pytest.raises(CommandExecutionError, match=r"deployment.run tiny: Salt read GREETING=hi as keyword arguments"):
+        mod.run("tiny", "env", "sh", "-c", "echo $GREETING", GREETING="hi")
 
 
 def test_logs_supervisorctl_and_force_restart(host, tiny, out):

@@ -2,13 +2,17 @@
 
 import copy
 import os
+import shutil
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
+from localfleet.daemons import BIN
 from tests.conftest import snapshot
 from tests.functional.conftest import report, tiny_app
+from tests.unit.test_schema import HOSTILE
 
 STATE = "saltfleet-deployment-tiny"
 
@@ -101,7 +105,9 @@ def test_a_no_op_runs_no_installer_and_no_fetch(host, tiny, out, monkeypatch, sh
 
 
 def test_upgrade_starts_the_new_release_beside_the_old_which_drains(host, tiny, out, testmode):
-    deployment = tiny_app(tiny, out, env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "3"})
+    hold = out / "hold"
+    hold.touch()
+    deployment = tiny_app(tiny, out, env={"TINYAPP_OUT": str(out), "TINYAPP_HOLD": str(hold)})
     first = host.apply(host.pillar({"tiny": deployment}))
     assert first[STATE]["result"] is True, first[STATE]["comment"]
     old = report(out)
@@ -123,6 +129,8 @@ def test_upgrade_starts_the_new_release_beside_the_old_which_drains(host, tiny, 
     assert status["release"] == tiny["shas"]["v2"]
     assert len(status["draining"]) == 1
     assert "in the background (pid" in real[STATE]["comment"]
+    assert not (out / "a.stopped").exists(), "the old program's task was cut short"
+    hold.unlink()
     deadline = time.monotonic() + 60
     while host.loaders.modules.deployment.status("tiny")["tiny"]["draining"] and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -178,11 +186,16 @@ def test_a_failed_release_never_serves_and_the_old_one_keeps_serving(host, tiny,
     assert first[STATE]["result"] is True, first[STATE]["comment"]
     p = host.paths("tiny")
     manifest, link = p["manifest"].read_text(), os.readlink(p["project"])
-    states = host.apply(host.pillar({"tiny": dict(deployment, rev=rev)}))
+    conf, conf_text = os.readlink(p["conf"]), p["conf"].read_text()
+    # The failing release comes with a program option changed: that is put back too.
+    failing = copy.deepcopy(dict(deployment, rev=rev))
+    failing["programs"]["a"]["stopwaitsecs"] = 7
+    states = host.apply(host.pillar({"tiny": failing}))
     assert states[STATE]["result"] is False
     assert message in states[STATE]["comment"], states[STATE]["comment"]
     assert p["manifest"].read_text() == manifest
     assert os.readlink(p["project"]) == link
+    assert (os.readlink(p["conf"]), p["conf"].read_text()) == (conf, conf_text), "the serving config is the old one"
     assert report(out)["version"] == "1"
     status = host.loaders.modules.deployment.status("tiny")["tiny"]
     assert status["programs"] == {"a": "RUNNING"} and status["draining"] == []
@@ -231,30 +244,94 @@ def test_invalid_pillar_fails_cleanly_and_changes_nothing(host, tiny, out, case)
     assert host.loaders.modules.deployment.status("tiny")["tiny"]["running"] == 1
 
 
+def test_every_hostile_value_is_refused_before_anything_changes(host, tiny, out):
+    """The schema's hostile values (tests/unit/test_schema.py), each a deployment beside a serving one, in one apply."""
+    good = tiny_app(tiny, out)
+    host.apply(host.pillar({"tiny": good}))
+    before = snapshot(host.root)
+    cases = {f"hostile-{n}": case for n, case in enumerate(sorted(HOSTILE))}
+    deployments = {"tiny": good}
+    for name, case in cases.items():
+        spec = HOSTILE[case][0]
+        deployments[name] = {**good, **spec, "repo": good["repo"] if spec.get("repo") == "/r" else spec["repo"]}
+    states = host.apply(host.pillar(deployments))
+    for name, case in cases.items():
+        state, message = states[f"saltfleet-deployment-{name}"], HOSTILE[case][1].replace(":fetcher:", f":{name}:")
+        assert state["result"] is False and message in state["comment"], (case, state["comment"])
+        assert state["changes"] == {}, case
+    assert states[STATE]["result"] is True and states[STATE]["changes"] == {}
+    assert snapshot(host.root) == before
+    assert host.loaders.modules.deployment.status("tiny")["tiny"]["running"] == 1
+
+
+@pytest.mark.parametrize("tool", ["uv", "supervisord", "python"])
+def test_a_tool_the_user_owns_is_never_run_by_root(host, tiny, out, tool):
+    """saltfleet:uv, saltfleet:supervisord or a deployment's python: a copy the user could replace."""
+    copy_ = host.root / "home" / host.user.pw_name / tool
+    shutil.copy(shutil.which(tool, path=str(BIN)), copy_)
+    os.chown(copy_, host.user.pw_uid, host.user.pw_gid)
+    before = snapshot(host.root)
+    if tool == "python":
+        pillar, key = host.pillar({"tiny": tiny_app(tiny, out, python=str(copy_))}), "deployments:tiny:python"
+    else:
+        pillar, key = host.pillar({"tiny": tiny_app(tiny, out)}, **{tool: str(copy_)}), f"saltfleet:{tool}"
+    state = host.apply(pillar)[STATE]
+    assert state["result"] is False, state
+    assert state["comment"].startswith(f"{key}: ") or f"\n{key}: " in state["comment"], state["comment"]
+    assert f"is owned by uid {host.user.pw_uid}, so root will not use" in state["comment"]
+    assert snapshot(host.root) == before
+
+
+def test_a_state_dir_on_a_path_the_user_owns_is_refused(host, tiny, out):
+    """Root's state tree under a folder the user owns (they could swap it): nothing is written."""
+    var = host.root / "var"
+    var.mkdir()
+    os.chown(var, host.user.pw_uid, host.user.pw_gid)
+    before = snapshot(host.root)
+    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out)}))
+    comment = states[STATE]["comment"]
+    assert states[STATE]["result"] is False, states[STATE]
+    assert f"{var} is owned by uid {host.user.pw_uid}, so root will not use" in comment, comment
+    assert snapshot(host.root) == before
+
+
 def test_keep_releases_prunes_old_releases_and_their_venvs_but_spares_a_draining_one(host, tiny, out):
-    deployment = tiny_app(tiny, out, keep_releases=2, env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "4"})
+    hold = out / "hold"
+    hold.touch()
     p = host.paths("tiny")
-    host.apply(host.pillar({"tiny": dict(deployment, rev="include-reqs")}))
-    old_venv = {v.name for v in p["venvs"].iterdir()}
-    host.apply(host.pillar({"tiny": dict(deployment, rev="v2")}))
-    # include-reqs drains; v2 serves. A third release: include-reqs is past keep_releases...
-    states = host.apply(host.pillar({"tiny": dict(deployment, rev="v3")}))
-    pruned = states[STATE]["changes"].get("pruned", [])
-    drained_release = str(p["releases"] / tiny["shas"]["include-reqs"])
-    assert drained_release in pruned or (p["releases"] / tiny["shas"]["include-reqs"]).is_dir()
-    # ...and once nothing runs it any more, the next apply prunes it and its venv.
-    deadline = time.monotonic() + 60
-    while host.loaders.modules.deployment.status("tiny")["tiny"]["draining"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if drained_release not in pruned:
-        states = host.apply(host.pillar({"tiny": dict(deployment, rev="v3")}))
-        pruned = states[STATE]["changes"]["pruned"]
-    assert drained_release in pruned
-    assert {str(p["venvs"] / v) for v in old_venv} <= set(pruned)
-    assert not (p["releases"] / tiny["shas"]["include-reqs"]).exists()
-    assert not any((p["venvs"] / v).exists() for v in old_venv)
-    kept = sorted(r.name for r in p["releases"].iterdir())
-    assert kept == sorted([tiny["shas"]["v2"], tiny["shas"]["v3"]])
+    shas = tiny["shas"]
+
+    def apply(rev, **env):
+        deployment = tiny_app(tiny, out, rev=rev, keep_releases=1, env={"TINYAPP_OUT": str(out), **env})
+        states = host.apply(host.pillar({"tiny": deployment}))
+        assert states[STATE]["result"] is True, states[STATE]
+        return states[STATE]["changes"].get("pruned", [])
+
+    def drains(count):
+        deadline = time.monotonic() + 60
+        while len(host.loaders.modules.deployment.status("tiny")["tiny"]["draining"]) != count:
+            assert time.monotonic() < deadline, "the drains did not end"
+            time.sleep(0.2)
+
+    # include-reqs (a venv of its own) drains until the test removes hold: its task runs on.
+    apply("include-reqs", TINYAPP_HOLD=str(hold))
+    old_venv = {str(v) for v in p["venvs"].iterdir()}
+    apply("v2")
+    apply("v3")
+    drains(1)
+    # v2 is past keep_releases and drained: pruned. include-reqs still drains, v3 drains
+    # from now on: both spared, and so is include-reqs' venv.
+    pruned = apply("v1")
+    assert str(p["releases"] / shas["v2"]) in pruned
+    assert not {str(p["releases"] / shas[r]) for r in ("include-reqs", "v3")} & set(pruned), pruned
+    assert not old_venv & set(pruned) and all(Path(v).is_dir() for v in old_venv)
+    # Once nothing runs them any more, the next apply prunes them, and the venv.
+    hold.unlink()
+    drains(0)
+    pruned = apply("v1")
+    assert {str(p["releases"] / shas[r]) for r in ("include-reqs", "v3")} | old_venv == set(pruned)
+    assert not any(Path(v).exists() for v in old_venv)
+    assert sorted(r.name for r in p["releases"].iterdir()) == [shas["v1"]]
 
 
 def test_the_master_is_told_once_after_a_change_and_not_on_a_no_op(host, tiny, out):

@@ -64,21 +64,26 @@ def test_a_link_planted_in_the_release_while_it_builds_hands_root_nothing(host, 
     fault.parent.mkdir(parents=True)
     fault.write_text("wait")
     result = {}
+    # include-reqs has requirements of its own: a new venv is built after the links are planted.
     upgrade = threading.Thread(
-        target=lambda: result.update(host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="v2")})))
+        target=lambda: result.update(host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="include-reqs")})))
     )
     upgrade.start()
-    release = host.paths("tiny")["releases"] / tiny["shas"]["v2"]
+    p = host.paths("tiny")
+    release = p["releases"] / tiny["shas"]["include-reqs"]
     deadline = time.monotonic() + 60
     while not (release / "app.py").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     as_user(host.user, "ln", "-s", str(victim / "secret"), str(release / "planted"))
     as_user(host.user, "ln", "-s", str(victim / "digests"), str(release / "planted-dir"))
+    as_user(host.user, "ln", "-s", str(victim / "digests"), str(p["releases"] / ("0" * 40)))
+    as_user(host.user, "ln", "-s", str(victim / "digests"), str(p["venvs"] / ("0" * 16)))
     fault.unlink()
     upgrade.join(120)
     assert result[STATE]["result"] is True, result[STATE]
+    assert "virtualenv" in result[STATE]["changes"], "a venv was built after the links were planted"
     assert state_of(victim) == before
-    assert report(out)["version"] == "2"
+    assert report(out)["cwd"] == str(release)
 
 
 @pytest.mark.parametrize(
@@ -101,17 +106,22 @@ def test_requirements_that_reach_out_of_the_release_are_refused_unread(host, tin
     assert serving(host, out) and report(out)["version"] == "1"
 
 
-def test_a_venvs_dir_swapped_for_a_link_is_never_pruned_through(host, tiny, out, victim):
+def test_a_venvs_dir_swapped_for_a_link_is_never_pruned_through(host, tiny, out):
     deployment = tiny_app(tiny, out, keep_releases=1, handover="stop-first")
-    host.apply(host.pillar({"tiny": dict(deployment, rev="include-reqs")}))
+    host.apply(host.pillar({"tiny": deployment}))
     p = host.paths("tiny")
-    before = state_of(victim)
-    # The user moves their venvs away and points the name at root's directory of digest-named folders.
-    as_user(host.user, "mv", str(p["venvs"]), str(p["home"] / "moved-venvs"))
-    as_user(host.user, "ln", "-s", str(victim / "digests"), str(p["venvs"]))
-    state = host.apply(host.pillar({"tiny": dict(deployment, rev="v2")}))[STATE]
-    assert state_of(victim) == before
-    assert not any(str(victim) in pruned for pruned in state["changes"].get("pruned", []))
+    # The user moves their venvs into a folder of their own that also holds other data under
+    # names like saltfleet's digests, and points the venvs name at it.
+    other = p["home"] / "other"
+    as_user(host.user, "mv", str(p["venvs"]), str(other))
+    as_user(host.user, "mkdir", str(other / "0123456789abcdef"))
+    as_user(host.user, "ln", "-s", str(other), str(p["venvs"]))
+    before = sorted(v.name for v in other.iterdir())
+    # A release with a venv of its own: v1's release and venv are past keep_releases.
+    state = host.apply(host.pillar({"tiny": dict(deployment, rev="include-reqs")}))[STATE]
+    assert state["result"] is True, state
+    assert state["changes"]["pruned"] == [str(p["releases"] / tiny["shas"]["v1"])], state["changes"]
+    assert set(before) <= {v.name for v in other.iterdir()}, "a folder was deleted through the link"
     assert serving(host, out)
 
 

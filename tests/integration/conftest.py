@@ -7,6 +7,10 @@ import pytest
 import yaml
 from saltfactories.utils import random_string
 
+from localfleet.config import stop_deployments
+from tests.apps import sample_repo
+from tests.conftest import sandbox_root, short_tmpdir
+
 
 def write_pillar(pillar_dir, data, minions="*"):
     """Write pillar/top.sls and pillar/saltfleet.sls assigning data to minions."""
@@ -93,14 +97,35 @@ class Host:
         return self.run("deployment.status", *([name] if name else [])).data
 
 
+@pytest.fixture(scope="module")
+def sample():
+    """The sample app's bare repository and its revisions, for one module."""
+    base = short_tmpdir("sfr-")
+    repo, shas = sample_repo(base)
+    yield {"repo": repo, "shas": shas}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def host(request, salt_cli, synced, pillar_dir, deploy_user, user_uv_cache):
+    """A sandbox host of one test behind the module's minion; its deployments stop when the test ends."""
+    # The test's broker and data folders outlive its workers: made before the host, removed after
+    # it (a worker whose broker folder vanished may not stop on SIGTERM).
+    for name in ("celery_data", "data"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name)
+    root = sandbox_root("sfi-", deploy_user)
+    yield Host(salt_cli, synced, pillar_dir, root, deploy_user, user_uv_cache)
+    stop_deployments(root, timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def celery_data(deploy_user):
     """
     The sample app's broker and result folders of one test: the workers (the
     deployment's user) and the test share them; no message outlives its test.
     """
-    from tests.conftest import short_tmpdir
-
     data = short_tmpdir("sfd-", owner=deploy_user)
     for folder in ("queue", "control", "results", "processed"):
         (data / folder).mkdir()

@@ -185,7 +185,7 @@ def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, c
     assert impostor.id in keys(salt_master)["minions_rejected"]
 
 
-def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions):
+def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions, event_listener):
     host = random_string("host-", uppercase=False)
     instance_id = launch(sfc, cloud_opts, host)
     real = minions(host, instance_id)
@@ -204,6 +204,17 @@ def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions
     wait_for(lambda: late.id in keys(salt_master)["minions_rejected"], 180, f"{late.id}'s key rejected")
     assert late.id not in keys(salt_master)["minions"]
     assert answers(salt_master, host)
+
+    # Its accepted key deleted, the same id and instance with a new key: the used ticket admits it no more.
+    real.stop()
+    replay.stop()
+    since = time.time()
+    assert salt_master.salt_key_cli().run("-y", "-d", host).returncode == 0
+    again = minions(host, instance_id)
+    results = wait_for(lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit on {host}")
+    assert results[0]["result"] == "pending", results
+    assert f"the ticket of instance {instance_id} was used at" in results[0]["reason"]
+    assert pub_keys(salt_master, host) == {"minions_pre": again.pub()}
 
 
 def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, minions, event_listener):

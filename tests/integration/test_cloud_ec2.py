@@ -198,11 +198,13 @@ def create(cloud, ec2):
     data). Whatever a test leaves running is terminated afterwards."""
     names = []
 
-    def make(profile="worker", prefix="w"):
+    def make(profile="worker", prefix="w", log=None):
         name = unique(prefix)
         names.append(name)
-        ret = cloud.run("-p", profile, name)
+        ret = cloud.run(*(["-l", "info"] if log is not None else []), "-p", profile, name)
         assert ret.returncode == 0, ret
+        if log is not None:
+            log.append(ret.stdout + ret.stderr)
         return name, ret.data[name]
 
     yield make
@@ -296,8 +298,11 @@ def test_create_worker_from_profile(cloud, ec2, salt_master, event_listener, tmp
 
 def test_cloud_init_never_ships_the_key_salt_cloud_generated(cloud, ec2, salt_master, create):
     """With deploy on, salt-cloud makes the VM a key pair and pre-accepts it; cloud-init must drop both."""
-    name, created = create("worker-deploy")
+    log = []
+    name, created = create("worker-deploy", log=log)
     assert created["deploy"] == "cloud-init"
+    # A key pair was made and pre-accepted (so there was one that could have shipped), then dropped.
+    assert f"{name}: removed the pre-accepted key; the host generates its own" in log[0], log[0][-3000:]
     script = user_data(ec2, created["id"])
     assert f"SALTFLEET_MINION_ID={name}" in script
     assert "PRIVATE KEY" not in script

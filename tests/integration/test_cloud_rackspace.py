@@ -365,7 +365,7 @@ def cloud_client(salt_cloud, monkeypatch):
     return salt.cloud.CloudClient(path=salt_cloud.config_file)
 
 
-def test_cloud_init_bootstrap_sends_user_data_and_a_ticket(salt_cloud, cloud_client, mimic, monkeypatch):
+def test_cloud_init_bootstrap_sends_user_data_and_a_ticket(salt_cloud, cloud_client, mimic, monkeypatch, caplog):
     """mimic keeps user-data to itself, so it is read on its way out of novaclient."""
     from novaclient.v2.servers import ServerManager
 
@@ -384,6 +384,8 @@ def test_cloud_init_bootstrap_sends_user_data_and_a_ticket(salt_cloud, cloud_cli
 
     user_data = sent["userdata"]
     # salt-cloud generated a key pair for the VM (deploy: True): neither half ships, nor stays accepted.
+    removed = "rs-cloudinit: removed the pre-accepted key; the host generates its own"
+    assert any(removed in record.getMessage() for record in caplog.records)
     assert "PRIVATE KEY" not in user_data
     assert "BEGIN PUBLIC KEY" not in user_data
     assert "SALTFLEET_METADATA=openstack" in user_data

@@ -10,37 +10,20 @@ shared by the module.
 """
 
 import os
-import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
 import pytest
 
-from localfleet.config import stop_deployments
-from tests.apps import celery_client, run_task, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir, wait_for
-from tests.integration.conftest import Host
+from localfleet.sampleapp import executions
+from tests.apps import celery_client, run_task
+from tests.conftest import gone, wait_for
 
 FETCHER, REPORTER = "sf-fetcher", "sf-reporter"
 SECRET = "sf-marker-3f9c1d7e-not-for-any-log"
-
-
-@pytest.fixture(scope="module")
-def sample():
-    base = short_tmpdir("sfr-")
-    repo, shas = sample_repo(base)
-    yield {"repo": repo, "shas": shas}
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def host(salt_cli, synced, pillar_dir, deploy_user, user_uv_cache):
-    root = sandbox_root("sfi-", deploy_user)
-    yield Host(salt_cli, synced, pillar_dir, root, deploy_user, user_uv_cache)
-    stop_deployments(root, timeout=60)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -99,13 +82,25 @@ def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_
         assert owner_of(result["pid"]) == host.user.pw_uid, "the worker runs as the deployment's user"
     again = host.apply(pillar)
     assert changes_of(again) == {sid: {} for sid in again}
+    # An operator stops one worker: status says down and its job fails, so `salt -b` and scripts can act.
+    stopped = host.run("deployment.stop", FETCHER, "fetcher-beta")
+    assert (stopped.returncode, stopped.data) == (0, {"stopped": ["fetcher-beta"]}), stopped
+    down = host.run("deployment.status", FETCHER)
+    assert down.returncode == 1 and down.data[FETCHER]["state"] == "down", down
+    assert host.run("deployment.start", FETCHER, "fetcher-beta").returncode == 0
+    up = host.run("deployment.status", FETCHER)
+    assert up.returncode == 0 and up.data[FETCHER]["state"] == "up", up
 
 
 def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, sample, celery_data, tasks):
     pillar = host.pillar({FETCHER: fetcher(sample, celery_data)})
     host.apply(pillar)
     alpha_log = host.root / "home" / host.user.pw_name / "log" / FETCHER / "fetcher-alpha.g1.log"
-    slow = tasks.send_task("sampleapp.fetch", args=("alpha", 30), queue=f"{FETCHER}.alpha")
+    # A task that runs until the test creates ``release``.
+    release = celery_data / "release"
+    slow = tasks.send_task(
+        "sampleapp.fetch", args=("alpha", 600), kwargs={"until": str(release)}, queue=f"{FETCHER}.alpha"
+    )
     wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1", logs=[alpha_log])
     v1_beta = run_task(tasks, f"{FETCHER}.beta")["pid"]
 
@@ -128,11 +123,12 @@ def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, 
     for queue in ("alpha", "beta", "gamma"):
         assert run_task(tasks, f"{FETCHER}.{queue}")["version"] == "2"
     assert slow.state == "STARTED"
+    release.touch()
     assert slow.get(timeout=120)["version"] == "1", "the task in flight was finished by the old worker"
     logs = sorted((host.root / "home" / host.user.pw_name / "log" / FETCHER).glob("*.g1.log"))
     logs.append(host.root / "home" / host.user.pw_name / "log" / FETCHER / "drain.1.log")
     wait_for(lambda: host.status(FETCHER)[FETCHER]["draining"] == [], 120, "v1's supervisord exiting", logs=logs)
-    assert not psutil.pid_exists(v1_beta) or psutil.Process(v1_beta).status() == "zombie"
+    assert gone(v1_beta)
     assert (
         Path(host.root) / "home" / host.user.pw_name / f"Projects-{FETCHER}.releases" / sample["shas"]["v1"]
     ).is_dir()
@@ -140,9 +136,16 @@ def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, 
 
 def test_stop_first_finishes_the_task_in_flight_before_the_new_program_starts(host, sample, celery_data, tasks):
     host.apply(host.pillar({REPORTER: reporter(sample, celery_data)}))
-    slow = tasks.send_task("sampleapp.fetch", args=(REPORTER, 8), queue=REPORTER)
+    release = celery_data / "release"
+    slow = tasks.send_task("sampleapp.fetch", args=(REPORTER, 600), kwargs={"until": str(release)}, queue=REPORTER)
     wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1")
-    states = host.apply(host.pillar({REPORTER: reporter(sample, celery_data, rev="v2")}))
+    # The task is still in hand when the handover begins, and ends 5 s into it.
+    timer = threading.Timer(5, release.touch)
+    timer.start()
+    try:
+        states = host.apply(host.pillar({REPORTER: reporter(sample, celery_data, rev="v2")}))
+    finally:
+        timer.join()
     state = states[f"saltfleet-deployment-{REPORTER}"]
     assert state["result"] is True, state
     assert state["changes"]["programs"] == {"restarted": ["report"]}
@@ -151,6 +154,35 @@ def test_stop_first_finishes_the_task_in_flight_before_the_new_program_starts(ho
     new_pid = run_task(tasks, REPORTER)["pid"]
     started = psutil.Process(new_pid).create_time()
     assert slow.date_done.timestamp() <= started, "the new program started after the task in flight finished"
+
+
+def test_restart_lets_the_task_in_hand_finish_and_force_restart_does_not(host, sample, celery_data, tasks):
+    host.apply(host.pillar({REPORTER: reporter(sample, celery_data)}))
+    release = celery_data / "release"
+    slow = tasks.send_task("sampleapp.fetch", args=(REPORTER, 600), kwargs={"until": str(release)}, queue=REPORTER)
+    wait_for(lambda: slow.state == "STARTED", 60, "the slow task started")
+    # deployment.restart waits for the task in hand (it ends 3 s into the restart), then starts the worker anew.
+    timer = threading.Timer(3, release.touch)
+    timer.start()
+    try:
+        restarted = host.run("deployment.restart", REPORTER, _timeout=300)
+    finally:
+        timer.join()
+    assert (restarted.returncode, restarted.data) == (0, {"restarted": ["report"]}), restarted
+    assert slow.get(timeout=30)["version"] == "1", "the task in hand finished and its result is stored"
+    new_pid = run_task(tasks, REPORTER)["pid"]
+    assert new_pid != slow.result["pid"]
+    assert psutil.Process(new_pid).create_time() >= slow.date_done.timestamp()
+    # force_restart does not wait: the task in hand is cut off, its result never comes.
+    release.unlink()
+    cut = tasks.send_task("sampleapp.fetch", args=(REPORTER, 600), kwargs={"until": str(release)}, queue=REPORTER)
+    wait_for(lambda: cut.state == "STARTED", 60, "the task to cut off started")
+    forced = host.run("deployment.force_restart", REPORTER, _timeout=120)
+    assert (forced.returncode, forced.data) == (0, {"restarted": ["report"]}), forced
+    [killed, *_] = sorted(executions(celery_data)[cut.id], key=lambda record: record["start"])
+    assert killed["end"] is None, "the task in hand was cut off"
+    release.touch()  # a broker that delivers it again (acks_late) has it finish at once
+    assert run_task(tasks, REPORTER)["pid"] != new_pid
 
 
 def test_a_failing_call_prints_an_error_and_exits_non_zero(host):

@@ -4,35 +4,15 @@ point) converges on the next apply: exactly one generation of the deployment
 consumes, it runs the new code, and no other supervisord of it is left.
 """
 
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from localfleet.config import stop_deployments
-from tests.apps import celery_client, run_task, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir
-from tests.integration.conftest import Host
+from tests.apps import celery_client, run_task
 
 NAME = "sf-worker"
 STATE = f"saltfleet-deployment-{NAME}"
-
-
-@pytest.fixture(scope="module")
-def sample():
-    base = short_tmpdir("sfr-")
-    repo, shas = sample_repo(base)
-    yield {"repo": repo, "shas": shas}
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def host(salt_cli, synced, pillar_dir, deploy_user, user_uv_cache):
-    root = sandbox_root("sfx-", deploy_user)
-    yield Host(salt_cli, synced, pillar_dir, root, deploy_user, user_uv_cache)
-    stop_deployments(root, timeout=60)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def worker(sample, data, rev):

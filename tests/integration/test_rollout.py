@@ -387,7 +387,9 @@ def test_a_failing_pre_hook_stops_the_rollout_before_any_host_switches_and_post_
     assert fleet.versions(name) == ["2", "2", "2"]
     # Without hook arguments, pillar deployments:<name>:hooks of the first host counts.
     for minion in fleet.ids:
-        fleet.deployments[minion][name]["hooks"] = {"post": "python -c 'import sampleapp; print(sampleapp.VERSION)'"}
+        # A word of the form KEY=value reaches the command as a word, not as a keyword Salt takes.
+        show = "import os, sampleapp; print(getattr(sampleapp, os.environ['SHOWN']))"
+        fleet.deployments[minion][name]["hooks"] = {"post": f'env SHOWN=VERSION python -c "{show}"'}
     fleet.write_pillar()
     code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v3", "batch=3")
     assert code == 0, report

@@ -297,3 +297,6 @@ def test_celery_workers_with_their_queues_and_tasks_in_hand(master_opts):
     add_minion(master_opts, "w", cloud(), {"saltfleet.heartbeat": 10, "deployment.status": {"fetcher": row}}, age=1)
     [inventory] = load_runner(master_opts).inventory()
     assert inventory["deployments"]["fetcher"]["workers"] == workers
+    master_opts["output"] = None
+    table = load_runner(master_opts).inventory()
+    assert table.splitlines()[1].endswith("fetcher main@aaaaaaaa 1/1 RUNNING fetch.instagram (2 active)"), table
