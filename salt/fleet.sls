@@ -1,8 +1,8 @@
 {#- One deployment.absent per deployment installed here that pillar dropped
     (first, so a renamed deployment frees its files before the new name
     claims them), then one deployment.present per deployment pillar assigns
-    to this minion. Deployments converge in parallel and independently: one
-    failing does not stop the others. Then, if any changed, the master is
+    to this minion. Deployments converge independently: one failing does
+    not stop the others. Then, if any changed, the master is
     told what this host now runs. The states read their settings from
     pillar themselves, so secrets never appear in this file's rendered output. #}
 {%- set wanted = pillar.get('deployments') %}
@@ -22,13 +22,24 @@ saltfleet-pillar-invalid:
   deployment.absent:
     - name: {{ name | json }}
 {%- endfor %}
+{#- A deployment that may build something (new here, another repo, rev or
+    commit than it serves) converges in a process of its own, beside the
+    others; one that serves what pillar asks is checked in this one (a
+    process costs more than that check). From the grains, which the states
+    refresh after each change: a stale one costs time, never correctness. #}
+{%- set installed = grains.get('saltfleet_deployments') or {} %}
+{%- set revs = pillar.get('saltfleet_revs') or {} %}
 {%- for name in wanted %}
 {%- do states.append('saltfleet-deployment-' ~ name) %}
+{%- set spec, serves = wanted[name] if wanted[name] is mapping else {}, installed.get(name) or {} %}
+{%- set fleet_sha = (revs.get(name) or {}).get('sha') %}
+{%- set settled = serves.get('repo') == spec.get('repo') and serves.get('rev') == spec.get('rev')
+                  and fleet_sha in [none, serves.get('release')] %}
 
 {{ ('saltfleet-deployment-' ~ name) | json }}:
   deployment.present:
     - name: {{ name | json }}
-    - parallel: true
+    - parallel: {{ (not settled) | json }}
 {%- endfor %}
 {%- if states %}
 
