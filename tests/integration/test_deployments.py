@@ -9,6 +9,7 @@ Each test sets up the host it needs (its own sandbox root); the daemons are
 shared by the module.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -62,6 +63,26 @@ def owner_of(pid):
     return os.stat(f"/proc/{pid}").st_uid
 
 
+def held_task(tasks, data, queue, logs=()):
+    """A task that runs until the test creates the file returned (600 s at most), once it started: (task, file)."""
+    release = data / "release"
+    release.unlink(missing_ok=True)
+    task = tasks.send_task("sampleapp.fetch", args=(queue, 600), kwargs={"until": str(release)}, queue=queue)
+    wait_for(lambda: task.state == "STARTED", 60, f"a task on {queue} started", logs=logs)
+    return task, release
+
+
+@contextlib.contextmanager
+def released_after(seconds, release):
+    """Run the body while, ``seconds`` into it, the held task's file appears."""
+    timer = threading.Timer(seconds, release.touch)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
+
+
 def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_data, tasks):
     pillar = host.pillar({FETCHER: fetcher(sample, celery_data), REPORTER: reporter(sample, celery_data)})
     dry = host.apply(pillar, test=True)
@@ -96,12 +117,7 @@ def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, 
     pillar = host.pillar({FETCHER: fetcher(sample, celery_data)})
     host.apply(pillar)
     alpha_log = host.root / "home" / host.user.pw_name / "log" / FETCHER / "fetcher-alpha.g1.log"
-    # A task that runs until the test creates ``release``.
-    release = celery_data / "release"
-    slow = tasks.send_task(
-        "sampleapp.fetch", args=("alpha", 600), kwargs={"until": str(release)}, queue=f"{FETCHER}.alpha"
-    )
-    wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1", logs=[alpha_log])
+    slow, release = held_task(tasks, celery_data, f"{FETCHER}.alpha", logs=[alpha_log])
     v1_beta = run_task(tasks, f"{FETCHER}.beta")["pid"]
 
     upgraded = host.pillar({FETCHER: fetcher(sample, celery_data, rev="v2", platforms=("alpha", "beta", "gamma"))})
@@ -136,16 +152,10 @@ def test_an_upgrade_keeps_the_task_in_flight_while_the_new_release_serves(host, 
 
 def test_stop_first_finishes_the_task_in_flight_before_the_new_program_starts(host, sample, celery_data, tasks):
     host.apply(host.pillar({REPORTER: reporter(sample, celery_data)}))
-    release = celery_data / "release"
-    slow = tasks.send_task("sampleapp.fetch", args=(REPORTER, 600), kwargs={"until": str(release)}, queue=REPORTER)
-    wait_for(lambda: slow.state == "STARTED", 60, "the slow task started in v1")
+    slow, release = held_task(tasks, celery_data, REPORTER)
     # The task is still in hand when the handover begins, and ends 5 s into it.
-    timer = threading.Timer(5, release.touch)
-    timer.start()
-    try:
+    with released_after(5, release):
         states = host.apply(host.pillar({REPORTER: reporter(sample, celery_data, rev="v2")}))
-    finally:
-        timer.join()
     state = states[f"saltfleet-deployment-{REPORTER}"]
     assert state["result"] is True, state
     assert state["changes"]["programs"] == {"restarted": ["report"]}
@@ -158,25 +168,17 @@ def test_stop_first_finishes_the_task_in_flight_before_the_new_program_starts(ho
 
 def test_restart_lets_the_task_in_hand_finish_and_force_restart_does_not(host, sample, celery_data, tasks):
     host.apply(host.pillar({REPORTER: reporter(sample, celery_data)}))
-    release = celery_data / "release"
-    slow = tasks.send_task("sampleapp.fetch", args=(REPORTER, 600), kwargs={"until": str(release)}, queue=REPORTER)
-    wait_for(lambda: slow.state == "STARTED", 60, "the slow task started")
+    slow, release = held_task(tasks, celery_data, REPORTER)
     # deployment.restart waits for the task in hand (it ends 3 s into the restart), then starts the worker anew.
-    timer = threading.Timer(3, release.touch)
-    timer.start()
-    try:
+    with released_after(3, release):
         restarted = host.run("deployment.restart", REPORTER, _timeout=300)
-    finally:
-        timer.join()
     assert (restarted.returncode, restarted.data) == (0, {"restarted": ["report"]}), restarted
     assert slow.get(timeout=30)["version"] == "1", "the task in hand finished and its result is stored"
     new_pid = run_task(tasks, REPORTER)["pid"]
     assert new_pid != slow.result["pid"]
     assert psutil.Process(new_pid).create_time() >= slow.date_done.timestamp()
     # force_restart does not wait: the task in hand is cut off, its result never comes.
-    release.unlink()
-    cut = tasks.send_task("sampleapp.fetch", args=(REPORTER, 600), kwargs={"until": str(release)}, queue=REPORTER)
-    wait_for(lambda: cut.state == "STARTED", 60, "the task to cut off started")
+    cut, release = held_task(tasks, celery_data, REPORTER)
     forced = host.run("deployment.force_restart", REPORTER, _timeout=120)
     assert (forced.returncode, forced.data) == (0, {"restarted": ["report"]}), forced
     [killed, *_] = sorted(executions(celery_data)[cut.id], key=lambda record: record["start"])
