@@ -281,7 +281,7 @@ def list_nodes(call=None):
     """The instances this driver manages: id, name, state, image, size, public_ips, private_ips (``salt-cloud -Q``)."""
     __utils__["saltfleet_cloud.check_call"]("list_nodes", call, "function")
     client = _client()
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     with _Api(client, "listing instances"):
         instances = _instances(client)
     return {name: _row(instance) for name, instance in _by_name(instances).items()}
@@ -291,7 +291,7 @@ def list_nodes_full(call=None):
     """Everything EC2 says about each instance, plus the list_nodes fields and ``tags`` (``salt-cloud -F``)."""
     __utils__["saltfleet_cloud.check_call"]("list_nodes_full", call, "function")
     client = _client()
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     with _Api(client, "listing instances"):
         instances = _instances(client)
     return {name: _full_row(instance) for name, instance in _by_name(instances).items()}
@@ -537,11 +537,11 @@ def create(vm_):
             raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} sets no {key}")
     mode = __utils__["saltfleet_cloud.bootstrap_mode"](vm_, __opts__)
     deployments = __utils__["saltfleet_cloud.deployments"](vm_, __opts__)
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     user_data = None
     if mode == "cloud-init":
         # Fail before launching if the master would not pass the new key to fleet.admit.
-        __utils__["saltfleet_cloud.check_autosign_ready"](vm_, __opts__)
+        __utils__["saltfleet_tickets.check_autosign_ready"](vm_, __opts__)
         __utils__["saltfleet_cloud.forget_preaccepted_key"](vm_, __opts__)
         grains = __utils__["saltfleet_cloud.cloud_grains"](
             vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"]
@@ -583,7 +583,7 @@ def _launched(client, vm_, instance_id, mode, context):
     """The rest of create once EC2 has the instance: ticket, wait for an address, protect, bootstrap."""
     name, region = vm_["name"], context["region"]
     if mode == "cloud-init":
-        __utils__["saltfleet_cloud.record_autosign_ticket"](vm_, __opts__, instance_id)
+        __utils__["saltfleet_tickets.record_autosign_ticket"](vm_, __opts__, instance_id)
     interface = _setting("ssh_interface", vm_, "public_ips")
     timeout = _setting("wait_for_ip_timeout", vm_, 600)
     __utils__["saltfleet_cloud.fire_event"](__opts__, name, "waiting for address", {"instance_id": instance_id})

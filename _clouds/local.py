@@ -346,7 +346,7 @@ def create(vm_):
             f"{name}: a local instance already exists at {sandbox}; destroy it first (salt-cloud -d {name})"
         )
     __utils__["saltfleet_cloud.fire_event"](__opts__, name, "creating", {"profile": profile, "provider": vm_["driver"]})
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
 
     record = {
         "name": name,
@@ -510,7 +510,7 @@ def list_nodes(call=None):
     The instances and whether their minion runs (``salt-cloud -Q``).
     """
     __utils__["saltfleet_cloud.check_call"]("list_nodes", call, "function")
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     return {name: _node(name, record) for name, record in _instances().items()}
 
 
@@ -519,7 +519,7 @@ def list_nodes_full(call=None):
     The instances with their sandbox, config dir and minion pid (``salt-cloud -F``).
     """
     __utils__["saltfleet_cloud.check_call"]("list_nodes_full", call, "function")
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     return {name: _node(name, record, full=True) for name, record in _instances().items()}
 
 

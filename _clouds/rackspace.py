@@ -269,7 +269,7 @@ def list_nodes(call=None):
     """
     __utils__["saltfleet_cloud.check_call"]("list_nodes", call, "function")
     client, region = _connect()
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     return {server.name: _node(server, region) for server in _servers(client)}
 
 
@@ -283,7 +283,7 @@ def list_nodes_full(call=None):
     """
     __utils__["saltfleet_cloud.check_call"]("list_nodes_full", call, "function")
     client, region = _connect()
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](__opts__)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
     return {server.name: _node_full(server, region) for server in _servers(client)}
 
 
@@ -430,7 +430,7 @@ def create(vm_):
     __utils__["saltfleet_cloud.fire_event"](
         opts, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")}
     )
-    __utils__["saltfleet_cloud.prune_autosign_tickets"](opts)
+    __utils__["saltfleet_tickets.prune_autosign_tickets"](opts)
 
     client, region = _connect(vm_)
     image_wanted = _setting("image", vm_)
@@ -451,7 +451,7 @@ def create(vm_):
         kwargs["config_drive"] = True
     if mode == "cloud-init":
         # The host makes its own key; the one salt-cloud pre-accepted must go (and never ship).
-        __utils__["saltfleet_cloud.check_autosign_ready"](vm_, opts)
+        __utils__["saltfleet_tickets.check_autosign_ready"](vm_, opts)
         __utils__["saltfleet_cloud.forget_preaccepted_key"](vm_, opts)
         grains = __utils__["saltfleet_cloud.cloud_grains"](vm_, opts, "rackspace", **facts)
         minion = __utils__["saltfleet_cloud.minion_config"](vm_, opts, grains=grains, mode=mode)
@@ -489,7 +489,7 @@ def _requested(client, server, vm_, mode, facts):
     opts, name, region = __opts__, vm_["name"], facts["region"]
     admin_pass = getattr(server, "adminPass", None)
     if mode == "cloud-init":
-        __utils__["saltfleet_cloud.record_autosign_ticket"](vm_, opts, server.id)
+        __utils__["saltfleet_tickets.record_autosign_ticket"](vm_, opts, server.id)
     timeout = int(_setting("wait_for_ip_timeout", vm_, 600))
     __utils__["saltfleet_cloud.fire_event"](opts, name, "waiting for address", {"instance_id": server.id})
     server = _wait_until_built(client, server, vm_, timeout)

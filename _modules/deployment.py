@@ -152,7 +152,8 @@ def _celery_spec(name, manifest):
 def _workers(name, p, manifest, gen):
     """{node: {queues, active}} of the serving generation's Celery workers ({} when it runs none)."""
     conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
-    workers = __utils__["saltfleet_celery.workers_in"](__utils__["saltfleet_supervisor.sections_of"](conf.read_text()))
+    sections = __utils__["saltfleet_supervisor_conf.sections_of"](conf.read_text())
+    workers = __utils__["saltfleet_celery.workers_in"](sections)
     if not workers or not manifest.get("release"):
         return {}
     release = __utils__["saltfleet_paths.release"](p, manifest["release"])
@@ -172,7 +173,7 @@ def _draining_tasks(name, p, manifest, draining):
         if not info.get("answering") or not info.get("release") or not conf.exists():
             continue
         workers = __utils__["saltfleet_celery.workers_in"](
-            __utils__["saltfleet_supervisor.sections_of"](conf.read_text())
+            __utils__["saltfleet_supervisor_conf.sections_of"](conf.read_text())
         )
         if workers:
             release = __utils__["saltfleet_paths.release"](p, info["release"])

@@ -289,7 +289,7 @@ def admit(minion_id, instance_id, pub):
 
         salt-run fleet.admit worker-7 i-0abc1234def567890 "$(cat /etc/salt/pki/master/minions_pre/worker-7)"
     """
-    return __utils__["saltfleet_cloud.admit"](__opts__, minion_id, instance_id, pub)
+    return __utils__["saltfleet_tickets.admit"](__opts__, minion_id, instance_id, pub)
 
 
 # ------------------------------------------------------------------ Celery queues

@@ -53,6 +53,7 @@ PRELOAD = (
     "saltfleet_paths.paths",
     "saltfleet_schema.validate_deployment",
     "saltfleet_supervisor.serving",
+    "saltfleet_supervisor_conf.render",
     "saltfleet_sysfiles.check",
     "saltfleet_user.account",
     "saltfleet_venv.complete",
@@ -404,8 +405,8 @@ def _sources(cfg, p, sha, digest):
         text = _fetch(template, name, "supervisord_conf")
         if template.endswith(".jinja"):
             text = _render(text, _context(cfg, p, release, venv), name, template)
-        sections.update(__utils__["saltfleet_supervisor.template_sections"](text, name, template))
-    for section, opts in __utils__["saltfleet_supervisor.pillar_sections"](cfg).items():
+        sections.update(__utils__["saltfleet_supervisor_conf.template_sections"](text, name, template))
+    for section, opts in __utils__["saltfleet_supervisor_conf.pillar_sections"](cfg).items():
         if section in sections:
             raise CommandExecutionError(
                 f"deployments:{name}:programs:{section.split(':', 1)[1]}: also defined in {template}; keep one"
@@ -487,7 +488,7 @@ def _plan(settings, cfg, p, test):
         if section.startswith(("program:", "fcgi-program:", "eventlistener:")) and (program in holds or "*" in holds):
             # Held by an operator: supervisord neither starts it now nor after a reboot.
             opts["autostart"] = "false"
-    boot, entry = __utils__[f"{sup}.boot_entry"](cfg, settings, p)
+    boot, entry = __utils__["saltfleet_supervisor_conf.boot_entry"](cfg, settings, p)
     files[boot] = entry
     errors = __utils__["saltfleet_sysfiles.check"](cfg["name"], files, settings["root"])
     if errors:
@@ -531,7 +532,7 @@ def _plan(settings, cfg, p, test):
         plan["gen"] = serving
     # Celery workers get node names of their generation: two generations never share one.
     plan["workers"] = __utils__["saltfleet_celery.per_generation"](sections, plan["gen"])
-    plan["conf"] = __utils__[f"{sup}.render"](cfg, sections, p, plan["gen"], release, venv)
+    plan["conf"] = __utils__["saltfleet_supervisor_conf.render"](cfg, sections, p, plan["gen"], release, venv)
     if running:
         programs = _program_changes(p, plan)
         if programs:
@@ -575,7 +576,7 @@ def _program_changes(p, plan):
     if old.get("venv"):
         same += [(str(__utils__["saltfleet_paths.venv"](p, old["venv"])), "@venv@")]
     same += [(str(new["release"]), "@release@"), (str(new["venv"]), "@venv@")]
-    diff = __utils__["saltfleet_supervisor.diff_groups"](plan["old_conf"], plan["conf"], same)
+    diff = __utils__["saltfleet_supervisor_conf.diff_groups"](plan["old_conf"], plan["conf"], same)
     programs = {key: diff[key] for key in ("added", "changed", "removed") if diff[key]}
     held, was = set(plan["holds"]), set(old.get("held") or {})
     if held != was and diff["changed"]:
@@ -835,7 +836,7 @@ def _overlap(settings, cfg, p, plan):
         )
     old, old_info = plan["serving"], plan["serving_info"]
     draining = _draining(plan)
-    old_sections = __utils__[f"{sup}.sections_of"](plan["old_conf"])
+    old_sections = __utils__["saltfleet_supervisor_conf.sections_of"](plan["old_conf"])
     seconds = max([int(o.get("stopwaitsecs", 600)) for s, o in old_sections.items() if s.startswith("program:")] or [0])
     if old_info:
         draining[old] = {
@@ -891,7 +892,7 @@ def _in_place(cfg, p, plan):
     """
     sup, gen, uid = "saltfleet_supervisor", plan["gen"], plan["uid"]
     sock = _socket(p, gen)
-    diff = __utils__[f"{sup}.diff_groups"](plan["old_conf"], plan["conf"])
+    diff = __utils__["saltfleet_supervisor_conf.diff_groups"](plan["old_conf"], plan["conf"])
     started = plan["changes"].get("programs", {}).get("started", [])
     _write_conf(p, plan, gen, plan["conf"])
     try:
@@ -902,7 +903,7 @@ def _in_place(cfg, p, plan):
         failed = {"supervisord": str(exc)}
     if failed and plan["old_conf"] is not None:
         _write_conf(p, plan, gen, plan["old_conf"])
-        back = __utils__[f"{sup}.diff_groups"](plan["conf"], plan["old_conf"])
+        back = __utils__["saltfleet_supervisor_conf.diff_groups"](plan["conf"], plan["old_conf"])
         try:
             __utils__[f"{sup}.apply_group_changes"](sock, uid, back)
             still = __utils__[f"{sup}.wait_running"](sock, uid, groups={*back["added"], *back["changed"]})

@@ -1,6 +1,6 @@
 """
-A deployment's own supervisord: its config, its generations, and the XML-RPC
-calls that drive it.
+A deployment's own supervisord: its generations, and the XML-RPC calls that
+drive it (its config: saltfleet_supervisor_conf).
 
 Root starts supervisord from a config in root's state dir; supervisord drops
 to the deployment's user before it opens its socket, pidfile and logs. Root
@@ -17,13 +17,9 @@ one that serves (cron's ``@reboot`` line starts it). A new release starts
 under a new generation beside the serving one, and the old one drains.
 """
 
-import configparser
 import contextlib
 import http.client
-import io
-import json
 import os
-import re
 import socket
 import struct
 import subprocess
@@ -40,27 +36,6 @@ __virtualname__ = "saltfleet_supervisor"
 # Every XML-RPC call returns within this, or the deployment's change fails.
 RPC_TIMEOUT = 10
 START_TIMEOUT = 30
-PROGRAM_DEFAULTS = {
-    "autostart": True,
-    "autorestart": True,
-    # supervisord's own default. A program counts as started once it lived
-    # this long, and a new release whose programs die sooner never serves:
-    # set it to what the app needs to import (a Celery app: a few seconds).
-    "startsecs": 1,
-    # Celery finishes the task in hand on SIGTERM: give it time to.
-    "stopsignal": "TERM",
-    "stopwaitsecs": 600,
-    # SIGTERM to the main process only: a Celery worker then lets its pool
-    # finish the tasks in hand. A pool child sent SIGTERM directly dies mid-task
-    # and can leave the main process waiting. SIGKILL, after stopwaitsecs,
-    # goes to the whole group so nothing is orphaned.
-    "stopasgroup": False,
-    "killasgroup": True,
-    "redirect_stderr": True,
-}
-# A template may only add programs and groups: saltfleet writes every other section itself.
-TEMPLATE_SECTION_RE = re.compile(r"^(program|group|eventlistener|fcgi-program):[A-Za-z0-9][A-Za-z0-9_.-]*$")
-PROGRAM_KINDS = ("program", "fcgi-program", "eventlistener")
 BUSY = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
 IDLE = ("STOPPED", "EXITED", "FATAL")
 
@@ -383,178 +358,3 @@ def restart_groups(sock, uid, groups):
     stop_groups(sock, uid, groups)
     start_groups(sock, uid, groups)
     return wait_running(sock, uid, groups=set(groups))
-
-
-# --------------------------------------------------------------- the config
-
-
-def template_sections(text, name, source):
-    """Parse rendered program sections; reject what saltfleet owns or cannot read."""
-    parser = configparser.RawConfigParser(strict=True, interpolation=None, delimiters=("=",))
-    parser.optionxform = str
-    try:
-        parser.read_string(text, source=source)
-    except configparser.Error as exc:
-        raise CommandExecutionError(
-            f"deployments:{name}:supervisord_conf: {source} is not a valid supervisord config: {exc}"
-        ) from None
-    sections = {}
-    for section in parser.sections():
-        if not TEMPLATE_SECTION_RE.match(section):
-            raise CommandExecutionError(
-                f"deployments:{name}:supervisord_conf: section [{section}] in {source} is not allowed; "
-                "saltfleet writes [supervisord], the socket and rpc sections itself: keep only "
-                "[program:x], [group:x] and [eventlistener:x] sections"
-            )
-        sections[section] = dict(parser.items(section))
-    if not sections:
-        raise CommandExecutionError(
-            f"deployments:{name}:supervisord_conf: {source} defines no [program:x] section; "
-            "add one, or set pillar programs instead"
-        )
-    return sections
-
-
-def pillar_sections(cfg):
-    """[program:x] sections from pillar ``programs``."""
-    return {f"program:{prog}": {k: _ini(v) for k, v in opts.items()} for prog, opts in cfg["programs"].items()}
-
-
-def _ini(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return environment(value)
-    return str(value)
-
-
-def environment(env):
-    """supervisord's environment= value: every value quoted, and literal (a % in a secret stays a %)."""
-    return ",".join(f'{k}="{_quote(v)}"' for k, v in sorted(env.items()))
-
-
-def _quote(value):
-    return str(value).replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
-
-
-def render(cfg, sections, p, gen, release, venv):
-    """
-    The whole supervisord.conf of generation ``gen`` of a deployment: its own
-    socket, pidfile and logs, supervisord running as the deployment's user, and
-    every program in ``release`` with its ``venv`` first on PATH.
-    """
-    g = _utils("saltfleet_paths.generation")(p, gen)
-    own = {
-        "unix_http_server": {"file": str(g["socket"]), "chmod": "0700"},
-        "supervisord": {
-            "identifier": f"saltfleet-{cfg['name']}",
-            "pidfile": str(g["pidfile"]),
-            "logfile": str(p["logs"] / f"supervisord.g{gen}.log"),
-            "childlogdir": str(p["logs"]),
-            "directory": str(p["home"]),
-            "environment": environment({"HOME": str(p["home"]), "LANG": "C.UTF-8", "USER": cfg["user"]}),
-        },
-        "rpcinterface:supervisor": {
-            "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
-        },
-        "supervisorctl": {"serverurl": f"unix://{g['socket']}"},
-    }
-    if os.geteuid() == 0 and cfg["user"] != "root":
-        own["supervisord"]["user"] = cfg["user"]
-    base_env = {
-        "PATH": f"{Path(venv) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "VIRTUAL_ENV": str(venv),
-        **{k: str(v) for k, v in cfg["env"].items()},
-    }
-    for section, opts in sections.items():
-        kind, _, prog = section.partition(":")
-        if kind not in PROGRAM_KINDS:
-            own[section] = opts
-            continue
-        merged = {k: _ini(v) for k, v in PROGRAM_DEFAULTS.items()}
-        merged["directory"] = str(release)
-        # Each generation its own log: two of them overlap during a handover.
-        merged["stdout_logfile"] = str(p["logs"] / f"{prog}.g{gen}.log")
-        merged.update(opts)
-        merged["environment"] = ",".join(filter(None, [environment(base_env), opts.get("environment", "")]))
-        own[section] = merged
-    out = io.StringIO()
-    out.write(f"; Written by saltfleet for deployment {cfg['name']}; changes here are overwritten.\n")
-    for section, opts in own.items():
-        out.write(f"\n[{section}]\n")
-        for key, value in opts.items():
-            out.write(f"{key}={value}\n")
-    return out.getvalue()
-
-
-def sections_of(conf_text):
-    """{section: options} of a supervisord.conf (the program sections saltfleet wrote, among others)."""
-    parser = configparser.RawConfigParser(strict=False, interpolation=None, delimiters=("=",))
-    parser.optionxform = str
-    parser.read_string(conf_text or "")
-    return {section: dict(parser.items(section)) for section in parser.sections()}
-
-
-def groups_of(conf_text, same=()):
-    """
-    Process groups in a supervisord.conf and the text that defines each;
-    ``same`` are (text, placeholder) pairs replaced first, so that groups
-    which differ only by their release compare equal.
-    """
-    if not conf_text:
-        return {}
-    for text, placeholder in same:
-        if text:
-            conf_text = conf_text.replace(text, placeholder)
-    parser = configparser.RawConfigParser(strict=False, interpolation=None, delimiters=("=",))
-    parser.optionxform = str
-    parser.read_string(conf_text)
-    members = set()
-    for section in parser.sections():
-        if section.startswith("group:"):
-            members.update(_members(parser, section))
-    groups = {}
-    for section in parser.sections():
-        kind, _, name = section.partition(":")
-        if kind in PROGRAM_KINDS and name not in members:
-            groups[name] = json.dumps(dict(parser.items(section)), sort_keys=True)
-        elif kind == "group":
-            progs = _members(parser, section)
-            body = {
-                "group": dict(parser.items(section)),
-                "programs": {
-                    q: dict(parser.items(f"program:{q}")) for q in progs if parser.has_section(f"program:{q}")
-                },
-            }
-            groups[name] = json.dumps(body, sort_keys=True)
-    return groups
-
-
-def _members(parser, section):
-    return [x.strip() for x in parser.get(section, "programs", fallback="").split(",") if x.strip()]
-
-
-def diff_groups(old_text, new_text, same=()):
-    """{added, changed, removed, kept} group names between two configs (see ``groups_of``)."""
-    old, new = groups_of(old_text, same), groups_of(new_text, same)
-    return {
-        "added": sorted(set(new) - set(old)),
-        "changed": sorted(g for g in set(old) & set(new) if old[g] != new[g]),
-        "removed": sorted(set(old) - set(new)),
-        "kept": sorted(g for g in set(old) & set(new) if old[g] == new[g]),
-    }
-
-
-def boot_entry(cfg, settings, p):
-    """
-    The cron.d file that starts the deployment's serving supervisord at boot:
-    (path under root, content). cron runs it as root, who alone can read the
-    config; supervisord then drops to the deployment's user.
-    """
-    binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
-    text = (
-        f"# Written by saltfleet: start deployment {cfg['name']}'s supervisord at boot.\n"
-        "PATH=/usr/local/bin:/usr/bin:/bin\nLANG=C.UTF-8\n"
-        f"@reboot root {binary} -c {p['conf']}\n"
-    )
-    return f"etc/cron.d/saltfleet-{cfg['name']}", text.encode()

@@ -27,6 +27,8 @@ from saltfactories.utils import random_string
 from localfleet.config import saltfleet_utils
 from tests.conftest import short_tmpdir, wait_for
 
+tickets = saltfleet_utils().saltfleet_tickets
+
 pytestmark = pytest.mark.timeout(900)
 
 BIN = Path(sys.executable).parent
@@ -67,7 +69,7 @@ def launch(sfc, cloud_opts, minion_id, **settings):
     """What a driver does once the cloud returned a new instance's id: the ticket. Returns the instance id."""
     instance_id = random_string("i-", uppercase=False)
     vm_ = {"name": minion_id, "profile": "worker", "driver": "ec2:ec2", **settings}
-    sfc.record_autosign_ticket(vm_, cloud_opts, instance_id)
+    tickets.record_autosign_ticket(vm_, cloud_opts, instance_id)
     return instance_id
 
 
@@ -173,7 +175,7 @@ def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, c
     assert pub_keys(salt_master, impostor.id) == {"minions_rejected": impostor.pub()}
     assert impostor.id not in keys(salt_master)["minions"]
     # The impostor used nothing up: the ticket still admits the minion it names.
-    ticket = sfc.autosign_tickets(cloud_opts)[instance_id]
+    ticket = tickets.autosign_tickets(cloud_opts)[instance_id]
     assert ticket["name"] == host
     assert "used" not in ticket
 
@@ -181,7 +183,7 @@ def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, c
     wait_for(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
     assert pub_keys(salt_master, host) == {"minions": real.pub()}
     wait_for(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
-    assert "used" in sfc.autosign_tickets(cloud_opts)[instance_id]
+    assert "used" in tickets.autosign_tickets(cloud_opts)[instance_id]
     assert impostor.id in keys(salt_master)["minions_rejected"]
 
 
@@ -228,7 +230,7 @@ def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, 
     assert results[0]["result"] == "pending"
     assert f"no open ticket for instance {instance_id}" in results[0]["reason"]
     assert pub_keys(salt_master, host) == {"minions_pre": late.pub()}
-    assert instance_id not in sfc.autosign_tickets(cloud_opts)
+    assert instance_id not in tickets.autosign_tickets(cloud_opts)
 
 
 def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts, minions):
@@ -275,7 +277,7 @@ def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts
         assert f"the master accepted minion {host}" in run.stderr
         conf = root / "etc" / "salt"
         assert pub_keys(salt_master, host) == {"minions": (conf / "pki/minion/minion.pub").read_text().strip()}
-        assert "used" in sfc.autosign_tickets(cloud_opts)[instance_id]
+        assert "used" in tickets.autosign_tickets(cloud_opts)[instance_id]
         # It synced saltfleet's modules once, and carries the cloud facts as grains.
         assert (root / "var/cache/salt/minion/extmods/utils/saltfleet_cloud.py").exists()
         local = subprocess.run(

@@ -179,7 +179,7 @@ def user_data(ec2, instance_id):
 
 def tickets(salt_master):
     """The master's autosign tickets: {instance id: {"name": minion id, ...}}."""
-    return saltfleet_utils().saltfleet_cloud.autosign_tickets(salt_master.config)
+    return saltfleet_utils().saltfleet_tickets.autosign_tickets(salt_master.config)
 
 
 def nodes(result):

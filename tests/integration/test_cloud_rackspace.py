@@ -180,7 +180,7 @@ def salt_cloud(salt_master, mimic, repo_root):
 
 def tickets(salt_cloud):
     """The master's autosign tickets: {instance id: {"name": minion id, ...}}."""
-    return saltfleet_utils().saltfleet_cloud.autosign_tickets(salt_cloud.config)
+    return saltfleet_utils().saltfleet_tickets.autosign_tickets(salt_cloud.config)
 
 
 def _nodes(result):

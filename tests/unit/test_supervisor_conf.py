@@ -1,4 +1,4 @@
-"""supervisord.conf as saltfleet writes it (_utils/saltfleet_supervisor.py), through Salt's utils loader."""
+"""supervisord.conf as saltfleet writes it (_utils/saltfleet_supervisor_conf.py), through Salt's utils loader."""
 
 import pytest
 from salt.exceptions import CommandExecutionError
@@ -6,7 +6,7 @@ from salt.exceptions import CommandExecutionError
 from localfleet.config import saltfleet_utils
 
 utils = saltfleet_utils()
-sup = utils.saltfleet_supervisor
+sup = utils.saltfleet_supervisor_conf
 HOST, _ = utils.saltfleet_schema.validate_host({"root": "/srv/sandbox", "user": "ubuntu"})
 P = utils.saltfleet_paths.paths("/srv/sandbox", "ubuntu", "fetcher")
 RELEASE = P["releases"] / ("a" * 40)
