@@ -9,10 +9,17 @@ UV_VERSION := 0.9.30
 UV := .tools/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
-export UV_CACHE_DIR := $(CURDIR)/.cache/uv
+export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: venv test lint demo demo-down bench clean
+# Debian packages the tests drive: ss (iproute2) shows what the demo listens on,
+# ansible-inventory (ansible-core) reads the fleet through the inventory script,
+# rabbitmq-server is the broker of the Celery tests (a private node:
+# localfleet/rabbitmq.py), chromium and chromium-driver show the fleet page.
+DEBIAN_PACKAGES := iproute2:/usr/bin/ss ansible-core:/usr/bin/ansible-inventory \
+	rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server
+
+.PHONY: venv system-packages test lint demo demo-down bench clean
 
 $(UV):
 	$(PYTHON) -m pip install -q --disable-pip-version-check --target .tools uv==$(UV_VERSION)
@@ -24,9 +31,22 @@ $(VENV)/.synced: requirements-dev.lock | $(UV)
 
 venv: $(VENV)/.synced
 
+# What is missing is installed when root runs this on Debian; anyone else is told the command.
+system-packages:
+	@missing=""; for entry in $(DEBIAN_PACKAGES); do \
+		[ -x "$${entry#*:}" ] || missing="$$missing $${entry%%:*}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages the tests need:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+		echo "make test needs Debian packages that are missing; run: sudo apt-get install$$missing" >&2; exit 1; \
+	fi
+
 # Unit and functional tests need no daemons: four at a time. Integration
 # modules two at a time, each keeping its tests on one worker (their daemons start once).
-test: venv
+test: venv system-packages
 	$(BIN)/pytest -n 4 tests/unit tests/functional $(PYTEST_ARGS)
 	$(BIN)/pytest -n 2 --dist loadscope tests/integration $(PYTEST_ARGS)
 

@@ -20,6 +20,10 @@ root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
                                       supervisord makes once it runs as the user
     sysfiles/<owner>.json             the sysfiles each owner installed
 
+With pillar ``saltfleet:run_dir`` (a sandbox whose root is a long path), each
+deployment's ``run/`` is ``<run_dir>/<name>/`` instead: a unix socket's path
+must fit in 108 bytes.
+
 the deployment user's, under ``<root>/home/<user>/`` (written only as that user)::
 
     Projects-<name>                   link to the serving release (the seed's path)
@@ -34,6 +38,11 @@ __virtualname__ = "saltfleet_paths"
 
 # A unix socket's path must fit in sockaddr_un (108 bytes with its NUL).
 UNIX_SOCKET_MAX = 107
+# supervisord binds ``<socket>.<its pid>`` first and renames it: room for the
+# longest pid the kernel hands out (pid_max is at most 2**22, 7 digits).
+PID_SUFFIX_MAX = len(".4194304")
+# The longest generation number a socket's name is checked for.
+LONGEST_GENERATION = "999"
 
 
 def __virtual__():
@@ -49,8 +58,11 @@ def home(root, user):
     return Path(root) / "home" / user
 
 
-def paths(root, user, name):
-    """Every host path of deployment ``name`` run by ``user`` under ``root``."""
+def paths(root, user, name, run_dir=None):
+    """
+    Every host path of deployment ``name`` run by ``user`` under ``root``;
+    its sockets and pidfiles in ``<run_dir>/<name>`` when ``run_dir`` is given.
+    """
     root = Path(root)
     user_home = home(root, user)
     state = registry(root) / "deployments" / name
@@ -71,8 +83,13 @@ def paths(root, user, name):
         "conf": state / "supervisord.conf",
         "deploy_key": state / "deploy_key",
         "known_hosts": state / "known_hosts",
-        "run": state / "run",
+        "run": Path(run_dir) / name if run_dir else state / "run",
     }
+
+
+def of_manifest(root, name, manifest):
+    """The paths of an installed deployment, as its manifest records its user and run dir."""
+    return paths(root, manifest["user"], name, manifest.get("run_dir"))
 
 
 def generation(p, gen):
@@ -96,7 +113,18 @@ def sysfiles_record(root, owner):
     return registry(root) / "sysfiles" / f"{owner}.json"
 
 
-def socket_too_long(root, user, name):
-    """The longest socket path a deployment would use, when it is too long for a unix socket; else None."""
-    sock = generation(paths(root, user, name), "999")["socket"]
-    return sock if len(bytes(sock)) > UNIX_SOCKET_MAX else None
+def socket_overflow(path, appended=0):
+    """
+    By how many bytes a unix socket at ``path`` (to which its maker appends
+    ``appended`` bytes first) is too long; 0 when it fits.
+    """
+    return max(0, len(bytes(Path(path))) + appended - UNIX_SOCKET_MAX)
+
+
+def deployment_socket(root, user, name, run_dir=None):
+    """
+    (overflow, path) of the deployment's longest supervisord socket path:
+    ``socket_overflow`` counts the temporary name supervisord binds first.
+    """
+    sock = generation(paths(root, user, name, run_dir), LONGEST_GENERATION)["socket"]
+    return socket_overflow(sock, PID_SUFFIX_MAX), sock

@@ -11,12 +11,15 @@ names its config folder), never by where it runs.
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +56,29 @@ def environ(**extra):
     env["UV_PYTHON_DOWNLOADS"] = "never"
     env.update(extra)
     return env
+
+
+# ------------------------------------------------------------------ sockets
+
+
+def run_dir(folder):
+    """
+    A short folder for the unix sockets of the fleet kept in ``folder``
+    (``<tmp>/saltfleet-<digest of folder>``): a socket's path holds 107 bytes,
+    which a checkout's own path may nearly fill. It is this user's, and
+    passable by others (0711): a deployment's user reaches its own sockets.
+    """
+    digest = hashlib.sha256(os.fsencode(Path(folder).resolve())).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"saltfleet-{digest}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o711)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise FleetError(
+            f"{path} (the sockets of {folder}) is not a directory of yours that only you can change; remove it"
+        )
+    os.chmod(path, 0o711)
+    return path
 
 
 # ------------------------------------------------------------------ ports
@@ -354,7 +380,8 @@ def supervisords(root):
         return found
     for state in sorted(p for p in folder.iterdir() if p.is_dir()):
         # Root's state dir and run/ do not depend on the deployment's user: any name serves here.
-        p = utils.saltfleet_paths.paths(root, "root", state.name)
+        manifest = {"user": "root", **utils.saltfleet_files.read_manifest({"manifest": state / "manifest.json"})}
+        p = utils.saltfleet_paths.of_manifest(root, state.name, manifest)
         gens = {c.name.removeprefix("supervisord.").removesuffix(".conf") for c in state.glob("supervisord.*.conf")}
         gens |= {pidfile.stem for pidfile in p["run"].glob("*.pid")} if p["run"].is_dir() else set()
         for gen in sorted(gens):

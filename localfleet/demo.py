@@ -5,12 +5,17 @@ Everything lives under .demo/ (git-ignored): the master's config, keys, cache
 and logs (.demo/etc/salt, .demo/var), the instances salt-cloud's local driver
 creates (.demo/minions/<name>, each its own minion root_dir), the sample app's
 git repository (.demo/sample-app.git) and its broker folder (.demo/broker).
-The master listens on 127.0.0.1 only, on ports chosen free at the first run.
+Only the unix sockets (Salt's and each deployment's supervisord's) live in a
+short folder of their own under the system's temporary directory
+(``daemons.run_dir``), whatever the length of the checkout's path; `make
+demo-down` removes it. The master listens on 127.0.0.1 only, on ports chosen
+free at the first run.
 """
 
 import getpass
 import os
 import shlex
+import shutil
 import subprocess
 import time
 
@@ -19,7 +24,7 @@ import yaml
 from localfleet import daemons as local
 from localfleet import procs
 from localfleet.config import REPO, stop_deployments
-from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free
+from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free, run_dir
 from localfleet.sampleapp import SAMPLE_APP
 
 DEMO = REPO / ".demo"
@@ -172,8 +177,10 @@ def _ports(running):
 def master(running):
     """The demo's salt-master: .demo/ is its root_dir, its config .demo/etc/salt/master."""
     user = getpass.getuser()
+    sockets = run_dir(DEMO)
     settings = {
         "id": "saltfleet-demo-master",
+        "sock_dir": str(sockets / "master"),
         "log_level_logfile": "info",
         "worker_threads": 3,
         "state_output": "changes",
@@ -184,6 +191,8 @@ def master(running):
             "app_rev": APP_BRANCH,
             "broker": str(BROKER),
             "uv_cache": str(UV_CACHE),
+            # The local provider's run_dir: each instance's sockets in <run_dir>/<name>/.
+            "run_dir": str(sockets),
         },
     }
     return Master(DEMO, settings, ports=_ports(running))
@@ -199,6 +208,7 @@ def write_config(running):
     }
     provider = yaml.safe_load((REPO / "cloud.providers.d" / "local.conf").read_text())
     provider["local"]["sandbox_dir"] = str(SANDBOXES)
+    provider["local"]["run_dir"] = demo_master.config["saltfleet_demo"]["run_dir"]
     profiles = yaml.safe_load((REPO / "cloud.profiles.d" / "local.conf").read_text())
     header = "# Written by `make demo` (localfleet/demo.py); rewritten at every run.\n"
     demo_master.write(header)
@@ -425,4 +435,5 @@ def down(timeout=120):
     remaining = {**procs.still_running(started_by_demo), **procs.still_running(processes())}
     if remaining:
         raise DemoError(f"still running: {remaining}")
+    shutil.rmtree(run_dir(DEMO))
     print(f"The demo is stopped ({time.monotonic() - started:.0f} s); `make demo` starts it again.")

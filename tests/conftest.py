@@ -1,10 +1,12 @@
 """Fixtures shared by every test: the repository, the master settings, sandboxes."""
 
 import hashlib
+import importlib.metadata
 import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -121,6 +123,53 @@ def user_uv_cache(deploy_user):
     path = short_tmpdir("sf-uv-", owner=deploy_user)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _as_user(user, argv):
+    """``argv`` run as ``user`` (passwd entry) with only the user's own group, as saltfleet runs them."""
+    return subprocess.run(
+        argv, user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd="/", capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def host_tools(deploy_user):
+    """
+    uv and supervisord as a host has them: root's, in a folder every user may
+    read (/usr/local/bin on a real host), wherever the checkout lies. The
+    deployment's user runs uv, and supervisord goes on importing after it
+    drops to that user: neither may live in a checkout other users cannot
+    enter (a clone in root's 0700 home).
+    """
+    python = os.path.realpath(sys.executable)
+    if _as_user(deploy_user, [python, "-c", ""]).returncode:
+        pytest.exit(
+            f"{python} (the venv's Python) cannot be run by other users, whom the deployments run as; "
+            "make the venv from a Python outside any private home: make clean test VENV_PYTHON=/usr/bin/python3.11",
+            returncode=4,
+        )
+    base = short_tmpdir("sf-tools-")
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    uv = shutil.copy2(Path(sys.executable).parent / "uv", bin_dir / "uv")
+    venv = base / "supervisor"
+    subprocess.run([uv, "venv", "-q", "-p", python, venv], check=True, capture_output=True)
+    package = f"supervisor=={importlib.metadata.version('supervisor')}"
+    install = [uv, "pip", "install", "-q", "-p", venv / "bin" / "python", package]
+    if subprocess.run([*install, "--offline"], capture_output=True, check=False).returncode:
+        subprocess.run(install, check=True, capture_output=True)
+    tools = {"uv": str(uv), "supervisord": str(venv / "bin" / "supervisord")}
+    for tool in tools.values():
+        ran = _as_user(deploy_user, [tool, "--version"])
+        assert ran.returncode == 0, f"{tool} does not run as {deploy_user.pw_name}: {ran.stderr}"
+    yield tools
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def host_settings(deploy_user, user_uv_cache, host_tools):
+    """Pillar ``saltfleet`` of every test host but its root: the deployment user, uv's cache, the host's tools."""
+    return {"user": deploy_user.pw_name, "uv_cache": str(user_uv_cache), **host_tools}
 
 
 def sandbox_root(prefix, user):

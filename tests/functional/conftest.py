@@ -65,15 +65,15 @@ def loaders():
 class Host:
     """A sandbox host converged through the loaders: pillar in, state returns out."""
 
-    def __init__(self, loaders, root, user, uv_cache):
+    def __init__(self, loaders, root, user, settings):
         self.loaders = loaders
         self.root = root
         self.user = user
-        self.uv_cache = uv_cache
+        self.settings = settings
         self.sf = saltfleet_utils()
 
     def pillar(self, deployments, **saltfleet):
-        host = {"root": str(self.root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache), **saltfleet}
+        host = {"root": str(self.root), **self.settings, **saltfleet}
         return {"saltfleet": host, "deployments": deployments}
 
     def set_pillar(self, data):
@@ -101,9 +101,9 @@ class Host:
 
 
 @pytest.fixture
-def host(loaders, deploy_user, user_uv_cache):
+def host(loaders, deploy_user, host_settings):
     root = sandbox_root("sfh-", deploy_user)
-    yield Host(loaders, root, deploy_user, user_uv_cache)
+    yield Host(loaders, root, deploy_user, host_settings)
     stop_deployments(root, timeout=30)
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(loaders.file_root / "deployments", ignore_errors=True)

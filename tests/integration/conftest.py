@@ -65,13 +65,13 @@ def synced(salt_minion, salt_cli):
 class Host:
     """A sandbox host behind a real minion: pillar in, the real `salt` CLI's returns out."""
 
-    def __init__(self, salt_cli, minion, pillar_dir, root, user, uv_cache):
+    def __init__(self, salt_cli, minion, pillar_dir, root, user, settings):
         self.cli, self.minion, self.pillar_dir = salt_cli, minion, pillar_dir
-        self.root, self.user, self.uv_cache = root, user, uv_cache
+        self.root, self.user, self.settings = root, user, settings
         self.outputs = []
 
     def pillar(self, deployments, **saltfleet):
-        host = {"root": str(self.root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache), **saltfleet}
+        host = {"root": str(self.root), **self.settings, **saltfleet}
         return {"saltfleet": host, "deployments": deployments}
 
     def set_pillar(self, data):
@@ -107,7 +107,7 @@ def sample():
 
 
 @pytest.fixture
-def host(request, salt_cli, synced, pillar_dir, deploy_user, user_uv_cache):
+def host(request, salt_cli, synced, pillar_dir, deploy_user, host_settings):
     """A sandbox host of one test behind the module's minion; its deployments stop when the test ends."""
     # The test's broker and data folders outlive its workers: made before the host, removed after
     # it (a worker whose broker folder vanished may not stop on SIGTERM).
@@ -115,7 +115,7 @@ def host(request, salt_cli, synced, pillar_dir, deploy_user, user_uv_cache):
         if name in request.fixturenames:
             request.getfixturevalue(name)
     root = sandbox_root("sfi-", deploy_user)
-    yield Host(salt_cli, synced, pillar_dir, root, deploy_user, user_uv_cache)
+    yield Host(salt_cli, synced, pillar_dir, root, deploy_user, host_settings)
     stop_deployments(root, timeout=60)
     shutil.rmtree(root, ignore_errors=True)
 

@@ -71,9 +71,9 @@ def git_server(sandbox, keys):
 
 
 @pytest.fixture(scope="module")
-def pillar(sandbox, user_uv_cache, keys, git_server):
+def pillar(sandbox, host_settings, keys, git_server):
     return {
-        "saltfleet": {"root": str(sandbox["root"]), "user": sandbox["user"].pw_name, "uv_cache": str(user_uv_cache)},
+        "saltfleet": {**host_settings, "root": str(sandbox["root"]), "user": sandbox["user"].pw_name},
         "deployments": {
             NAME: {
                 "repo": git_server.url,

@@ -35,13 +35,13 @@ def places(deploy_user):
 
 
 @pytest.fixture(scope="module")
-def fleet_pillar(pillar_dir, places, repo_root, deploy_user, user_uv_cache):
+def fleet_pillar(pillar_dir, places, repo_root, deploy_user, host_settings):
     """The repository's pillar/fleet.sls (faster heartbeat) and one deployment per instance."""
     fleet = (
         (repo_root / "pillar" / "fleet.sls").read_text().replace("set heartbeat = 60", f"set heartbeat = {HEARTBEAT}")
     )
     assert f"set heartbeat = {HEARTBEAT}" in fleet
-    common = {"saltfleet": {"user": deploy_user.pw_name, "uv_cache": str(user_uv_cache)}}
+    common = {"saltfleet": host_settings}
 
     def deployment(programs):
         return {
@@ -57,7 +57,11 @@ def fleet_pillar(pillar_dir, places, repo_root, deploy_user, user_uv_cache):
             "base": {"*": ["fleet", "common"], A: ["inv-a"], B: ["inv-b"], STOPPED: ["tmp-stopped"]},
         },
         "common.sls": common,
-        "inv-a.sls": {"deployments": {"inv-app": deployment({"worker": {"command": celery.format(q="inv-app")}})}},
+        # A's deployment keeps its sockets where the provider keeps A's (run_dir), as the demo's do.
+        "inv-a.sls": {
+            "saltfleet": {**host_settings, "run_dir": f"{places['sandboxes']}/run/{A}/deployments"},
+            "deployments": {"inv-app": deployment({"worker": {"command": celery.format(q="inv-app")}})},
+        },
         "inv-b.sls": {
             "deployments": {
                 "inv-pair": deployment(
@@ -84,6 +88,7 @@ def cloud(salt_master, places, repo_root, fleet_pillar):
     conf = cli.config["conf_file"].rsplit("/", 1)[0]
     provider = yaml.safe_load((repo_root / "cloud.providers.d" / "local.conf").read_text())
     provider["local"]["sandbox_dir"] = str(places["sandboxes"])
+    provider["local"]["run_dir"] = str(places["sandboxes"] / "run")
     provider["local"]["wait_for_minion_timeout"] = 120
     with open(f"{conf}/cloud.providers.d/local.conf", "w") as fh:
         yaml.safe_dump(provider, fh)

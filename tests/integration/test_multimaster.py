@@ -135,10 +135,10 @@ def minions(masters):
 class Pair:
     """The two masters' CLIs, the hosts' pillar and the Celery client."""
 
-    def __init__(self, masters, minions, pillar_root, places, user, uv_cache):
+    def __init__(self, masters, minions, pillar_root, places, user, settings):
         self.first, self.second = masters
         self.ids = [m.id for m in minions]
-        self.pillar_root, self.places, self.user, self.uv_cache = pillar_root, places, user, uv_cache
+        self.pillar_root, self.places, self.user, self.settings = pillar_root, places, user, settings
         self.tasks = celery_client(places["data"])
         self.cli = {m.id: m.salt_cli(timeout=900) for m in masters}
         self.run_cli = {m.id: m.salt_run_cli(timeout=300) for m in masters}
@@ -168,7 +168,7 @@ class Pair:
         top = {"base": {"*": ["fleet"], **{minion: [f"host{n}"] for n, minion in enumerate(self.ids, 1)}}}
         (self.pillar_root / "top.sls").write_text(yaml.safe_dump(top))
         for n, (minion, root) in enumerate(zip(self.ids, self.places["roots"], strict=True), 1):
-            host = {"root": str(root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache)}
+            host = {"root": str(root), **self.settings}
             specs = {name: self.spec(name, minion, rev) for name, rev in deployments.items()}
             (self.pillar_root / f"host{n}.sls").write_text(yaml.safe_dump({"saltfleet": host, "deployments": specs}))
 
@@ -219,13 +219,13 @@ def serving(rows, ids, name, release):
 
 
 @pytest.fixture(scope="module")
-def before(masters, minions, pillar_root, places, deploy_user, user_uv_cache):
+def before(masters, minions, pillar_root, places, deploy_user, host_settings):
     """
     Through the first master: the modules synced, APP at v1 applied, then
     rolled out to v2 with fleet.deploy (a ledger entry). What each master
     showed then: {pair, keys, first, standby}.
     """
-    pair = Pair(masters, minions, pillar_root, places, deploy_user, user_uv_cache)
+    pair = Pair(masters, minions, pillar_root, places, deploy_user, host_settings)
     first, second = masters
     wait_for(lambda: pair.answering(first) == pair.ids, 120, "both hosts answering through the first master")
     ret = pair.salt(first, "saltutil.sync_all")

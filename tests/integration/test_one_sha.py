@@ -39,7 +39,7 @@ def minions(salt_master):
 
 
 @pytest.fixture(scope="module")
-def hosts(minions, salt_cli, pillar_dir, repo, deploy_user, user_uv_cache):
+def hosts(minions, salt_cli, pillar_dir, repo, deploy_user, host_settings):
     roots = {m.id: sandbox_root("sfs-", deploy_user) for m in minions}
     top = {"base": {m.id: [m.id] for m in minions}}
     pillar_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def hosts(minions, salt_cli, pillar_dir, repo, deploy_user, user_uv_cache):
             "rev": "master",
             "programs": {"idle": {"command": "sleep 3600", "startsecs": 1}},
         }
-        host = {"root": str(roots[m.id]), "user": deploy_user.pw_name, "uv_cache": str(user_uv_cache)}
+        host = {"root": str(roots[m.id]), **host_settings}
         (pillar_dir / f"{m.id}.sls").write_text(yaml.safe_dump({"saltfleet": host, "deployments": {NAME: deployment}}))
     for m in minions:
         assert salt_cli.run("saltutil.sync_all", minion_tgt=m.id).returncode == 0

@@ -81,10 +81,10 @@ def minions(salt_master):
 class Fleet:
     """The three hosts: per-host pillar in, the real `salt` and `salt-run` CLIs out."""
 
-    def __init__(self, salt_cli, salt_run_cli, minions, pillar_dir, places, user, uv_cache):
+    def __init__(self, salt_cli, salt_run_cli, minions, pillar_dir, places, user, settings):
         self.cli, self.run_cli, self.minions = salt_cli, salt_run_cli, minions
         self.ids = [m.id for m in minions]
-        self.pillar_dir, self.places, self.user, self.uv_cache = pillar_dir, places, user, uv_cache
+        self.pillar_dir, self.places, self.user, self.settings = pillar_dir, places, user, settings
         self.deployments = {minion: {} for minion in self.ids}
         self.tasks = celery_client(places["data"])
 
@@ -121,7 +121,7 @@ class Fleet:
         shutil.copyfile(REPO / "pillar" / "fleet.sls", self.pillar_dir / "fleet.sls")
         (self.pillar_dir / "top.sls").write_text(yaml.safe_dump(top))
         for n, (minion, root) in enumerate(zip(self.ids, self.places["roots"], strict=True), 1):
-            host = {"root": str(root), "user": self.user.pw_name, "uv_cache": str(self.uv_cache)}
+            host = {"root": str(root), **self.settings}
             data = {"saltfleet": host, "deployments": self.deployments[minion]}
             (self.pillar_dir / f"host{n}.sls").write_text(yaml.safe_dump(data))
         ret = self.salt("saltutil.refresh_pillar", "wait=True")
@@ -204,10 +204,10 @@ def parse_run(returncode, stdout, stderr):
 
 
 @pytest.fixture(scope="module")
-def fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, user_uv_cache):
+def fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, host_settings):
     ret = salt_cli.run("-L", "saltutil.sync_all", minion_tgt=",".join(m.id for m in minions))
     assert ret.returncode == 0, ret
-    fleet = Fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, user_uv_cache)
+    fleet = Fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, host_settings)
     fleet.write_pillar()
     return fleet
 

@@ -123,7 +123,7 @@ def queue(worker_id):
 
 
 @pytest.fixture(scope="module")
-def applied(top, tree, places, pillar_root, deploy_user, user_uv_cache):
+def applied(top, tree, places, pillar_root, deploy_user, host_settings):
     """
     Every minion's pillar (each worker runs APP on a queue of its own, the
     minions beside the syndics nothing), then from the top `salt '*'
@@ -134,7 +134,7 @@ def applied(top, tree, places, pillar_root, deploy_user, user_uv_cache):
     top_sls = {"base": {"*": ["fleet"], **{minion: [f"host-{minion}"] for minion in places["roots"]}}}
     (pillar_root / "top.sls").write_text(yaml.safe_dump(top_sls))
     for minion, root in places["roots"].items():
-        host = {"root": str(root), "user": deploy_user.pw_name, "uv_cache": str(user_uv_cache)}
+        host = {"root": str(root), **host_settings}
         deployments = {}
         if minion in workers:
             command = f"celery -A sampleapp worker -Q {queue(minion)} -c 1 -n {queue(minion)}@%%h"
