@@ -16,13 +16,9 @@ Provider (``cloud.providers.d/local.conf``):
 
     local:
       driver: local
-      # One directory per instance: its minion's root_dir.
+      # One directory per instance. Keep it short: supervisord's socket paths
+      # inside a sandbox must stay under 108 bytes.
       sandbox_dir: /srv/saltfleet-local
-      # Where each instance's unix sockets go (<run_dir>/<name>/salt: the
-      # minion's sock_dir), when sandbox_dir is too long a path for them
-      # (108 bytes at most). Pillar saltfleet:run_dir puts the deployments'
-      # supervisord sockets beside them, in <run_dir>/<name>/deployments.
-      run_dir: /run/saltfleet-local
       minion:
         master: 127.0.0.1       # master_port defaults to the master's ret_port
 
@@ -71,8 +67,6 @@ MINION_PIDFILE = ("var", "run", "salt-minion.pid")
 PIDFILE_GRACE = 20
 # An instance name is a directory name and a minion id: nothing that could leave sandbox_dir.
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-# The longest name Salt gives a socket in a minion's sock_dir (minion_event_<10 hex>_pull.ipc).
-SALT_SOCKET_NAME_MAX = len("minion_event_0123456789_pull.ipc")
 
 
 def __virtual__():
@@ -97,7 +91,8 @@ def _setting(name, vm_=None, default=None):
 
 
 def _sandbox_dir(vm_=None):
-    return Path(_setting("sandbox_dir", vm_, DEFAULT_SANDBOX_DIR)).expanduser().resolve()
+    # Normalized, links kept: a short link to a long folder keeps the minions' socket paths short.
+    return Path(os.path.abspath(Path(_setting("sandbox_dir", vm_, DEFAULT_SANDBOX_DIR)).expanduser()))
 
 
 def _sandbox(name, vm_=None):
@@ -108,24 +103,6 @@ def _sandbox(name, vm_=None):
             "e.g. demo-worker-3"
         )
     return _sandbox_dir(vm_) / name
-
-
-def _sock_dir(name, sandbox, vm_=None):
-    """
-    The instance's Salt sock_dir: ``<run_dir>/<name>/salt`` with the provider's
-    ``run_dir``, else Salt's default place in the sandbox. An error, before
-    anything is made, when a socket there would not fit in a unix socket path.
-    """
-    run_dir = _setting("run_dir", vm_)
-    sock_dir = Path(run_dir) / name / "salt" if run_dir else sandbox / "var" / "run" / "salt" / "minion"
-    longest = sock_dir / ("x" * SALT_SOCKET_NAME_MAX)
-    overflow = __utils__["saltfleet_paths.socket_overflow"](longest)
-    if overflow:
-        raise SaltCloudSystemExit(
-            f"{name}: the minion's sockets in {sock_dir} would be {overflow} bytes longer than a unix socket "
-            "path holds (107); set run_dir in the local provider to a short directory (e.g. /run/saltfleet-local)"
-        )
-    return sock_dir
 
 
 def _instances():
@@ -155,8 +132,10 @@ def _is_sandbox_process(pid, sandbox):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    # Salt retitles its processes, which joins the arguments: look for the path anywhere.
-    return os.fsencode(f"{Path(sandbox) / 'etc' / 'salt'}") in cmdline
+    # Salt retitles its processes, which joins the arguments: look for the path anywhere,
+    # as given or through the links on it (a short link to the sandbox).
+    configs = {Path(sandbox) / "etc" / "salt", Path(os.path.realpath(sandbox)) / "etc" / "salt"}
+    return any(os.fsencode(str(config)) in cmdline for config in configs)
 
 
 def _state(sandbox):
@@ -212,7 +191,7 @@ def _unspecified(address):
         return False
 
 
-def _minion_config(vm_, record, sandbox, sock_dir):
+def _minion_config(vm_, record, sandbox):
     """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
     minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=_cloud_grains(vm_, record))
     interface = __opts__.get("interface") or "127.0.0.1"
@@ -220,7 +199,6 @@ def _minion_config(vm_, record, sandbox, sock_dir):
         minion["master"] = "127.0.0.1" if _unspecified(interface) else interface
     minion.setdefault("master_port", __opts__.get("ret_port", 4506))
     minion["root_dir"] = str(sandbox)
-    minion["sock_dir"] = str(sock_dir)
     minion["user"] = getpass.getuser()
     minion.setdefault("log_level_logfile", "info")
     return minion
@@ -231,10 +209,6 @@ def _start_minion(name, sandbox, timeout):
     if _minion_pid(sandbox):
         return
     binary = _salt_binary(name, "salt-minion")
-    sock_dir = _minion_settings(sandbox).get("sock_dir")
-    if sock_dir:
-        # A run_dir outside the sandbox may have been emptied (a reboot, make demo-down): made again.
-        __utils__["saltfleet_files.root_dir"](Path(sock_dir).parent, 0o711)
     master_pub = sandbox / "etc" / "salt" / "pki" / "minion" / "minion_master.pub"
     with contextlib.suppress(FileNotFoundError):
         master_pub.unlink()
@@ -312,17 +286,12 @@ def _sync_minion(name, sandbox, timeout):
         )
 
 
-def _minion_settings(sandbox):
-    """The instance's minion config ({} when it has none)."""
-    try:
-        return salt.utils.yaml.safe_load(Path(sandbox, "etc", "salt", "minion").read_text()) or {}
-    except OSError:
-        return {}
-
-
 def _master_address(sandbox):
-    minion = _minion_settings(sandbox)
-    return f"{minion.get('master', '?')}:{minion.get('master_port', '?')}"
+    try:
+        minion = salt.utils.yaml.safe_load(Path(sandbox, "etc", "salt", "minion").read_text()) or {}
+    except OSError:
+        return "?"
+    return f"{minion.get('master')}:{minion.get('master_port')}"
 
 
 def _stop_deployments(sandbox):
@@ -338,7 +307,7 @@ def _stop_deployments(sandbox):
                 f"{sandbox}: deployment {name} runs as user {user}, who does not exist on this machine; "
                 f"stop its supervisord by hand or recreate the user"
             ) from None
-        p = __utils__["saltfleet_paths.of_manifest"](sandbox, name, manifest)
+        p = __utils__["saltfleet_paths.paths"](sandbox, user, name)
         if __utils__["saltfleet_supervisor.stop_all"](p, uid, manifest.get("draining"), timeout):
             stopped.append(name)
     return stopped
@@ -361,13 +330,6 @@ def _stop_minion(sandbox, timeout=30):
     return True
 
 
-def _remove_run_dir(name, sandbox, sock_dir):
-    """The instance's folder of sockets in the provider's run_dir, when it has one outside the sandbox."""
-    folder = Path(sock_dir).parent
-    if folder.name == name and not folder.is_relative_to(sandbox):
-        __utils__["saltfleet_files.remove_root_tree"](folder)
-
-
 # -------------------------------------------------------------------- create
 
 
@@ -382,7 +344,6 @@ def create(vm_):
     name = vm_["name"]
     profile = vm_.get("profile")
     sandbox = _sandbox(name, vm_)
-    sock_dir = _sock_dir(name, sandbox, vm_)
     if (sandbox / INSTANCE_FILE).exists():
         raise SaltCloudSystemExit(
             f"{name}: a local instance already exists at {sandbox}; destroy it first (salt-cloud -d {name})"
@@ -417,7 +378,7 @@ def create(vm_):
             write = __utils__["saltfleet_files.write_atomic"]
             write(pki / "minion.pem", vm_["priv_key"], 0o400)
             write(pki / "minion.pub", vm_["pub_key"], 0o644)
-            minion = _minion_config(vm_, record, sandbox, sock_dir)
+            minion = _minion_config(vm_, record, sandbox)
             write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](minion))
         __utils__["saltfleet_files.write_json"](sandbox / INSTANCE_FILE, record)
         if deploy:
@@ -428,7 +389,6 @@ def create(vm_):
     except Exception:
         # A half-made instance would block the next create: leave nothing behind.
         _stop_minion(sandbox)
-        _remove_run_dir(name, sandbox, sock_dir)
         shutil.rmtree(sandbox, ignore_errors=True)
         raise
 
@@ -471,7 +431,6 @@ def destroy(name, call=None):
     __utils__["saltfleet_cloud.fire_event"](__opts__, name, "destroying", {"instance_id": instance_id})
     _stop_deployments(sandbox)
     _stop_minion(sandbox)
-    _remove_run_dir(name, sandbox, Path(_minion_settings(sandbox).get("sock_dir") or sandbox))
     shutil.rmtree(sandbox)
     provider = __utils__["saltfleet_cloud.provider_name"](__active_provider_name__, __virtualname__)
     return __utils__["saltfleet_cloud.destroyed"](__opts__, name, instance_id, provider, "destroyed")

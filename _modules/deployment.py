@@ -48,7 +48,7 @@ def _installed(name):
         raise CommandExecutionError(
             f"deployment {name} is not installed on this host; deployment.list shows those that are"
         )
-    p = __utils__["saltfleet_paths.of_manifest"](root, name, manifest)
+    p = __utils__["saltfleet_paths.paths"](root, manifest["user"], name)
     uid = __utils__["saltfleet_user.account"](manifest["user"], f"deployments:{name}").pw_uid
     return p, manifest, uid
 
@@ -100,7 +100,7 @@ def list_():
 
 def _status(root, name, manifest):
     sup = "saltfleet_supervisor"
-    p = __utils__["saltfleet_paths.of_manifest"](root, name, manifest)
+    p = __utils__["saltfleet_paths.paths"](root, manifest["user"], name)
     row = {
         "release": manifest.get("release"),
         "rev": manifest.get("rev"),

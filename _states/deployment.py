@@ -116,8 +116,7 @@ def present(name, **kwargs):
             name, {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in STATE_ARGS}
         )
         _check_tools(settings, cfg)
-        p = __utils__["saltfleet_paths.paths"](settings["root"], cfg["user"], name, settings["run_dir"])
-        _check_run_dir_kept(settings, cfg, p)
+        p = __utils__["saltfleet_paths.paths"](settings["root"], cfg["user"], name)
         with _locked(p, f"state deployment.present {name}", test):
             pinned = _pinned(cfg, __utils__["saltfleet_files.read_manifest"](p), "rev" in kwargs)
             plan = _plan(settings, cfg, p, test)
@@ -143,21 +142,6 @@ def _check_tools(settings, cfg):
         __utils__["saltfleet_files.trusted_tool"](tool, settings[tool])
     if cfg["python"].startswith("/"):
         __utils__["saltfleet_files.check_trusted"](cfg["python"], f"deployments:{cfg['name']}:python")
-
-
-def _check_run_dir_kept(settings, cfg, p):
-    """Refuse to move a running deployment's sockets: its supervisord would not be found at the new place."""
-    manifest = __utils__["saltfleet_files.read_manifest"](p)
-    if not manifest or manifest.get("run_dir") == settings["run_dir"]:
-        return
-    old = __utils__["saltfleet_paths.of_manifest"](settings["root"], cfg["name"], manifest)
-    uid = __utils__["saltfleet_user.account"](manifest["user"], f"deployments:{cfg['name']}").pw_uid
-    if __utils__["saltfleet_supervisor.generations"](old, uid, manifest.get("draining")):
-        raise CommandExecutionError(
-            f"saltfleet:run_dir: changed from {manifest.get('run_dir')} to {settings['run_dir']} while "
-            f"deployment {cfg['name']}'s supervisord runs from the old one; stop it first "
-            f"(deployment.stop {cfg['name']}), then apply"
-        )
 
 
 def absent(name, purge=None):
@@ -358,8 +342,6 @@ def _root_dirs(p):
     files = "saltfleet_files"
     __utils__[f"{files}.root_dir"](p["state"].parent, 0o755)
     __utils__[f"{files}.root_dir"](p["state"], 0o711)
-    # run/ lies elsewhere with saltfleet:run_dir: its folder is root's, passable by the users.
-    __utils__[f"{files}.root_dir"](p["run"].parent, 0o711)
 
 
 # ------------------------------------------------------------------ sources
@@ -952,11 +934,8 @@ def _record(cfg, p, fields):
         rev=cfg["rev"],
         requirements=cfg["requirements"],
         python=cfg["python"],
-        run_dir=cfg["run_dir"],
         **fields,
     )
-    if record["run_dir"] is None:
-        del record["run_dir"]
     operator = record.get("operator") or {}
     if (
         (operator.get("rev") or {}).get("value")
@@ -981,7 +960,7 @@ def _remove(root, name, purge, test):
     if not manifest:
         return {}
     user = manifest["user"]
-    p = __utils__["saltfleet_paths.of_manifest"](root, name, manifest)
+    p = __utils__["saltfleet_paths.paths"](root, user, name)
     uid = __utils__["saltfleet_user.account"](user, f"deployments:{name}").pw_uid
     changes = {}
     with _locked(p, f"state deployment.absent {name}", test):

@@ -20,10 +20,6 @@ root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
                                       supervisord makes once it runs as the user
     sysfiles/<owner>.json             the sysfiles each owner installed
 
-With pillar ``saltfleet:run_dir`` (a sandbox whose root is a long path), each
-deployment's ``run/`` is ``<run_dir>/<name>/`` instead: a unix socket's path
-must fit in 108 bytes.
-
 the deployment user's, under ``<root>/home/<user>/`` (written only as that user)::
 
     Projects-<name>                   link to the serving release (the seed's path)
@@ -58,11 +54,8 @@ def home(root, user):
     return Path(root) / "home" / user
 
 
-def paths(root, user, name, run_dir=None):
-    """
-    Every host path of deployment ``name`` run by ``user`` under ``root``;
-    its sockets and pidfiles in ``<run_dir>/<name>`` when ``run_dir`` is given.
-    """
+def paths(root, user, name):
+    """Every host path of deployment ``name`` run by ``user`` under ``root``."""
     root = Path(root)
     user_home = home(root, user)
     state = registry(root) / "deployments" / name
@@ -83,13 +76,8 @@ def paths(root, user, name, run_dir=None):
         "conf": state / "supervisord.conf",
         "deploy_key": state / "deploy_key",
         "known_hosts": state / "known_hosts",
-        "run": Path(run_dir) / name if run_dir else state / "run",
+        "run": state / "run",
     }
-
-
-def of_manifest(root, name, manifest):
-    """The paths of an installed deployment, as its manifest records its user and run dir."""
-    return paths(root, manifest["user"], name, manifest.get("run_dir"))
 
 
 def generation(p, gen):
@@ -121,10 +109,10 @@ def socket_overflow(path, appended=0):
     return max(0, len(bytes(Path(path))) + appended - UNIX_SOCKET_MAX)
 
 
-def deployment_socket(root, user, name, run_dir=None):
+def deployment_socket(root, user, name):
     """
     (overflow, path) of the deployment's longest supervisord socket path:
     ``socket_overflow`` counts the temporary name supervisord binds first.
     """
-    sock = generation(paths(root, user, name, run_dir), LONGEST_GENERATION)["socket"]
+    sock = generation(paths(root, user, name), LONGEST_GENERATION)["socket"]
     return socket_overflow(sock, PID_SUFFIX_MAX), sock

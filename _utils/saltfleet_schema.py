@@ -32,9 +32,6 @@ HOST_DEFAULTS = {
     "uv": None,
     "uv_cache": None,
     "supervisord": None,
-    # None: each deployment's sockets and pidfiles in its state dir (run/);
-    # else in <run_dir>/<name>/, for a sandbox whose root is too long a path.
-    "run_dir": None,
     "purge_removed": False,
     # How a new release takes over from the one serving: "overlap" starts it
     # beside the serving one, which drains once the new programs are RUNNING;
@@ -322,7 +319,7 @@ def validate_host(host, default_root="/"):
     _check_pattern("saltfleet:python", settings["python"], PYTHON_RE, _PYTHON_WHAT, errors)
     if _check_type("saltfleet:keep_releases", settings["keep_releases"], int, errors) and settings["keep_releases"] < 1:
         errors.append("saltfleet:keep_releases: must be at least 1 (the release that serves is always kept)")
-    for key in ("uv", "uv_cache", "supervisord", "run_dir"):
+    for key in ("uv", "uv_cache", "supervisord"):
         _check_tool(f"saltfleet:{key}", settings[key], errors)
     _check_type("saltfleet:purge_removed", settings["purge_removed"], bool, errors)
     _check_choice("saltfleet:handover", settings["handover"], HANDOVERS, errors)
@@ -390,18 +387,16 @@ def validate_deployment(name, spec, host):
         _check_socket_room(where, host, cfg["user"], name, errors)
     cfg["name"] = name
     cfg["root"] = host["root"]
-    cfg["run_dir"] = host.get("run_dir")
     return cfg, errors
 
 
 def _check_socket_room(where, host, user, name, errors):
-    overflow, sock = _utils("saltfleet_paths.deployment_socket")(host["root"], user, name, host.get("run_dir"))
+    overflow, sock = _utils("saltfleet_paths.deployment_socket")(host["root"], user, name)
     if overflow:
         errors.append(
             f"{where}: supervisord's socket path {sock} ({len(bytes(sock))} bytes) is {overflow} bytes too long: "
             "a unix socket path holds 107 bytes, and supervisord first binds it with '.<pid>' appended; "
-            "set saltfleet:run_dir to a short directory root owns (e.g. /run/saltfleet) or use a shorter "
-            "saltfleet:root or deployment name"
+            "use a shorter saltfleet:root (a short link to a sandbox serves) or deployment name"
         )
 
 

@@ -34,7 +34,7 @@ def stop_deployments(root, timeout=60):
     utils = saltfleet_utils()
     stopped = []
     for name, manifest in utils.saltfleet_files.installed(root).items():
-        p = utils.saltfleet_paths.of_manifest(root, name, manifest)
+        p = utils.saltfleet_paths.paths(root, manifest["user"], name)
         uid = utils.saltfleet_user.account(manifest["user"]).pw_uid
         if utils.saltfleet_supervisor.stop_all(p, uid, manifest.get("draining"), timeout):
             stopped.append(name)

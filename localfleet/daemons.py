@@ -61,24 +61,21 @@ def environ(**extra):
 # ------------------------------------------------------------------ sockets
 
 
-def run_dir(folder):
+def short_alias(folder):
     """
-    A short folder for the unix sockets of the fleet kept in ``folder``
-    (``<tmp>/saltfleet-<digest of folder>``): a socket's path holds 107 bytes,
-    which a checkout's own path may nearly fill. It is this user's, and
-    passable by others (0711): a deployment's user reaches its own sockets.
+    A short path to ``folder``: the link ``<tmp>/sf-<digest of folder>``,
+    made when missing. A unix socket's path holds 107 bytes, which a
+    checkout's own path may nearly fill; daemons whose root_dir is the link
+    keep their sockets' paths short (Salt places every path under root_dir).
     """
-    digest = hashlib.sha256(os.fsencode(Path(folder).resolve())).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"saltfleet-{digest}"
+    folder = Path(folder).resolve()
+    link = Path(tempfile.gettempdir()) / f"sf-{hashlib.sha256(os.fsencode(folder)).hexdigest()[:10]}"
     with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o711)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise FleetError(
-            f"{path} (the sockets of {folder}) is not a directory of yours that only you can change; remove it"
-        )
-    os.chmod(path, 0o711)
-    return path
+        os.symlink(folder, link)
+    st = os.lstat(link)
+    if not stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or Path(os.readlink(link)) != folder:
+        raise FleetError(f"{link} should be your link to {folder} (a short path for its sockets); remove it")
+    return link
 
 
 # ------------------------------------------------------------------ ports
@@ -154,8 +151,10 @@ def daemon_pid(root_dir, name):
     ``root_dir`` while it runs, else None: its pidfile, and a command line that
     names its config folder (a recycled pid does not).
     """
-    root_dir = Path(root_dir)
-    return procs.pid_from_file(root_dir / "var" / "run" / f"{name}.pid", str(root_dir / "etc" / "salt"))
+    pidfile = Path(root_dir) / "var" / "run" / f"{name}.pid"
+    # Its config folder as given, or through the links on the way (a short link to the folder).
+    configs = {Path(root_dir) / "etc" / "salt", Path(os.path.realpath(root_dir)) / "etc" / "salt"}
+    return next(filter(None, (procs.pid_from_file(pidfile, str(config)) for config in configs)), None)
 
 
 def master_pid(base):
@@ -168,23 +167,26 @@ class Master:
     ``base/etc/salt/master`` (``etc/master.d/saltfleet.conf`` with the
     repository's path, then ``settings``), keys, cache, sockets, pidfile, log.
     ``ports`` is (publish_port, ret_port); new free ones by default.
+    ``root_dir`` is another path to ``base`` (a short link: Salt puts every
+    path, its sockets' too, under root_dir) for the config to name.
     """
 
-    def __init__(self, base, settings=None, ports=None):
+    def __init__(self, base, settings=None, ports=None, root_dir=None):
         self.base = Path(base)
         self.etc = self.base / "etc" / "salt"
         self.pidfile = self.base / "var" / "run" / "salt-master.pid"
+        root = Path(root_dir or base)
         publish_port, ret_port = ports or free_ports(2)
         self.config = master_config()
         self.config.update(
             {
-                "root_dir": str(self.base),
+                "root_dir": str(root),
                 "conf_file": str(self.etc / "master"),
-                "pki_dir": str(self.etc / "pki" / "master"),
-                "cachedir": str(self.base / "var" / "cache" / "salt" / "master"),
-                "sock_dir": str(self.base / "var" / "run" / "salt" / "master"),
-                "pidfile": str(self.pidfile),
-                "log_file": str(self.base / "var" / "log" / "salt" / "master"),
+                "pki_dir": str(root / "etc" / "salt" / "pki" / "master"),
+                "cachedir": str(root / "var" / "cache" / "salt" / "master"),
+                "sock_dir": str(root / "var" / "run" / "salt" / "master"),
+                "pidfile": str(root / "var" / "run" / "salt-master.pid"),
+                "log_file": str(root / "var" / "log" / "salt" / "master"),
                 "user": getpass.getuser(),
                 "interface": LOOPBACK,
                 "publish_port": publish_port,
@@ -380,8 +382,7 @@ def supervisords(root):
         return found
     for state in sorted(p for p in folder.iterdir() if p.is_dir()):
         # Root's state dir and run/ do not depend on the deployment's user: any name serves here.
-        manifest = {"user": "root", **utils.saltfleet_files.read_manifest({"manifest": state / "manifest.json"})}
-        p = utils.saltfleet_paths.of_manifest(root, state.name, manifest)
+        p = utils.saltfleet_paths.paths(root, "root", state.name)
         gens = {c.name.removeprefix("supervisord.").removesuffix(".conf") for c in state.glob("supervisord.*.conf")}
         gens |= {pidfile.stem for pidfile in p["run"].glob("*.pid")} if p["run"].is_dir() else set()
         for gen in sorted(gens):

@@ -5,17 +5,16 @@ Everything lives under .demo/ (git-ignored): the master's config, keys, cache
 and logs (.demo/etc/salt, .demo/var), the instances salt-cloud's local driver
 creates (.demo/minions/<name>, each its own minion root_dir), the sample app's
 git repository (.demo/sample-app.git) and its broker folder (.demo/broker).
-Only the unix sockets (Salt's and each deployment's supervisord's) live in a
-short folder of their own under the system's temporary directory
-(``daemons.run_dir``), whatever the length of the checkout's path; `make
-demo-down` removes it. The master listens on 127.0.0.1 only, on ports chosen
-free at the first run.
+The daemons know .demo/ by a short link to it under the system's temporary
+directory (``daemons.short_alias``; `make demo-down` removes it): Salt puts
+every path of a daemon, its unix sockets' too, under its root_dir, and a
+socket's path holds 107 bytes, whatever the length of the checkout's path.
+The master listens on 127.0.0.1 only, on ports chosen free at the first run.
 """
 
 import getpass
 import os
 import shlex
-import shutil
 import subprocess
 import time
 
@@ -24,7 +23,7 @@ import yaml
 from localfleet import daemons as local
 from localfleet import procs
 from localfleet.config import REPO, stop_deployments
-from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free, run_dir
+from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free, short_alias
 from localfleet.sampleapp import SAMPLE_APP
 
 DEMO = REPO / ".demo"
@@ -177,10 +176,8 @@ def _ports(running):
 def master(running):
     """The demo's salt-master: .demo/ is its root_dir, its config .demo/etc/salt/master."""
     user = getpass.getuser()
-    sockets = run_dir(DEMO)
     settings = {
         "id": "saltfleet-demo-master",
-        "sock_dir": str(sockets / "master"),
         "log_level_logfile": "info",
         "worker_threads": 3,
         "state_output": "changes",
@@ -191,11 +188,9 @@ def master(running):
             "app_rev": APP_BRANCH,
             "broker": str(BROKER),
             "uv_cache": str(UV_CACHE),
-            # The local provider's run_dir: each instance's sockets in <run_dir>/<name>/.
-            "run_dir": str(sockets),
         },
     }
-    return Master(DEMO, settings, ports=_ports(running))
+    return Master(DEMO, settings, ports=_ports(running), root_dir=short_alias(DEMO))
 
 
 def write_config(running):
@@ -207,8 +202,7 @@ def write_config(running):
         "update_cachedir": False,
     }
     provider = yaml.safe_load((REPO / "cloud.providers.d" / "local.conf").read_text())
-    provider["local"]["sandbox_dir"] = str(SANDBOXES)
-    provider["local"]["run_dir"] = demo_master.config["saltfleet_demo"]["run_dir"]
+    provider["local"]["sandbox_dir"] = str(instances_dir())
     profiles = yaml.safe_load((REPO / "cloud.profiles.d" / "local.conf").read_text())
     header = "# Written by `make demo` (localfleet/demo.py); rewritten at every run.\n"
     demo_master.write(header)
@@ -253,8 +247,13 @@ def start_master(demo_master, timeout=60):
 # ------------------------------------------------------------------ instances
 
 
+def instances_dir():
+    """Where the instances live, as the daemons know it: through the short link to .demo/."""
+    return short_alias(DEMO) / "minions"
+
+
 def _sandboxes():
-    return sorted(p for p in SANDBOXES.glob("*") if p.is_dir())
+    return sorted(instances_dir() / p.name for p in SANDBOXES.glob("*") if p.is_dir())
 
 
 def daemons():
@@ -278,7 +277,7 @@ def processes():
 def instances():
     """{name: 'running'|'stopped'} of the demo's local instances (what `salt-cloud -Q` says)."""
     return {
-        record.parent.name: "running" if local.minion_pid(record.parent) else "stopped"
+        record.parent.name: "running" if local.minion_pid(instances_dir() / record.parent.name) else "stopped"
         for record in sorted(SANDBOXES.glob("*/instance.json"))
     }
 
@@ -435,5 +434,5 @@ def down(timeout=120):
     remaining = {**procs.still_running(started_by_demo), **procs.still_running(processes())}
     if remaining:
         raise DemoError(f"still running: {remaining}")
-    shutil.rmtree(run_dir(DEMO))
+    short_alias(DEMO).unlink()
     print(f"The demo is stopped ({time.monotonic() - started:.0f} s); `make demo` starts it again.")

@@ -57,11 +57,7 @@ def fleet_pillar(pillar_dir, places, repo_root, deploy_user, host_settings):
             "base": {"*": ["fleet", "common"], A: ["inv-a"], B: ["inv-b"], STOPPED: ["tmp-stopped"]},
         },
         "common.sls": common,
-        # A's deployment keeps its sockets where the provider keeps A's (run_dir), as the demo's do.
-        "inv-a.sls": {
-            "saltfleet": {**host_settings, "run_dir": f"{places['sandboxes']}/run/{A}/deployments"},
-            "deployments": {"inv-app": deployment({"worker": {"command": celery.format(q="inv-app")}})},
-        },
+        "inv-a.sls": {"deployments": {"inv-app": deployment({"worker": {"command": celery.format(q="inv-app")}})}},
         "inv-b.sls": {
             "deployments": {
                 "inv-pair": deployment(
@@ -88,7 +84,6 @@ def cloud(salt_master, places, repo_root, fleet_pillar):
     conf = cli.config["conf_file"].rsplit("/", 1)[0]
     provider = yaml.safe_load((repo_root / "cloud.providers.d" / "local.conf").read_text())
     provider["local"]["sandbox_dir"] = str(places["sandboxes"])
-    provider["local"]["run_dir"] = str(places["sandboxes"] / "run")
     provider["local"]["wait_for_minion_timeout"] = 120
     with open(f"{conf}/cloud.providers.d/local.conf", "w") as fh:
         yaml.safe_dump(provider, fh)

@@ -88,23 +88,12 @@ def test_a_socket_path_with_no_room_for_supervisords_temporary_name_is_refused()
     errors = socket_errors(root)
     assert len(errors) == 1
     assert errors[0].startswith(f"deployments:fetcher: supervisord's socket path {root}/var/lib/saltfleet/")
-    assert "107 bytes" in errors[0] and "'.<pid>'" in errors[0] and "saltfleet:run_dir" in errors[0]
+    assert "107 bytes" in errors[0] and "'.<pid>'" in errors[0] and "shorter saltfleet:root" in errors[0]
 
 
 def test_the_longest_socket_path_that_leaves_room_for_the_pid_is_accepted():
     assert socket_errors("/" + "x" * (107 - len(".4194304") - SOCKET_TAIL - 1)) == []
     assert socket_errors("/" + "x" * (107 - len(".4194304") - SOCKET_TAIL)) != []
-
-
-def test_a_short_run_dir_takes_the_sockets_out_of_a_long_root():
-    assert socket_errors("/" + "x" * 90, run_dir="/run/sf") == []
-    errors = socket_errors("/srv", run_dir="/" + "r" * 100)
-    assert errors and f"/{'r' * 100}/fetcher/999.sock" in errors[0]
-
-
-def test_run_dir_must_be_an_absolute_path():
-    _, errors = schema.validate_host({"run_dir": "run/sf"})
-    assert errors == ["saltfleet:run_dir: 'run/sf' must be an absolute path (root's, writable by root only)"]
 
 
 def test_whole_pillar_validation_collects_every_error():
