@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 # /root (pyenv's) is not, so the system's own is preferred where it exists.
 VENV_PYTHON ?= $(or $(wildcard /usr/bin/python3.11),$(PYTHON))
 UV_VERSION := 0.9.30
-UV := .tools/bin/uv
+UV ?= .tools/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
 export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv

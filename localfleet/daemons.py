@@ -61,15 +61,21 @@ def environ(**extra):
 # ------------------------------------------------------------------ sockets
 
 
+def alias_of(folder):
+    """Where :func:`short_alias` puts the short link to ``folder``: ``<tmp>/sf-<digest of its path>``."""
+    digest = hashlib.sha256(os.fsencode(Path(folder).resolve())).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"sf-{digest}"
+
+
 def short_alias(folder):
     """
-    A short path to ``folder``: the link ``<tmp>/sf-<digest of folder>``,
-    made when missing. A unix socket's path holds 107 bytes, which a
-    checkout's own path may nearly fill; daemons whose root_dir is the link
-    keep their sockets' paths short (Salt places every path under root_dir).
+    A short path to ``folder``: a link at :func:`alias_of`, made when missing.
+    A unix socket's path holds 107 bytes, which a checkout's own path may
+    nearly fill; daemons whose root_dir is the link keep their sockets' paths
+    short (Salt places every path under root_dir).
     """
     folder = Path(folder).resolve()
-    link = Path(tempfile.gettempdir()) / f"sf-{hashlib.sha256(os.fsencode(folder)).hexdigest()[:10]}"
+    link = alias_of(folder)
     with contextlib.suppress(FileExistsError):
         os.symlink(folder, link)
     st = os.lstat(link)

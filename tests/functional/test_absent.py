@@ -54,12 +54,15 @@ def test_purge_removes_every_tree_and_then_reports_nothing(host, tiny, out):
     host.apply(host.pillar({"tiny": tiny_app(tiny, out, deploy_key=KEY)}))
     p = host.paths("tiny")
     assert p["deploy_key"].read_text() == KEY
+    pid = report(out)["pid"]
     states = host.apply(host.pillar({}, purge_removed=True))
     removed = states["saltfleet-deployment-tiny-removed"]
     assert removed["result"] is True, removed
     assert sorted(removed["changes"]["removed"]) == sorted(
         str(x) for x in (p["state"], p["project"], p["releases"], p["venvs"], p["logs"])
     )
+    assert exited(pid), "its program stopped before its trees went"
+    assert (out / "a.stopped").read_text().split() == [str(pid)], "and it stopped gracefully (SIGTERM)"
     for key in ("state", "project", "releases", "venvs", "logs", "deploy_key"):
         assert not p[key].exists() and not p[key].is_symlink(), key
     again = host.apply(host.pillar({}, purge_removed=True))

@@ -1,11 +1,11 @@
 """The operator verbs (`salt TARGET deployment.FUNC`) through the loaders: outcomes and clear errors."""
 
 import threading
-import time
 
 import pytest
 from salt.exceptions import CommandExecutionError
 
+from tests.conftest import wait_for
 from tests.functional.conftest import report, tiny_app
 
 
@@ -99,23 +99,38 @@ def test_an_operator_command_waits_for_a_state_apply_of_the_same_deployment(depl
     deployment = tiny_app(
         tiny, out, rev="v2", programs=["a", "b"], env={"TINYAPP_OUT": str(out), "TINYAPP_LINGER": "1"}
     )
-    upgrade = threading.Thread(target=lambda: applied.update(host.apply(host.pillar({"tiny": deployment}))))
-    upgrade.start()
+    finished = []
+
+    def upgrade():
+        applied.update(host.apply(host.pillar({"tiny": deployment})))
+        finished.append("apply")
+
+    def restart():
+        restarted.update(host.loaders.modules.deployment.restart("tiny", "a"))
+        finished.append("restart")
+
+    restarted = {}
+    upgrading = threading.Thread(target=upgrade)
+    upgrading.start()
     release = host.paths("tiny")["releases"] / tiny["shas"]["v2"]
-    deadline = time.monotonic() + 60
-    while not (release / "app.py").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    threading.Timer(3, fault.unlink).start()
-    started = time.monotonic()
-    restarted = host.loaders.modules.deployment.restart("tiny", "a")
-    waited = time.monotonic() - started
-    upgrade.join(120)
-    assert waited >= 2.5, "the restart did not wait for the apply that held the deployment"
+    wait_for((release / "app.py").exists, 60, "the upgrade's release checked out")
+    restarting = threading.Thread(target=restart)
+    restarting.start()
+    # The apply holds the deployment (held at its build step): the restart waits for it, however long.
+    restarting.join(5)
+    assert restarting.is_alive() and finished == [], "the restart did not wait for the apply that held the deployment"
+    fault.unlink()
+    upgrading.join(120)
+    restarting.join(120)
+    assert finished == ["apply", "restart"]
     assert applied["saltfleet-deployment-tiny"]["result"] is True
     assert restarted == {"restarted": ["a"]}
-    # The restart came after the upgrade, on the new release.
-    assert report(out, "a")["version"] == "2"
-    assert report(out, "a")["pid"] != report(out, "b")["pid"]
+    # On the new release, a alone was restarted: a stopped twice (v1's drained, v2's restarted), b once.
+    status = host.loaders.modules.deployment.status
+    wait_for(lambda: not status("tiny")["tiny"]["draining"], 60, "the v1 drain ended")
+    stopped = {name: (out / f"{name}.stopped").read_text().split() for name in ("a", "b")}
+    assert len(stopped["a"]) == 2 and len(stopped["b"]) == 1, stopped
+    assert report(out, "a")["version"] == "2" and str(report(out, "a")["pid"]) not in stopped["a"]
 
 
 def env_app(tiny, out, rev="v1", **spec):
@@ -186,9 +201,7 @@ def test_update_virtualenv_builds_a_new_one_and_hands_over_to_it(host, tiny, out
     new = result["changes"]["virtualenv"]["new"]
     assert new not in before and (p["venvs"] / new / "bin" / "python").exists()
     assert report(out)["pid"] != pid
-    deadline = time.monotonic() + 60
-    while host.loaders.modules.deployment.status("tiny")["tiny"]["draining"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: not host.loaders.modules.deployment.status("tiny")["tiny"]["draining"], 60, "the drain ended")
     # The old venv serves nothing any more: the next apply prunes it, and the one after has nothing to do.
     pruned = host.apply(host.pillar({"tiny": env_app(tiny, out)}))["saltfleet-deployment-tiny"]["changes"]
     assert pruned == {"pruned": [str(p["venvs"] / old) for old in before]}

@@ -4,13 +4,12 @@ import copy
 import os
 import shutil
 import stat
-import time
 from pathlib import Path
 
 import pytest
 
 from localfleet.daemons import BIN
-from tests.conftest import snapshot
+from tests.conftest import gone, snapshot, wait_for
 from tests.functional.conftest import report, tiny_app
 from tests.unit.test_schema import HOSTILE
 
@@ -131,9 +130,7 @@ def test_upgrade_starts_the_new_release_beside_the_old_which_drains(host, tiny, 
     assert "in the background (pid" in real[STATE]["comment"]
     assert not (out / "a.stopped").exists(), "the old program's task was cut short"
     hold.unlink()
-    deadline = time.monotonic() + 60
-    while host.loaders.modules.deployment.status("tiny")["tiny"]["draining"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: not host.loaders.modules.deployment.status("tiny")["tiny"]["draining"], 60, "the drain ended")
     assert (out / "a.stopped").read_text().split() == [str(old["pid"])]
 
 
@@ -185,6 +182,7 @@ def test_a_failed_release_never_serves_and_the_old_one_keeps_serving(host, tiny,
     first = host.apply(host.pillar({"tiny": deployment}))
     assert first[STATE]["result"] is True, first[STATE]["comment"]
     p = host.paths("tiny")
+    serving = report(out)
     manifest, link = p["manifest"].read_text(), os.readlink(p["project"])
     conf, conf_text = os.readlink(p["conf"]), p["conf"].read_text()
     # The failing release comes with a program option changed: that is put back too.
@@ -196,7 +194,13 @@ def test_a_failed_release_never_serves_and_the_old_one_keeps_serving(host, tiny,
     assert p["manifest"].read_text() == manifest
     assert os.readlink(p["project"]) == link
     assert (os.readlink(p["conf"]), p["conf"].read_text()) == (conf, conf_text), "the serving config is the old one"
-    assert report(out)["version"] == "1"
+    # A live program of the old release serves: with overlap the very one that served before
+    # (never stopped); with stop-first the old release's, started again.
+    now = report(out)
+    assert not gone(now["pid"]), "no program of the old release runs"
+    assert os.readlink(f"/proc/{now['pid']}/cwd") == str(p["releases"] / tiny["shas"]["v1"])
+    if handover == "overlap":
+        assert now["pid"] == serving["pid"], "the old release's program was stopped"
     status = host.loaders.modules.deployment.status("tiny")["tiny"]
     assert status["programs"] == {"a": "RUNNING"} and status["draining"] == []
     if rev == "broken-reqs":
@@ -308,10 +312,8 @@ def test_keep_releases_prunes_old_releases_and_their_venvs_but_spares_a_draining
         return states[STATE]["changes"].get("pruned", [])
 
     def drains(count):
-        deadline = time.monotonic() + 60
-        while len(host.loaders.modules.deployment.status("tiny")["tiny"]["draining"]) != count:
-            assert time.monotonic() < deadline, "the drains did not end"
-            time.sleep(0.2)
+        status = host.loaders.modules.deployment.status
+        wait_for(lambda: len(status("tiny")["tiny"]["draining"]) == count, 60, f"{count} generation(s) draining")
 
     # include-reqs (a venv of its own) drains until the test removes hold: its task runs on.
     apply("include-reqs", TINYAPP_HOLD=str(hold))
