@@ -196,9 +196,11 @@ def master(running):
 def write_config(running):
     """The demo master's config, salt-cloud's config and the local provider/profile, under .demo/etc/salt."""
     demo_master = master(running)
+    # Under the master's root_dir as the daemons know it (Salt puts any other path under it).
+    root = short_alias(DEMO)
     cloud = {
-        "log_file": str(DEMO / "var" / "log" / "salt" / "cloud"),
-        "cachedir": str(DEMO / "var" / "cache" / "salt" / "cloud"),
+        "log_file": str(root / "var" / "log" / "salt" / "cloud"),
+        "cachedir": str(root / "var" / "cache" / "salt" / "cloud"),
         "update_cachedir": False,
     }
     provider = yaml.safe_load((REPO / "cloud.providers.d" / "local.conf").read_text())

@@ -135,7 +135,7 @@ def demo_running(checkout, demo_up):
     return demo_up
 
 
-def test_make_demo_brings_the_fleet_up(demo_up):
+def test_make_demo_brings_the_fleet_up(checkout, demo_up):
     out = demo_up.stdout
     assert demo_up.returncode == 0, out[-3000:] + demo_up.stderr[-3000:]
     # One progress line per step, in order.
@@ -147,6 +147,9 @@ def test_make_demo_brings_the_fleet_up(demo_up):
     # A worker really consumed a task.
     assert "{'platform': 'instagram', 'version': '1'" in out
     assert re.search(r"^The demo fleet runs \(\d+ s\)\.", out, re.M), out[-3000:]
+    # Its logs are where the demo says, inside the clone.
+    assert (checkout / ".demo" / "var" / "log" / "salt" / "master").stat().st_size
+    assert (checkout / ".demo" / "var" / "log" / "salt" / "cloud").is_file()
     assert "make demo-down" in out
     assert printed_commands(out)
 
@@ -154,15 +157,15 @@ def test_make_demo_brings_the_fleet_up(demo_up):
 def test_sockets_live_at_short_paths_whatever_the_checkouts_path(checkout, demo_running):
     link = socket_link(checkout)
     assert link.is_symlink() and link.resolve() == (checkout / ".demo").resolve()
-    sockets = [
-        line.split()[-1]
-        for line in subprocess.run(["ss", "-Hxlp"], capture_output=True, text=True, check=True).stdout.splitlines()
-        if str(link) in line
-    ]
+    listening = subprocess.run(["ss", "-Hxl"], capture_output=True, text=True, check=True).stdout.splitlines()
+    # Netid, State, Recv-Q, Send-Q, then the socket's path.
+    sockets = [line.split()[4] for line in listening if line.split()[4].startswith(f"{link}/")]
     # The master's, each minion's and each deployment's supervisord socket, all through the link.
     assert any(s.endswith("master_event_pub.ipc") for s in sockets), sockets
     assert sum("/minions/demo-worker-" in s and "minion_event_" in s for s in sockets) >= 2, sockets
-    assert sum(s.endswith(".sock") and "/var/lib/saltfleet/deployments/" in s for s in sockets) == 2, sockets
+    # (supervisord binds "<socket>.<pid>" and renames it: the kernel reports the name it bound)
+    supervisords = [s for s in sockets if re.search(r"/var/lib/saltfleet/deployments/[^/]+/run/\d+\.sock\.\d+$", s)]
+    assert len(supervisords) == 2, sockets
     assert all(len(s.encode()) <= 107 for s in sockets)
 
 
@@ -269,9 +272,9 @@ def test_second_make_demo_converges_without_duplicates(checkout, demo_running):
     after = demo_processes(checkout)
     # The same long-running processes: nothing restarted, nothing doubled.
     daemons = re.compile(r"salt-master .*MainProcess|salt-minion .*MinionProcessManager|supervisord -c")
-    assert sorted(p for p, c in after.items() if daemons.search(c)) == sorted(
-        p for p, c in before.items() if daemons.search(c)
-    )
+    assert {p: c for p, c in after.items() if daemons.search(c)} == {
+        p: c for p, c in before.items() if daemons.search(c)
+    }
     assert sum(1 for c in after.values() if "salt-master" in c and "MainProcess" in c) == 1
 
 
