@@ -142,11 +142,16 @@ def _status(root, name, manifest):
     return row
 
 
-def _celery_spec(name, manifest):
+def _env(name):
+    """The deployment's env in pillar: the values its output must not show."""
     deployments = __pillar__.get("deployments")
     spec = deployments.get(name) if isinstance(deployments, dict) else None
     env = spec.get("env") if isinstance(spec, dict) else None
-    return {"name": name, "user": manifest["user"], "env": env if isinstance(env, dict) else {}}
+    return env if isinstance(env, dict) else {}
+
+
+def _celery_spec(name, manifest):
+    return {"name": name, "user": manifest["user"], "env": _env(name)}
 
 
 def _workers(name, p, manifest, gen):
@@ -404,7 +409,7 @@ def supervisorctl(name, *args):
     )
     if proc.returncode not in (0, 3):  # 3: status found a program not RUNNING, which the output says
         __context__["retcode"] = proc.returncode
-    return (proc.stdout + proc.stderr).rstrip("\n")
+    return __utils__["saltfleet_user.scrub"]((proc.stdout + proc.stderr).rstrip("\n"), _env(name))
 
 
 def logs(name, program=None, lines=100):
@@ -426,8 +431,8 @@ def logs(name, program=None, lines=100):
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], ["tail", "-n", str(int(lines)), "--", path], p["home"], timeout=60
     )
-    __utils__["saltfleet_user.check"](proc, f"deployment.logs {name}: reading {path} failed")
-    return proc.stdout
+    __utils__["saltfleet_user.check"](proc, f"deployment.logs {name}: reading {path} failed", _env(name))
+    return __utils__["saltfleet_user.scrub"](proc.stdout, _env(name))
 
 
 # -------------------------------------------------------- code and venv
@@ -674,15 +679,10 @@ def run(name, *command, timeout=3600, **kwargs):
         manifest["user"], list(command), p["home"], cwd=release, env=env, timeout=int(timeout)
     )
 
-    def scrub(text):
-        for key, value in sorted(secrets.items(), key=lambda kv: -len(kv[1])):
-            if len(value) >= 3:
-                text = text.replace(value, f"<env:{key}>")
-        return text
-
+    scrub = __utils__["saltfleet_user.scrub"]
     if proc.returncode:
         __context__["retcode"] = proc.returncode
-    return {"retcode": proc.returncode, "stdout": scrub(proc.stdout), "stderr": scrub(proc.stderr)}
+    return {"retcode": proc.returncode, "stdout": scrub(proc.stdout, secrets), "stderr": scrub(proc.stderr, secrets)}
 
 
 def _fmt(failed):

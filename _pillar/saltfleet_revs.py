@@ -1,16 +1,32 @@
 """
-One commit per rollout: the master resolves each deployment's ``rev`` (a
-branch or tag) to a commit once for the whole fleet, and every host of the
-wave deploys that commit.
+One commit per wave, and never an old one: the master resolves each
+deployment's ``rev`` (a branch or tag) to a commit for the hosts that ask
+together, and every host of the wave deploys that commit.
 
 Without it, each host asks the git server itself on every apply: N hosts x M
 deployments round trips for a no-op, and hosts of one rollout land on
-different commits when someone pushes mid-rollout. With it, the master asks
-once per ``ttl`` seconds (per repo and rev, across all minions) and hands the
-answer to each minion's pillar as ``saltfleet_revs:<name>`` ({repo, rev,
-sha}); the deployment state deploys that commit when repo and rev still match
-its own, and asks git itself otherwise (an operator's
-``deployment.update_code``, a master that could not reach the server).
+different commits when someone pushes mid-rollout. With it, a minion's pillar
+carries ``saltfleet_revs:<name>`` ({repo, rev, sha, at}); the deployment state
+deploys that commit when repo and rev still match its own, and asks git itself
+otherwise (an operator's ``deployment.update_code``, a master that could not
+reach the server).
+
+Every answer comes from a ``git ls-remote`` that began after the minion asked
+(pillar is compiled at the start of each ``state.apply``): minions that ask
+while one runs share the next, so a wave of N hosts costs one or two requests
+per repo, and an apply typed right after a push deploys the push. ``at`` says
+when that request began.
+
+What it trusts: only the master's own pillar of the minion (pillar_roots and
+the top file), never what the minion's request overrides (``pillar=...``,
+which a minion may send for itself), so no minion makes the master ask an
+address of its choosing. git runs with the deployment's deploy key and pinned
+host keys alone: no ssh config, agent or identity of root's, no git config or
+credential helper. A deployment reached over ssh without a deploy key is left
+to its hosts. Each repo has its own lock, held only while its own request
+runs, and git's connect and total time are bounded (``timeout``): a slow
+server delays only the minions that use it, and past the bound they resolve
+rev themselves.
 
 Master config (etc/master.d/saltfleet.conf):
 
@@ -20,10 +36,10 @@ Master config (etc/master.d/saltfleet.conf):
       - /srv/saltfleet/_pillar
     ext_pillar:
       - saltfleet_revs:
-          ttl: 60
+          timeout: 20
 
-A push during a wave longer than ``ttl`` can still split it; ``salt-run
-fleet.deploy`` resolves its rev once for the whole rollout.
+A push during a wave can still split it; ``salt-run fleet.deploy`` resolves
+its rev once for the whole rollout.
 """
 
 import hashlib
@@ -33,11 +49,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from salt.exceptions import CommandExecutionError
+
 log = logging.getLogger(__name__)
 
 __virtualname__ = "saltfleet_revs"
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+SSH_RE = re.compile(r"^((ssh|git\+ssh|ssh\+git)://|[^/:]+@[^/:]+:)")
 
 
 def __virtual__():
@@ -46,9 +65,33 @@ def __virtual__():
     return __virtualname__
 
 
-def _resolve(name, spec):
-    """The commit the remote gives spec's rev now, or None (logged) when it cannot be asked."""
-    git = "saltfleet_git"
+def _own_deployments():
+    """
+    The deployments the master's own pillar gives the minion. ``__pillar__``
+    is what the top file rendered; the ``pillar`` argument also holds what
+    the minion's request overrides (Salt merges it in before ext_pillars).
+    """
+    deployments = __pillar__.get("deployments")  # pylint: disable=undefined-variable
+    return deployments if isinstance(deployments, dict) else {}
+
+
+def _wanted(deployments):
+    """{name: spec} of the deployments a master may resolve: a branch or tag of a repo it may ask."""
+    wanted = {}
+    for name, spec in deployments.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("repo"), str):
+            continue
+        rev = spec.get("rev", "HEAD")
+        if not isinstance(rev, str) or SHA_RE.match(rev):
+            continue
+        if SSH_RE.match(spec["repo"]) and not spec.get("deploy_key"):
+            continue  # root's own ssh identity is never offered: left to the hosts
+        wanted[name] = {**spec, "rev": rev}
+    return wanted
+
+
+def _resolve(name, spec, timeout):
+    """The commit the remote gives spec's rev now, or None (logged) when it cannot be asked in time."""
     cfg = {
         "name": name,
         "repo": spec["repo"],
@@ -58,49 +101,53 @@ def _resolve(name, spec):
     with tempfile.TemporaryDirectory(prefix="saltfleet-revs-") as tmp:
         secrets = {key: Path(tmp) / key for key in ("deploy_key", "known_hosts")}
         try:
-            __utils__[f"{git}.write_secrets"](cfg, secrets)
-            return __utils__[f"{git}.resolve_remote"](spec["rev"], __utils__[f"{git}.ls_remote"](cfg, secrets))
-        except Exception as exc:  # pylint: disable=broad-except
-            log.warning("saltfleet_revs: %s: the minions will resolve rev themselves: %s", name, exc)
+            __utils__["saltfleet_git.write_secrets"](cfg, secrets)
+            refs = __utils__["saltfleet_git.ls_remote"](cfg, secrets, timeout=timeout, home=tmp)
+            return __utils__["saltfleet_git.resolve_remote"](spec["rev"], refs)
+        except CommandExecutionError as exc:
+            log.warning("saltfleet_revs: %s: the minions resolve rev themselves: %s", name, exc)
             return None
 
 
-def ext_pillar(minion_id, pillar, ttl=60):  # pylint: disable=unused-argument
-    """{"saltfleet_revs": {name: {repo, rev, sha}}} for the deployments in this minion's pillar."""
-    deployments = pillar.get("deployments")
-    if not isinstance(deployments, dict):
-        return {}
-    wanted = {
-        name: spec
-        for name, spec in deployments.items()
-        if isinstance(spec, dict)
-        and isinstance(spec.get("repo"), str)
-        and isinstance(spec.get("rev", "HEAD"), str)
-        and not SHA_RE.match(spec.get("rev", "HEAD"))
-    }
+def _fresh(folder, name, spec, asked, deadline):
+    """
+    (sha, at) from an ls-remote that began at or after ``asked``: the one a
+    minion that asked earlier just made, or this minion's own. The lock is
+    this repo's and rev's alone; nothing is waited for past ``deadline``.
+    """
+    pins = f"{spec['repo']}\0{spec['rev']}\0{spec.get('deploy_key')}\0{spec.get('known_hosts')}"
+    key = hashlib.sha256(pins.encode()).hexdigest()[:32]
+    record_path = folder / f"{key}.json"
+    holder = f"ext_pillar saltfleet_revs {name}"
+    try:
+        with __utils__["saltfleet_files.lock"](folder / f"{key}.lock", holder, max(0.0, deadline - time.time())):
+            record = __utils__["saltfleet_files.read_json"](record_path, {}) or {}
+            if record.get("started", 0) < asked:
+                record = {"started": time.time()}
+                record["sha"] = _resolve(name, spec, max(1.0, deadline - time.time()))
+                __utils__["saltfleet_files.write_json"](record_path, record, 0o600)
+    except CommandExecutionError as exc:
+        log.warning("saltfleet_revs: %s: the minions resolve rev themselves: %s", name, exc)
+        return None, None
+    return record.get("sha"), record["started"]
+
+
+def ext_pillar(minion_id, pillar, timeout=20, ttl=None):  # pylint: disable=unused-argument
+    """
+    {"saltfleet_revs": {name: {repo, rev, sha, at}}} for the deployments the
+    master's own pillar gives this minion. ``ttl`` (of older configs) is
+    ignored: an answer is never older than the question.
+    """
+    asked = time.time()
+    wanted = _wanted(_own_deployments())
     if not wanted:
         return {}
-    folder = Path(__opts__["cachedir"]) / "saltfleet"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    cache = folder / "revs.json"
-    now = time.time()
-    files = "saltfleet_files"
+    folder = Path(__opts__["cachedir"]) / "saltfleet" / "revs"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     found = {}
-    with __utils__[f"{files}.lock"](folder / "revs.lock", f"ext_pillar saltfleet_revs for {minion_id}"):
-        known = __utils__[f"{files}.read_json"](cache, {}) or {}
-        for name, spec in wanted.items():
-            rev = spec.get("rev", "HEAD")
-            # A new deploy key or host key pin is asked with, never answered from what another pin allowed.
-            pins = hashlib.sha256(f"{spec.get('deploy_key')}\0{spec.get('known_hosts')}".encode()).hexdigest()[:16]
-            key = f"{spec['repo']} {rev} {pins}"
-            entry = known.get(key)
-            if not entry or now - entry["at"] > float(ttl):
-                sha = _resolve(name, {**spec, "rev": rev})
-                entry = {"sha": sha, "at": now} if sha else None
-                if entry:
-                    known[key] = entry
-            if entry:
-                found[name] = {"repo": spec["repo"], "rev": rev, "sha": entry["sha"]}
-        known = {k: v for k, v in known.items() if now - v["at"] <= float(ttl)}
-        __utils__[f"{files}.write_json"](cache, known, 0o600)
+    for name, spec in wanted.items():
+        sha, started = _fresh(folder, name, spec, asked, asked + float(timeout))
+        if sha:
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+            found[name] = {"repo": spec["repo"], "rev": spec["rev"], "sha": sha, "at": at}
     return {"saltfleet_revs": found}

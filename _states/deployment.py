@@ -488,7 +488,7 @@ def _plan(settings, cfg, p, test):
         if section.startswith(("program:", "fcgi-program:", "eventlistener:")) and (program in holds or "*" in holds):
             # Held by an operator: supervisord neither starts it now nor after a reboot.
             opts["autostart"] = "false"
-    boot, entry = __utils__["saltfleet_supervisor_conf.boot_entry"](cfg, settings, p)
+    boot, entry = __utils__["saltfleet_supervisor_conf.boot_entry"](cfg, p)
     files[boot] = entry
     errors = __utils__["saltfleet_sysfiles.check"](cfg["name"], files, settings["root"])
     if errors:
@@ -523,10 +523,13 @@ def _plan(settings, cfg, p, test):
 
     old_conf = _read(__utils__["saltfleet_paths.generation"](p, serving)["conf"]) if serving else None
     plan["old_conf"] = old_conf
+    plan["env_changed"] = running and _env_changes(settings, cfg, p, serving, changes)
+    # supervisord holds the env in its own environment: a new env, a new supervisord.
+    plan["switch"] = plan["switch"] or plan["env_changed"]
     if not running:
         plan["gen"] = serving if serving and serving not in gens else __utils__[f"{sup}.free_generation"](p, gens)
         changes["supervisord"] = {"old": "stopped", "new": "running"}
-    elif plan["switch"] and cfg["handover"] == "overlap":
+    elif plan["switch"] and (cfg["handover"] == "overlap" or plan["env_changed"]):
         plan["gen"] = __utils__[f"{sup}.free_generation"](p, gens)
     else:
         plan["gen"] = serving
@@ -543,6 +546,12 @@ def _plan(settings, cfg, p, test):
     if sys_changes:
         changes["sysfiles"] = sys_changes
 
+    # Root's files only this deployment's user may read (its mirror, its configs), where others still can.
+    generation = __utils__["saltfleet_paths.generation"]
+    shared = [p["mirror"], *(generation(p, gen)["conf"] for gen in __utils__[f"{sup}.known_generations"](p))]
+    plan["grants"] = [path for path in shared if not __utils__["saltfleet_files.granted"](path, plan["uid"])]
+    if plan["grants"]:
+        changes["permissions"] = [f"{path}: readable by {cfg['user']} alone" for path in plan["grants"]]
     plan["history"], plan["prune"] = _retention(cfg, p, plan)
     if plan["prune"]:
         changes["pruned"] = [str(path) for path in plan["prune"]]
@@ -555,6 +564,23 @@ def _read(path):
         return Path(path).read_text()
     except OSError:
         return None
+
+
+def _env_changes(settings, cfg, p, serving, changes):
+    """
+    True when the serving supervisord runs with another env (or supervisord)
+    than pillar's: the names of the variables that differ go to ``changes``,
+    never their values.
+    """
+    conf = "saltfleet_supervisor_conf"
+    old = _read(__utils__["saltfleet_paths.generation"](p, serving)["boot"])
+    if old == __utils__[f"{conf}.boot_script"](cfg, settings, p, serving):
+        return False
+    before = __utils__[f"{conf}.boot_env"](old or "")
+    after = {k: str(v) for k, v in cfg["env"].items()}
+    names = sorted(k for k in {*before, *after} - {"PATH", "LANG"} if before.get(k) != after.get(k))
+    changes["env"] = names or ["supervisord"]
+    return True
 
 
 def _release_ok(release):
@@ -613,9 +639,7 @@ def _resolve(cfg, p, manifest, test, rebuild=0):
         and manifest.get("rebuild", 0) == rebuild
     )
     current = manifest.get("release")
-    # The commit the master resolved rev to for the whole fleet (ext_pillar saltfleet_revs), while it still applies.
-    known = (__pillar__.get("saltfleet_revs") or {}).get(cfg["name"]) or {}
-    fleet_sha = known.get("sha") if (known.get("repo"), known.get("rev")) == (cfg["repo"], cfg["rev"]) else None
+    fleet_sha = _fleet_resolution(cfg).get("sha")
     if (
         same_inputs
         and current in (cfg["rev"], fleet_sha)
@@ -634,6 +658,20 @@ def _resolve(cfg, p, manifest, test, rebuild=0):
         read_file = __utils__[f"{git}.read_file"]
         read = lambda rel: read_file(repo, sha, rel, cfg, view_secrets)  # noqa: E731
         return sha, __utils__["saltfleet_venv.digest"](read, cfg, rebuild)
+
+
+def _fleet_resolution(cfg):
+    """{sha, at}: the commit the master resolved rev to for this wave (ext_pillar saltfleet_revs), if it applies."""
+    known = (__pillar__.get("saltfleet_revs") or {}).get(cfg["name"]) or {}
+    return known if (known.get("repo"), known.get("rev")) == (cfg["repo"], cfg["rev"]) else {}
+
+
+def _rev_note(cfg, sha):
+    """What rev is, for a comment: the branch or tag, and where it resolved to the commit."""
+    known = _fleet_resolution(cfg)
+    if known.get("sha") == sha:
+        return f"{cfg['rev']}, which the master resolved to {sha[:12]} at {known.get('at')}"
+    return cfg["rev"]
 
 
 def _retention(cfg, p, plan):
@@ -678,6 +716,9 @@ def _apply(settings, cfg, p, plan):
         # Known from here on (deployment.list, grains, absent), even if its first start fails.
         _record(cfg, p, {"release": None, "venv": None, "history": []})
         plan["manifest"] = __utils__[f"{files}.read_manifest"](p)
+    for path in [p["mirror"], *plan["grants"]]:
+        if path.exists():
+            __utils__[f"{files}.readable_by"](path, plan["uid"])
     if plan["build_release"] or plan["build_venv"]:
         _build(settings, cfg, p, plan)
     for gen in plan["orphans"]:
@@ -687,6 +728,8 @@ def _apply(settings, cfg, p, plan):
         _start(settings, cfg, p, plan)
     elif plan["switch"] and cfg["handover"] == "overlap":
         _overlap(settings, cfg, p, plan)
+    elif plan["env_changed"]:
+        _renew(settings, cfg, p, plan)
     elif plan["switch"] or "programs" in plan["changes"] or "supervisord_conf" in plan["changes"]:
         _in_place(cfg, p, plan)
     else:
@@ -742,12 +785,17 @@ def _build(settings, cfg, p, plan):
 
 
 def _write_conf(p, plan, gen, text):
-    """
-    Root's, readable by the deployment user's group: supervisord rereads it as
-    the user, and what it carries (env) is already in the user's programs.
-    """
+    """Root's, readable by the deployment's user alone: supervisord rereads it as the user. It holds no env."""
     conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
-    __utils__["saltfleet_files.write_atomic"](conf, text, 0o640, gid=plan["gid"])
+    __utils__["saltfleet_files.write_atomic"](conf, text, 0o600, reader=plan["uid"])
+
+
+def _write_generation(settings, cfg, p, plan, gen):
+    """A new generation's config, and its boot script (root's alone: it holds the env)."""
+    _write_conf(p, plan, gen, plan["conf"])
+    boot = __utils__["saltfleet_paths.generation"](p, gen)["boot"]
+    script = __utils__["saltfleet_supervisor_conf.boot_script"](cfg, settings, p, gen)
+    __utils__["saltfleet_files.write_atomic"](boot, script, 0o700)
 
 
 def _serve(cfg, p, plan, gen, draining):
@@ -783,7 +831,7 @@ def _draining(plan):
 def _start(settings, cfg, p, plan):
     """supervisord was not running: start it with the (new) release."""
     sup, gen = "saltfleet_supervisor", plan["gen"]
-    _write_conf(p, plan, gen, plan["conf"])
+    _write_generation(settings, cfg, p, plan, gen)
     failed = {}
     try:
         __utils__[f"{sup}.start"](cfg, settings, p, gen, plan["uid"])
@@ -812,7 +860,7 @@ def _overlap(settings, cfg, p, plan):
     is stopped and nothing was switched: the old programs never stopped.
     """
     sup, gen, uid = "saltfleet_supervisor", plan["gen"], plan["uid"]
-    _write_conf(p, plan, gen, plan["conf"])
+    _write_generation(settings, cfg, p, plan, gen)
     try:
         started = __utils__[f"{sup}.start"](cfg, settings, p, gen, uid)
         failed = __utils__[f"{sup}.wait_running"](_socket(p, gen), uid)
@@ -837,7 +885,7 @@ def _overlap(settings, cfg, p, plan):
     old, old_info = plan["serving"], plan["serving_info"]
     draining = _draining(plan)
     old_sections = __utils__["saltfleet_supervisor_conf.sections_of"](plan["old_conf"])
-    seconds = max([int(o.get("stopwaitsecs", 600)) for s, o in old_sections.items() if s.startswith("program:")] or [0])
+    seconds = _stop_seconds(plan["old_conf"])
     if old_info:
         draining[old] = {
             "pid": old_info["pid"],
@@ -882,6 +930,30 @@ def _drain(cfg, p, plan, old_sections, seconds):
             "they stop once their tasks are done"
         )
     return True
+
+
+def _renew(settings, cfg, p, plan):
+    """
+    A stop-first handover to a new supervisord (the env changed, and
+    supervisord holds it): the serving one stops with its programs (each
+    finishes its task in hand, up to stopwaitsecs), then the new generation
+    starts; if its programs do not, the old generation starts again.
+    """
+    sup, uid, old = "saltfleet_supervisor", plan["uid"], plan["serving"]
+    __utils__[f"{sup}.shutdown"](_socket(p, old), uid)
+    if plan["serving_info"]:
+        __utils__[f"{sup}.wait_exited"]({old: plan["serving_info"]}, _stop_seconds(plan["old_conf"]) + 30)
+    try:
+        _start(settings, cfg, p, plan)
+    except CommandExecutionError:
+        __utils__[f"{sup}.start"](cfg, settings, p, old, uid)
+        raise
+
+
+def _stop_seconds(conf_text):
+    """The longest stopwaitsecs of a config's programs: how long its supervisord may take to stop."""
+    sections = __utils__["saltfleet_supervisor_conf.sections_of"](conf_text)
+    return max([int(o.get("stopwaitsecs", 600)) for s, o in sections.items() if s.startswith("program:")] or [0])
 
 
 def _in_place(cfg, p, plan):
@@ -981,7 +1053,8 @@ def _remove(root, name, purge, test):
         __utils__["saltfleet_supervisor.stop_all"](p, uid, manifest.get("draining"))
         __utils__["saltfleet_sysfiles.apply"](name, {}, root)
         __utils__["saltfleet_user.remove"](user, p["home"], *trees)
-        __utils__["saltfleet_files.remove_root_tree"](p["state"])
+        __utils__["saltfleet_user.remove_own_dir"](user, p["home"], p["run"])
+        __utils__["saltfleet_files.remove_root_tree"](p["state"], last="manifest.json")
     return changes
 
 
@@ -999,11 +1072,11 @@ def _describe(cfg, plan, dry):
     notes += [f"{p} held: {h.get('reason') or 'no reason given'}" for p, h in sorted(plan["holds"].items())]
     notes = "".join(f"; {n}" for n in notes).replace("* held", "all programs held")
     if not changes:
-        return f"Deployment {name} is at {sha[:12]} ({cfg['rev']}) and running{notes}"
+        return f"Deployment {name} is at {sha[:12]} ({_rev_note(cfg, sha)}) and running{notes}"
     verb = "would be" if dry else "was"
     parts = []
     if "release" in changes:
-        parts.append(f"release {verb} switched to {sha[:12]} ({cfg['rev']})")
+        parts.append(f"release {verb} switched to {sha[:12]} ({_rev_note(cfg, sha)})")
     if "virtualenv" in changes and plan["build_venv"]:
         parts.append(f"virtualenv {verb} built")
     if "supervisord" in changes:

@@ -15,7 +15,10 @@ A program is a Celery worker when its command runs ``celery -A APP worker``
 
 Celery's control is the app's own: it runs as the deployment's user, in the
 release, with the deployment's venv and env (one short Python process per
-question), never as root.
+question), never as root. What it prints is the user's word: only the nodes
+this generation's programs are and the queues they are configured to consume
+are taken from it, each checked for its type, so a deployment reports its
+own workers and no other deployment's queues.
 """
 
 import json
@@ -218,11 +221,18 @@ def ask(cfg, p, release, venv, app, request, timeout=CONTROL_TIMEOUT):
         env=env,
         timeout=timeout,
     )
-    _utils("saltfleet_user.check")(proc, f"asking the Celery workers of app {app} ({request['ask']}) failed")
+    _utils("saltfleet_user.check")(
+        proc, f"asking the Celery workers of app {app} ({request['ask']}) failed", cfg["env"]
+    )
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise CommandExecutionError(f"Celery's control of app {app} answered no JSON: {proc.stdout[-300:]}") from None
+        said = _utils("saltfleet_user.scrub")(proc.stdout[-300:], cfg["env"])
+        raise CommandExecutionError(f"Celery's control of app {app} answered no JSON: {said}") from None
+    if not isinstance(answer, dict):
+        raise CommandExecutionError(f"Celery's control of app {app} answered a {type(answer).__name__}, not nodes")
+    # Only the nodes asked about: the rest is not this generation's word to give.
+    return {node: value for node, value in answer.items() if node in request["nodes"]}
 
 
 def by_app(workers):
@@ -246,10 +256,11 @@ def wait_ready(cfg, p, release, venv, workers, timeout=READY_TIMEOUT):
             # A process each time: one that loaded the app before the new workers bound their queues
             # did not always hear them answer.
             answered = ask(cfg, p, release, venv, app, {"ask": "active_queues", "nodes": sorted(expected), "wait": 2})
+            said = {node: _queue_names(answered.get(node), queues) or [] for node, queues in expected.items()}
             missing = {
-                node: "no answer" if node not in answered else f"consumes {answered[node]}, not {queues}"
+                node: "no answer" if node not in answered else f"consumes {said[node]}, not {queues}"
                 for node, queues in expected.items()
-                if not set(queues) <= set(answered.get(node, ()))
+                if set(said[node]) != set(queues)
             }
             if not missing or time.monotonic() > deadline:
                 break
@@ -290,18 +301,39 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
     return unconfirmed
 
 
-def _status(cfg, p, release, venv, workers, question):
-    found = {}
-    for app, expected in by_app(workers).items():
-        found.update(ask(cfg, p, release, venv, app, {"ask": question, "nodes": sorted(expected), "wait": ANSWER_WAIT}))
-    return found
+def _queue_names(value, allowed):
+    """The queues of ``allowed`` that ``value`` (an answer) names; None when it is no list of names."""
+    if not isinstance(value, list) or not all(isinstance(q, str) for q in value):
+        return None
+    return sorted(set(value) & set(allowed))
+
+
+def _count(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000 else None
 
 
 def serving(cfg, p, release, venv, workers):
-    """{node: {queues, active}} of a generation's nodes, as they answer; a node that does not is missing."""
-    return _status(cfg, p, release, venv, workers, "workers")
+    """
+    {node: {queues, active}} of a generation's nodes, as they answer; a node
+    that does not is missing. Queues are those its program is configured to
+    consume that it says it does; ``active`` a count, or None when unsaid.
+    """
+    found = {}
+    for app, expected in by_app(workers).items():
+        request = {"ask": "workers", "nodes": sorted(expected), "wait": ANSWER_WAIT}
+        for node, said in ask(cfg, p, release, venv, app, request).items():
+            queues = _queue_names(said.get("queues") if isinstance(said, dict) else None, expected[node])
+            if queues is not None:
+                found[node] = {"queues": queues, "active": _count(said.get("active"))}
+    return found
 
 
 def active(cfg, p, release, venv, workers):
-    """{node: tasks in hand} of a generation's nodes that answered."""
-    return _status(cfg, p, release, venv, workers, "active")
+    """{node: tasks in hand} of a generation's nodes that answered with a count."""
+    found = {}
+    for app, expected in by_app(workers).items():
+        request = {"ask": "active", "nodes": sorted(expected), "wait": ANSWER_WAIT}
+        for node, said in ask(cfg, p, release, venv, app, request).items():
+            if _count(said) is not None:
+                found[node] = said
+    return found

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import sys
 import tempfile
 import time
@@ -51,19 +52,20 @@ def _trusted_uids():
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path, data, mode=0o644, gid=None):
+def write_atomic(path, data, mode=0o644, reader=None):
     """
     Write bytes or text to ``path`` through a synced temporary file and a
-    rename: readers see old or new. ``gid`` gives the file to that group.
+    rename: readers see old or new. ``reader``: the one user (uid) who may
+    read it besides root (see :func:`readable_by`).
     """
     path = Path(path)
     if isinstance(data, str):
         data = data.encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        if gid is not None:
-            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
+        if reader is not None:
+            _grant(fd, reader, path)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -190,16 +192,100 @@ def user_dir(path, uid, gid, mode=0o700):
     return path
 
 
-def remove_root_tree(path):
-    """Remove a tree of root's (a deployment's state dir) after checking it is root's."""
+# ------------------------------------------------------- one reader alone
+
+# The kernel's POSIX ACL (system.posix_acl_access): version 2, then (tag, perm, id) entries.
+_ACL_VERSION, _ACL_UNDEFINED = 2, 0xFFFFFFFF
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+
+
+def _acl(uid, directory):
+    """Root: everything; user ``uid``: read (and pass, for a directory); anyone else: nothing."""
+    read = 0o5 if directory else 0o4
+    entries = [
+        (_ACL_USER_OBJ, 0o7 if directory else 0o6, _ACL_UNDEFINED),
+        (_ACL_USER, read, uid),
+        (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED),
+        (_ACL_MASK, read, _ACL_UNDEFINED),
+        (_ACL_OTHER, 0, _ACL_UNDEFINED),
+    ]
+    return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def _grant(fd, uid, path):
+    """Give the open file ``fd`` (root's) its one reader, ``uid``; True when that changed anything."""
+    st = os.fstat(fd)
+    acl = _acl(uid, stat.S_ISDIR(st.st_mode))
+    try:
+        current = os.getxattr(fd, "system.posix_acl_access")
+    except OSError:
+        current = None
+    if current == acl and st.st_gid == 0:
+        return False
+    if st.st_gid != 0:
+        os.fchown(fd, -1, 0)
+    try:
+        os.setxattr(fd, "system.posix_acl_access", acl)
+    except OSError as exc:
+        raise CommandExecutionError(
+            f"{path}: cannot give its one reader (uid {uid}) access: {exc.strerror}; saltfleet keeps each "
+            "deployment's secrets readable by it alone through a POSIX ACL: mount that filesystem with ACLs"
+        ) from None
+    return True
+
+
+def granted(path, uid):
+    """True when ``path`` is missing or readable by root and user ``uid`` alone (:func:`readable_by`)."""
+    try:
+        st = os.lstat(path)
+        current = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return current == _acl(uid, stat.S_ISDIR(st.st_mode)) and st.st_gid == 0
+
+
+def readable_by(path, uid):
+    """
+    Make root's file or directory ``path`` readable by root and user ``uid``
+    alone (never by a group several users may share, nor by others): owner
+    root, group nobody's, an ACL entry for the user. True when it changed
+    anything; an error naming the path when its filesystem has no POSIX ACLs.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_uid not in _trusted_uids():
+            raise _untrusted(path, path, f"is owned by uid {os.fstat(fd).st_uid}", None)
+        return _grant(fd, uid, path)
+    finally:
+        os.close(fd)
+
+
+def remove_root_tree(path, last=None):
+    """
+    Remove a tree of root's (a deployment's state dir) after checking it is
+    root's; ``last``, a file in it (the manifest), goes last, so a removal
+    that fails half way is still known and done by the next try. A folder
+    the user owns in it must be gone already (the user's to empty): root
+    deletes nothing of theirs.
+    """
     path = Path(path)
     if not os.path.lexists(path):
         return False
     check_trusted(path.parent)
     if os.path.islink(path) or not os.path.isdir(path):
         os.unlink(path)
-    else:
-        shutil.rmtree(path)
+        return True
+    for entry in sorted(path.iterdir(), key=lambda e: e.name == last):
+        st = os.lstat(entry)
+        if st.st_uid not in _trusted_uids():
+            raise CommandExecutionError(f"{entry} is not root's; remove it as its owner first")
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(entry)
+        else:
+            os.unlink(entry)
+    os.rmdir(path)
     return True
 
 

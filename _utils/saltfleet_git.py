@@ -15,7 +15,6 @@ command line, with the pinned host keys and ``StrictHostKeyChecking=yes``.
 import contextlib
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -28,6 +27,8 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # The transports the schema accepts, enforced by git itself too.
 ALLOWED_PROTOCOLS = "ssh:https:git:file"
 FETCH_TIMEOUT = 900
+# How long ssh may take to reach the git server.
+CONNECT_TIMEOUT = 10
 
 
 def __virtual__():
@@ -54,32 +55,31 @@ def secrets_of(p):
     return {"deploy_key": p["deploy_key"], "known_hosts": p["known_hosts"]}
 
 
-def environ(cfg, secrets):
-    """Root's git environment: the deploy key and pinned host keys, never on a command line."""
+def environ(cfg, secrets, home=None):
+    """
+    Root's git environment: the deploy key and pinned host keys, never on a
+    command line. With ``home`` (an empty folder), nothing else of root's:
+    no ssh config, agent or identity, no git config or credential helper.
+    """
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ALLOW_PROTOCOL=ALLOWED_PROTOCOLS)
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}"]
+    if home is not None:
+        for key in ("SSH_AUTH_SOCK", "SSH_ASKPASS", "GIT_ASKPASS", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_CONFIG"):
+            env.pop(key, None)
+        env.update(HOME=str(home), XDG_CONFIG_HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
+        ssh += ["-F", os.devnull, "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes"]
     if cfg.get("deploy_key"):
-        env["GIT_SSH_COMMAND"] = (
-            f"ssh -i {secrets['deploy_key']} -o IdentitiesOnly=yes -o BatchMode=yes "
-            f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={secrets['known_hosts']}"
-        )
+        ssh += ["-i", str(secrets["deploy_key"]), "-o", "IdentitiesOnly=yes"]
+    if cfg.get("deploy_key") or home is not None:
+        ssh += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={secrets['known_hosts']}"]
+        env["GIT_SSH_COMMAND"] = " ".join(ssh)
     return env
 
 
-def _git(args, cfg, secrets, cwd=None, check=True, timeout=FETCH_TIMEOUT):
+def _git(args, cfg, secrets, cwd=None, check=True, timeout=FETCH_TIMEOUT, home=None):
     try:
-        proc = subprocess.run(
-            ["git", *args],
-            cwd=str(cwd) if cwd else None,
-            env=environ(cfg, secrets),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            umask=0o022,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
+        proc = _utils("saltfleet_user.run_root")(["git", *args], environ(cfg, secrets, home), timeout, cwd=cwd)
+    except CommandExecutionError:
         raise CommandExecutionError(
             f"deployments:{cfg['name']}:repo: git {args[0]} of {cfg['repo']} ran over {timeout} s"
         ) from None
@@ -127,9 +127,9 @@ def write_secrets(cfg, secrets, test=False):
     return changed
 
 
-def ls_remote(cfg, secrets):
-    """{ref: SHA} on the remote, in one round trip."""
-    out = _git(["ls-remote", "--", cfg["repo"]], cfg, secrets)
+def ls_remote(cfg, secrets, timeout=FETCH_TIMEOUT, home=None):
+    """{ref: SHA} on the remote, in one round trip (``home``: with nothing of root's, see :func:`environ`)."""
+    out = _git(["ls-remote", "--", cfg["repo"]], cfg, secrets, timeout=timeout, home=home)
     refs = {}
     for line in out.splitlines():
         sha, _, ref = line.partition("\t")
@@ -173,10 +173,15 @@ def read_file(repo, sha, relpath, cfg, secrets):
 
 
 def fetch(repo, cfg, secrets):
-    """Create or update a bare mirror of the app's repository (heads and tags), in root's tree."""
+    """
+    Create or update a bare mirror of the app's repository (heads and tags),
+    in root's tree, readable by root and the deployment's user alone (who
+    clones releases from it) from the moment it exists.
+    """
     repo = Path(repo)
     if not (repo / "HEAD").exists():
-        _utils("saltfleet_files.root_dir")(repo, 0o755, f"deployments:{cfg['name']}")
+        _utils("saltfleet_files.root_dir")(repo, 0o700, f"deployments:{cfg['name']}", enforce=False)
+        _utils("saltfleet_files.readable_by")(repo, _utils("saltfleet_user.account")(cfg["user"]).pw_uid)
         _git(["init", "-q", "--bare", str(repo)], cfg, secrets)
     refspecs = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
     _git(["fetch", "-q", "--prune", "--force", "--", cfg["repo"], *refspecs], cfg, secrets, cwd=repo)

@@ -9,12 +9,16 @@ root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
 
     deployments/<name>/               0711 root
         manifest.json                 what serves: release, venv, generation, history
-        supervisord.<gen>.conf        0640, group: the user's (it carries env, which the
-                                      user's programs have anyway; supervisord rereads it)
-        supervisord.conf              link to the serving generation's config
+        supervisord.<gen>.conf        root's, readable by the deployment's user alone
+                                      (supervisord rereads it as the user); no env in it
+        supervisord.<gen>.boot        0700: starts that generation's supervisord with
+                                      the deployment's env in its environment
+        supervisord.conf, .boot       links to the serving generation's (cron's @reboot
+                                      line runs supervisord.boot)
         deploy_key, known_hosts       0600
         lock                          one change at a time
         repo.git/                     mirror fetched by root, cloned from by the user
+                                      (root's, passable by that user alone)
         gitconfig                     what the user's clone runs with (safe.directory)
         run/                          the user's (0700): sockets and pidfiles that
                                       supervisord makes once it runs as the user
@@ -74,6 +78,7 @@ def paths(root, user, name):
         # the mirror safe (git refuses a repository another user owns otherwise).
         "gitconfig": state / "gitconfig",
         "conf": state / "supervisord.conf",
+        "boot": state / "supervisord.boot",
         "deploy_key": state / "deploy_key",
         "known_hosts": state / "known_hosts",
         "run": state / "run",
@@ -81,9 +86,10 @@ def paths(root, user, name):
 
 
 def generation(p, gen):
-    """The config, socket and pidfile of supervisord generation ``gen`` of a deployment (``paths``)."""
+    """The config, boot script, socket and pidfile of supervisord generation ``gen`` of a deployment (``paths``)."""
     return {
         "conf": p["state"] / f"supervisord.{gen}.conf",
+        "boot": p["state"] / f"supervisord.{gen}.boot",
         "socket": p["run"] / f"{gen}.sock",
         "pidfile": p["run"] / f"{gen}.pid",
     }

@@ -110,6 +110,7 @@ REPO_RES = (
     re.compile(r"^/\S+$"),
     re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*@[A-Za-z0-9_.-]+:[^\s:][^\s]*$"),
 )
+URL_AUTHORITY_RE = re.compile(r"^[a-z+]+://([^/]*)/")
 CREDENTIAL_RE = re.compile(r"^([A-Za-z0-9+.-]+://[^/@]*:[^/@]*@|https?://[^/@]+@)")
 # supervisord expands %(name)s in option values: anything else with a % needs %% for a literal one.
 SUPERVISOR_EXPANSION_RE = re.compile(r"%%|%\([A-Za-z_][A-Za-z0-9_]*\)[-#0 +]*\d*[sd]")
@@ -215,6 +216,13 @@ def _check_repo(where, repo, errors):
             f"{where}: {repo!r} is not a git URL saltfleet fetches; use ssh (git@host:app.git, ssh://...), "
             "https://, git://, file:// or an absolute path"
         )
+    else:
+        # ssh takes a host or user that starts with '-' for an option of its own (ProxyCommand...).
+        authority = URL_AUTHORITY_RE.match(repo)
+        for part in re.split(r"[@:]", authority.group(1)) if authority else ():
+            if part.startswith("-"):
+                errors.append(f"{where}: its host or user {part!r} starts like an option; give the real host")
+                break
 
 
 def _check_requirements(where, value, errors):
@@ -224,7 +232,11 @@ def _check_requirements(where, value, errors):
         errors.append(f"{where}: {value!r} must be a path inside the repository (relative, no '..')")
 
 
-def _check_env(where, env, errors):
+def _check_env(where, env, errors, in_config=False):
+    """
+    Environment variables: names, one-line values; ``in_config``, those of a
+    program's environment= option, which supervisord must read back exactly.
+    """
     if not _check_type(where, env, dict, errors):
         return
     for key, value in env.items():
@@ -233,7 +245,13 @@ def _check_env(where, env, errors):
         elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
             errors.append(f"{where}:{key}: must be a string, got {_type_name(value)}")
         elif any(c in str(value) for c in "\r\n\0"):
-            errors.append(f"{where}:{key}: must be one line (supervisord cannot carry a line break); encode it")
+            errors.append(f"{where}:{key}: must be one line (no line break or NUL); encode it")
+        elif in_config and _utils("saltfleet_supervisor_conf.carried")(value):
+            why = _utils("saltfleet_supervisor_conf.carried")(value)
+            errors.append(
+                f"{where}:{key}: supervisord's environment= would not carry it as written ({why}); "
+                f"move it to {where.split(':programs:')[0]}:env, which reaches the programs exactly"
+            )
 
 
 def _check_program(where, opts, errors):
@@ -249,7 +267,7 @@ def _check_program(where, opts, errors):
             continue
         kwhere = f"{where}:{key}"
         if key == "environment":
-            _check_env(kwhere, value, errors)
+            _check_env(kwhere, value, errors, in_config=True)
         elif isinstance(spec, tuple) and len(spec) == 3:
             _check_int(kwhere, value, spec[1], spec[2], errors)
         elif _check_type(kwhere, value, spec, errors) and isinstance(value, str) and _check_line(kwhere, value, errors):

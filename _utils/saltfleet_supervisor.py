@@ -5,25 +5,32 @@ drive it (its config: saltfleet_supervisor_conf).
 Root starts supervisord from a config in root's state dir; supervisord drops
 to the deployment's user before it opens its socket, pidfile and logs. Root
 then talks to it over that socket (XML-RPC over HTTP, as supervisorctl),
-always with a timeout, and only after the kernel confirmed (SO_PEERCRED) that
-whoever listens there runs as the deployment's user: a socket the user swaps
-for a link to someone else's is refused, and a pidfile the user could edit is
-never read.
+only after the kernel confirmed (SO_PEERCRED) that whoever listens there runs
+as the deployment's user: a socket the user swaps for a link to someone
+else's is refused, and a pidfile the user could edit is never read.
+
+What answers there is the user's process, so every answer is hostile input:
+each call has one deadline for the whole exchange (not per read) and a bound
+on what it reads, and each answer is checked against the shape supervisord
+gives (a state is one of supervisord's names, a pid a positive number that
+/proc shows the deployment's user runs). Anything else fails the call with
+an error naming the socket, never a traceback or a value taken as it came.
 
 Generations: each start of a deployment's supervisord is a generation ``gen``
-with its own ``supervisord.<gen>.conf``, ``run/<gen>.sock`` and
-``run/<gen>.pid``; the ``supervisord.conf`` link in root's state dir names the
-one that serves (cron's ``@reboot`` line starts it). A new release starts
-under a new generation beside the serving one, and the old one drains.
+with its own ``supervisord.<gen>.conf`` and boot script in root's state dir,
+and ``run/<gen>.sock``, ``run/<gen>.pid``; the ``supervisord.conf`` and
+``supervisord.boot`` links name the one that serves (cron's ``@reboot`` line
+runs the boot script). Only a generation root wrote a config for is one: a
+socket the user makes in ``run/`` is nobody's. A new release starts under a
+new generation beside the serving one, and the old one drains.
 """
 
 import contextlib
 import http.client
 import os
+import re
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -35,9 +42,15 @@ __virtualname__ = "saltfleet_supervisor"
 
 # Every XML-RPC call returns within this, or the deployment's change fails.
 RPC_TIMEOUT = 10
+# The most an answer may hold (a process list of a few hundred programs is far less).
+RPC_LIMIT = 4 << 20
 START_TIMEOUT = 30
 BUSY = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
 IDLE = ("STOPPED", "EXITED", "FATAL")
+PROCESS_STATES = (*BUSY, *IDLE, "UNKNOWN")
+SUPERVISOR_STATES = ("FATAL", "RUNNING", "RESTARTING", "SHUTDOWN")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+GENERATION_RE = re.compile(r"^[1-9][0-9]{0,5}$")
 
 
 def __virtual__():
@@ -55,30 +68,70 @@ def _utils(name):
 # ------------------------------------------------------------------ XML-RPC
 
 
-class _Connection(http.client.HTTPConnection):
-    """HTTP over supervisord's unix socket, with a timeout and the listener's uid checked."""
+class _Overlong(OSError):
+    """An answer longer than RPC_LIMIT."""
 
-    def __init__(self, path, timeout, uid):
-        super().__init__("localhost", timeout=timeout)
+
+class _DeadlineSocket(socket.socket):
+    """A unix socket whose every read and write waits only what is left of one deadline, and reads a bounded total."""
+
+    deadline = 0.0
+    budget = RPC_LIMIT
+
+    def _left(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline")
+        self.settimeout(left)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        self._left()
+        count = super().recv_into(buffer, nbytes, flags)
+        self.budget -= count
+        if self.budget < 0:
+            raise _Overlong("answer too long")
+        return count
+
+    def recv(self, bufsize, flags=0):
+        self._left()
+        data = super().recv(bufsize, flags)
+        self.budget -= len(data)
+        if self.budget < 0:
+            raise _Overlong("answer too long")
+        return data
+
+    def sendall(self, data, flags=0):
+        self._left()
+        return super().sendall(data, flags)
+
+
+class _Connection(http.client.HTTPConnection):
+    """HTTP over supervisord's unix socket, within one deadline, with the listener's uid checked."""
+
+    def __init__(self, path, deadline, uid):
+        super().__init__("localhost")
         self.socketfile = str(path)
+        self.deadline = deadline
         self.uid = uid
 
     def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socketfile)
-        _, uid, _ = peer(self.sock)
+        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.deadline = self.deadline
+        self.sock = sock
+        sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        sock.connect(self.socketfile)
+        _, uid, _ = peer(sock)
         if self.uid is not None and uid != self.uid:
-            self.sock.close()
+            sock.close()
             raise PermissionError(f"{self.socketfile} is served by uid {uid}, not the deployment's user")
 
 
 class _Transport(xmlrpc.client.Transport):
     """XML-RPC through a new ``_Connection`` for every call (supervisord's own transport does the same)."""
 
-    def __init__(self, path, timeout, uid):
+    def __init__(self, path, deadline, uid):
         super().__init__()
-        self.connection_args = (path, timeout, uid)
+        self.connection_args = (path, deadline, uid)
 
     def make_connection(self, host):
         return _Connection(*self.connection_args)
@@ -91,34 +144,62 @@ def peer(sock):
 
 
 def rpc(sock, uid, timeout=RPC_TIMEOUT):
-    """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``."""
-    transport = _Transport(sock, timeout, uid)
+    """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``: its calls within ``timeout``."""
+    transport = _Transport(sock, time.monotonic() + timeout, uid)
     return xmlrpc.client.ServerProxy("http://localhost", transport=transport, allow_none=True).supervisor
 
 
 def _failed(sock, exc):
     if isinstance(exc, TimeoutError | socket.timeout):
         return CommandExecutionError(f"supervisord on {sock} did not answer within {RPC_TIMEOUT} s")
+    if isinstance(exc, _Overlong):
+        return CommandExecutionError(f"supervisord on {sock} answered more than {RPC_LIMIT} bytes; refused")
     if isinstance(exc, PermissionError):
         return CommandExecutionError(f"{exc}: root talks to no one else there; move it away")
     if isinstance(exc, xmlrpc.client.Fault):
-        return CommandExecutionError(f"supervisord on {sock} refused: {exc.faultString}")
-    return CommandExecutionError(f"supervisord on {sock} did not answer: {exc}")
+        return CommandExecutionError(f"supervisord on {sock} refused: {str(exc.faultString)[:200]}")
+    return CommandExecutionError(f"supervisord on {sock} did not answer: {str(exc)[:200]}")
+
+
+def _bad(sock, what, value):
+    return CommandExecutionError(f"supervisord on {sock} answered {what} {repr(value)[:80]}, which it never gives")
 
 
 def call(sock, uid, method, *args):
     """One XML-RPC call; a clear error when supervisord refuses or does not answer in time."""
     try:
         return getattr(rpc(sock, uid), method)(*args)
-    except (OSError, xmlrpc.client.Error) as exc:
+    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError) as exc:
         raise _failed(sock, exc) from None
+
+
+def _state(sock, answer):
+    if not isinstance(answer, dict) or answer.get("statename") not in SUPERVISOR_STATES:
+        raise _bad(sock, "a state", answer)
+    return answer["statename"]
+
+
+def owned_pid(value, uid):
+    """``value`` when it is a pid /proc shows ``uid`` running (a live, non-zombie process), else None."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    try:
+        status = Path(f"/proc/{value}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uids = fields.get("Uid", "").split()
+    if not uids or int(uids[0]) != uid or fields.get("State", "").strip().startswith("Z"):
+        return None
+    return value
 
 
 def answers(sock, uid):
     """
     (state, pid) of the supervisord answering on ``sock`` as ``uid`` (state
     RUNNING, SHUTDOWN...), None when nothing listens there; an error when
-    something listens but does not answer in time or is not the user's.
+    something listens but does not answer in time, is not the user's, or
+    answers what supervisord never would.
     """
     if not os.path.lexists(sock):
         return None
@@ -126,19 +207,25 @@ def answers(sock, uid):
         server = rpc(sock, uid)
         # supervisord's own word for its pid: it listens before it daemonizes, so
         # the socket's peer pid is the parent that exited.
-        return server.getState()["statename"], server.getPID()
+        state, pid = server.getState(), server.getPID()
     except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, FileNotFoundError, xmlrpc.client.Fault):
         # Nothing listens, or a supervisord that is going away hung up.
         return None
-    except (OSError, xmlrpc.client.Error) as exc:
+    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError) as exc:
         raise _failed(sock, exc) from None
+    statename = _state(sock, state)
+    if owned_pid(pid, uid) is None:
+        raise _bad(sock, "its pid as", pid)
+    return statename, pid
 
 
 # -------------------------------------------------------------- processes
 
 
 def process_start(pid):
-    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
+    """When ``pid`` started (clock ticks since boot), or None when it is no pid, gone or a zombie."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -155,32 +242,37 @@ def alive(record):
 
 
 def serving(p):
-    """The generation the ``supervisord.conf`` link names, or None before the first start."""
+    """The generation the ``supervisord.conf`` link (root's) names, or None before the first start."""
     try:
-        return os.readlink(p["conf"]).removeprefix("supervisord.").removesuffix(".conf")
+        gen = os.readlink(p["conf"]).removeprefix("supervisord.").removesuffix(".conf")
     except OSError:
         return None
+    return gen if GENERATION_RE.match(gen) else None
+
+
+def known_generations(p):
+    """The generations root wrote a config for: the only ones that can be a supervisord root started."""
+    names = (c.name.removeprefix("supervisord.").removesuffix(".conf") for c in p["state"].glob("supervisord.*.conf"))
+    return sorted(gen for gen in names if GENERATION_RE.match(gen))
 
 
 def generations(p, uid, draining=None):
     """
     {gen: {"pid", "start", "state"}} of the deployment's supervisords that
-    still run: those answering on their socket (state RUNNING), and those
-    recorded as ``draining`` ({gen: {pid, start, ...}}) that have not exited
-    yet (state draining; ``answering`` while their workers finish their
-    tasks before supervisord is told to stop).
+    still run: those of root's configs answering on their socket (state
+    RUNNING), and those recorded as ``draining`` ({gen: {pid, start, ...}})
+    that have not exited yet (state draining; ``answering`` while their
+    workers finish their tasks before supervisord is told to stop).
     """
     draining = draining or {}
     found = {}
-    if p["run"].is_dir():
-        for sock in sorted(p["run"].glob("*.sock")):
-            answer = answers(sock, uid)
-            if answer and answer[0] == "RUNNING":
-                gen = sock.name.removesuffix(".sock")
-                found[gen] = {"pid": answer[1], "start": process_start(answer[1]), "state": "RUNNING"}
-                if draining.get(gen, {}).get("pid") == answer[1]:
-                    found[gen] = {**draining[gen], "state": "draining", "answering": True}
-    for gen, record in (draining or {}).items():
+    for gen in known_generations(p):
+        answer = answers(_utils("saltfleet_paths.generation")(p, gen)["socket"], uid)
+        if answer and answer[0] == "RUNNING":
+            found[gen] = {"pid": answer[1], "start": process_start(answer[1]), "state": "RUNNING"}
+            if draining.get(gen, {}).get("pid") == answer[1]:
+                found[gen] = {**draining[gen], "state": "draining", "answering": True}
+    for gen, record in draining.items():
         if gen not in found and alive(record):
             found[gen] = {**record, "state": "draining"}
     return found
@@ -188,47 +280,46 @@ def generations(p, uid, draining=None):
 
 def free_generation(p, taken):
     """A generation number that neither a running supervisord nor a config of the deployment uses."""
-    used = set(taken) | {
-        c.name.removeprefix("supervisord.").removesuffix(".conf") for c in p["state"].glob("supervisord.*.conf")
-    }
+    used = set(taken) | set(known_generations(p))
     return next(str(n) for n in range(1, len(used) + 2) if str(n) not in used)
 
 
 def link_serving(p, gen):
-    """Make ``gen`` the serving generation: the supervisord.conf link (root's) names its config."""
-    _utils("saltfleet_files.relink")(p["conf"], _utils("saltfleet_paths.generation")(p, gen)["conf"].name)
+    """Make ``gen`` the serving generation: the supervisord.conf and .boot links (root's) name its files."""
+    g = _utils("saltfleet_paths.generation")(p, gen)
+    _utils("saltfleet_files.relink")(p["conf"], g["conf"].name)
+    _utils("saltfleet_files.relink")(p["boot"], g["boot"].name)
 
 
 def prune_confs(p, keep):
-    """Remove the configs (they carry env) of generations that neither serve nor run."""
-    for conf in p["state"].glob("supervisord.*.conf"):
-        if conf.name.removeprefix("supervisord.").removesuffix(".conf") not in keep:
-            conf.unlink(missing_ok=True)
+    """Remove the configs and boot scripts (they carry env) of generations that neither serve nor run."""
+    for path in [*p["state"].glob("supervisord.*.conf"), *p["state"].glob("supervisord.*.boot")]:
+        if path.name.split(".")[1] not in keep and not path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 def start(cfg, settings, p, gen, uid):
-    """Start generation ``gen`` from its config; return {pid, start} once it answers as the user."""
+    """
+    Start generation ``gen`` by its boot script (as cron does at boot); return
+    {pid, start} once it answers as the user. What supervisord said, if it
+    does not start, comes back with the deployment's env values hidden.
+    """
     g = _utils("saltfleet_paths.generation")(p, gen)
-    binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
-    # A file, not a pipe: the daemon keeps what it inherited open.
-    with tempfile.TemporaryFile() as output:
-        subprocess.run(
-            [binary, "-c", str(g["conf"])],
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            answer = answers(g["socket"], uid)
-            if answer and answer[0] == "RUNNING":
-                return {"pid": answer[1], "start": process_start(answer[1])}
-            time.sleep(0.1)
-        output.seek(0)
-        said = output.read().decode(errors="replace").strip()[-500:]
+    if g["boot"].exists():
+        _utils("saltfleet_files.check_trusted")(g["boot"])
+        argv = [str(g["boot"])]
+    else:
+        # A generation started before boot scripts: its env is in its config.
+        argv = [_utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"]), "-c", str(g["conf"])]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    deadline = time.monotonic() + START_TIMEOUT
+    said = _utils("saltfleet_user.run_root")(argv, env, START_TIMEOUT, daemon=True).stdout
+    while time.monotonic() < deadline:
+        answer = answers(g["socket"], uid)
+        if answer and answer[0] == "RUNNING":
+            return {"pid": answer[1], "start": process_start(answer[1])}
+        time.sleep(0.1)
+    said = _utils("saltfleet_user.scrub")(said.strip()[-500:], cfg["env"])
     raise CommandExecutionError(
         f"supervisord did not start: {said or 'no output'} (see {p['logs'] / f'supervisord.g{gen}.log'})"
     )
@@ -245,7 +336,7 @@ def shutdown(sock, uid):
         server = rpc(sock, uid)
         server.stopAllProcesses(False)
         server.shutdown()
-    except (OSError, xmlrpc.client.Error):
+    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError):
         return False
     return True
 
@@ -260,24 +351,68 @@ def wait_exited(records, timeout):
         time.sleep(0.2)
 
 
+def kill_session(pid, uid):
+    """SIGKILL every process of ``uid`` in the session ``pid`` leads (a supervisord and its programs)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == pid and owned_pid(int(entry.name), uid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), 9)
+
+
 def stop_all(p, uid, draining=None, timeout=700):
-    """Stop every supervisord of a deployment, draining ones too, and wait for them; the gens that ran."""
+    """
+    Stop every supervisord of a deployment, draining ones too, and wait for
+    them (each program finishes its task in hand, up to ``timeout``); past it,
+    what is left of them is killed. The gens that ran.
+    """
     running = generations(p, uid, draining)
     for gen, info in running.items():
         if info["state"] == "RUNNING" or info.get("answering"):
             shutdown(_utils("saltfleet_paths.generation")(p, gen)["socket"], uid)
-    left = wait_exited(running, timeout)
+    for record in wait_exited(running, timeout).values():
+        if owned_pid(record["pid"], uid):
+            kill_session(record["pid"], uid)
+    left = wait_exited(running, 10)
     if left:
         pids = ", ".join(str(r["pid"]) for r in left.values())
-        raise CommandExecutionError(f"supervisord (pid {pids}) did not stop within {timeout} s; stop it by hand")
+        raise CommandExecutionError(f"supervisord (pid {pids}) did not stop within {timeout} s, nor when killed")
     return sorted(running)
 
 
 # ------------------------------------------------------------------ programs
 
 
+def _records(sock, answer, keys):
+    """A list of supervisord's records, each with ``keys`` ({key: check}) checked; an error otherwise."""
+    if not isinstance(answer, list) or len(answer) > 1000:
+        raise _bad(sock, "a list of", answer)
+    found = []
+    for item in answer:
+        if not isinstance(item, dict) or not all(check(item.get(key)) for key, check in keys.items()):
+            raise _bad(sock, "a record", item)
+        found.append({key: item[key] for key in keys})
+    return found
+
+
+def _name(value):
+    return isinstance(value, str) and bool(NAME_RE.match(value))
+
+
 def process_info(sock, uid):
-    return call(sock, uid, "getAllProcessInfo")
+    """[{name, group, statename, pid}] of supervisord's programs, as checked answers."""
+    keys = {
+        "name": _name,
+        "group": _name,
+        "statename": lambda v: v in PROCESS_STATES,
+        "pid": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    }
+    return _records(sock, call(sock, uid, "getAllProcessInfo"), keys)
 
 
 def proc_name(info):
@@ -286,7 +421,10 @@ def proc_name(info):
 
 def _autostart(sock, uid):
     """(group, name) of the programs supervisord starts by itself."""
-    return {(c["group"], c["name"]) for c in call(sock, uid, "getAllConfigInfo") if c.get("autostart")}
+    keys = {"name": _name, "group": _name, "autostart": lambda v: isinstance(v, bool)}
+    return {
+        (c["group"], c["name"]) for c in _records(sock, call(sock, uid, "getAllConfigInfo"), keys) if c["autostart"]
+    }
 
 
 def idle_groups(sock, uid):

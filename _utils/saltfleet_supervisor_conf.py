@@ -1,9 +1,16 @@
 """
 A deployment's supervisord.conf: the program sections from pillar and the
 deployment's template, the file saltfleet renders for a generation, the
-program groups two configs differ in, and the cron line that starts the
-serving one at boot. Text in, text out: driving supervisord is
-saltfleet_supervisor's.
+program groups two configs differ in; the boot script that starts a
+generation's supervisord, and the cron line that runs the serving one's at
+boot. Text in, text out: driving supervisord is saltfleet_supervisor's.
+
+The deployment's ``env`` never goes into the config: supervisord's
+``environment=`` cannot carry every value as written (its parser strips
+quotes at either end, takes `` ;`` and `` #`` for comments, and has no escape
+for a value holding both kinds of quotes). The boot script exports it to
+supervisord itself, whose programs inherit it byte for byte; the script is
+root's alone, and the config holds no secret.
 """
 
 import configparser
@@ -11,6 +18,7 @@ import io
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 import salt.loader.context
@@ -92,12 +100,32 @@ def _ini(value):
 
 
 def environment(env):
-    """supervisord's environment= value: every value quoted, and literal (a % in a secret stays a %)."""
-    return ",".join(f'{k}="{_quote(v)}"' for k, v in sorted(env.items()))
+    """supervisord's environment= value: each value quoted, and literal (a % stays a %); see :func:`carried`."""
+    return ",".join(f"{k}={_quote(str(v))}" for k, v in sorted(env.items()))
 
 
 def _quote(value):
-    return str(value).replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    quote = "'" if '"' in value else '"'
+    return quote + value.replace("%", "%%") + quote
+
+
+def carried(value):
+    """
+    Why supervisord's environment= would not carry ``value`` as written, or
+    None when it does (:func:`environment` writes it): its parser strips
+    quotes and spaces at either end, takes `` ;`` and `` #`` for comments,
+    and has no escape for a value holding both kinds of quotes.
+    """
+    value = str(value)
+    if value != value.strip():
+        return "it starts or ends with a space"
+    if value[:1] in "'\"" or value[-1:] in "'\"":
+        return "it starts or ends with a quote"
+    if "'" in value and '"' in value:
+        return "it holds both kinds of quotes"
+    if re.search(r"\s[;#]", value):
+        return "a space before ';' or '#' starts a comment there"
+    return None
 
 
 def render(cfg, sections, p, gen, release, venv):
@@ -124,11 +152,8 @@ def render(cfg, sections, p, gen, release, venv):
     }
     if os.geteuid() == 0 and cfg["user"] != "root":
         own["supervisord"]["user"] = cfg["user"]
-    base_env = {
-        "PATH": f"{Path(venv) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "VIRTUAL_ENV": str(venv),
-        **{k: str(v) for k, v in cfg["env"].items()},
-    }
+    # The deployment's env reaches the programs through supervisord's own environment (boot_script).
+    base_env = {"PATH": f"{Path(venv) / 'bin'}:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv)}
     for section, opts in sections.items():
         kind, _, prog = section.partition(":")
         if kind not in PROGRAM_KINDS:
@@ -208,16 +233,43 @@ def diff_groups(old_text, new_text, same=()):
     }
 
 
-def boot_entry(cfg, settings, p):
+def boot_script(cfg, settings, p, gen):
     """
-    The cron.d file that starts the deployment's serving supervisord at boot:
-    (path under root, content). cron runs it as root, who alone can read the
-    config; supervisord then drops to the deployment's user.
+    The script that starts generation ``gen``'s supervisord with the
+    deployment's env exported to it (values single-quoted: the shell takes
+    them byte for byte, and no command line ever holds one). Root's, 0700.
     """
     binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
+    conf = _utils("saltfleet_paths.generation")(p, gen)["conf"]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **{k: str(v) for k, v in cfg["env"].items()}}
+    lines = [
+        "#!/bin/sh",
+        f"# Written by saltfleet: starts deployment {cfg['name']}'s supervisord (generation {gen}) with its env.",
+        *(f"export {key}={shlex.quote(value)}" for key, value in env.items()),
+        f"exec {shlex.quote(binary)} -c {shlex.quote(str(conf))}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def boot_entry(cfg, p):
+    """
+    The cron.d file that starts the deployment's serving supervisord at boot:
+    (path under root, content). cron runs its boot script as root, who alone
+    can read it; supervisord then drops to the deployment's user.
+    """
     text = (
         f"# Written by saltfleet: start deployment {cfg['name']}'s supervisord at boot.\n"
         "PATH=/usr/local/bin:/usr/bin:/bin\nLANG=C.UTF-8\n"
-        f"@reboot root {binary} -c {p['conf']}\n"
+        f"@reboot root {p['boot']}\n"
     )
     return f"etc/cron.d/saltfleet-{cfg['name']}", text.encode()
+
+
+def boot_env(script):
+    """The env a boot script (:func:`boot_script`) exports: {name: value}."""
+    env = {}
+    for line in script.splitlines():
+        if line.startswith("export "):
+            name, _, value = shlex.split(line)[1].partition("=")
+            env[name] = value
+    return env

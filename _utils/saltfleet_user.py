@@ -1,17 +1,34 @@
 """
-The deployment's user: who they are, and everything done in their tree.
+The deployment's user: who they are, and every process started for them.
 
-Root (the minion) never writes into, changes owners in, deletes in or runs
-code from a tree the deployment's user controls. Whatever happens there (a
-checkout, a virtualenv build, the release link, pruning) runs as that user,
-in a process of its own with a clean environment, so the kernel holds the
-line: a symlink the user plants leads only to what the user could reach anyway.
+Root (the minion) never writes into, changes owners in, deletes in, changes
+directory into or runs code from a tree the deployment's user controls.
+Whatever happens there (a checkout, a virtualenv build, the release link,
+pruning, a question to Celery) runs as that user, in a process started by
+the one primitive here (:func:`run`, :func:`spawn`): the user's uid, gid and
+exactly the user's groups (none of the minion's), started in ``/`` and
+changing into the user's tree only once it is the user, a clean environment,
+and a deadline for the whole call. So the kernel holds the line: a symlink
+the user plants leads only to what the user could reach anyway.
+
+What such a process says is the user's word: its output is read up to a
+bound (the tail kept), and :func:`scrub` hides the deployment's env values
+before any of it reaches a comment, a log or a return. Root's own commands
+(git on root's mirror, supervisord's start) go through :func:`run_root`, the
+same way but as root: no other module starts a process.
 """
 
+import contextlib
+import json
 import os
 import pwd
+import selectors
+import signal
 import stat
 import subprocess
+import tempfile
+import time
+import urllib.parse
 from pathlib import Path
 
 from salt.exceptions import CommandExecutionError
@@ -35,6 +52,10 @@ NETWORK_ENV = (
     "UV_EXTRA_INDEX_URL",
     "UV_NATIVE_TLS",
 )
+# What is kept of each output stream of a command: its last bytes.
+OUTPUT_LIMIT = 1 << 20
+# The shell that changes into the user's directory once it runs as the user.
+IN_DIR = 'cd -- "$1" || exit 125; shift; exec "$@"'
 
 
 def __virtual__():
@@ -67,49 +88,104 @@ def environ(user, home, extra=None):
     return env
 
 
+def _identity(user):
+    """Popen's arguments that make the child ``user``: uid, gid, and exactly the user's own groups."""
+    pw = account(user)
+    groups = [g for g in os.getgrouplist(user, pw.pw_gid) if g != pw.pw_gid]
+    if (pw.pw_uid, pw.pw_gid) == (os.geteuid(), os.getegid()) and set(groups) == set(os.getgroups()) - {pw.pw_gid}:
+        return {}
+    if os.geteuid() != 0:
+        raise CommandExecutionError(f"the minion must run as root to act as user '{user}'")
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": groups}
+
+
+def _in(cwd, argv):
+    """``argv`` run from ``cwd``, which the child enters itself, as the user (never root's chdir)."""
+    argv = [str(a) for a in argv]
+    return argv if cwd is None else ["/bin/sh", "-c", IN_DIR, "sh", str(cwd), *argv]
+
+
+def _kill(proc):
+    """The child and every process of its session (each starts one of its own)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+
+
+def _collect(proc, deadline, limit=OUTPUT_LIMIT):
+    """(stdout, stderr) bytes of ``proc``, the last ``limit`` of each; TimeoutError at ``deadline``."""
+    kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    with selectors.DefaultSelector() as selector:
+        for stream in kept:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                buf = kept[key.fileobj]
+                buf += chunk
+                del buf[: max(0, len(buf) - limit)]
+    proc.wait(max(0.0, deadline - time.monotonic()))
+    return bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
+
+
+def _run(argv, env, timeout, what, **identity):
+    """Start ``argv`` (its own session, stdin closed, in /), collect its output within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    proc = subprocess.Popen(
+        argv,
+        cwd="/",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        umask=0o022,
+        start_new_session=True,
+        close_fds=True,
+        **identity,
+    )
+    try:
+        out, err = _collect(proc, deadline)
+    except (TimeoutError, subprocess.TimeoutExpired):
+        _kill(proc)
+        raise CommandExecutionError(f"{what} ran over {timeout} s") from None
+    finally:
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
+    decode = lambda data: data.decode(errors="replace")  # noqa: E731
+    return subprocess.CompletedProcess(argv, proc.returncode, decode(out), decode(err))
+
+
 def run(user, argv, home, cwd=None, env=None, timeout=3600):
     """
-    Run ``argv`` as ``user`` (its groups, umask 022, a clean environment with
-    ``env`` on top) and return the CompletedProcess; output is captured as text.
+    Run ``argv`` as ``user`` (see the module: exactly the user's groups, in
+    ``cwd`` entered as the user, a clean environment with ``env`` on top,
+    umask 022) within ``timeout`` seconds in all; the CompletedProcess, its
+    output text bounded. An error when it runs over, the process and its
+    session killed.
     """
-    pw = account(user)
-    kwargs = {}
-    if pw.pw_uid != os.geteuid():
-        if os.geteuid() != 0:
-            raise CommandExecutionError(f"the minion must run as root to act as user '{user}'")
-        kwargs = {
-            "user": pw.pw_uid,
-            "group": pw.pw_gid,
-            "extra_groups": [g for g in os.getgrouplist(user, pw.pw_gid) if g != pw.pw_gid],
-        }
-    try:
-        return subprocess.run(
-            [str(a) for a in argv],
-            cwd=str(cwd or home),
-            env=environ(user, home, env),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            umask=0o022,
-            start_new_session=True,
-            check=False,
-            **kwargs,
-        )
-    except subprocess.TimeoutExpired:
-        raise CommandExecutionError(f"`{' '.join(map(str, argv))}` as {user} ran over {timeout} s") from None
+    identity = _identity(user)
+    what = f"`{' '.join(map(str, argv))}` as {user}"
+    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, **identity)
 
 
 def spawn(user, argv, home, log, cwd=None, env=None):
-    """Start ``argv`` as ``user`` in the background, detached, its output appended to ``log`` (opened as the user)."""
-    pw = account(user)
-    kwargs = {}
-    if pw.pw_uid != os.geteuid():
-        kwargs = {"user": pw.pw_uid, "group": pw.pw_gid}
+    """
+    Start ``argv`` as ``user`` in the background, detached (as :func:`run`
+    starts it), its output appended to ``log``, which it opens as the user.
+    """
+    identity = _identity(user)
+    script = 'log=$1; shift; exec "$@" >> "$log" 2>&1'
     subprocess.Popen(
-        ["/bin/sh", "-c", 'log=$1; shift; exec "$@" >> "$log" 2>&1', "sh", str(log), *map(str, argv)],
-        cwd=str(cwd or home),
+        ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
+        cwd="/",
         env=environ(user, home, env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -117,16 +193,66 @@ def spawn(user, argv, home, log, cwd=None, env=None):
         umask=0o022,
         start_new_session=True,
         close_fds=True,
-        **kwargs,
+        **identity,
     )
 
 
-def check(proc, what):
-    """Raise ``what`` with the tail of the output when ``proc`` failed."""
+def run_root(argv, env, timeout, cwd=None, daemon=False):
+    """
+    One of root's own commands (git on root's mirror, supervisord's start):
+    ``cwd`` is root's, entered by the child. ``daemon``: the command leaves a
+    daemon behind that keeps what it inherited, so its output goes through
+    a file and only the command itself is waited for.
+    """
+    argv = _in(cwd, argv)
+    what = f"`{' '.join(argv)}`"
+    if not daemon:
+        return _run(argv, env, timeout, what)
+    with tempfile.TemporaryFile() as output:
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd="/",
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise CommandExecutionError(f"{what} ran over {timeout} s") from None
+        output.seek(max(0, output.seek(0, os.SEEK_END) - OUTPUT_LIMIT))
+        return subprocess.CompletedProcess(argv, proc.returncode, output.read().decode(errors="replace"), "")
+
+
+def check(proc, what, secrets=None):
+    """Raise ``what`` with the tail of the output (``secrets`` hidden) when ``proc`` failed."""
     if proc.returncode:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-12:])
+        tail = scrub(tail, secrets)
         raise CommandExecutionError(f"{what} (exit {proc.returncode}):\n{tail}" if tail else f"{what}")
     return proc
+
+
+def scrub(text, secrets=None):
+    """
+    ``text`` from the user's side with each value of ``secrets`` ({name:
+    value}, a deployment's env) replaced by ``<env:NAME>``: as written, and
+    as JSON, URLs and shells quote it.
+    """
+    if not text or not secrets:
+        return text
+    forms = []
+    for key, raw in secrets.items():
+        value = str(raw)
+        if len(value) < 3:
+            continue
+        for form in {value, json.dumps(value)[1:-1], urllib.parse.quote(value, safe=""), repr(value)[1:-1]}:
+            forms.append((form, key))
+    for form, key in sorted(forms, key=lambda f: -len(f[0])):
+        text = text.replace(form, f"<env:{key}>")
+    return text
 
 
 def _sh(user, home, script, *args, what):
@@ -163,6 +289,22 @@ def remove(user, home, *paths):
     """Delete trees of the user's, as the user (``rm -rf``: links are removed, never followed)."""
     if paths:
         _sh(user, home, 'rm -rf -- "$@"', *paths, what=f"removing {', '.join(map(str, paths))} as {user}")
+
+
+def remove_own_dir(user, home, folder):
+    """
+    Remove ``folder``, the user's, inside a folder of root's (a deployment's
+    run/): the user deletes what is in it, however deep, then root removes
+    the empty entry from its own folder. An error when the user filled it again.
+    """
+    folder = Path(folder)
+    if not os.path.lexists(folder):
+        return
+    if folder.is_dir() and not folder.is_symlink():
+        _sh(user, home, 'cd -- "$1" && find . -mindepth 1 -delete', folder, what=f"emptying {folder} as {user}")
+        os.rmdir(folder)
+    else:
+        os.unlink(folder)
 
 
 def plain_path(anchor, path, link=False):

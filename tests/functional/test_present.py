@@ -2,8 +2,10 @@
 
 import copy
 import os
+import pwd
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,11 +54,17 @@ def test_layout_on_the_host_is_the_documented_one(host, tiny, out):
 
     assert owner_mode(state) == (0, 0o711)
     assert owner_mode(state / "manifest.json")[0] == 0
-    conf = os.readlink(state / "supervisord.conf")
-    assert conf.startswith("supervisord.") and owner_mode(state / conf) == (0, 0o640)
-    assert os.stat(state / conf).st_gid == user.pw_gid
+    conf, boot = os.readlink(state / "supervisord.conf"), os.readlink(state / "supervisord.boot")
+    assert (conf, boot) == ("supervisord.1.conf", "supervisord.1.boot")
+    # The config: root's, group root, readable by the deployment's user (an ACL entry) and by no other.
+    assert owner_mode(state / conf) == (0, 0o640) and os.stat(state / conf).st_gid == 0
+    assert readable(user, state / conf) and not readable(NOBODY, state / conf)
+    # The boot script (it holds the env) and the keys: root's alone.
+    assert owner_mode(state / boot) == (0, 0o700) and not readable(user, state / boot)
     assert owner_mode(state / "run") == (user.pw_uid, 0o700)
-    assert owner_mode(state / "repo.git")[0] == 0
+    # The mirror: root's, passable by the deployment's user alone.
+    assert owner_mode(state / "repo.git") == (0, 0o750) and os.stat(state / "repo.git").st_gid == 0
+    assert readable(user, state / "repo.git" / "HEAD") and not readable(NOBODY, state / "repo.git" / "HEAD")
     assert os.readlink(home / "Projects-tiny") == f"Projects-tiny.releases/{sha}"
     assert owner_mode(home / "Projects-tiny.releases" / sha)[0] == user.pw_uid
     assert (home / "Projects-tiny" / "venv" / "bin" / "python").exists()
@@ -73,6 +81,16 @@ def test_layout_on_the_host_is_the_documented_one(host, tiny, out):
             for entry in dirnames + filenames:
                 if entry != "run":
                     assert os.lstat(os.path.join(dirpath, entry)).st_uid == 0, entry
+
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+def readable(account, path):
+    """Whether ``account`` (a passwd entry, with its own groups only) can read ``path``."""
+    who = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    proc = subprocess.run(["cat", "--", str(path)], capture_output=True, check=False, **who)
+    return proc.returncode == 0
 
 
 def shim(folder, tool, real, log):

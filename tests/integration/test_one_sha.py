@@ -1,12 +1,12 @@
 """
-One commit per rollout: the master resolves a branch once (ext_pillar
-saltfleet_revs) and every host of a batched apply deploys that commit, even
-when someone pushes to the branch half way.
+One commit per wave, and never an old one: the master resolves a branch for
+the hosts that apply together (ext_pillar saltfleet_revs), each from a git
+request that began after the host asked, so every host of a wave deploys one
+commit and an apply right after a push deploys the push.
 """
 
+import re
 import shutil
-import threading
-import time
 
 import pytest
 import yaml
@@ -60,27 +60,32 @@ def hosts(minions, salt_cli, pillar_dir, repo, deploy_user, host_settings):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def serving(root, user):
+def serving(root):
     return utils.saltfleet_files.installed(root).get(NAME, {}).get("release")
 
 
-def test_a_push_half_way_through_a_batched_apply_leaves_every_host_on_one_commit(
-    salt_master, minions, hosts, repo, deploy_user
-):
-    before = repo["shas"]["v3"]  # master's head
-    cli = salt_master.salt_cli(timeout=900)
-    done = {}
-    rollout = threading.Thread(
-        target=lambda: done.update(ret=cli.run("-b", "1", "state.apply", minion_tgt="sha*-*", _timeout=900))
-    )
-    rollout.start()
-    # Once the first host serves, someone pushes to the branch.
-    deadline = time.monotonic() + 300
-    while not any(serving(root, deploy_user) for root in hosts.values()):
-        assert time.monotonic() < deadline, "no host deployed within 300 s"
-        time.sleep(0.2)
+def apply_all(salt_master):
+    ret = salt_master.salt_cli(timeout=900).run("state.apply", minion_tgt="sha*-*", _timeout=900)
+    assert ret.returncode == 0, ret
+    return {
+        mid: next(s for s in states.values() if s["__id__"] == f"saltfleet-deployment-{NAME}")
+        for mid, states in ret.data.items()
+    }
+
+
+def test_a_wave_deploys_one_commit_and_an_apply_right_after_a_push_deploys_the_push(salt_master, minions, hosts, repo):
+    apply_all(salt_master)
+    head = repo["shas"]["v3"]  # master's head
+    assert {m.id: serving(hosts[m.id]) for m in minions} == {m.id: head for m in minions}
+    # Someone pushes, and the next apply is typed at once: it deploys the push, on every host.
     pushed = advance(repo["bare"])
-    rollout.join(900)
-    assert done["ret"].returncode == 0, done["ret"]
-    assert {m.id: serving(hosts[m.id], deploy_user) for m in minions} == {m.id: before for m in minions}
-    assert pushed != before
+    states = apply_all(salt_master)
+    assert {m.id: serving(hosts[m.id]) for m in minions} == {m.id: pushed for m in minions}
+    for state in states.values():
+        # The comment says which commit rev resolved to, and when.
+        assert re.search(rf"master resolved to {pushed[:12]} at \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ", state["comment"]), (
+            state
+        )
+    # Nothing new: every host says so, naming the commit the master found just now.
+    again = apply_all(salt_master)
+    assert all(s["changes"] == {} and f"master resolved to {pushed[:12]} at" in s["comment"] for s in again.values())

@@ -50,3 +50,38 @@ def test_pillar_example_documents_every_key():
     keys = [*schema.HOST_DEFAULTS, *schema.DEPLOYMENT_DEFAULTS, *schema.PROGRAM_OPTIONS]
     missing = [key for key in keys if f"{key}:" not in text and f" {key}," not in text and f" {key}\n" not in text]
     assert missing == []
+
+
+PROCESS_STARTERS = {
+    ("subprocess", name) for name in ("run", "Popen", "call", "check_call", "check_output", "getoutput")
+} | {("os", name) for name in ("system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp")}
+
+
+def process_starts(path):
+    """Calls in ``path`` that start a process (subprocess.*, os.system, os.exec*, os.spawn*, pty.spawn...)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        func = node.func if isinstance(node, ast.Call) else None
+        if not isinstance(func, ast.Attribute) or not isinstance(func.value, ast.Name):
+            continue
+        module, name = func.value.id, func.attr
+        starts = (module, name) in PROCESS_STARTERS or (module == "os" and name.startswith(("exec", "spawn")))
+        spawns = "spawn" in name or "subprocess" in name
+        starts = starts or (module in ("pty", "multiprocessing", "asyncio") and spawns)
+        if starts:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {module}.{name}")
+    return found
+
+
+def test_every_process_starts_through_the_one_primitive():
+    """Root starts a process for a deployment (or for itself) only through _utils/saltfleet_user.py."""
+    starts = [
+        start
+        for folder in ("_utils", "_states", "_modules", "_runners", "_pillar", "_grains")
+        for path in sorted((REPO / folder).glob("*.py"))
+        if path.name != "saltfleet_user.py"
+        for start in process_starts(path)
+    ]
+    assert starts == []
+    # The check sees what it looks for.
+    assert process_starts(REPO / "_utils" / "saltfleet_user.py")

@@ -140,6 +140,19 @@ HOSTILE = {
     "ext transport": ({"repo": "ext::sh -c touch% /tmp/pwned"}, "is not a git URL saltfleet fetches"),
     "fd transport": ({"repo": "fd::17"}, "is not a git URL saltfleet fetches"),
     "plain http": ({"repo": "http://git.example.com/app.git"}, "is not a git URL saltfleet fetches"),
+    "ssh host like an option": (
+        {"repo": "ssh://-oProxyCommand=id/app.git"},
+        "repo: its host or user '-oProxyCommand=id' starts like an option",
+    ),
+    "ssh user like an option": (
+        {"repo": "ssh://-oProxyCommand=x@host/app.git"},
+        "repo: its host or user '-oProxyCommand=x' starts like an option",
+    ),
+    "git host like an option": ({"repo": "git://-x/app.git"}, "repo: its host or user '-x' starts like an option"),
+    "program environment supervisord would mangle": (
+        program(environment={"A": 'it\'s "both"'}),
+        "programs:w:environment:A: supervisord's environment= would not carry it as written",
+    ),
     "requirements like an option": (
         {"repo": "/r", "requirements": "-e ."},
         "requirements: '-e .' must be a path inside the repository",

@@ -29,8 +29,8 @@ def test_each_generation_owns_its_socket_pidfile_and_runs_programs_in_its_releas
     assert f'PATH="{VENV}/bin:/usr/local/bin:/usr/bin:/bin"' in text
     assert "stdout_logfile=/srv/sandbox/home/ubuntu/log/fetcher/w.g2.log\n" in text, "each generation its own log"
     assert "stopwaitsecs=30\n" in text
-    # A secret's % is literal, never a supervisord expansion.
-    assert 'DSN="s3cret%%"' in text
+    # The env is not the config's: supervisord gets it from its boot script.
+    assert "s3cret" not in text and "DSN" not in text
     assert "/tmp" not in text
 
 
@@ -65,11 +65,20 @@ def test_programs_that_differ_only_by_release_compare_equal():
     assert sup.diff_groups(old, new, same)["kept"] == ["w"]
 
 
-def test_the_boot_line_starts_the_serving_generation_as_root():
+def test_the_boot_line_runs_the_serving_generations_boot_script_as_root():
     cfg = config(programs={"w": {"command": "x"}})
-    path, text = sup.boot_entry(cfg, HOST, P)
+    path, text = sup.boot_entry(cfg, P)
     assert path == "etc/cron.d/saltfleet-fetcher"
     line = [x for x in text.decode().splitlines() if x.startswith("@reboot")]
-    assert len(line) == 1
-    assert line[0].startswith("@reboot root /")
-    assert line[0].endswith("supervisord -c /srv/sandbox/var/lib/saltfleet/deployments/fetcher/supervisord.conf")
+    assert line == ["@reboot root /srv/sandbox/var/lib/saltfleet/deployments/fetcher/supervisord.boot"]
+
+
+def test_a_boot_script_starts_its_generation_with_the_env_and_no_value_on_a_command_line():
+    cfg = config(env={"DSN": "postgres://u:p@db/x", "QUOTED": 'it\'s "so" ; # %(x)s'})
+    script = sup.boot_script(cfg, HOST, P, "3")
+    assert script.startswith("#!/bin/sh\n")
+    last = script.rstrip("\n").splitlines()[-1]
+    assert last.startswith("exec /")
+    assert last.endswith(" -c /srv/sandbox/var/lib/saltfleet/deployments/fetcher/supervisord.3.conf")
+    assert "postgres" not in last
+    assert sup.boot_env(script) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **cfg["env"]}
