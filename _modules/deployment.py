@@ -531,7 +531,8 @@ def unpin(name):
     Follow pillar's rev again after ``deployment.update_code`` or
     ``deployment.rollback``. Nothing is deployed now: the host serves the
     release it serves (``serving``, and the ``comment`` says so) until the
-    next ``state.apply`` deploys pillar's rev.
+    next ``state.apply`` deploys pillar's rev. The master hears of it at once
+    (``deployment.report``): ``fleet.inventory`` no longer shows the pin.
 
     CLI Example:
 
@@ -551,6 +552,12 @@ def unpin(name):
         )
     else:
         comment = f"deployment {name} was not pinned: it follows pillar's rev {rev}; {where}"
+    if pins[0]:
+        try:
+            report()
+        except Exception:  # pylint: disable=broad-except
+            # The pin is gone all the same; the heartbeat tells the master within a minute.
+            log.warning("telling the master deployment %s is unpinned failed", name, exc_info=True)
     return {"pinned": False, "rev": rev, "serving": serving, "comment": comment}
 
 

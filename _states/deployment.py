@@ -505,6 +505,10 @@ def _plan(settings, cfg, p, test):
     plan["build_venv"] = not __utils__["saltfleet_venv.complete"](venv)
     if sha != plan["current"] or plan["build_release"]:
         changes["release"] = {"old": plan["current"], "new": sha}
+    elif plan["current"] and manifest.get("rev") != cfg["rev"]:
+        # The serving release is what rev names now (a pin dropped, a rev naming the same commit): recorded,
+        # so grains and the inventory say which rev the host follows.
+        changes["rev"] = {"old": manifest.get("rev"), "new": cfg["rev"]}
     if digest != manifest.get("venv") or plan["build_venv"]:
         changes["virtualenv"] = {"old": manifest.get("venv"), "new": digest}
     # The programs move to another release or venv: a new generation takes over.
@@ -1011,6 +1015,8 @@ def _describe(cfg, plan, dry):
     parts = []
     if "release" in changes:
         parts.append(f"release {verb} switched to {sha[:12]} ({cfg['rev']})")
+    if "rev" in changes:
+        parts.append(f"rev {verb} recorded as {cfg['rev']}, which {sha[:12]} (serving) is")
     if "virtualenv" in changes and plan["build_venv"]:
         parts.append(f"virtualenv {verb} built")
     if "supervisord" in changes:

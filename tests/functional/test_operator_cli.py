@@ -85,6 +85,17 @@ def test_unpin_says_what_still_serves_until_the_next_apply(mod, host, pillar, ti
     assert "was not pinned" in mod.unpin("tiny")["comment"]
 
 
+def test_after_a_pin_to_the_commit_pillar_names_the_next_apply_records_pillars_rev(mod, host, pillar, tiny):
+    mod.update_code("tiny", tiny["shas"]["v1"])
+    assert mod.status("tiny")["tiny"]["rev"] == tiny["shas"]["v1"]
+    mod.unpin("tiny")
+    state = host.apply(pillar)["saltfleet-deployment-tiny"]
+    assert state["changes"] == {"rev": {"old": tiny["shas"]["v1"], "new": "v1"}}, state
+    assert f"rev was recorded as v1, which {tiny['shas']['v1'][:12]} (serving) is" in state["comment"]
+    assert mod.status("tiny")["tiny"]["rev"] == "v1"
+    assert host.apply(pillar)["saltfleet-deployment-tiny"]["changes"] == {}
+
+
 def test_a_comment_of_plural_changes_reads_were(mod, host, tiny, out):
     more = host.pillar({"tiny": tiny_app(tiny, out, programs=["a", "b", "c"])})
     state = host.apply(more)["saltfleet-deployment-tiny"]

@@ -258,18 +258,19 @@ def tail(proc):
     return f"  stdout: {proc.stdout[-1500:]}\n  stderr: {proc.stderr[-1500:]}"
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[f"README-line-{b.line}" for b in RUNNABLE])
-def test_every_readme_command_runs_against_the_demo_as_written(block, demo_running, typed, record_property):
+def test_every_readme_command_runs_against_the_demo_as_written(demo_running, typed, record_property):
+    """In the README's order (one block sets up what a later one uses, as for a reader); every failure listed."""
     started, ran, wrong = time.monotonic(), 0, []
-    for line, commands in readme.plan(block)[1]:
-        for command in [] if isinstance(commands, str) else commands:
-            proc = typed.run(command)
-            ran += 1
-            why = readme.judge(command, proc)
-            if why:
-                wrong.append(f"README: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
-    record_property("report", f"{ran} commands of README line {block.line} in {time.monotonic() - started:.0f} s")
-    assert not wrong, "\n\n".join(wrong)
+    for block in RUNNABLE:
+        for line, commands in readme.plan(block)[1]:
+            for command in [] if isinstance(commands, str) else commands:
+                proc = typed.run(command)
+                ran += 1
+                why = readme.judge(command, proc)
+                if why:
+                    wrong.append(f"README line {block.line}: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
+    record_property("report", f"{ran} commands of {len(RUNNABLE)} README blocks in {time.monotonic() - started:.0f} s")
+    assert not wrong, f"{len(wrong)} of {ran} commands:\n\n" + "\n\n".join(wrong)
 
 
 def runner_functions():
@@ -334,7 +335,7 @@ def test_a_rollout_prints_one_line_a_step_and_every_step_reaches_the_event_bus(d
         by_run = {}
         for event in bus:
             by_run.setdefault(event["tag"].split("/")[2], []).append(event["data"]["message"])
-        assert sorted(by_run.values(), key=lambda m: m[0])[0] == steps, by_run
+        assert steps in by_run.values(), by_run
         assert [m for m in by_run.values() if m[-1] == "sample-fetcher: complete: 1 host in 1 batch on main"], by_run
     finally:
         back_to_pillar(typed)
