@@ -202,8 +202,9 @@ def status(name=None):
     Release, supervisord and program states of the installed deployments
     (or of ``name``), asked of each deployment's own supervisord: ``state``
     up or down and a one-line ``summary``, ``held`` programs with their
-    reasons, and ``draining``, the supervisords of earlier releases still
-    finishing their tasks. The job fails (retcode 1) when a program that
+    reasons, ``pinned``, the rev an operator set (``update_code``,
+    ``rollback``) that ``state.apply`` keeps over pillar's, and ``draining``,
+    the supervisords of earlier releases still finishing their tasks. The job fails (retcode 1) when a program that
     should run does not.
 
     CLI Example:

@@ -201,10 +201,10 @@ def judge(command, proc):
 
 
 class Runner:
-    """Runs demo commands from the repository, as a user with the venv active and no terminal."""
+    """Runs demo commands from the checkout the demo runs in, as a user with the venv active and no terminal."""
 
-    def __init__(self, env):
-        self.env = env
+    def __init__(self, env, cwd=REPO):
+        self.env, self.cwd = env, cwd
         self.ran = []
 
     def release(self):
@@ -216,7 +216,7 @@ class Runner:
     def shell(self, command, timeout=900):
         return subprocess.run(
             ["bash", "-c", command],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
