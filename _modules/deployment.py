@@ -204,8 +204,8 @@ def status(name=None):
     up or down and a one-line ``summary``, ``held`` programs with their
     reasons, ``pinned``, the rev an operator set (``update_code``,
     ``rollback``) that ``state.apply`` keeps over pillar's, and ``draining``,
-    the supervisords of earlier releases still finishing their tasks. The job fails (retcode 1) when a program that
-    should run does not.
+    the supervisords of earlier releases still finishing their tasks. The
+    job fails (retcode 1) when a program that should run does not.
 
     CLI Example:
 

@@ -1016,7 +1016,7 @@ def _describe(cfg, plan, dry):
     if "release" in changes:
         parts.append(f"release {verb} switched to {sha[:12]} ({cfg['rev']})")
     if "rev" in changes:
-        parts.append(f"rev {verb} recorded as {cfg['rev']}, which {sha[:12]} (serving) is")
+        parts.append(f"rev {verb} recorded as {cfg['rev']}: it names {sha[:12]}, which serves already")
     if "virtualenv" in changes and plan["build_venv"]:
         parts.append(f"virtualenv {verb} built")
     if "supervisord" in changes:

@@ -91,7 +91,7 @@ def test_after_a_pin_to_the_commit_pillar_names_the_next_apply_records_pillars_r
     mod.unpin("tiny")
     state = host.apply(pillar)["saltfleet-deployment-tiny"]
     assert state["changes"] == {"rev": {"old": tiny["shas"]["v1"], "new": "v1"}}, state
-    assert f"rev was recorded as v1, which {tiny['shas']['v1'][:12]} (serving) is" in state["comment"]
+    assert f"rev was recorded as v1: it names {tiny['shas']['v1'][:12]}, which serves already" in state["comment"]
     assert mod.status("tiny")["tiny"]["rev"] == "v1"
     assert host.apply(pillar)["saltfleet-deployment-tiny"]["changes"] == {}
 
