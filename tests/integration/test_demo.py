@@ -229,6 +229,8 @@ FLEET_ARGS = {
     "admit": "demo-worker-9 i-0123456789abcdef0 not-a-key",
     "record": "20200101000000000000 demo-worker-1 deployment.update_code",
 }
+# What deployment.status says of each deployment of the demo as `make demo` leaves it: state, rev, pinned, held.
+MADE = ("up", "main", None, {})
 # A progress line: its time, two spaces, the step.
 STEP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{6})  (sample-fetcher: .*)$")
 
@@ -259,15 +261,16 @@ def tail(proc):
 
 
 def as_made(runner):
-    """The demo as `make demo` leaves it: sample-fetcher on pillar's rev, unpinned, nothing held, up."""
-    ret = runner.shell(f"{SALT} demo-worker-1 deployment.status sample-fetcher --out=json")
+    """The demo as `make demo` leaves it, made so if not: both deployments up on pillar's rev, none pinned or held."""
+    ret = runner.shell(f"{SALT} '*' deployment.status --out=json --static")
     try:
-        row = json.loads(ret.stdout)["demo-worker-1"]["sample-fetcher"]
-    except (ValueError, KeyError, TypeError):
-        row = {}
-    if (row.get("state"), row.get("rev"), row.get("pinned"), row.get("held")) != ("up", "main", None, {}):
+        rows = [row for host in json.loads(ret.stdout).values() for row in host.values()]
+    except (ValueError, AttributeError):
+        rows = []
+    if len(rows) != 2 or any((r.get("state"), r.get("rev"), r.get("pinned"), r.get("held")) != MADE for r in rows):
         runner.shell(f"{SALT} demo-worker-1 deployment.unhold sample-fetcher")
-        back_to_pillar(runner)
+        runner.shell(f"{SALT} demo-worker-1 deployment.unpin sample-fetcher")
+        runner.shell(f"{SALT} -t 600 '*' state.apply")
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"README-line-{b.line}" for b in RUNNABLE])
