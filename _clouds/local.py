@@ -480,14 +480,20 @@ def start(name, call=None):
 
 def reboot(name, call=None):
     """
-    Stop then start an instance.
+    Stop then start an instance. ``was_running``: whether its minion ran
+    before the reboot; its deployments come back with the next ``state.apply``.
 
     .. code-block:: bash
 
         salt-cloud -a reboot worker-1
     """
-    stop(name, call)
-    return start(name, call)
+    stopped = stop(name, call)
+    started = start(name, call)
+    return {
+        **started,
+        "was_running": stopped["minion_was_running"],
+        "stopped_deployments": stopped["stopped_deployments"],
+    }
 
 
 def show_instance(name, call=None):

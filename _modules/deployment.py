@@ -40,25 +40,36 @@ def _root():
     return __utils__["saltfleet_schema.host_root"](__pillar__, __opts__)
 
 
+def _hint(command):
+    """``command`` as the operator types it on the master, for this host: `salt <id> <command>`."""
+    return f"`salt {__opts__['id']} {command}`"
+
+
 def _installed(name):
     """(paths, manifest, uid) of an installed deployment; a clear error when it is not installed."""
     root = _root()
     manifest = __utils__["saltfleet_files.installed"](root).get(name)
     if not manifest:
         raise CommandExecutionError(
-            f"deployment {name} is not installed on this host; deployment.list shows those that are"
+            f"deployment {name} is not installed on this host; {_hint('deployment.list')} shows those that are"
         )
     p = __utils__["saltfleet_paths.paths"](root, manifest["user"], name)
     uid = __utils__["saltfleet_user.account"](manifest["user"], f"deployments:{name}").pw_uid
     return p, manifest, uid
 
 
-def _serving_socket(name, p, uid):
+def _answering_socket(p, uid):
+    """The serving generation's supervisord socket, when that supervisord answers; else None."""
     gen = __utils__["saltfleet_supervisor.serving"](p)
     sock = __utils__["saltfleet_paths.generation"](p, gen)["socket"] if gen else None
-    if not sock or not __utils__["saltfleet_supervisor.answers"](sock, uid):
+    return sock if sock and __utils__["saltfleet_supervisor.answers"](sock, uid) else None
+
+
+def _serving_socket(name, p, uid):
+    sock = _answering_socket(p, uid)
+    if not sock:
         raise CommandExecutionError(
-            f"deployment {name}: its supervisord is not running; `salt-call state.apply` starts it"
+            f"deployment {name}: its supervisord is not running; {_hint(f'deployment.start {name}')} starts it"
         )
     return sock
 
@@ -131,6 +142,9 @@ def _status(root, name, manifest):
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
     holds = (manifest.get("operator") or {}).get("holds") or {}
     row["held"] = {p: h.get("reason") for p, h in holds.items()}
+    pin = (manifest.get("operator") or {}).get("rev")
+    # The rev an operator set (update_code, rollback), kept over pillar's until deployment.unpin.
+    row["pinned"] = {"rev": pin.get("value"), "by": pin.get("by"), "at": pin.get("at")} if pin else None
     held = {p for p in row["programs"] if "*" in holds or p.split(":")[0] in holds}
     down = sorted(f"{p} {s}" for p, s in row["programs"].items() if s != "RUNNING" and p not in held)
     if row["supervisord"] != "running":
@@ -193,9 +207,10 @@ def status(name=None):
     Release, supervisord and program states of the installed deployments
     (or of ``name``), asked of each deployment's own supervisord: ``state``
     up or down and a one-line ``summary``, ``held`` programs with their
-    reasons, and ``draining``, the supervisords of earlier releases still
-    finishing their tasks. The job fails (retcode 1) when a program that
-    should run does not.
+    reasons, ``pinned``, the rev an operator set (``update_code``,
+    ``rollback``) that ``state.apply`` keeps over pillar's, and ``draining``,
+    the supervisords of earlier releases still finishing their tasks. The
+    job fails (retcode 1) when a program that should run does not.
 
     CLI Example:
 
@@ -209,7 +224,7 @@ def status(name=None):
     if name is not None:
         if name not in manifests:
             raise CommandExecutionError(
-                f"deployment {name} is not installed on this host; deployment.list shows those that are"
+                f"deployment {name} is not installed on this host; {_hint('deployment.list')} shows those that are"
             )
         manifests = {name: manifests[name]}
     # Each deployment asks its own supervisord and Celery workers: all at once, each in the loader's context.
@@ -274,8 +289,9 @@ def restart(name, program=None):
 def stop(name, program=None):
     """
     Stop a deployment's supervisord and its programs (gracefully), draining
-    generations too; or, given ``program``, that program group alone. The next
-    ``state.apply`` starts them again (``deployment.hold`` keeps them stopped).
+    generations too; or, given ``program``, that program group alone. Returns
+    the program groups stopped. ``deployment.start`` (or the next
+    ``state.apply``) starts them again; ``deployment.hold`` keeps them stopped.
 
     CLI Example:
 
@@ -287,7 +303,10 @@ def stop(name, program=None):
     sup = "saltfleet_supervisor"
     with _changing(name, "stop") as (p, manifest, uid):
         if program is None:
-            return {"stopped": bool(__utils__[f"{sup}.stop_all"](p, uid, manifest.get("draining")))}
+            sock = _answering_socket(p, uid)
+            groups = _groups(name, sock, uid, None) if sock else []
+            __utils__[f"{sup}.stop_all"](p, uid, manifest.get("draining"))
+            return {"stopped": groups}
         sock = _serving_socket(name, p, uid)
         groups = _groups(name, sock, uid, program)
         __utils__[f"{sup}.stop_groups"](sock, uid, groups)
@@ -313,8 +332,10 @@ def _held(manifest, program):
 
 def start(name, program=None):
     """
-    Start a deployment's programs (or one program group) that are stopped.
-    A held program stays stopped: ``deployment.unhold`` first.
+    Start a deployment's programs (or one program group) that are stopped;
+    after ``deployment.stop NAME``, its supervisord too, with the release and
+    config it served (as the boot line does). A held program stays stopped:
+    ``deployment.unhold`` first.
 
     CLI Example:
 
@@ -328,8 +349,11 @@ def start(name, program=None):
         held = _held(manifest, program)
         if held:
             raise CommandExecutionError(
-                f"deployment {name}: held ({held.get('reason') or 'no reason given'}); deployment.unhold {name} first"
+                f"deployment {name}: held ({held.get('reason') or 'no reason given'}); "
+                f"{_hint(f'deployment.unhold {name}')} first"
             )
+        if program is None and not _answering_socket(p, uid):
+            _start_supervisord(name, p, manifest, uid)
         sock = _serving_socket(name, p, uid)
         groups = _groups(name, sock, uid, program)
         __utils__[f"{sup}.start_groups"](
@@ -339,6 +363,22 @@ def start(name, program=None):
     if failed:
         raise CommandExecutionError(f"deployment {name}: not RUNNING: {_fmt(failed)}")
     return {"running": groups}
+
+
+def _start_supervisord(name, p, manifest, uid):
+    """
+    The serving generation's supervisord, started from the config it served
+    with (root's, as state.apply wrote it; what the boot line starts too).
+    """
+    gen = __utils__["saltfleet_supervisor.serving"](p)
+    if not manifest.get("release") or gen is None:
+        raise CommandExecutionError(f"deployment {name} has no release serving yet; {_hint('state.apply')} deploys one")
+    settings, errors = __utils__["saltfleet_schema.validate_host"](
+        __pillar__.get("saltfleet"), __opts__.get("root_dir") or "/"
+    )
+    if errors:
+        raise CommandExecutionError("\n".join(errors))
+    __utils__["saltfleet_supervisor.start"](None, settings, p, gen, uid)
 
 
 def force_restart(name, program=None):
@@ -495,7 +535,10 @@ def update_code(name, rev, _by="deployment.update_code"):
 def unpin(name):
     """
     Follow pillar's rev again after ``deployment.update_code`` or
-    ``deployment.rollback``; the next ``state.apply`` deploys it.
+    ``deployment.rollback``. Nothing is deployed now: the host serves the
+    release it serves (``serving``, and the ``comment`` says so) until the
+    next ``state.apply`` deploys pillar's rev. The master hears of it at once
+    (``deployment.report``): ``fleet.inventory`` no longer shows the pin.
 
     CLI Example:
 
@@ -503,8 +546,25 @@ def unpin(name):
 
         salt 'worker-7' deployment.unpin daily-fetcher
     """
-    _operator(name, "unpin", lambda op: op.pop("rev", None))
-    return {"pinned": False, "rev": ((__pillar__.get("deployments") or {}).get(name) or {}).get("rev", "HEAD")}
+    pins = []
+    manifest = _operator(name, "unpin", lambda op: pins.append(op.pop("rev", None)))
+    rev = ((__pillar__.get("deployments") or {}).get(name) or {}).get("rev", "HEAD")
+    serving = manifest.get("release")
+    where = f"it serves {serving[:12]}" if serving else "it serves no release yet"
+    if pins[0]:
+        comment = (
+            f"deployment {name} follows pillar's rev {rev} again, no longer {pins[0]['value']} "
+            f"(set by {pins[0]['by']}); {where} until {_hint('state.apply')} deploys {rev}"
+        )
+    else:
+        comment = f"deployment {name} was not pinned: it follows pillar's rev {rev}; {where}"
+    if pins[0]:
+        try:
+            report()
+        except Exception:  # pylint: disable=broad-except
+            # The pin is gone all the same; the heartbeat tells the master within a minute.
+            log.warning("telling the master deployment %s is unpinned failed", name, exc_info=True)
+    return {"pinned": False, "rev": rev, "serving": serving, "comment": comment}
 
 
 def update_virtualenv(name):

@@ -127,8 +127,9 @@ def present(name, **kwargs):
         return _failed(ret, name, exc)
     ret["changes"] = plan["changes"]
     ret["comment"] = _describe(cfg, plan, dry=test)
-    if plan.get("warnings"):
-        ret["warnings"] = plan["warnings"]
+    warnings = ([f"deployments:{name}: {pinned}"] if pinned else []) + plan.get("warnings", [])
+    if warnings:
+        ret["warnings"] = warnings
     if test:
         ret["result"] = None if plan["changes"] else True
     elif plan["changes"]:
@@ -312,15 +313,17 @@ def _pinned(cfg, manifest, asked):
     """
     The rev an operator set with deployment.update_code or rollback, which
     wins over pillar's until pillar says the same (or deployment.unpin): the
-    returned note says so, for the state's comment. ``asked``: the state was
-    given a rev itself.
+    returned note says so, for the state's comment and its warnings (which
+    Salt's state output shows even when it shows no comment of an unchanged
+    state, as ``state_output: changes`` or ``terse`` do). ``asked``: the
+    state was given a rev itself.
     """
     pin = (manifest.get("operator") or {}).get("rev")
     if not pin or asked or pin["value"] == cfg["rev"]:
         return None
     note = (
         f"rev '{pin['value']}' set by {pin['by']} at {pin['at']} is kept, though pillar says '{cfg['rev']}' "
-        f"(`deployment.unpin {cfg['name']}` follows pillar again)"
+        f"(`salt {__opts__['id']} deployment.unpin {cfg['name']}` follows pillar again)"
     )
     cfg["rev"] = pin["value"]
     return note
@@ -415,7 +418,9 @@ def _sources(cfg, p, sha, digest):
     if not sections:
         raise CommandExecutionError(
             f"deployments:{name}:programs: the deployment runs nothing: set pillar programs or ship "
-            f"deployments/{name}/files/supervisord.conf(.jinja)"
+            f"deployments/{name}/files/supervisord.conf(.jinja). If you added that file a moment ago: "
+            "the master lists its files from a cache up to fileserver_list_cache_time seconds old "
+            "(20 by default); `salt-run fileserver.clear_file_list_cache` refreshes it, then apply again"
         )
     files = _sysfile_sources(name, _context(cfg, p, p["project"], p["project"] / "venv"))
     return sections, files
@@ -500,6 +505,10 @@ def _plan(settings, cfg, p, test):
     plan["build_venv"] = not __utils__["saltfleet_venv.complete"](venv)
     if sha != plan["current"] or plan["build_release"]:
         changes["release"] = {"old": plan["current"], "new": sha}
+    elif plan["current"] and manifest.get("rev") != cfg["rev"]:
+        # The serving release is what rev names now (a pin dropped, a rev naming the same commit): recorded,
+        # so grains and the inventory say which rev the host follows.
+        changes["rev"] = {"old": manifest.get("rev"), "new": cfg["rev"]}
     if digest != manifest.get("venv") or plan["build_venv"]:
         changes["virtualenv"] = {"old": manifest.get("venv"), "new": digest}
     # The programs move to another release or venv: a new generation takes over.
@@ -1074,16 +1083,20 @@ def _describe(cfg, plan, dry):
     if not changes:
         return f"Deployment {name} is at {sha[:12]} ({_rev_note(cfg, sha)}) and running{notes}"
     verb = "would be" if dry else "was"
+    # The same for a plural subject (programs, sysfiles, old releases).
+    verbs = "would be" if dry else "were"
     parts = []
     if "release" in changes:
         parts.append(f"release {verb} switched to {sha[:12]} ({_rev_note(cfg, sha)})")
+    if "rev" in changes:
+        parts.append(f"rev {verb} recorded as {cfg['rev']}: it names {sha[:12]}, which serves already")
     if "virtualenv" in changes and plan["build_venv"]:
         parts.append(f"virtualenv {verb} built")
     if "supervisord" in changes:
         parts.append(f"supervisord {verb} started")
     if "programs" in changes:
         parts.append(
-            f"programs {verb} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
+            f"programs {verbs} updated: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes["programs"].items())
         )
     if "generations" in changes:
         pids = ", ".join(map(str, changes["generations"]["stopped"]))
@@ -1091,9 +1104,9 @@ def _describe(cfg, plan, dry):
     if plan.get("drain_pid"):
         parts.append(f"the previous programs finish their tasks in the background (pid {plan['drain_pid']})")
     if "sysfiles" in changes:
-        parts.append(f"sysfiles {verb} updated")
+        parts.append(f"sysfiles {verbs} updated")
     if "secrets" in changes:
-        parts.append(f"{', '.join(changes['secrets'])} {verb} written")
+        parts.append(f"{', '.join(changes['secrets'])} {verbs if len(changes['secrets']) > 1 else verb} written")
     if "pruned" in changes:
-        parts.append(f"{len(changes['pruned'])} old release(s) and venv(s) {verb} pruned")
+        parts.append(f"{len(changes['pruned'])} old release(s) and venv(s) {verbs} pruned")
     return f"Deployment {name}: " + "; ".join(parts or [f"configuration {verb} updated"]) + notes

@@ -181,6 +181,8 @@ def master(running):
         "log_level_logfile": "info",
         "worker_threads": 3,
         "state_output": "changes",
+        # The README's nodegroup example, for the demo's fetcher: `salt -N fetchers ...`.
+        "nodegroups": {"fetchers": "G@saltfleet_deployments:sample-fetcher:*"},
         # Read by pillar/top.sls and pillar/demo/*.sls: the demo's own facts.
         "saltfleet_demo": {
             "user": user,
@@ -383,7 +385,7 @@ The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's comm
     salt-run {CONFIG_ARG} fleet.ansible_inventory --out=json
     salt-cloud {CONFIG_ARG} -Q
     salt-cloud {CONFIG_ARG} -p {PROFILE} demo-worker-3
-    salt-cloud {CONFIG_ARG} -d demo-worker-3
+    salt-cloud {CONFIG_ARG} -y -d demo-worker-3
     SALT_CONFIG_DIR=.demo/etc/salt localfleet/ansible_inventory.py --list   # an Ansible inventory script
 
 Send the fetchers a task:
