@@ -165,6 +165,11 @@ def checker(opts, perms):
     return allowed
 
 
+def functions():
+    """The runner functions of the page's verbs."""
+    return sorted(ACTIONS.values())
+
+
 def capabilities(exists):
     """{verb: whether its runner function exists (``exists(fun)``)} of the page's verbs."""
     return {verb: bool(exists(fun)) for verb, fun in ACTIONS.items()}
