@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 export UV_CACHE_DIR := $(CURDIR)/.cache/uv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: venv test lint demo demo-down bench clean
+.PHONY: venv browser test lint demo demo-down bench clean
 
 $(UV):
 	$(PYTHON) -m pip install -q --disable-pip-version-check --target .tools uv==$(UV_VERSION)
@@ -24,9 +24,21 @@ $(VENV)/.synced: requirements-dev.lock | $(UV)
 
 venv: $(VENV)/.synced
 
+# The fleet page's tests (and its bench rows) drive Debian's Chromium through
+# chromedriver: installed when missing, by apt-get as root.
+CHROMIUM_DEBS := chromium chromium-driver
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CHROMIUM_DEBS); \
+		else \
+			echo "the page tests need Debian's $(CHROMIUM_DEBS): sudo apt-get install $(CHROMIUM_DEBS)" >&2; exit 1; \
+		fi; \
+	fi
+
 # Unit and functional tests need no daemons: four at a time. Integration
 # modules two at a time, each keeping its tests on one worker (their daemons start once).
-test: venv
+test: venv browser
 	$(BIN)/pytest -n 4 tests/unit tests/functional $(PYTEST_ARGS)
 	$(BIN)/pytest -n 2 --dist loadscope tests/integration $(PYTEST_ARGS)
 
@@ -42,7 +54,7 @@ demo: venv
 demo-down: venv
 	$(BIN)/python -m localfleet down
 
-bench: venv
+bench: venv browser
 	$(BIN)/python -m bench $(if $(QUICK),--quick)
 
 clean: demo-down

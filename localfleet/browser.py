@@ -23,6 +23,22 @@ FLAGS = (
 )
 
 
+# In a page of the fleet page: records when each line of its rollout view first shows
+# (window.__seen: key, the master's _stamp of the line, shown at in the page's clock, ms).
+OBSERVE_ROLLOUT = """
+window.__seen = [];
+const seen = new Set();
+new MutationObserver(() => {
+  for (const el of document.querySelectorAll('#view-rollout li[data-key]')) {
+    if (!seen.has(el.dataset.key)) {
+      seen.add(el.dataset.key);
+      window.__seen.push({key: el.dataset.key, stamp: el.dataset.stamp || null, shown: Date.now()});
+    }
+  }
+}).observe(document.body, {subtree: true, childList: true});
+"""
+
+
 class BrowserMissing(RuntimeError):
     """Chromium or chromedriver is not installed (`make test` installs Debian's chromium and chromium-driver)."""
 

@@ -58,7 +58,8 @@ export function series(label, points, metric, format) {
     "svg",
     { class: "chart", width: WIDTH, height: height + 18, viewBox: `0 0 ${WIDTH} ${height + 18}`, role: "img" },
     s("title", {}, label),
-    s("text", { x: 0, y: 10, class: "chart-title" }, `${label} (max ${format(top)})`),
+    s("text", { x: 0, y: 10, class: "chart-title" }, label),
+    s("text", { x: WIDTH, y: 10, class: "chart-value", "text-anchor": "end" }, `max ${format(top)}`),
     line(olds, "line-old"),
     line(news, "line-new"),
   );

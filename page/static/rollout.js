@@ -118,7 +118,7 @@ function lineText(line) {
   }
 }
 
-function measure(label, side, name) {
+function measure(side, name) {
   return side && typeof side === "object" ? side[name] : undefined;
 }
 
@@ -148,8 +148,8 @@ export function analysisView(line) {
       pair("failure rate", old.failure_rate, young.failure_rate, percent, limits.failure_rate),
       pair("run time p50", old.runtime_p50, young.runtime_p50, seconds),
       pair("run time p95", old.runtime_p95, young.runtime_p95, seconds, limits.runtime_p95),
-      series("failure rate over the window", points, "failure_rate", percent),
-      series("run time p95 over the window", points, "runtime_p95", seconds),
+      series("failure rate, window", points, "failure_rate", percent),
+      series("run time p95, window", points, "runtime_p95", seconds),
     ),
     h(
       "table",
@@ -163,7 +163,7 @@ export function analysisView(line) {
         "tbody",
         {},
         rows.map(([label, name, fmt]) =>
-          h("tr", {}, h("th", {}, label), h("td", {}, fmt(measure(label, old, name))), h("td", {}, fmt(measure(label, young, name)))),
+          h("tr", {}, h("th", {}, label), h("td", {}, fmt(measure(old, name))), h("td", {}, fmt(measure(young, name)))),
         ),
       ),
     ),
@@ -214,7 +214,8 @@ export function rolloutView(rollout, buttons) {
       rollout.lines.map((line) =>
         h(
           "li",
-          { "data-key": `${rollout.id}|${key(line)}`, "data-event": line.event },
+          // data-stamp: when the master fired the line (live lines only), for the tests and the bench.
+          { "data-key": `${rollout.id}|${key(line)}`, "data-event": line.event, "data-stamp": line._stamp },
           h("time", {}, when(line.at)),
           " ",
           lineText(line),
