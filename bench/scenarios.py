@@ -102,23 +102,37 @@ class Bench:
 
     # ------------------------------------------------------------- scenarios
 
-    def run(self):
+    def run(self, only=()):
+        """Every scenario of the plan, or those named in ``only`` (SCENARIOS' names)."""
+        wanted = {
+            "warm-up": True,
+            "start-up": True,
+            "floor": True,
+            "saltfleet": True,
+            "built-ins": bool(self.plan["builtins"]),
+            "fan-out": bool(self.plan["fanout"]),
+            "handover": bool(self.plan["handover_tasks"]),
+        }
         self.ws = Workspace(keep=self.keep)
         try:
             self.log(f"workspace {self.ws.base}")
-            self.guarded("warm-up", self.warm_up)
-            self.guarded("start-up", self.startup)
-            self.guarded("floor", self.floor)
-            self.guarded("saltfleet", self.saltfleet)
-            if self.plan["builtins"]:
-                self.guarded("built-ins", self.builtins)
-            if self.plan["fanout"]:
-                self.guarded("fan-out", self.fanout)
-            if self.plan["handover_tasks"]:
-                self.guarded("handover", self.handover)
+            for name, fn in self.scenarios().items():
+                if wanted[name] and (not only or name in only):
+                    self.guarded(name, fn)
         finally:
             self.ws.close()
         return self
+
+    def scenarios(self):
+        return {
+            "warm-up": self.warm_up,
+            "start-up": self.startup,
+            "floor": self.floor,
+            "saltfleet": self.saltfleet,
+            "built-ins": self.builtins,
+            "fan-out": self.fanout,
+            "handover": self.handover,
+        }
 
     def warm_up(self):
         """One untimed fresh deployment: uv's cache, the page cache and Salt's bytecode are warm after it."""

@@ -16,8 +16,10 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
 from localfleet import demo, procs
+from localfleet.api import Api
 from localfleet.config import REPO
 
 # The tests already run in the repository's venv: `make` must not re-sync it underneath them.
@@ -43,9 +45,14 @@ def printed_commands(output):
     ]
 
 
+def started_by_demo():
+    """The demo's daemons (salt-api beside them) and all they started: a procs.tree snapshot."""
+    return procs.tree([*demo.daemons(), *filter(None, [Api(demo.DEMO).pid()])])
+
+
 def demo_processes():
     """{pid: command line} of the demo's daemons and all they started."""
-    return {pid: cmdline for pid, (_, cmdline) in demo.processes().items()}
+    return {pid: cmdline for pid, (_, cmdline) in started_by_demo().items()}
 
 
 def in_demo_folder():
@@ -202,8 +209,8 @@ def test_second_make_demo_converges_without_duplicates(demo_running):
 
 def test_make_demo_down_stops_the_demo_and_nothing_else(demo_running):
     _, before_demo = demo_running
-    started_by_demo = demo.processes()
-    assert started_by_demo
+    started = started_by_demo()
+    assert started
     # A user's processes that run in .demo/ or read its files are not the demo's.
     log = demo.DEMO / "var" / "log" / "salt" / "master"
     bystanders = [
@@ -214,7 +221,7 @@ def test_make_demo_down_stops_the_demo_and_nothing_else(demo_running):
         proc = make("demo-down")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert [b.poll() for b in bystanders] == [None, None], proc.stdout
-        assert procs.still_running(started_by_demo) == {}
+        assert procs.still_running(started) == {}
         assert demo_processes() == {}
         assert not demo.master_pid()
         ignored = before_demo | {b.pid for b in bystanders}
@@ -246,3 +253,32 @@ def test_the_printed_fleet_deploy_rolls_the_second_revision_out(demo_running):
         salt = ["salt", "-c", ".demo/etc/salt", "demo-worker-1"]
         shell(" ".join([*salt, "deployment.unpin", "sample-fetcher"]), activated)
         shell(" ".join([*salt, "state.apply"]), activated)
+
+
+def test_make_demo_prints_the_fleet_page_and_passwords_that_log_in(demo_running):
+    """The page's address and users `make demo` prints: salt-api serves the page there and takes the passwords."""
+    proc = make("demo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    url = re.search(r"^The fleet page: (http://127\.0\.0\.1:\d+)/fleet\s", proc.stdout, re.M)
+    passwords = dict(re.findall(r"^\s+user (demo|viewer)\s+password (\S+)", proc.stdout, re.M))
+    assert url and set(passwords) == {"demo", "viewer"}, proc.stdout[-2000:]
+    base = url.group(1)
+    page = requests.get(f"{base}/fleet", timeout=30)
+    assert page.status_code == 200 and 'http-equiv="Content-Security-Policy"' in page.text
+
+    def session(user):
+        login = requests.post(
+            f"{base}/login", json={"username": user, "password": passwords[user], "eauth": "file"}, timeout=60
+        )
+        assert login.status_code == 200, login.text
+        return {"X-Auth-Token": login.json()["return"][0]["token"], "Accept": "application/json"}
+
+    viewer = session("viewer")
+    overview = requests.post(base, json=[{"client": "runner", "fun": "fleet.overview"}], headers=viewer, timeout=120)
+    assert overview.status_code == 200, overview.text
+    assert sorted(row["id"] for row in overview.json()["return"][0]["hosts"]) == list(demo.WORKERS)
+    deploy = [{"client": "runner_async", "fun": "fleet.deploy", "arg": ["sample-fetcher"], "kwarg": {"rev": "v2"}}]
+    assert requests.post(base, json=deploy, headers=viewer, timeout=60).status_code == 401
+    dry = [{**deploy[0], "client": "runner", "kwarg": {"rev": "v2", "test": True}}]
+    allowed = requests.post(base, json=dry, headers=session("demo"), timeout=300)
+    assert allowed.status_code == 200 and allowed.json()["return"][0]["test"] is True, allowed.text
