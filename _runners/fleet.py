@@ -797,20 +797,38 @@ def _floors(hosts, cache):
     return floors
 
 
-def _page_facts(cache, now):
-    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]}) from the cache."""
+class _ReadOnce:
+    """Salt's cache, each (bank, key) read once: fleet.overview reads every minion's facts for several views."""
+
+    def __init__(self, cache):
+        self.cache, self.read = cache, {}
+
+    def _once(self, how, bank, key):
+        if (how, bank, key) not in self.read:
+            self.read[(how, bank, key)] = getattr(self.cache, how)(bank, key)
+        return self.read[(how, bank, key)]
+
+    def fetch(self, bank, key):
+        return self._once("fetch", bank, key)
+
+    def updated(self, bank, key):
+        return self._once("updated", bank, key)
+
+
+def _page_facts(cache, rows):
+    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]})."""
     facts, where = {}, {}
-    for minion_id in sorted(_accepted()):
-        grains = cache.fetch("grains", minion_id) or {}
-        mine = cache.fetch("mine", minion_id) or {}
+    for row in rows:
+        grains = cache.fetch("grains", row["id"]) or {}
+        mine = cache.fetch("mine", row["id"]) or {}
         known = grains.get("saltfleet_deployments") if isinstance(grains, dict) else None
-        rows = mine.get(STATUS) if isinstance(mine, dict) else None
-        known, rows = (known if isinstance(known, dict) else {}), (rows if isinstance(rows, dict) else {})
-        if not known and not rows:
+        statuses = mine.get(STATUS) if isinstance(mine, dict) else None
+        known, statuses = (known if isinstance(known, dict) else {}), (statuses if isinstance(statuses, dict) else {})
+        if not known and not statuses:
             continue
-        facts[minion_id] = (_row(minion_id, cache, now)["status"], known, rows)
-        for name in {*known, *rows}:
-            where.setdefault(name, []).append(minion_id)
+        facts[row["id"]] = (row["status"], known, statuses)
+        for name in {*known, *statuses}:
+            where.setdefault(name, []).append(row["id"])
     return facts, where
 
 
@@ -836,12 +854,12 @@ def overview(perms=None, limit=50):
         salt-run fleet.overview --out=json
         salt-run fleet.overview perms='["@runner"]' limit=10 --out=yaml
     """
-    cache = salt.cache.factory(__opts__)
+    # One pass over the accepted minions, each one's cache entries read once, for every view.
+    cache = _ReadOnce(salt.cache.factory(__opts__))
     now = time.time()
-    facts, where = _page_facts(cache, now)
+    rows = [_row(minion_id, cache, now) for minion_id in sorted(_accepted())]
+    facts, where = _page_facts(cache, rows)
     floors = _floors(where, cache)
-    found, unanswered = _consumers()
-    consumers = {q: {"up": sum(c["status"] == "up" for c in rows), "consumers": rows} for q, rows in found.items()}
     entries = __utils__["saltfleet_ledger.read"](_opts())
     running = __utils__["saltfleet_ledger.running"](_opts(), entries)
     items = __utils__["saltfleet_ledger.history"](entries, None, running)
@@ -851,9 +869,9 @@ def overview(perms=None, limit=50):
     return {
         "user": _user(),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        "hosts": _with_syndics(_rows()),
+        "hosts": _with_syndics(rows),
         "deployments": __utils__["saltfleet_page.deployments"](facts, floors),
-        "queues": __utils__["saltfleet_page.queues"]({"queues": consumers, "unanswered": unanswered}, floors),
+        "queues": __utils__["saltfleet_page.queues"](*__utils__["saltfleet_page.consumers"](facts), floors),
         "rollouts": __utils__["saltfleet_page.rollouts"](entries, running),
         "history": list(reversed(items[-int(limit) :] if limit else items)),
         "capabilities": __utils__["saltfleet_page.capabilities"](exists),

@@ -117,16 +117,46 @@ def deployments(facts, floors=None):
     return out
 
 
-def queues(report, floors):
-    """``fleet.queues``' report ({queues, unanswered}) with each queue's floors ({deployment: {queue: fewest}})."""
-    out = {name: {**info, "floors": {}} for name, info in report["queues"].items()}
+def consumers(facts):
+    """
+    ({queue: [consumer]}, [unanswered]) from ``facts`` ({minion: (status,
+    grains' deployments, mine's deployment.status)}): as ``fleet.queues``
+    reads the mine, each serving Celery node under every queue it consumes
+    ({minion, deployment, node, active, status}), and the deployments whose
+    workers did not answer ({minion, deployment, error}).
+    """
+    found, unanswered = {}, []
+    for minion in sorted(facts):
+        status, _, rows = facts[minion]
+        for name, row in sorted(_mapping(rows).items()):
+            workers = row.get("workers") if isinstance(row, dict) else None
+            if not isinstance(workers, dict):
+                continue
+            if isinstance(workers.get("error"), str):
+                unanswered.append({"minion": minion, "deployment": name, "error": _text(workers["error"])})
+                continue
+            for node, worker in sorted(workers.items()):
+                for queue in (worker.get("queues") or []) if isinstance(worker, dict) else []:
+                    consumer = {"minion": minion, "deployment": name, "node": node, "active": worker.get("active")}
+                    found.setdefault(queue, []).append({**consumer, "status": status})
+    return dict(sorted(found.items())), unanswered
+
+
+def queues(found, unanswered, floors):
+    """
+    ``fleet.queues``' report ({queues: {queue: {up, consumers}}, unanswered})
+    of ``consumers``' result, with each queue's floors ({deployment: {queue: fewest}}).
+    """
+    out = {
+        q: {"up": sum(c["status"] == "up" for c in rows), "consumers": rows, "floors": {}} for q, rows in found.items()
+    }
     for name, by_queue in sorted(floors.items()):
         for queue, floor in sorted(by_queue.items()):
             row = out.setdefault(queue, {"up": 0, "consumers": [], "floors": {}})
             row["floors"][name] = floor
     for row in out.values():
         row["below"] = bool(row["floors"]) and row["up"] < max(row["floors"].values())
-    return {"queues": dict(sorted(out.items())), "unanswered": report["unanswered"]}
+    return {"queues": dict(sorted(out.items())), "unanswered": unanswered}
 
 
 def rollouts(entries, running=(), finished=1):

@@ -198,7 +198,8 @@ async function act(fun, name, kwarg, message) {
     say(`${fun} ${name} started (job ${job.jid}).`);
     show("rollout");
   } catch (error) {
-    failed(error);
+    // A 401 here is Salt's ACL refusing this call (the session still reads): nothing was changed.
+    say(`${fun} ${name} refused: ${error.message}`, "error");
   }
 }
 

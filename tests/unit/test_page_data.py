@@ -85,11 +85,47 @@ def test_a_subject_is_shown_for_its_own_release_only_and_long_values_are_cut():
 
 
 def test_a_floored_queue_is_listed_even_with_no_consumer_and_flagged_below_its_floor():
-    report = {"queues": {"fetch": {"up": 1, "consumers": [{"minion": "w1", "status": "up"}]}}, "unanswered": []}
-    view = page.queues(report, {"fetcher": {"fetch": 2, "reports": 1}})
+    found = {"fetch": [{"minion": "w1", "deployment": "fetcher", "node": "n", "active": 0, "status": "up"}]}
+    view = page.queues(found, [], {"fetcher": {"fetch": 2, "reports": 1}})
     assert view["queues"]["fetch"]["floors"] == {"fetcher": 2}
-    assert view["queues"]["fetch"]["below"] is True
+    assert (view["queues"]["fetch"]["up"], view["queues"]["fetch"]["below"]) == (1, True)
     assert view["queues"]["reports"] == {"up": 0, "consumers": [], "floors": {"fetcher": 1}, "below": True}
+
+
+def test_the_page_counts_consumers_as_fleet_queues_does(master_opts):
+    workers = {"n1@w1": {"queues": ["fetch", "reports"], "active": 1}, "n2@w1": {"queues": ["fetch"], "active": 0}}
+    add_minion(
+        master_opts,
+        "w1",
+        grains=grains(OLD, "s"),
+        mine=mine({"fetcher": {**status_row(OLD), "workers": workers}}),
+        age=5,
+    )
+    lost = {"error": "no answer from the workers"}
+    add_minion(
+        master_opts,
+        "w2",
+        grains=grains(OLD, "s"),
+        mine=mine({"fetcher": {**status_row(OLD), "workers": lost}}),
+        age=500,
+    )
+    add_minion(master_opts, "w3", grains=grains(NEW, "s"), mine=mine({"fetcher": status_row(NEW)}), age=500)
+    runner = load_runner(master_opts)
+    runner.__opts__ = {**master_opts, "output": "json"}
+    report = runner.queues()
+    facts = {
+        m: ("up" if m == "w1" else "down", {}, cache_mine(master_opts, m)["deployment.status"])
+        for m in ("w1", "w2", "w3")
+    }
+    view = page.queues(*page.consumers(facts), {})
+    assert {
+        q: {k: v for k, v in info.items() if k in ("up", "consumers")} for q, info in view["queues"].items()
+    } == report["queues"]
+    assert view["unanswered"] == report["unanswered"]
+
+
+def cache_mine(opts, minion):
+    return salt.cache.factory(opts).fetch("mine", minion)
 
 
 def test_the_rollout_view_starts_from_the_running_rollouts_and_the_last_finished_one():
