@@ -203,7 +203,15 @@ export function rolloutView(rollout, buttons) {
             h("td", {}, text(row.batch)),
             h("td", {}, minion),
             h("td", { class: "outcome" }, text(row.outcome)),
-            h("td", {}, row.reason ? row.reason : short(row.release)),
+            h(
+              "td",
+              {},
+              row.reason
+                ? row.reason
+                : ["waiting", "deploying", "not touched"].includes(row.outcome)
+                  ? `serves ${short(row.release)}`
+                  : short(row.release),
+            ),
           ),
         ),
       ),
