@@ -832,6 +832,17 @@ def _page_facts(cache, rows):
     return facts, where
 
 
+def _hosts(rows):
+    """``rows`` (this master's), and on a master of masters its syndics' rows: asked only when Salt registered one."""
+    import os
+
+    try:
+        registered = os.listdir(os.path.join(__opts__["cachedir"], "syndics"))
+    except OSError:
+        registered = []
+    return _with_syndics(rows) if registered else rows
+
+
 def overview(perms=None, limit=50):
     """
     What the fleet page shows, from the master's cache and the deploy ledger
@@ -869,7 +880,7 @@ def overview(perms=None, limit=50):
     return {
         "user": _user(),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        "hosts": _with_syndics(rows),
+        "hosts": _hosts(rows),
         "deployments": __utils__["saltfleet_page.deployments"](facts, floors),
         "queues": __utils__["saltfleet_page.queues"](*__utils__["saltfleet_page.consumers"](facts), floors),
         "rollouts": __utils__["saltfleet_page.rollouts"](entries, running),

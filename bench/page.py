@@ -20,11 +20,13 @@ import time
 import requests
 
 from bench.env import BIN, BenchError, run
-from localfleet.api import Api
+from localfleet.api import USERS, Api
 from localfleet.browser import OBSERVE_ROLLOUT, Chromium
 
-USER = "demo"
+USER = "bench"
 DEPLOYMENT = "fa"
+# The demo's users, and the bench's: every runner, so that it can time Salt's own floor (test.arg).
+USERS = {**USERS, USER: ["@runner"]}
 
 
 def _epoch(stamp):
@@ -43,18 +45,24 @@ class Listener(threading.Thread):
         self.ended = threading.Event()
 
     def run(self):
+        buffer = b""
         try:
-            for raw in self.response.iter_lines(decode_unicode=True):
-                if not raw or not raw.startswith("data:"):
-                    continue
-                event = json.loads(raw[5:])
-                data = event.get("data") or {}
-                if event.get("tag", "").startswith("saltfleet/rollout/"):
-                    self.lines[(data.get("id"), data.get("event"), data.get("minion"))] = (time.time(), data["_stamp"])
-                    if data.get("event") == "end":
-                        self.ended.set()
+            # Each chunk as it arrives (iter_lines would wait for 512 bytes).
+            for chunk in self.response.iter_content(chunk_size=None):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.startswith(b"data:"):
+                        self.take(json.loads(line[5:]), time.time())
         except (requests.RequestException, ValueError, AttributeError):
             self.ended.set()
+
+    def take(self, event, arrived):
+        data = event.get("data") or {}
+        if event.get("tag", "").startswith("saltfleet/rollout/"):
+            self.lines[(data.get("id"), data.get("event"), data.get("minion"))] = (arrived, data["_stamp"])
+            if data.get("event") == "end":
+                self.ended.set()
 
     def close(self):
         self.response.close()
@@ -64,7 +72,7 @@ class PageBench:
     def __init__(self, fleet, log):
         self.fleet = fleet
         self.log = log
-        self.api = Api(fleet.base)
+        self.api = Api(fleet.base, users=USERS)
         self.browser = None
         self.driver = None
         self.session = None
@@ -110,19 +118,27 @@ class PageBench:
         status = self.driver.execute_script("return document.getElementById('status').textContent")
         raise BenchError(f"the fleet page: no {what} within {timeout} s (its status: {status})")
 
-    def overview(self):
-        """fleet.overview through salt-api alone, as the page asks for it: seconds."""
+    def runner(self, fun, kwarg=None):
+        """A runner function through salt-api's runner client, as the page calls one: seconds."""
         started = time.perf_counter()
         response = requests.post(
             self.base_url,
-            json=[{"client": "runner", "fun": "fleet.overview", "kwarg": {"perms": self.session["perms"]}}],
+            json=[{"client": "runner", "fun": fun, "kwarg": kwarg or {}}],
             headers={"X-Auth-Token": self.session["token"], "Accept": "application/json"},
             timeout=120,
         )
         seconds = time.perf_counter() - started
-        if response.status_code != 200 or not isinstance(response.json()["return"][0], dict):
-            raise BenchError(f"fleet.overview through salt-api: {response.status_code} {response.text[:300]}")
+        if response.status_code != 200 or "return" not in response.json():
+            raise BenchError(f"{fun} through salt-api: {response.status_code} {response.text[:300]}")
         return seconds
+
+    def overview(self):
+        """fleet.overview through salt-api alone, as the page asks for it: seconds."""
+        return self.runner("fleet.overview", {"perms": self.session["perms"]})
+
+    def floor(self):
+        """Salt's own floor for any runner call through salt-api (a job process of the master's): test.arg."""
+        return self.runner("test.arg")
 
     def first_load(self, size):
         """(seconds to the filled hosts table, seconds to DOMContentLoaded) of the page opened afresh."""

@@ -251,6 +251,7 @@ class Bench:
         self.step(f"fan-out: the fleet page's first load with {size} minion(s), beside fleet.overview via salt-api")
         page.first_load(size)  # untimed: the browser's cache holds the page's files, as a returning operator's does
         for _ in range(self.plan["runs"]):
+            self.record(f"page_floor_{size}", page.floor())
             self.record(f"page_overview_{size}", page.overview())
             filled, static = page.first_load(size)
             self.record(f"page_load_{size}", filled)

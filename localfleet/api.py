@@ -139,12 +139,19 @@ class Api:
             time.sleep(0.2)
         raise FleetError(f"salt-api did not answer on {LOOPBACK}:{self.port} within {timeout} s; see {self.log_file}")
 
-    def stop(self, timeout=30):
-        """Stop salt-api and every process it started; the pid it had, or None."""
+    def stop(self, timeout=10):
+        """
+        Stop salt-api and every process it started; the pid it had, or None.
+        SIGKILL after ``timeout``: a salt-api stopping waits for its event
+        streams, and a stream waits for the master's next event.
+        """
         pid = self.pid()
         if pid:
             started = procs.tree([pid])
             procs.stop(list(started), timeout=timeout)
+            deadline = time.monotonic() + 10
+            while procs.still_running(started) and time.monotonic() < deadline:
+                time.sleep(0.1)
             left = procs.still_running(started)
             if left:
                 raise FleetError(f"salt-api processes still run: {left}")
