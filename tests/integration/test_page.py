@@ -142,8 +142,9 @@ def browser():
 
 
 def logs(salt_master):
-    """The master's log and salt-api's."""
-    return [Path(salt_master.config["log_file"]), Path(salt_master.config["api_logfile"])]
+    """The master's log and salt-api's (Salt reads a relative path from root_dir)."""
+    root = Path(salt_master.config["root_dir"])
+    return [root / salt_master.config[key] for key in ("log_file", "api_logfile")]
 
 
 def salt_run(salt_run_cli, *args):
