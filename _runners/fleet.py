@@ -850,3 +850,123 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
     args = [deployment] if deployment else []
     _, returns = __utils__[f"{ROLLOUT}.publish"](_opts(), hosts, "deployment.status", args, None, timeout)
     return _finish(__utils__[f"{ROLLOUT}.status_report"](deployment, hosts, returns))
+
+
+# ------------------------------------------------------------------ the fleet page
+# fleet.overview: everything the fleet page (page/, served by salt-api) shows,
+# in one call: one runner process instead of one per view. Shapes in
+# _utils/saltfleet_page.py.
+
+
+def _floors(hosts, cache):
+    """
+    {deployment: {queue: fewest}}: each deployment's ``min_consumers``, from
+    the pillar the master last compiled for its first host (as fleet.deploy
+    reads it); only that key leaves the cached pillar.
+    """
+    floors = {}
+    for name, minions in sorted(hosts.items()):
+        pillar = cache.fetch("pillar", sorted(minions)[0]) or {}
+        spec = ((pillar.get("deployments") if isinstance(pillar, dict) else None) or {}).get(name)
+        found = spec.get("min_consumers") if isinstance(spec, dict) else None
+        errors = []
+        if not found:
+            continue
+        if __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", found, errors):
+            floors[name] = dict(found)
+        else:
+            log.warning("fleet.overview: %s", "; ".join(errors))
+    return floors
+
+
+class _ReadOnce:
+    """Salt's cache, each (bank, key) read once: fleet.overview reads every minion's facts for several views."""
+
+    def __init__(self, cache):
+        self.cache, self.read = cache, {}
+
+    def _once(self, how, bank, key):
+        if (how, bank, key) not in self.read:
+            self.read[(how, bank, key)] = getattr(self.cache, how)(bank, key)
+        return self.read[(how, bank, key)]
+
+    def fetch(self, bank, key):
+        return self._once("fetch", bank, key)
+
+    def updated(self, bank, key):
+        return self._once("updated", bank, key)
+
+
+def _page_facts(cache, rows):
+    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]})."""
+    facts, where = {}, {}
+    for row in rows:
+        grains = cache.fetch("grains", row["id"]) or {}
+        mine = cache.fetch("mine", row["id"]) or {}
+        known = grains.get("saltfleet_deployments") if isinstance(grains, dict) else None
+        statuses = mine.get(STATUS) if isinstance(mine, dict) else None
+        known, statuses = (known if isinstance(known, dict) else {}), (statuses if isinstance(statuses, dict) else {})
+        if not known and not statuses:
+            continue
+        facts[row["id"]] = (row["status"], known, statuses)
+        for name in {*known, *statuses}:
+            where.setdefault(name, []).append(row["id"])
+    return facts, where
+
+
+def _hosts(rows):
+    """``rows`` (this master's), and on a master of masters its syndics' rows: asked only when Salt registered one."""
+    import os
+
+    try:
+        registered = os.listdir(os.path.join(__opts__["cachedir"], "syndics"))
+    except OSError:
+        registered = []
+    return _with_syndics(rows) if registered else rows
+
+
+def overview(perms=None, limit=50):
+    """
+    What the fleet page shows, from the master's cache and the deploy ledger
+    (no minion is asked): ``hosts`` (``fleet.inventory``'s rows),
+    ``deployments`` (which release serves where and whether they differ,
+    each host's programs, held programs with their reason, draining
+    generations, ``min_consumers``), ``queues`` (``fleet.queues`` with each
+    deployment's floor), ``rollouts`` (the running ones and the last, as the
+    ledger has them), ``history`` (``fleet.history``, newest first, the last
+    ``limit``), ``capabilities`` (which of the page's verbs have a runner
+    function: ``fleet.promote`` and ``fleet.abort`` may not) and
+    ``actions``: per deployment, which verbs ``perms`` (an eauth user's
+    permissions, as salt-api's /login returns them) allow, by Salt's own ACL
+    check of the call the page makes (``fleet.deploy NAME rev=...``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.overview --out=json
+        salt-run fleet.overview perms='["@runner"]' limit=10 --out=yaml
+    """
+    # One pass over the accepted minions, each one's cache entries read once, for every view.
+    cache = _ReadOnce(salt.cache.factory(__opts__))
+    now = time.time()
+    rows = [_row(minion_id, cache, now) for minion_id in sorted(_accepted())]
+    facts, where = _page_facts(cache, rows)
+    floors = _floors(where, cache)
+    entries = __utils__["saltfleet_ledger.read"](_opts())
+    running = __utils__["saltfleet_ledger.running"](_opts(), entries)
+    items = __utils__["saltfleet_ledger.history"](entries, None, running)
+    # Asked here: __salt__ (this runner loader) resolves in the runner's context, not in the utils'.
+    exists = {fun for fun in __utils__["saltfleet_page.functions"]() if fun in __salt__}.__contains__
+    allowed = __utils__["saltfleet_page.checker"](_opts(), perms)
+    return {
+        "user": _user(),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "hosts": _hosts(rows),
+        "deployments": __utils__["saltfleet_page.deployments"](facts, floors),
+        "queues": __utils__["saltfleet_page.queues"](*__utils__["saltfleet_page.consumers"](facts), floors),
+        "rollouts": __utils__["saltfleet_page.rollouts"](entries, running),
+        "history": list(reversed(items[-int(limit) :] if limit else items)),
+        "capabilities": __utils__["saltfleet_page.capabilities"](exists),
+        "actions": __utils__["saltfleet_page.actions"](sorted(where), exists, allowed),
+    }

@@ -812,11 +812,17 @@ def _serve(cfg, p, plan, gen, draining):
     The switch, once the new programs run: the manifest says what serves (the
     one fact every reader and the next apply trust), then the links follow.
     """
+    # What the release is to people (the fleet page, the grains): its commit's subject, read once per release.
+    subject = plan["manifest"].get("subject") if plan["sha"] == plan["current"] else None
+    if subject is None:
+        secrets = __utils__["saltfleet_git.secrets_of"](p)
+        subject = __utils__["saltfleet_git.subject"](p["mirror"], plan["sha"], cfg, secrets)
     _record(
         cfg,
         p,
         {
             "release": plan["sha"],
+            "subject": subject,
             "venv": plan["digest"],
             "rebuild": plan["rebuild"],
             "held": plan["holds"],

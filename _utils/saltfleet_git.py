@@ -29,6 +29,8 @@ ALLOWED_PROTOCOLS = "ssh:https:git:file"
 FETCH_TIMEOUT = 900
 # How long ssh may take to reach the git server.
 CONNECT_TIMEOUT = 10
+# A commit's subject as the master learns it: one line, no longer than this.
+SUBJECT_MAX = 200
 
 
 def __virtual__():
@@ -170,6 +172,20 @@ def read_file(repo, sha, relpath, cfg, secrets):
         return None, None
     text = _git(["cat-file", "blob", obj], cfg, secrets, cwd=repo)
     return ("link" if mode == "120000" else "file"), text
+
+
+def subject(repo, sha, cfg, secrets):
+    """
+    The subject (first line) of commit ``sha`` in root's ``repo``, at most
+    SUBJECT_MAX characters, or None when git cannot say. The app's authors
+    wrote it: it is text for people to read (the fleet page shows it as
+    text), never markup or a command.
+    """
+    text = _git(["show", "-s", "--format=%s", "--end-of-options", sha], cfg, secrets, cwd=repo, check=False, timeout=30)
+    if text is None:
+        return None
+    text = "".join(ch for ch in text.splitlines()[0] if ch.isprintable()) if text else ""
+    return text if len(text) <= SUBJECT_MAX else text[: SUBJECT_MAX - 3] + "..."
 
 
 def fetch(repo, cfg, secrets):

@@ -297,7 +297,8 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     ``hooks`` {pre, post: [argv]} run through ``deployment.run`` on the
     first host, ``pre`` before any host changes, ``post`` after the last
     batch. ``serving``: {minion: release} before the rollout. ``emit`` takes
-    progress lines, ``journal`` ledger events, ``check`` raises to stop.
+    progress lines, ``journal`` ledger events (each batch as it is sent, each
+    host's outcome as it returns), ``check`` raises to stop.
     Returns (hosts {minion: outcome}, hook results, why it stopped or None).
     """
     hosts = {m: {"outcome": NOT_TOUCHED, "release": serving.get(m)} for batch in plan for m in batch}
@@ -313,10 +314,11 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
             return hosts, ran, str(exc)
         emit(f"{name}: batch {number} of {len(plan)}: {', '.join(batch)}")
 
-        def returned(minion, data):
+        def returned(minion, data, n=number):
             row = outcome(data)
             what = row.get("release") if row["outcome"] == DEPLOYED else row.get("reason")
             emit(f"{name}: {minion}: {row['outcome']}: {what}", OK if row["outcome"] == DEPLOYED else FAIL)
+            journal({"event": "host", "batch": n, "minion": minion, **row})
 
         try:
             _, returns = publish(
@@ -337,6 +339,7 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
             hosts[minion] = outcome(returns.get(minion))
             if minion not in returns:
                 emit(f"{name}: {minion}: no answer within {timeout} s", FAIL)
+            journal({"event": "host", "batch": n, "minion": minion, **row})
         bad = [m for m in batch if hosts[m]["outcome"] != DEPLOYED]
         if bad:
             return hosts, ran, f"batch {number} of {len(plan)} failed ({_words(bad, hosts)}); the rollout stopped there"

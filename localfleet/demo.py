@@ -20,8 +20,8 @@ import time
 
 import yaml
 
+from localfleet import api, procs
 from localfleet import daemons as local
-from localfleet import procs
 from localfleet.config import REPO, stop_deployments
 from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free, short_alias
 from localfleet.sampleapp import SAMPLE_APP
@@ -398,6 +398,7 @@ in .demo/minions/<name>/var/lib/saltfleet/deployments/.
 Stop every process of the demo: make demo-down    (make clean also removes .demo/)
 """
     )
+    api.up(demo_master)
 
 
 def down(timeout=120):
@@ -407,6 +408,7 @@ def down(timeout=120):
     shell, an editor or a `tail -f` that merely runs in .demo/ is left alone.
     """
     started = time.monotonic()
+    api.down(DEMO)
     # Taken before anything stops: a stopped parent's children are reparented
     # and no longer look like the demo's.
     started_by_demo = processes()

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import salt.config
 import salt.utils.event
 
@@ -81,7 +82,7 @@ def make(checkout, target, timeout=900):
 
 def query(checkout, expression):
     """``expression`` over the clone's ``localfleet.demo`` (as ``demo``), evaluated by the clone's own Python."""
-    code = f"import json; from localfleet import daemons, demo, procs; print(json.dumps({expression}))"
+    code = f"import json; from localfleet import api, daemons, demo, procs; print(json.dumps({expression}))"
     proc = subprocess.run(
         [str(checkout / ".venv" / "bin" / "python"), "-c", code],
         cwd=checkout,
@@ -101,8 +102,9 @@ def printed_commands(output):
 
 
 def demo_processes(checkout):
-    """{pid: command line} of the demo's daemons and all they started."""
-    return {int(pid): cmd for pid, (_, cmd) in query(checkout, "demo.processes()").items()}
+    """{pid: command line} of the demo's daemons (salt-api beside them) and all they started."""
+    started = "procs.tree([*demo.daemons(), *filter(None, [api.Api(demo.DEMO).pid()])])"
+    return {int(pid): cmd for pid, (_, cmd) in query(checkout, started).items()}
 
 
 def in_demo_folder(checkout):
@@ -517,3 +519,32 @@ def test_the_printed_fleet_deploy_rolls_the_second_revision_out(checkout, demo_r
         salt = ["salt", "-c", ".demo/etc/salt", "demo-worker-1"]
         shell(checkout, " ".join([*salt, "deployment.unpin", "sample-fetcher"]), env)
         shell(checkout, " ".join([*salt, "state.apply"]), env)
+
+
+def test_make_demo_prints_the_fleet_page_and_passwords_that_log_in(checkout, demo_running):
+    """The page's address and users `make demo` prints: salt-api serves the page there and takes the passwords."""
+    proc = make(checkout, "demo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    url = re.search(r"^The fleet page: (http://127\.0\.0\.1:\d+)/fleet\s", proc.stdout, re.M)
+    passwords = dict(re.findall(r"^\s+user (demo|viewer)\s+password (\S+)", proc.stdout, re.M))
+    assert url and set(passwords) == {"demo", "viewer"}, proc.stdout[-2000:]
+    base = url.group(1)
+    page = requests.get(f"{base}/fleet", timeout=30)
+    assert page.status_code == 200 and 'http-equiv="Content-Security-Policy"' in page.text
+
+    def session(user):
+        login = requests.post(
+            f"{base}/login", json={"username": user, "password": passwords[user], "eauth": "file"}, timeout=60
+        )
+        assert login.status_code == 200, login.text
+        return {"X-Auth-Token": login.json()["return"][0]["token"], "Accept": "application/json"}
+
+    viewer = session("viewer")
+    overview = requests.post(base, json=[{"client": "runner", "fun": "fleet.overview"}], headers=viewer, timeout=120)
+    assert overview.status_code == 200, overview.text
+    assert sorted(row["id"] for row in overview.json()["return"][0]["hosts"]) == query(checkout, "list(demo.WORKERS)")
+    deploy = [{"client": "runner_async", "fun": "fleet.deploy", "arg": ["sample-fetcher"], "kwarg": {"rev": "v2"}}]
+    assert requests.post(base, json=deploy, headers=viewer, timeout=60).status_code == 401
+    dry = [{**deploy[0], "client": "runner", "kwarg": {"rev": "v2", "test": True}}]
+    allowed = requests.post(base, json=dry, headers=session("demo"), timeout=300)
+    assert allowed.status_code == 200 and allowed.json()["return"][0]["test"] is True, allowed.text
