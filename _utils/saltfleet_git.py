@@ -69,11 +69,12 @@ def environ(cfg, secrets, home=None):
         for key in ("SSH_AUTH_SOCK", "SSH_ASKPASS", "GIT_ASKPASS", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_CONFIG"):
             env.pop(key, None)
         env.update(HOME=str(home), XDG_CONFIG_HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
-        ssh += ["-F", os.devnull, "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes"]
+        ssh += ["-F", os.devnull, "-o", "IdentityAgent=none"]
     if cfg.get("deploy_key"):
-        ssh += ["-i", str(secrets["deploy_key"]), "-o", "IdentitiesOnly=yes"]
+        ssh += ["-i", str(secrets["deploy_key"])]
     if cfg.get("deploy_key") or home is not None:
-        ssh += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={secrets['known_hosts']}"]
+        ssh += ["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"]
+        ssh += ["-o", f"UserKnownHostsFile={secrets['known_hosts']}"]
         env["GIT_SSH_COMMAND"] = " ".join(ssh)
     return env
 
