@@ -298,7 +298,7 @@ def _stop_deployments(sandbox):
     """Stop every deployment's supervisords in the sandbox, draining ones too (their programs stop with them)."""
     stopped = []
     timeout = _setting("stop_timeout", default=600)
-    for name, manifest in __utils__["saltfleet_files.installed"](sandbox).items():
+    for name, manifest in __utils__["saltfleet_manifest.installed"](sandbox).items():
         user = manifest["user"]
         try:
             uid = pwd.getpwnam(user).pw_uid

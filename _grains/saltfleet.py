@@ -31,15 +31,10 @@ The grains are refreshed by ``saltutil.refresh_grains`` (the deployment states
 ask for it after a change) and on the minion's start.
 """
 
-MANIFEST_KEYS = ("rev", "release", "subject", "repo", "user", "updated")
-
 
 def deployments():
     """The deployments installed on this host, with revision and release."""
     root = __utils__["saltfleet_schema.host_root"](__pillar__, __opts__)
-    installed = __utils__["saltfleet_files.installed"](root)
-    return {
-        "saltfleet_deployments": {
-            name: {key: manifest.get(key) for key in MANIFEST_KEYS} for name, manifest in sorted(installed.items())
-        }
-    }
+    installed = __utils__["saltfleet_manifest.installed"](root)
+    public = __utils__["saltfleet_manifest.public"]
+    return {"saltfleet_deployments": {name: public(manifest) for name, manifest in sorted(installed.items())}}

@@ -88,12 +88,13 @@ def _git(args, cfg, secrets, cwd=None, check=True, timeout=FETCH_TIMEOUT, home=N
         ) from None
     if proc.returncode:
         if check:
-            raise CommandExecutionError(_error(proc.stderr, args[0], cfg))
+            raise CommandExecutionError(explain(proc.stderr, args[0], cfg))
         return None
     return proc.stdout.rstrip("\n")
 
 
-def _error(stderr, command, cfg):
+def explain(stderr, command, cfg):
+    """The error a failed git ``command`` gives, naming the deployment's key to fix."""
     where = f"deployments:{cfg['name']}"
     stderr = (stderr or "").replace("\r", "").strip()
     if "Host key verification failed" in stderr:
@@ -272,6 +273,7 @@ def clone_release(user, p, release, sha, repo_url):
         cwd=home,
         env={"GIT_CONFIG_GLOBAL": str(p["gitconfig"]), "GIT_ALLOW_PROTOCOL": "file"},
         timeout=FETCH_TIMEOUT,
+        within=p,
     )
     _utils("saltfleet_user.check")(proc, f"checking out {sha[:12]} into {release} as {user} failed")
     return Path(release)

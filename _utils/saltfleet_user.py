@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import salt.loader.context
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_user"
@@ -60,6 +61,12 @@ IN_DIR = 'cd -- "$1" || exit 125; shift; exec "$@"'
 
 def __virtual__():
     return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules: the loader in context.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 def account(user, where=None):
@@ -136,21 +143,38 @@ def _collect(proc, deadline, limit=OUTPUT_LIMIT):
     return bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
 
 
-def _run(argv, env, timeout, what, **identity):
+@contextlib.contextmanager
+def _entering(within):
+    """
+    Popen's ``preexec_fn`` that moves the child into the cgroup of deployment
+    ``within`` (its paths), through a descriptor root opened: the child enters
+    before it runs anything of the user's, and cannot leave. {} without one.
+    """
+    fd = _utils("saltfleet_cgroup.opener")(within) if within is not None else None
+    try:
+        yield {} if fd is None else {"preexec_fn": lambda: os.write(fd, b"0")}
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _run(argv, env, timeout, what, umask=0o077, within=None, **identity):
     """Start ``argv`` (its own session, stdin closed, in /), collect its output within ``timeout``."""
     deadline = time.monotonic() + timeout
-    proc = subprocess.Popen(
-        argv,
-        cwd="/",
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        umask=0o022,
-        start_new_session=True,
-        close_fds=True,
-        **identity,
-    )
+    with _entering(within) as entering:
+        proc = subprocess.Popen(
+            argv,
+            cwd="/",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            umask=umask,
+            start_new_session=True,
+            close_fds=True,
+            **entering,
+            **identity,
+        )
     try:
         out, err = _collect(proc, deadline)
     except (TimeoutError, subprocess.TimeoutExpired):
@@ -163,38 +187,41 @@ def _run(argv, env, timeout, what, **identity):
     return subprocess.CompletedProcess(argv, proc.returncode, decode(out), decode(err))
 
 
-def run(user, argv, home, cwd=None, env=None, timeout=3600):
+def run(user, argv, home, cwd=None, env=None, timeout=3600, within=None):
     """
     Run ``argv`` as ``user`` (see the module: exactly the user's groups, in
     ``cwd`` entered as the user, a clean environment with ``env`` on top,
-    umask 022) within ``timeout`` seconds in all; the CompletedProcess, its
-    output text bounded. An error when it runs over, the process and its
-    session killed.
+    umask 077: what it makes is the user's alone, in the cgroup of deployment
+    ``within`` when given) within ``timeout`` seconds in all; the
+    CompletedProcess, its output text bounded. An error when it runs over,
+    the process and its session killed.
     """
     identity = _identity(user)
     what = f"`{' '.join(map(str, argv))}` as {user}"
-    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, **identity)
+    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, within=within, **identity)
 
 
-def spawn(user, argv, home, log, cwd=None, env=None):
+def spawn(user, argv, home, log, cwd=None, env=None, within=None):
     """
     Start ``argv`` as ``user`` in the background, detached (as :func:`run`
     starts it), its output appended to ``log``, which it opens as the user.
     """
     identity = _identity(user)
     script = 'log=$1; shift; exec "$@" >> "$log" 2>&1'
-    subprocess.Popen(
-        ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
-        cwd="/",
-        env=environ(user, home, env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        umask=0o022,
-        start_new_session=True,
-        close_fds=True,
-        **identity,
-    )
+    with _entering(within) as entering:
+        subprocess.Popen(
+            ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
+            cwd="/",
+            env=environ(user, home, env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            umask=0o077,
+            start_new_session=True,
+            close_fds=True,
+            **entering,
+            **identity,
+        )
 
 
 def run_root(argv, env, timeout, cwd=None, daemon=False):
@@ -207,7 +234,8 @@ def run_root(argv, env, timeout, cwd=None, daemon=False):
     argv = _in(cwd, argv)
     what = f"`{' '.join(argv)}`"
     if not daemon:
-        return _run(argv, env, timeout, what)
+        # Root's mirror is read by the deployment's user through its top folder's ACL: its files are 0644.
+        return _run(argv, env, timeout, what, umask=0o022)
     with tempfile.TemporaryFile() as output:
         try:
             proc = subprocess.run(
@@ -264,6 +292,11 @@ def makedirs(user, home, *folders):
     _sh(user, home, 'mkdir -p -- "$@"', *folders, what=f"creating {', '.join(map(str, folders))} as {user}")
 
 
+def private(user, home, *folders):
+    """Make folders of the user's theirs alone (0700), as the user."""
+    _sh(user, home, 'chmod 700 -- "$@"', *folders, what=f"making {', '.join(map(str, folders))} private as {user}")
+
+
 def relink(user, home, link, target):
     """Point the user's symlink ``link`` at ``target`` in one rename, as the user."""
     link = Path(link)
@@ -301,7 +334,8 @@ def remove_own_dir(user, home, folder):
     if not os.path.lexists(folder):
         return
     if folder.is_dir() and not folder.is_symlink():
-        _sh(user, home, 'cd -- "$1" && find . -mindepth 1 -delete', folder, what=f"emptying {folder} as {user}")
+        script = 'cd -- "$1" && chmod -R u+rwX . && find . -mindepth 1 -delete'
+        _sh(user, home, script, folder, what=f"emptying {folder} as {user}")
         os.rmdir(folder)
     else:
         os.unlink(folder)

@@ -34,7 +34,9 @@ def page_settings(port, users_file, acl, api_dir=None, repo=REPO):
     The master settings of the fleet page: etc/master.d/saltfleet-page.conf
     with ``repo``'s paths, ``port``, and a file eauth (``users_file``,
     SHA-256 digests) with ``acl`` ({user: [permissions]}) in place of PAM;
-    with ``api_dir``, salt-api's pidfile and log there.
+    with ``api_dir``, salt-api's pidfile and log there: relative to the
+    master's root_dir, which Salt puts before every path of a daemon (the
+    demo's is a short link to .demo/).
     """
     text = (Path(repo) / "etc" / "master.d" / PAGE_CONF).read_text()
     settings = yaml.safe_load(text.replace(INSTALL_PATH, str(repo)))
@@ -113,7 +115,7 @@ class Api:
         port = self.port
         if not port or not (self.pid() or port_free(port)):
             [port] = free_ports(1)
-        settings = page_settings(port, self.users_file, self.users, self.api_dir)
+        settings = page_settings(port, self.users_file, self.users, self.api_dir.relative_to(self.base))
         text = "# Written by localfleet/api.py; rewritten at every run.\n"
         text += yaml.safe_dump(settings, default_flow_style=False, sort_keys=True)
         if not self.dropin.exists() or self.dropin.read_text() != text:
