@@ -740,7 +740,7 @@ def run(name, *command, timeout=3600, **kwargs):
     secrets = {k: str(v) for k, v in cfg["env"].items()}
     env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv), **secrets}
     proc = __utils__["saltfleet_user.run"](
-        manifest["user"], list(command), p["home"], cwd=release, env=env, timeout=int(timeout), within=p
+        manifest["user"], list(command), p["home"], cwd=release, env=env, timeout=int(timeout)
     )
 
     scrub = __utils__["saltfleet_user.scrub"]

@@ -112,7 +112,7 @@ def present(name, **kwargs):
         overrides = {k: v for k, v in kwargs.items() if not k.startswith("__") and k not in STATE_ARGS}
         settings, cfg = _config(name, overrides)
         ctx = __utils__["saltfleet_plan.context"](
-            settings, cfg, _pillar_rev(name), "rev" in overrides, __pillar__.get("saltfleet_revs")
+            settings, cfg, _pillar_rev(name), "rev" in overrides, __pillar__.get("saltfleet_revs"), __opts__["id"]
         )
         with _locked(ctx.p, f"state deployment.present {name}", test):
             plan = _plan(ctx, test)
@@ -142,7 +142,7 @@ def _pillar_rev(name):
 def _plan(ctx, test):
     """What the host runs, what pillar asks (its sources rendered for the commit it names), and the plan."""
     sha, digest = __utils__["saltfleet_plan.resolve"](ctx, test)
-    sections, files = _sources(ctx.cfg, ctx.p, sha, digest)
+    sections, files = __utils__["saltfleet_sources.deployment"](_master(), ctx.cfg, ctx.p, sha, digest)
     boot, entry = __utils__["saltfleet_supervisor_conf.boot_entry"](ctx.cfg, ctx.p)
     files[boot] = entry
     errors = __utils__["saltfleet_sysfiles.check"](ctx.name, files, ctx.settings["root"])
@@ -277,12 +277,7 @@ def pillar_valid(name):
             - name: saltfleet
     """
     _, _, errors = __utils__["saltfleet_schema.validate"](dict(__pillar__), _default_root())
-    return {
-        "name": name,
-        "result": not errors,
-        "changes": {},
-        "comment": "\n".join(errors) or "saltfleet pillar is valid",
-    }
+    return {**_ret(name), "result": not errors, "comment": "\n".join(errors) or "saltfleet pillar is valid"}
 
 
 def sysfiles(name):
@@ -300,7 +295,7 @@ def sysfiles(name):
     ret, test = _ret(name), bool(__opts__["test"])
     try:
         root = _settings()["root"]
-        files = _sysfile_sources(name, {"name": name})
+        files = __utils__["saltfleet_sources.sysfiles"](_master(), name, {"name": name})
         errors = __utils__["saltfleet_sysfiles.check"](name, files, root)
         if errors:
             raise CommandExecutionError("\n".join(errors))
@@ -332,7 +327,7 @@ def _settings():
 
 
 def _config(name, overrides):
-    """(host settings, deployment config) from pillar with ``overrides`` on top, validated."""
+    """(host settings, deployment config) from pillar with ``overrides`` on top, validated: every error at once."""
     host, errors = __utils__["saltfleet_schema.validate_host"](__pillar__.get("saltfleet"), _default_root())
     deployments = __pillar__.get("deployments") or {}
     spec = deployments.get(name) if isinstance(deployments, dict) else None
@@ -402,11 +397,3 @@ def _master():
 
     cache_time = __opts__.get("fileserver_list_cache_time", 20)
     return __utils__["saltfleet_sources.master"](listing, __salt__["cp.get_file_str"], render, cache_time)
-
-
-def _sources(cfg, p, sha, digest):
-    return __utils__["saltfleet_sources.deployment"](_master(), cfg, p, sha, digest)
-
-
-def _sysfile_sources(name, context):
-    return __utils__["saltfleet_sources.sysfiles"](_master(), name, context)

@@ -68,7 +68,7 @@ def build(ctx, plan):
             _utils("saltfleet_git.clone_release")(user, p, release, plan.release, ctx.cfg["repo"])
         _utils("saltfleet_files.fault_point")(p["root"], "build")
         if want.build_venv:
-            _utils("saltfleet_venv.build")(ctx.cfg, ctx.settings, ctx.tools["uv"], home, venv, release, ctx.p)
+            _utils("saltfleet_venv.build")(ctx.cfg, ctx.settings, ctx.tools["uv"], home, venv, release)
         # ~/Projects-<name>/venv, as the seed's users know it.
         _utils("saltfleet_user.relink")(user, home, release / "venv", Path("..") / ".." / p["venvs"].name / plan.digest)
         if want.build_release and want.build_steps:
@@ -95,9 +95,7 @@ def run_steps(ctx, release, venv, steps):
         argv = ["/bin/sh", "-c", step] if isinstance(step, str) else [str(word) for word in step]
         shown = step if isinstance(step, str) else " ".join(argv)
         try:
-            proc = _utils("saltfleet_user.run")(
-                ctx.user, argv, ctx.p["home"], cwd=release, env=env, timeout=timeout, within=ctx.p
-            )
+            proc = _utils("saltfleet_user.run")(ctx.user, argv, ctx.p["home"], cwd=release, env=env, timeout=timeout)
         except CommandExecutionError:
             raise CommandExecutionError(f"deployments:{ctx.name}:build: `{shown}` ran over {timeout} s") from None
         if proc.returncode:

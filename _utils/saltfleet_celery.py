@@ -220,7 +220,6 @@ def ask(cfg, p, release, venv, app, request, timeout=CONTROL_TIMEOUT):
         cwd=release,
         env=env,
         timeout=timeout,
-        within=p,
     )
     _utils("saltfleet_user.check")(
         proc, f"asking the Celery workers of app {app} ({request['ask']}) failed", cfg["env"]
@@ -304,7 +303,6 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
         log,
         cwd=release,
         env=env,
-        within=p,
     )
     return unconfirmed
 

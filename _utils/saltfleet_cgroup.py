@@ -4,12 +4,16 @@ Each deployment's processes in a control group (cgroup v2) of their own.
 A process can leave a cgroup only for one whose ``cgroup.procs`` it may
 write, and every cgroup here is root's: whatever the deployment's code does
 (a double fork, ``setsid``, a daemonizing library), its processes stay in
-the deployment's cgroup, and removal kills all of them there. supervisord
-enters it in its boot script, while still root; every command root starts
-as the deployment's user enters it before it runs as the user
-(``saltfleet_user``). A host without a writable cgroup v2 hierarchy (an old
-kernel, a container that hides it) keeps the deployment uncontained, and
-removal then stops what supervisord knows of.
+the deployment's cgroup, and removal kills all of them there. The cgroup is
+the deployment's user's on the host (a user runs one deployment: the schema
+says so), named by the user's home under the host's root: supervisord
+enters it in its boot script, while still root, and every command root
+starts as that user enters it before it runs as the user
+(``saltfleet_user``), whatever it is for. Root's own deployments (a
+sandbox's demo) are not contained: there is no one to contain them from. A
+host without a writable cgroup v2 hierarchy (an old kernel, a container
+that hides it) keeps deployments uncontained, and removal then stops what
+supervisord knows of.
 """
 
 import contextlib
@@ -42,18 +46,18 @@ def hierarchy():
     return None
 
 
-def name(p):
-    """The cgroup of a deployment (``saltfleet_paths.paths``), relative to the hierarchy: one per root and name."""
-    digest = hashlib.sha256(str(p["state"]).encode()).hexdigest()[:12]
-    return f"{PARENT}/{p['state'].name}-{digest}"
+def name(home):
+    """The cgroup of the user whose home (under the host's root) is ``home``, relative to the hierarchy."""
+    digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
+    return f"{PARENT}/{Path(home).name}-{digest}"
 
 
-def folder(p):
-    """The deployment's cgroup folder, made when missing; None when the host has none to give."""
+def folder(home):
+    """The user's cgroup folder, made when missing; None when the host has none to give."""
     base = hierarchy()
     if base is None:
         return None
-    path = base / name(p)
+    path = base / name(home)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -61,21 +65,21 @@ def folder(p):
     return path
 
 
-def enter_line(p):
-    """The boot script's line that moves its shell (root, before it drops) into the deployment's cgroup."""
+def enter_line(p, uid):
+    """The boot script's line that moves its shell (root, before it drops to ``uid``) into the user's cgroup."""
     base = hierarchy()
-    if base is None:
+    if base is None or uid == 0:
         return None
-    path = base / name(p)
+    path = base / name(p["home"])
     return f'mkdir -p "{path}" 2>/dev/null; echo $$ > "{path}/cgroup.procs" || exit 126'
 
 
-def opener(p):
+def opener(home):
     """
-    A descriptor of the deployment's ``cgroup.procs`` opened by root (close-on-exec),
+    A descriptor of the user's ``cgroup.procs`` opened by root (close-on-exec),
     or None: a child writes "0" to it, before it becomes the user, to enter.
     """
-    path = folder(p)
+    path = folder(home)
     return None if path is None else os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
 
 
@@ -95,7 +99,7 @@ def kill(p, timeout=10):
     base = hierarchy()
     if base is None:
         return None
-    path = base / name(p)
+    path = base / name(p["home"])
     if not path.is_dir():
         return []
     found = members(path)

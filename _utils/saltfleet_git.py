@@ -273,7 +273,6 @@ def clone_release(user, p, release, sha, repo_url):
         cwd=home,
         env={"GIT_CONFIG_GLOBAL": str(p["gitconfig"]), "GIT_ALLOW_PROTOCOL": "file"},
         timeout=FETCH_TIMEOUT,
-        within=p,
     )
     _utils("saltfleet_user.check")(proc, f"checking out {sha[:12]} into {release} as {user} failed")
     return Path(release)

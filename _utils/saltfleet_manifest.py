@@ -136,18 +136,20 @@ def held(manifest, program=None):
     return holds.get("*") or (holds.get(program) if program else next(iter(holds.values()), None))
 
 
-def wanted_rev(manifest, pillar_rev, asked=False):
+def wanted_rev(manifest, pillar_rev, asked=False, minion_id=None):
     """
     (rev, note): the rev to deploy, and the note a comment gives when an
-    operator's pinned rev wins over pillar's (None otherwise). ``asked``: the
-    state was given a rev itself (update_code), which wins.
+    operator's pinned rev wins over pillar's (None otherwise), with the
+    command that unpins it as typed on the master for ``minion_id``.
+    ``asked``: the state was given a rev itself (update_code), which wins.
     """
     pinned = intent(manifest).pin
     if not pinned or asked or pinned["value"] == pillar_rev:
         return pillar_rev, None
+    unpin = f"deployment.unpin {manifest.get('name')}"
     return pinned["value"], (
         f"rev '{pinned['value']}' set by {pinned['by']} at {pinned['at']} is kept, though pillar says '{pillar_rev}' "
-        f"(`deployment.unpin {manifest.get('name')}` follows pillar again)"
+        f"(`{f'salt {minion_id} ' if minion_id else ''}{unpin}` follows pillar again)"
     )
 
 

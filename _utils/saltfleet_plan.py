@@ -68,7 +68,7 @@ class Context:
         return self.cfg["user"]
 
 
-def context(settings, cfg, pillar_rev, asked_rev=False, fleet_revs=None):
+def context(settings, cfg, pillar_rev, asked_rev=False, fleet_revs=None, minion_id=None):
     """
     The context of an apply of ``cfg`` (validated): its tools checked (a tool
     the user owns fails it before anything changes), the manifest read, an
@@ -83,7 +83,7 @@ def context(settings, cfg, pillar_rev, asked_rev=False, fleet_revs=None):
     account = _utils("saltfleet_user.account")(cfg["user"], f"deployments:{name}")
     p = _utils("saltfleet_paths.paths")(settings["root"], cfg["user"], name)
     manifest = _utils("saltfleet_manifest.read")(p)
-    rev, pinned = _utils("saltfleet_manifest.wanted_rev")(manifest, cfg["rev"], asked_rev)
+    rev, pinned = _utils("saltfleet_manifest.wanted_rev")(manifest, cfg["rev"], asked_rev, minion_id)
     known = (fleet_revs or {}).get(name) or {}
     fleet = known if (known.get("repo"), known.get("rev")) == (cfg["repo"], rev) else {}
     return Context(
@@ -220,8 +220,7 @@ def _failed_build(release, steps):
     """Why ``steps`` failed on ``release`` before (its failed marker, the user's file: bounded), or None."""
     marker = _utils("saltfleet_paths.markers")(release)["failed"]
     try:
-        with open(marker, "rb") as handle:
-            record = json.loads(handle.read(8192))
+        record = json.loads(_utils("saltfleet_files.read_users_file")(marker, 8192))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("build") != build_digest(steps) or not steps:

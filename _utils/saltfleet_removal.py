@@ -81,6 +81,8 @@ class Removal:
             aside = _utils(f"{files}.root_dir")(_utils("saltfleet_paths.registry")(self.root) / "removed", 0o700)
             os.rename(p["run"], aside / f"{self.name}.{int(time.time())}.run")
         _utils(f"{files}.remove_root_tree")(p["state"])
+        # The removal's own commands as the user ran in the cgroup too: it goes with the deployment.
+        _utils("saltfleet_cgroup.kill")(p)
 
 
 @contextlib.contextmanager

@@ -130,6 +130,9 @@ def _exchange(sock, uid, deadline, body):
             while True:
                 left()
                 chunk = conn.recv(65536)
+                if not chunk and not answer:
+                    # Closed without a word: a supervisord going away, as when nobody listens.
+                    raise ConnectionResetError(f"{sock} closed without an answer")
                 if not chunk:
                     return bytes(answer)
                 answer += chunk

@@ -274,7 +274,7 @@ def boot_script(cfg, tools, p, gen, uid, gid):
     start = '. "$1" && exec "$2" -c "$3"'
     words = [tools["setpriv"], *as_user.split(), "--", "/bin/sh", "-c", start, "sh"]
     words += [str(g["env"]), tools["supervisord"], str(g["conf"])]
-    enter = _utils("saltfleet_cgroup.enter_line")(p)
+    enter = _utils("saltfleet_cgroup.enter_line")(p, uid)
     lines = [
         "#!/bin/sh",
         f"# Written by saltfleet: starts deployment {cfg['name']}'s supervisord (generation {gen}) as its user.",

@@ -144,13 +144,14 @@ def _collect(proc, deadline, limit=OUTPUT_LIMIT):
 
 
 @contextlib.contextmanager
-def _entering(within):
+def _entering(home, identity):
     """
-    Popen's ``preexec_fn`` that moves the child into the cgroup of deployment
-    ``within`` (its paths), through a descriptor root opened: the child enters
-    before it runs anything of the user's, and cannot leave. {} without one.
+    Popen's ``preexec_fn`` that moves the child into the cgroup of the user
+    whose home is ``home`` (saltfleet_cgroup), through a descriptor root
+    opened: the child enters before it runs anything of the user's, and
+    cannot leave. {} for root's own commands, or where the host has none.
     """
-    fd = _utils("saltfleet_cgroup.opener")(within) if within is not None else None
+    fd = _utils("saltfleet_cgroup.opener")(home) if identity else None
     try:
         yield {} if fd is None else {"preexec_fn": lambda: os.write(fd, b"0")}
     finally:
@@ -158,10 +159,10 @@ def _entering(within):
             os.close(fd)
 
 
-def _run(argv, env, timeout, what, umask=0o077, within=None, **identity):
+def _run(argv, env, timeout, what, umask=0o077, home=None, **identity):
     """Start ``argv`` (its own session, stdin closed, in /), collect its output within ``timeout``."""
     deadline = time.monotonic() + timeout
-    with _entering(within) as entering:
+    with _entering(home, identity) as entering:
         proc = subprocess.Popen(
             argv,
             cwd="/",
@@ -187,28 +188,27 @@ def _run(argv, env, timeout, what, umask=0o077, within=None, **identity):
     return subprocess.CompletedProcess(argv, proc.returncode, decode(out), decode(err))
 
 
-def run(user, argv, home, cwd=None, env=None, timeout=3600, within=None):
+def run(user, argv, home, cwd=None, env=None, timeout=3600):
     """
     Run ``argv`` as ``user`` (see the module: exactly the user's groups, in
     ``cwd`` entered as the user, a clean environment with ``env`` on top,
-    umask 077: what it makes is the user's alone, in the cgroup of deployment
-    ``within`` when given) within ``timeout`` seconds in all; the
-    CompletedProcess, its output text bounded. An error when it runs over,
-    the process and its session killed.
+    umask 077: what it makes is the user's alone, in the user's cgroup)
+    within ``timeout`` seconds in all; the CompletedProcess, its output text
+    bounded. An error when it runs over, the process and its session killed.
     """
     identity = _identity(user)
     what = f"`{' '.join(map(str, argv))}` as {user}"
-    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, within=within, **identity)
+    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, home=home, **identity)
 
 
-def spawn(user, argv, home, log, cwd=None, env=None, within=None):
+def spawn(user, argv, home, log, cwd=None, env=None):
     """
     Start ``argv`` as ``user`` in the background, detached (as :func:`run`
     starts it), its output appended to ``log``, which it opens as the user.
     """
     identity = _identity(user)
     script = 'log=$1; shift; exec "$@" >> "$log" 2>&1'
-    with _entering(within) as entering:
+    with _entering(home, identity) as entering:
         subprocess.Popen(
             ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
             cwd="/",

@@ -96,11 +96,8 @@ def digest(read, cfg, rebuild=0):
     return total.hexdigest()[:16]
 
 
-def build(cfg, settings, uv, home, venv, release, within=None):
-    """
-    As the user (in the cgroup of deployment ``within``): create ``venv`` and
-    install the release's requirements into it with ``uv`` (root's).
-    """
+def build(cfg, settings, uv, home, venv, release):
+    """As the user: create ``venv`` and install the release's requirements into it with ``uv`` (root's)."""
     user = cfg["user"]
     env = {"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
     if cfg.get("uv_cache"):
@@ -112,7 +109,7 @@ def build(cfg, settings, uv, home, venv, release, within=None):
     )
     remove(user, home, venv)
     for argv in steps:
-        proc = run(user, argv, home, cwd=release, env=env, within=within)
+        proc = run(user, argv, home, cwd=release, env=env)
         if proc.returncode:
             remove(user, home, venv)
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
