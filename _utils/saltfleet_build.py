@@ -99,8 +99,9 @@ def run_steps(ctx, release, venv, steps):
         except CommandExecutionError:
             raise CommandExecutionError(f"deployments:{ctx.name}:build: `{shown}` ran over {timeout} s") from None
         if proc.returncode:
-            said = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-TAIL_LINES:])
-            said = _utils("saltfleet_user.scrub")(said, ctx.cfg["env"])
+            # Hidden first, then cut: a value is never split before it is looked for.
+            said = _utils("saltfleet_user.scrub")(proc.stdout + proc.stderr, ctx.cfg["env"])
+            said = "\n".join(said.strip().split("\n")[-TAIL_LINES:])
             raise CommandExecutionError(
                 f"deployments:{ctx.name}:build: `{shown}` exited {proc.returncode}" + (f":\n{said}" if said else "")
             )

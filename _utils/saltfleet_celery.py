@@ -228,7 +228,7 @@ def ask(cfg, p, release, venv, app, request, timeout=CONTROL_TIMEOUT):
         answer = json.loads(proc.stdout.strip().splitlines()[-1])
     except Exception:  # pylint: disable=broad-except
         # Not JSON, or JSON nested deeper than the parser goes: the user's Python said it, not Celery.
-        said = _utils("saltfleet_user.scrub")(proc.stdout[-300:], cfg["env"])
+        said = _utils("saltfleet_user.scrub")(proc.stdout, cfg["env"])[-300:]
         raise CommandExecutionError(f"Celery's control of app {app} answered no JSON it gives: {said}") from None
     if not isinstance(answer, dict):
         raise CommandExecutionError(f"Celery's control of app {app} answered a {type(answer).__name__}, not nodes")

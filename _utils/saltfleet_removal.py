@@ -77,7 +77,7 @@ class Removal:
         _utils("saltfleet_user.remove")(self.user, p["home"], *self._trees(purge))
         try:
             _utils("saltfleet_user.remove_own_dir")(self.user, p["home"], p["run"])
-        except CommandExecutionError:
+        except (CommandExecutionError, OSError):
             aside = _utils(f"{files}.root_dir")(_utils("saltfleet_paths.registry")(self.root) / "removed", 0o700)
             os.rename(p["run"], aside / f"{self.name}.{int(time.time())}.run")
         _utils(f"{files}.remove_root_tree")(p["state"])

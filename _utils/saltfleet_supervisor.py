@@ -373,7 +373,7 @@ def start(cfg, binary, p, gen, uid):
         if answer and answer[0] == "RUNNING":
             return {"pid": answer[1], "start": process_start(answer[1])}
         time.sleep(0.1)
-    said = _utils("saltfleet_user.scrub")(said.strip()[-500:], cfg["env"])
+    said = _utils("saltfleet_user.scrub")(said.strip(), cfg["env"])[-500:]
     raise CommandExecutionError(
         f"supervisord did not start: {said or 'no output'} (see {_utils('saltfleet_paths.log')(p, 'supervisord', gen)})"
     )

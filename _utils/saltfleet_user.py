@@ -121,9 +121,19 @@ def _kill(proc):
     proc.wait()
 
 
+def _whole_lines(buf, cut):
+    """What is kept of an output: when its head was cut, from its first whole line on (no piece of a value)."""
+    return bytes(buf[buf.find(b"\n") + 1 :] if cut else buf)
+
+
 def _collect(proc, deadline, limit=OUTPUT_LIMIT):
-    """(stdout, stderr) bytes of ``proc``, the last ``limit`` of each; TimeoutError at ``deadline``."""
+    """
+    (stdout, stderr) bytes of ``proc``, the last ``limit`` of each in whole
+    lines (an env value is one line: :func:`scrub` then finds it whole, never
+    a piece of it cut at the head); TimeoutError at ``deadline``.
+    """
     kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    cut = set()
     with selectors.DefaultSelector() as selector:
         for stream in kept:
             selector.register(stream, selectors.EVENT_READ)
@@ -138,9 +148,11 @@ def _collect(proc, deadline, limit=OUTPUT_LIMIT):
                     continue
                 buf = kept[key.fileobj]
                 buf += chunk
-                del buf[: max(0, len(buf) - limit)]
+                if len(buf) > limit:
+                    del buf[: len(buf) - limit]
+                    cut.add(key.fileobj)
     proc.wait(max(0.0, deadline - time.monotonic()))
-    return bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
+    return tuple(_whole_lines(kept[stream], stream in cut) for stream in (proc.stdout, proc.stderr))
 
 
 @contextlib.contextmanager
@@ -250,15 +262,17 @@ def run_root(argv, env, timeout, cwd=None, daemon=False):
             )
         except subprocess.TimeoutExpired:
             raise CommandExecutionError(f"{what} ran over {timeout} s") from None
-        output.seek(max(0, output.seek(0, os.SEEK_END) - OUTPUT_LIMIT))
-        return subprocess.CompletedProcess(argv, proc.returncode, output.read().decode(errors="replace"), "")
+        size = output.seek(0, os.SEEK_END)
+        output.seek(max(0, size - OUTPUT_LIMIT))
+        said = _whole_lines(output.read(), size > OUTPUT_LIMIT)
+        return subprocess.CompletedProcess(argv, proc.returncode, said.decode(errors="replace"), "")
 
 
 def check(proc, what, secrets=None):
     """Raise ``what`` with the tail of the output (``secrets`` hidden) when ``proc`` failed."""
     if proc.returncode:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-12:])
-        tail = scrub(tail, secrets)
+        # Hidden first, then cut: a value is never split before it is looked for.
+        tail = "\n".join(scrub(proc.stderr or proc.stdout or "", secrets).strip().split("\n")[-12:])
         raise CommandExecutionError(f"{what} (exit {proc.returncode}):\n{tail}" if tail else f"{what}")
     return proc
 
