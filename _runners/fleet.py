@@ -36,8 +36,6 @@ import salt.key
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = "saltfleet.heartbeat"
-STATUS = "deployment.status"
 DEFAULT_INTERVAL = 60
 # A minion is down once it has missed this many heartbeats (plus a little slack).
 MISSED_HEARTBEATS = 2.5
@@ -51,86 +49,81 @@ def _accepted():
     return salt.key.get_key(__opts__).list_status("accepted").get("minions", [])
 
 
-def _interval(mine):
-    try:
-        return max(1, int(float(mine.get(HEARTBEAT))))
-    except (TypeError, ValueError):
-        return DEFAULT_INTERVAL
+def _up(data, now):
+    """Whether the minion ``data`` (a checked Minion) still beats: its last word within its own heartbeat's slack."""
+    interval = max(1, int(data.heartbeat or DEFAULT_INTERVAL))
+    seen = data.last_seen
+    return data.heartbeat is not None and seen is not None and now - seen <= interval * MISSED_HEARTBEATS + SLACK
 
 
 def _loopback(ip):
     return ip.startswith("127.") or ip == "::1"
 
 
-def _addresses(cloud, grains):
-    public = list(cloud.get("public_ips") or [])
-    private = list(cloud.get("private_ips") or [])
+def _addresses(cloud):
+    public, private = list(cloud.public_ips), list(cloud.private_ips)
     if not public and not private:
         # A host salt-cloud did not create: its own interfaces are what we know.
-        private = [ip for ip in grains.get("ipv4", []) if not _loopback(ip)] or list(grains.get("ipv4", []))[:1]
+        private = [ip for ip in cloud.ipv4 if not _loopback(ip)] or list(cloud.ipv4)[:1]
     return public, private
 
 
-def _deployments(grains, mine):
-    """{name: {rev, release, running, programs, supervisord[, workers]}} from grains and mine."""
-    found = {}
-    for name, known in (grains.get("saltfleet_deployments") or {}).items():
-        facts = known or {}
-        found[name] = {
-            "rev": facts.get("rev"),
-            "release": facts.get("release"),
-            "running": None,
-            "programs": None,
-            "supervisord": None,
-        }
-    status = mine.get(STATUS)
-    if isinstance(status, dict):
-        for name, facts in status.items():
-            if not isinstance(facts, dict):
-                continue
-            row = found.setdefault(name, {"rev": None, "release": None})
-            # The mine is refreshed by the heartbeat: fresher than the grains.
-            row["rev"] = facts.get("rev") or row.get("rev")
-            row["release"] = facts.get("release") or row.get("release")
-            row["running"] = facts.get("running")
-            row["programs"] = len(facts.get("programs") or {})
-            row["supervisord"] = facts.get("supervisord")
-            if facts.get("workers"):
-                # Celery nodes: the queues each consumes and its tasks in hand.
-                row["workers"] = facts["workers"]
-            if isinstance(facts.get("pinned"), dict):
-                # An operator's rev (deployment.update_code, rollback), kept over pillar's.
-                row["pinned"] = facts["pinned"]
+def _deployments(data):
+    """{name: {rev, release, running, programs, supervisord[, workers, pinned]}} of a checked Minion."""
+    found = {
+        name: {"rev": known.rev, "release": known.release, "running": None, "programs": None, "supervisord": None}
+        for name, known in data.known.items()
+    }
+    for name, status in data.status.items():
+        row = found.setdefault(name, {"rev": None, "release": None})
+        # The mine is refreshed by the heartbeat: fresher than the grains.
+        row["rev"] = status.rev or row.get("rev")
+        row["release"] = status.release or row.get("release")
+        row["running"] = status.running
+        row["programs"] = len(status.programs)
+        row["supervisord"] = status.supervisord
+        workers = status.as_row().get("workers")
+        if workers:
+            # Celery nodes: the queues each consumes and its tasks in hand (or why they did not say).
+            row["workers"] = workers
+        if status.pinned:
+            # An operator's rev (deployment.update_code, rollback), kept over pillar's.
+            row["pinned"] = status.pinned
     return dict(sorted(found.items()))
 
 
-def _row(minion_id, cache, now):
-    grains = cache.fetch("grains", minion_id) or {}
-    mine = cache.fetch("mine", minion_id) or {}
-    # When the master last heard from the minion: its mine (heartbeat) or its grains (pillar refresh).
-    seen = [t for t in (cache.updated(b, minion_id) for b, data in (("mine", mine), ("grains", grains)) if data) if t]
-    last_seen = max(seen) if seen else None
-    if not isinstance(grains, dict):
-        grains = {}
-    if not isinstance(mine, dict):
-        mine = {}
-    interval = _interval(mine)
-    up = bool(mine.get(HEARTBEAT)) and last_seen is not None and now - last_seen <= interval * MISSED_HEARTBEATS + SLACK
-    cloud = grains.get("saltfleet_cloud") or {}
-    public, private = _addresses(cloud, grains)
-    return {
-        "id": minion_id,
-        "status": "up" if up else "down",
-        "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_seen)) if last_seen else None,
-        "provider": cloud.get("provider"),
+def _minion(cache, minion_id):
+    """What the master's cache holds of ``minion_id``, each value checked (saltfleet_minion_data)."""
+    return __utils__["saltfleet_minion_data.minion"](cache, minion_id)
+
+
+def _status(data, now):
+    """``bad data`` when the minion wrote something saltfleet never writes, else ``up`` or ``down``."""
+    if data.problems:
+        return "bad data"
+    return "up" if _up(data, now) else "down"
+
+
+def _row(data, now):
+    """The inventory row of a checked Minion; ``bad_data`` lists what it wrote wrong (and was left out)."""
+    cloud = data.cloud
+    public, private = _addresses(cloud)
+    row = {
+        "id": data.id,
+        "status": _status(data, now),
+        "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data.last_seen)) if data.last_seen else None,
+        "provider": cloud.provider,
         # The shared provisioning code keeps the instance id top level (autosign_grains compares flat values).
-        "instance_id": cloud.get("instance_id") or grains.get("saltfleet_instance_id"),
-        "region": cloud.get("region"),
-        "size": cloud.get("size"),
+        "instance_id": cloud.instance_id,
+        "region": cloud.region,
+        "size": cloud.size,
         "public_ips": public,
         "private_ips": private,
-        "deployments": _deployments(grains, mine),
+        "deployments": _deployments(data),
     }
+    if data.problems:
+        row["bad_data"] = list(data.problems)
+    return row
 
 
 def _rows(tgt="*", deployment=None, provider=None):
@@ -140,7 +133,7 @@ def _rows(tgt="*", deployment=None, provider=None):
     for minion_id in _accepted():
         if not fnmatch.fnmatchcase(minion_id, tgt):
             continue
-        row = _row(minion_id, cache, now)
+        row = _row(_minion(cache, minion_id), now)
         if deployment and deployment not in row["deployments"]:
             continue
         if provider and row["provider"] != provider:
@@ -167,12 +160,20 @@ def _deployment_cell(name, facts):
     else:
         running = f"{facts['running']}/{facts['programs']} RUNNING"
     workers = facts.get("workers") or {}
-    if workers:
+    if isinstance(workers.get("error"), str):
+        running += " workers not answering"
+    elif workers:
         # Celery: the queues its workers consume, and the tasks they hold.
         queues = ",".join(sorted({q for w in workers.values() for q in w.get("queues") or []})) or "no queue"
         active = sum(w.get("active") or 0 for w in workers.values())
         running += f" {queues} ({active} active)"
     return f"{name} {where} {running}"
+
+
+def _printable(value, limit=300):
+    """A minion-given value on one line of a table: escaped, cut short."""
+    text = str(value).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format_table(rows):
@@ -181,7 +182,7 @@ def _format_table(rows):
     lines = []
     for row in rows:
         cells = [
-            row["id"],
+            _printable(row["id"]),
             row["status"],
             row["provider"] or "-",
             row["region"] or "-",
@@ -192,13 +193,19 @@ def _format_table(rows):
         deployments = [_deployment_cell(n, f) for n, f in row["deployments"].items()] or ["-"]
         lines.append([*cells, deployments[0]])
         lines.extend([""] * len(cells) + [extra] for extra in deployments[1:])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+        # What the minion wrote wrong, beneath its row (left out of the columns).
+        lines.extend(f"  bad data: {_printable(problem)}" for problem in row.get("bad_data") or [])
+    cells = [line for line in lines if isinstance(line, list)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *cells, strict=False)]
     out = [
-        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
+        line
+        if isinstance(line, str)
+        else "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
         for line in [header, *lines]
     ]
-    up = sum(1 for r in rows if r["status"] == "up")
-    out.append(f"{len(rows)} minion{'' if len(rows) == 1 else 's'}, {up} up, {len(rows) - up} down")
+    up, bad = (sum(1 for r in rows if r["status"] == status) for status in ("up", "bad data"))
+    summary = f"{len(rows)} minion{'' if len(rows) == 1 else 's'}, {up} up, {len(rows) - up - bad} down"
+    out.append(summary + (f", {bad} bad data" if bad else ""))
     return "\n".join(out)
 
 
@@ -268,9 +275,11 @@ def ansible_inventory(tgt="*", deployment=None, provider=None, grains=None):
     """
     The fleet as Ansible dynamic-inventory JSON: a group per deployment
     (``deployment_<name>``), per provider (``provider_<name>``) and per
-    status (``salt_up``/``salt_down``); hostvars hold what an inventory
-    needs: ``ansible_host``, the cloud facts (provider, instance, region,
-    size, addresses) and each deployment's rev, release and programs.
+    status (``salt_up``/``salt_down``/``salt_bad_data``); hostvars hold
+    what an inventory needs: ``ansible_host``, the cloud facts (provider,
+    instance, region, size, addresses) and each deployment's rev, release
+    and programs; a host that wrote values saltfleet never writes is in
+    ``salt_bad_data``, what was wrong in its ``salt_bad_data`` hostvar.
 
     grains
         Salt's grains too, under ``salt_grains``: ``True`` for every cached
@@ -304,8 +313,12 @@ def ansible_inventory(tgt="*", deployment=None, provider=None, grains=None):
                 for name, facts in row["deployments"].items()
             },
         }
+        if row.get("bad_data"):
+            hostvars[host]["salt_bad_data"] = row["bad_data"]
         if asked:
-            cached = cache.fetch("grains", host) or {}
+            cached = cache.fetch("grains", host)
+            # Grains that are no mapping are named in salt_bad_data already.
+            cached = cached if isinstance(cached, dict) else {}
             hostvars[host]["salt_grains"] = cached if asked is True else {k: cached[k] for k in asked if k in cached}
         names = [_group("deployment", d) for d in row["deployments"]]
         names.append(_group("provider", row["provider"] or "none"))
@@ -354,42 +367,42 @@ def admit(minion_id, instance_id, pub):
 
 
 def _consumers(tgt="*", deployment=None, queue=None):
-    """({queue: [consumer, ...]}, [deployments whose workers did not answer]) from the mine."""
+    """
+    ({queue: [consumer, ...]}, [deployments whose workers did not answer],
+    [{minion, problems}: hosts whose data was bad]) from the mine. A host with
+    bad data lists its consumers read whole, with status ``bad data``: never up.
+    """
     cache = salt.cache.factory(__opts__)
     now = time.time()
-    queues, unanswered = {}, []
+    queues, unanswered, bad = {}, [], []
     for minion_id in sorted(_accepted()):
         if not fnmatch.fnmatchcase(minion_id, tgt):
             continue
-        mine = cache.fetch("mine", minion_id) or {}
-        rows = mine.get(STATUS) if isinstance(mine, dict) else None
-        if not isinstance(rows, dict):
-            continue
+        data = _minion(cache, minion_id)
         # A minion that stopped reporting: its workers are what they were when it last did.
-        status = _row(minion_id, cache, now)["status"]
-        for name, facts in sorted(rows.items()):
-            workers = facts.get("workers") if isinstance(facts, dict) else None
-            if (deployment and name != deployment) or not isinstance(workers, dict):
+        status = _status(data, now)
+        if data.problems:
+            bad.append({"minion": minion_id, "problems": list(data.problems)})
+        for name, facts in data.status.items():
+            if deployment and name != deployment:
                 continue
-            if isinstance(workers.get("error"), str):
-                unanswered.append({"minion": minion_id, "deployment": name, "error": workers["error"]})
+            if facts.workers_error is not None:
+                unanswered.append({"minion": minion_id, "deployment": name, "error": facts.workers_error})
                 continue
-            for node, worker in sorted(workers.items()):
-                if not isinstance(worker, dict):
-                    continue
-                for name_of_queue in worker.get("queues") or []:
+            for worker in facts.workers:
+                for name_of_queue in worker.queues:
                     if queue and not fnmatch.fnmatchcase(name_of_queue, queue):
                         continue
                     queues.setdefault(name_of_queue, []).append(
                         {
                             "minion": minion_id,
                             "deployment": name,
-                            "node": node,
-                            "active": worker.get("active"),
+                            "node": worker.node,
+                            "active": worker.active,
                             "status": status,
                         }
                     )
-    return dict(sorted(queues.items())), unanswered
+    return dict(sorted(queues.items())), unanswered, bad
 
 
 def _format_queues(report):
@@ -399,12 +412,14 @@ def _format_queues(report):
     for name, info in report["queues"].items():
         nodes = ", ".join(
             f"{c['node']} ({'?' if c['active'] is None else c['active']})"
-            + ("" if c["status"] == "up" else f" on {c['minion']}, down")
+            + ("" if c["status"] == "up" else f" on {_printable(c['minion'])}, {c['status']}")
             for c in info["consumers"]
         )
         lines.append(f"{name.ljust(width)}  {info['up']:>2} up/{len(info['consumers']):<2}  {nodes}")
     for row in report["unanswered"]:
-        lines.append(f"not answering: {row['deployment']} on {row['minion']}: {row['error']}")
+        lines.append(f"not answering: {row['deployment']} on {_printable(row['minion'])}: {_printable(row['error'])}")
+    for row in report["bad data"]:
+        lines.extend(f"bad data: {_printable(row['minion'])}: {_printable(p)}" for p in row["problems"])
     return "\n".join(lines)
 
 
@@ -416,7 +431,8 @@ def queues(tgt="*", deployment=None, queue=None):
     Read from the master's cache (the mine's ``deployment.status``, refreshed
     by the heartbeat), so a queue none of whose workers answers is not
     listed; deployments whose workers did not answer are, under
-    ``unanswered``.
+    ``unanswered``, and hosts that wrote values saltfleet never writes
+    under ``bad data`` (what was wrong; their consumers never count as up).
 
     tgt
         Only the minions whose id matches this glob.
@@ -433,13 +449,14 @@ def queues(tgt="*", deployment=None, queue=None):
         salt-run fleet.queues deployment=daily-fetcher --out=json
         salt-run fleet.queues queue='daily_fetching.*'
     """
-    found, unanswered = _consumers(tgt, deployment, queue)
+    found, unanswered, bad = _consumers(tgt, deployment, queue)
     report = {
         "queues": {
             name: {"up": sum(1 for c in consumers if c["status"] == "up"), "consumers": consumers}
             for name, consumers in found.items()
         },
         "unanswered": unanswered,
+        "bad data": bad,
     }
     return _format_queues(report) if _as_text() else report
 
@@ -879,38 +896,17 @@ def _floors(hosts, cache):
     return floors
 
 
-class _ReadOnce:
-    """Salt's cache, each (bank, key) read once: fleet.overview reads every minion's facts for several views."""
-
-    def __init__(self, cache):
-        self.cache, self.read = cache, {}
-
-    def _once(self, how, bank, key):
-        if (how, bank, key) not in self.read:
-            self.read[(how, bank, key)] = getattr(self.cache, how)(bank, key)
-        return self.read[(how, bank, key)]
-
-    def fetch(self, bank, key):
-        return self._once("fetch", bank, key)
-
-    def updated(self, bank, key):
-        return self._once("updated", bank, key)
-
-
-def _page_facts(cache, rows):
-    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]})."""
+def _page_facts(minions, rows):
+    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]}), all checked."""
     facts, where = {}, {}
-    for row in rows:
-        grains = cache.fetch("grains", row["id"]) or {}
-        mine = cache.fetch("mine", row["id"]) or {}
-        known = grains.get("saltfleet_deployments") if isinstance(grains, dict) else None
-        statuses = mine.get(STATUS) if isinstance(mine, dict) else None
-        known, statuses = (known if isinstance(known, dict) else {}), (statuses if isinstance(statuses, dict) else {})
-        if not known and not statuses:
+    for data, row in zip(minions, rows, strict=True):
+        if not data.known and not data.status:
             continue
-        facts[row["id"]] = (row["status"], known, statuses)
-        for name in {*known, *statuses}:
-            where.setdefault(name, []).append(row["id"])
+        known = {name: facts_.as_dict() for name, facts_ in data.known.items()}
+        statuses = {name: status.as_row() for name, status in data.status.items()}
+        facts[data.id] = (row["status"], known, statuses)
+        for name in data.deployments():
+            where.setdefault(name, []).append(data.id)
     return facts, where
 
 
@@ -947,11 +943,12 @@ def overview(perms=None, limit=50):
         salt-run fleet.overview --out=json
         salt-run fleet.overview perms='["@runner"]' limit=10 --out=yaml
     """
-    # One pass over the accepted minions, each one's cache entries read once, for every view.
-    cache = _ReadOnce(salt.cache.factory(__opts__))
+    # One pass over the accepted minions, each one's cache entries read (and checked) once, for every view.
+    cache = salt.cache.factory(__opts__)
     now = time.time()
-    rows = [_row(minion_id, cache, now) for minion_id in sorted(_accepted())]
-    facts, where = _page_facts(cache, rows)
+    minions = [_minion(cache, minion_id) for minion_id in sorted(_accepted())]
+    rows = [_row(data, now) for data in minions]
+    facts, where = _page_facts(minions, rows)
     floors = _floors(where, cache)
     entries = __utils__["saltfleet_ledger.read"](_opts())
     running = __utils__["saltfleet_ledger.running"](_opts(), entries)

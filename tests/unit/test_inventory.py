@@ -10,7 +10,7 @@ import pytest
 import salt.cache
 import salt.config
 
-from localfleet.config import REPO
+from localfleet.config import REPO, saltfleet_utils
 
 
 def load_runner(opts):
@@ -18,6 +18,7 @@ def load_runner(opts):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.__opts__ = opts
+    module.__utils__ = saltfleet_utils()
     return module
 
 
