@@ -591,23 +591,28 @@ def _refuse(message, **fields):
 
 def _plan(what, name, batch, tgt, tgt_type):
     """
-    ({minion: release it serves}, batches, held back, the first host's
-    pillar) of the hosts of ``name``, the batches within the deployment's
-    ``min_consumers``; ValueError when there are no hosts or a floor cannot hold.
+    ({minion: release it serves}, batches, held back, {minion: its pillar
+    spec of ``name``}) of the hosts of ``name`` (those the master's own
+    pillar assigns it), the batches within the deployment's
+    ``min_consumers`` (the highest floor that pillar gives any of its hosts);
+    ValueError when there are no hosts or a floor cannot hold.
     """
-    serving = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, tgt, tgt_type)
+    assigned = __utils__["saltfleet_assigned.assignments"](_opts())
+    serving, strays = __utils__[f"{ROLLOUT}.claimed"](_opts(), name, tgt, tgt_type, assigned)
+    for minion in strays:
+        _progress(f"{name}: {minion} says it runs {name}, but the master's pillar does not assign it there: left out")
     if not serving:
         raise ValueError(f"{what}: {__utils__['saltfleet_rollout.not_hosted'](_opts(), name, tgt, tgt_type)}")
     plan = __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
-    pillar = __salt__["pillar.show_pillar"](plan[0][0])
-    floors = (((pillar or {}).get("deployments") or {}).get(name) or {}).get("min_consumers") or {}
-    errors = []
-    if not __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", floors, errors):
-        raise ValueError(f"{what}: {'; '.join(errors)}")
+    # Every host of the deployment, targeted or not: its pillar sets the floors, its workers keep them.
+    everywhere = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, "*", "glob", assigned)
+    specs = assigned.specs(name, everywhere)
+    floors = __utils__["saltfleet_assigned.floors"](name, specs)
     consumers = {}
     for queue, rows in _consumers()[0].items():
         for row in rows:
-            if queue in floors and row["status"] == "up":
+            # A worker counts only where the master's pillar assigns its deployment, whatever a mine says.
+            if queue in floors and row["status"] == "up" and assigned.assigns(row["minion"], row["deployment"]):
                 consumers.setdefault(row["minion"], {}).setdefault(queue, 0)
                 consumers[row["minion"]][queue] += 1
     try:
@@ -620,13 +625,13 @@ def _plan(what, name, batch, tgt, tgt_type):
             f"of its {row['consumers']} consumers (min_consumers)",
             "warn",
         )
-    return serving, plan, held, pillar
+    return serving, plan, held, specs
 
 
-def _hooks(name, pillar, pre, post):
-    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the first host's ``pillar``."""
+def _hooks(name, specs, pre, post):
+    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the master's pillar of its hosts."""
     if pre is None and post is None:
-        return __utils__[f"{ROLLOUT}.hooks_in_pillar"](pillar, name)
+        return __utils__["saltfleet_assigned.hooks"](name, specs)
     commands = __utils__[f"{ROLLOUT}.commands"]
     return {"pre": commands(pre, f"fleet.deploy {name} pre"), "post": commands(post, f"fleet.deploy {name} post")}
 
@@ -676,12 +681,19 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
     ``fleet.unlock`` shows and breaks the lock). Every rollout goes into the
     deploy ledger (``fleet.history``).
 
+    The hosts of ``name`` are the minions the master's own pillar assigns it
+    (compiled by the master, never what a minion's grains, mine or request
+    say) that have reported it; a minion that claims it otherwise is left
+    out, and the progress says so.
+
     A Celery queue with a floor in pillar (``deployments:<name>:min_consumers:
-    {queue: N}``, of the first host) keeps N consumers up through the rollout:
-    a host counts as out of service during its batch, so a batch that would
-    leave fewer is cut short (the report's ``held back`` names the queue), and
-    a rollout where one host alone would is refused before anything changes.
-    Consumers are counted from the master's cache, as ``fleet.queues`` shows them.
+    {queue: N}``, the highest the master's pillar gives any host) keeps N
+    consumers up through the rollout: a host counts as out of service during
+    its batch, so a batch that would leave fewer is cut short (the report's
+    ``held back`` names the queue), and a rollout where one host alone would
+    is refused before anything changes. Consumers are counted from the
+    master's cache, as ``fleet.queues`` shows them, on the hosts the master's
+    pillar assigns their deployment.
 
     batch
         Hosts per batch: a number (``1``, the default) or a share (``20%``).
@@ -695,7 +707,8 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         ``pre`` before any host changes (in the release serving then; if it
         fails, nothing is deployed), ``post`` after the last batch (in the new
         release). A string is one command, a list several. Without either,
-        pillar ``deployments:<name>:hooks:{pre,post}`` of that host counts.
+        pillar ``deployments:<name>:hooks:{pre,post}`` counts, the same for
+        every host in the master's pillar (hosts that differ are refused).
 
     CLI Example:
 
@@ -713,10 +726,10 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         return _refuse(why) if test else _refused("fleet.deploy", name, None, why, outcome="refused")
     rev = str(rev)
     try:
-        serving, plan, held, pillar = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
+        serving, plan, held, specs = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
         if test:
             return _finish(_held(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress), held))
-        hooks = _hooks(name, pillar, pre, post)
+        hooks = _hooks(name, specs, pre, post)
         lock = _take(name, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
     except (ValueError, CommandExecutionError) as exc:
         if test:
@@ -875,24 +888,22 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
 # _utils/saltfleet_page.py.
 
 
-def _floors(hosts, cache):
+def _floors(hosts):
     """
-    {deployment: {queue: fewest}}: each deployment's ``min_consumers``, from
-    the pillar the master last compiled for its first host (as fleet.deploy
-    reads it); only that key leaves the cached pillar.
+    {deployment: {queue: fewest}}: each deployment's ``min_consumers``, the
+    highest the master's own pillar gives any of its hosts (as fleet.deploy
+    reads it); only that key leaves the pillar.
     """
+    assigned = __utils__["saltfleet_assigned.assignments"](_opts())
     floors = {}
     for name, minions in sorted(hosts.items()):
-        pillar = cache.fetch("pillar", sorted(minions)[0]) or {}
-        spec = ((pillar.get("deployments") if isinstance(pillar, dict) else None) or {}).get(name)
-        found = spec.get("min_consumers") if isinstance(spec, dict) else None
-        errors = []
-        if not found:
+        try:
+            found = __utils__["saltfleet_assigned.floors"](name, assigned.specs(name, minions))
+        except ValueError as exc:
+            log.warning("fleet.overview: %s", exc)
             continue
-        if __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", found, errors):
-            floors[name] = dict(found)
-        else:
-            log.warning("fleet.overview: %s", "; ".join(errors))
+        if found:
+            floors[name] = found
     return floors
 
 
@@ -949,7 +960,7 @@ def overview(perms=None, limit=50):
     minions = [_minion(cache, minion_id) for minion_id in sorted(_accepted())]
     rows = [_row(data, now) for data in minions]
     facts, where = _page_facts(minions, rows)
-    floors = _floors(where, cache)
+    floors = _floors(where)
     entries = __utils__["saltfleet_ledger.read"](_opts())
     running = __utils__["saltfleet_ledger.running"](_opts(), entries)
     items = __utils__["saltfleet_ledger.history"](entries, None, running)

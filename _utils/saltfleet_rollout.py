@@ -131,19 +131,35 @@ def _cached(opts, tgt, tgt_type):
         yield read(cache, minion)
 
 
-def hosts_of(opts, name, tgt="*", tgt_type="glob"):
+def claimed(opts, name, tgt="*", tgt_type="glob", assigned=None):
     """
-    The accepted minions matching ``tgt`` that host deployment ``name``, as
-    the master last heard (cached grains ``saltfleet_deployments`` and the
-    mine's ``deployment.status``): {minion: the release it serves, or None}.
+    ({minion: the release it serves, or None}, [strays]) of the accepted
+    minions matching ``tgt`` that say they run deployment ``name`` (cached
+    grains ``saltfleet_deployments`` and the mine's ``deployment.status``):
+    the first those the master's own pillar assigns it (``saltfleet_assigned``),
+    the strays those it does not, whatever they say.
     """
-    found = {}
+    assigned = assigned or _utils("saltfleet_assigned.assignments")(opts)
+    found, strays = {}, []
     for data in _cached(opts, tgt, tgt_type):
-        if name in data.known or name in data.status:
-            # The mine is refreshed after every change: fresher than the grains.
-            status, known = data.status.get(name), data.known.get(name)
-            found[data.id] = (status.release if status else None) or (known.release if known else None)
-    return found
+        if name not in data.known and name not in data.status:
+            continue
+        if not assigned.assigns(data.id, name):
+            strays.append(data.id)
+            continue
+        # The mine is refreshed after every change: fresher than the grains.
+        status, known = data.status.get(name), data.known.get(name)
+        found[data.id] = (status.release if status else None) or (known.release if known else None)
+    return found, strays
+
+
+def hosts_of(opts, name, tgt="*", tgt_type="glob", assigned=None):
+    """
+    The accepted minions matching ``tgt`` that host deployment ``name``: the
+    master's pillar assigns it to them and they reported it.
+    {minion: the release it serves, or None}.
+    """
+    return claimed(opts, name, tgt, tgt_type, assigned)[0]
 
 
 def named_in_pillar(opts):
@@ -191,8 +207,14 @@ def not_hosted(opts, name, tgt="*", tgt_type="glob"):
 
 
 def deployments_of(opts, tgt="*", tgt_type="glob"):
-    """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any."""
-    return {data.id: data.deployments() for data in _cached(opts, tgt, tgt_type) if data.deployments()}
+    """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any (``hosts_of``'s sense)."""
+    assigned = _utils("saltfleet_assigned.assignments")(opts)
+    found = {}
+    for data in _cached(opts, tgt, tgt_type):
+        names = [n for n in data.deployments() if assigned.assigns(data.id, n)] if data.deployments() else []
+        if names:
+            found[data.id] = names
+    return found
 
 
 def commands(value, what):

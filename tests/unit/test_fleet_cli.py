@@ -15,7 +15,7 @@ import salt.config
 import salt.loader
 
 from localfleet.config import REPO, saltfleet_utils
-from tests.unit.test_inventory import add_minion, cloud, load_runner, status
+from tests.unit.test_inventory import add_minion, assign, cloud, load_runner, status
 
 rollout = saltfleet_utils().saltfleet_rollout
 SHA = "d94214361ad8489b99e0e59c663484d25b287454"
@@ -122,6 +122,7 @@ def test_fleet_inventory_filtered_to_nothing_exits_1_saying_why(master_opts, fil
 
 def test_a_rollout_refused_because_no_host_matched_is_in_the_ledger(master_opts):
     add_minion(master_opts, "w1", cloud(), {"deployment.status": {"sample-fetcher": status(1, 1)}})
+    assign(master_opts, {"w1": {"sample-fetcher": {}}})
     runners = fleet(master_opts)
     report = runners["fleet.deploy"]("sample-fetcher", rev="v2", tgt="nosuch-*")
     assert report["retcode"] == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import salt.cache
 import salt.config
+import yaml
 
 from localfleet.config import REPO, saltfleet_utils
 
@@ -51,6 +52,22 @@ def add_minion(opts, minion_id, grains=None, mine=None, *, age=0, accepted=True)
     if mine is not None:
         cache.store("mine", minion_id, mine)
         os.utime(os.path.join(opts["cachedir"], "mine", f"{minion_id}.p"), (seen, seen))
+
+
+def assign(opts, deployments_by_minion):
+    """
+    The master's own pillar (a pillar_roots tree and its top file), assigning
+    deployments by minion id: {minion glob: {deployment: its spec}}.
+    """
+    root = Path(opts["root_dir"]) / "pillar"
+    root.mkdir(exist_ok=True)
+    top = {}
+    for number, (glob, deployments) in enumerate(deployments_by_minion.items()):
+        (root / f"assigned{number}.sls").write_text(yaml.safe_dump({"deployments": deployments}))
+        top[glob] = [f"assigned{number}"]
+    (root / "top.sls").write_text(yaml.safe_dump({"base": top}))
+    opts["pillar_roots"] = {"base": [str(root)]}
+    opts["file_roots"] = {"base": [str(root / "no-files")]}
 
 
 def cloud(provider="local", region="local", size="sandbox", ip="127.0.0.1"):

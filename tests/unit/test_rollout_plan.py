@@ -13,6 +13,7 @@ import salt.cache
 import salt.config
 
 from localfleet.config import saltfleet_utils
+from tests.unit.test_inventory import assign
 
 rollout = saltfleet_utils().saltfleet_rollout
 OLD, NEW, NEWER = "a" * 40, "b" * 40, "c" * 40
@@ -203,6 +204,7 @@ def test_the_hosts_of_a_deployment_are_those_the_master_heard_run_it(master_opts
     )
     remember(master_opts, "w3", {"saltfleet_deployments": {"other": {"release": OLD}}})
     remember(master_opts, "x1", {"saltfleet_deployments": {"app": {"release": OLD}}})
+    assign(master_opts, {"w*": {"app": {}, "other": {}}, "x1": {"app": {}}})
     os.makedirs(master_opts["cachedir"], exist_ok=True)
     assert rollout.hosts_of(master_opts, "app") == {"w1": OLD, "w2": NEW, "x1": OLD}
     assert rollout.hosts_of(master_opts, "app", "w*") == {"w1": OLD, "w2": NEW}
