@@ -829,8 +829,9 @@ def record(jid, minion, fun, fun_args=None, ret=None, retcode=0):
     """
     Record one host's return of ``deployment.update_code`` or
     ``deployment.rollback`` in the deploy ledger, with the user who sent the
-    job (from the master's job cache: a return for a job the master never
-    sent is not recorded). The master's reactor calls it for every such
+    job. A return is recorded only when the master's job cache has the job
+    with this function and these arguments, sent to this minion; its
+    deployment and rev are the job's, every field is cut to a bound. The master's reactor calls it for every such
     return (``etc/reactor/saltfleet_ledger.sls``).
 
     CLI Example:
@@ -841,12 +842,18 @@ def record(jid, minion, fun, fun_args=None, ret=None, retcode=0):
             fun_args='["daily-fetcher", "v2.3"]' ret='{"result": true, "release": "3f1c9e2"}'
     """
     if fun not in LEDGER_FUNS:
-        return {"recorded": False, "comment": f"{fun} is not recorded (only {', '.join(LEDGER_FUNS)})"}
-    user = __utils__[f"{LEDGER}.job_user"](_opts(), str(jid))
-    if user is None:
-        return {"recorded": False, "comment": f"the master has no job {jid}"}
+        return {"recorded": False, "comment": f"{_printable(fun, 64)} is not recorded (only {', '.join(LEDGER_FUNS)})"}
+    # Everything here came with the return, from the minion: only what the master's job cache confirms is kept.
+    load = __utils__[f"{LEDGER}.job_load"](_opts(), str(jid))
+    if not load:
+        return {"recorded": False, "comment": f"the master has no job {_printable(jid, 32)}"}
+    why = __utils__[f"{LEDGER}.return_matches"](_opts(), load, minion, fun, fun_args)
+    if why:
+        return {"recorded": False, "comment": f"a return of job {jid} from {_printable(minion, 255)}: {why}"}
+    user = load.get("user") or "UNKNOWN"
     row = __utils__[f"{ROLLOUT}.outcome"]({"ret": ret, "retcode": retcode})
-    entry = __utils__[f"{LEDGER}.host_entry"](jid, minion, fun, fun_args, user, row)
+    # The name and rev recorded are the job's own arguments, as the master sent them.
+    entry = __utils__[f"{LEDGER}.host_entry"](jid, minion, fun, load.get("arg"), user, row)
     __utils__[f"{LEDGER}.append"](_opts(), entry)
     return {"recorded": True, **entry}
 
