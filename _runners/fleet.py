@@ -476,9 +476,14 @@ SYNDIC_TIMEOUT = 30
 
 
 def _syndics():
-    """This master's accepted keys that Salt registered as syndics."""
+    """
+    This master's accepted keys that Salt registered as syndics, on a master
+    of masters alone: Salt registers any minion that sends a syndic return.
+    """
     import os
 
+    if not __opts__.get("order_masters"):
+        return []
     try:
         registered = set(os.listdir(os.path.join(__opts__["cachedir"], "syndics")))
     except OSError:
@@ -936,7 +941,7 @@ def _hosts(rows):
         registered = os.listdir(os.path.join(__opts__["cachedir"], "syndics"))
     except OSError:
         registered = []
-    return _with_syndics(rows) if registered else rows
+    return _with_syndics(rows) if registered and __opts__.get("order_masters") else rows
 
 
 def overview(perms=None, limit=50):

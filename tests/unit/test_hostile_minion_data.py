@@ -8,6 +8,7 @@ jobs a runner publishes are answered by a stand-in client (the minions' side).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import salt.cache
@@ -307,3 +308,19 @@ def test_rollback(fleet_with_one_hostile_host):
     report = runners["fleet.rollback"]("fetcher", test=True)
     assert "error" not in report, report
     assert report["release"] == OLD
+
+
+def test_a_minion_that_sent_a_syndic_return_is_no_syndic_unless_this_is_a_master_of_masters(master_opts, monkeypatch):
+    """Salt registers any minion that sends a syndic return; only a master of masters asks its syndics."""
+    add_minion(master_opts, GOOD, grains(), mine(), age=1)
+    registered = Path(master_opts["cachedir"]) / "syndics"
+    registered.mkdir(parents=True, exist_ok=True)
+    (registered / GOOD).write_text("")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("fleet.inventory asked a minion for inventory rows")
+
+    monkeypatch.setattr(salt.client, "get_local_client", asked)
+    runners = fleet(master_opts)
+    assert [r["id"] for r in runners["fleet.inventory"]()] == [GOOD]
+    assert [r["id"] for r in runners["fleet.overview"]()["hosts"]] == [GOOD]
