@@ -15,7 +15,6 @@ import salt.cache
 import salt.client
 import salt.config
 
-from localfleet.config import REPO
 from tests.unit.test_fleet_cli import fleet
 from tests.unit.test_inventory import add_minion, cloud
 
@@ -116,30 +115,14 @@ CASES = [
 
 
 @pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    pillar = tmp_path / "pillar"
-    pillar.mkdir()
+def master_opts(master_opts):
+    """A master whose pillar assigns deployment fetcher to every minion."""
+    pillar = Path(master_opts["pillar_roots"]["base"][0])
     (pillar / "top.sls").write_text("base:\n  '*':\n    - fetcher\n")
     (pillar / "fetcher.sls").write_text(
         "deployments:\n  fetcher:\n    repo: https://example.invalid/app.git\n    min_consumers:\n      q: 0\n"
     )
-    opts.update(
-        root_dir=str(tmp_path),
-        pki_dir=str(tmp_path / "pki"),
-        cachedir=str(tmp_path / "cache"),
-        sock_dir=str(tmp_path / "sock"),
-        pillar_roots={"base": [str(pillar)]},
-        file_roots={"base": [str(tmp_path / "files")]},
-        output="json",
-        color=False,
-        runner_dirs=[str(REPO / "_runners")],
-        utils_dirs=[str(REPO / "_utils")],
-        outputter_dirs=[str(REPO / "_output")],
-    )
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
+    return master_opts
 
 
 class Minions:

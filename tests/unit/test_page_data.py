@@ -13,18 +13,9 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    opts.update(
-        root_dir=str(tmp_path),
-        pki_dir=str(tmp_path / "pki"),
-        cachedir=str(tmp_path / "cache"),
-        sock_dir=str(tmp_path / "sock"),
-        output=None,
-    )
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
+def master_opts(master_opts):
+    master_opts["output"] = None
+    return master_opts
 
 
 def status_row(release, held=None, draining=(), programs=None):

@@ -11,7 +11,7 @@ import pytest
 import salt.cache
 import salt.client
 
-from tests.unit.test_fleet_cli import fleet, master_opts  # noqa: F401 (a fixture)
+from tests.unit.test_fleet_cli import fleet
 from tests.unit.test_hostile_minion_data import NEW, OLD, Bus, Minions, mine, releases, row, worker
 from tests.unit.test_inventory import add_minion, assign, cloud
 

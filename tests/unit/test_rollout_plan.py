@@ -175,15 +175,6 @@ def test_hook_commands_are_argv_lists_never_shell_lines():
     assert rollout.hooks_in_pillar({}, "app") == {"pre": [], "post": []}
 
 
-@pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    opts.update(root_dir=str(tmp_path), pki_dir=str(tmp_path / "pki"), cachedir=str(tmp_path / "cache"))
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
-
-
 def remember(opts, minion_id, grains=None, mine=None):
     Path(opts["pki_dir"], "minions", minion_id).write_text("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n")
     cache = salt.cache.factory(opts)
