@@ -36,7 +36,7 @@ def answer(minion, fun):
 
 
 @pytest.fixture
-def fleet_and_a_stray(master_opts, monkeypatch):  # noqa: F811
+def fleet_and_a_stray(master_opts, monkeypatch):
     for host in ("w1", "w2"):
         add_minion(master_opts, host, grains(), mine(), age=1)
     # The stray says it runs fetcher everywhere a minion can say so, with five Celery workers on q.
