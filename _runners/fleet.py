@@ -36,8 +36,6 @@ import salt.key
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = "saltfleet.heartbeat"
-STATUS = "deployment.status"
 DEFAULT_INTERVAL = 60
 # A minion is down once it has missed this many heartbeats (plus a little slack).
 MISSED_HEARTBEATS = 2.5
@@ -51,86 +49,81 @@ def _accepted():
     return salt.key.get_key(__opts__).list_status("accepted").get("minions", [])
 
 
-def _interval(mine):
-    try:
-        return max(1, int(float(mine.get(HEARTBEAT))))
-    except (TypeError, ValueError):
-        return DEFAULT_INTERVAL
+def _up(data, now):
+    """Whether the minion ``data`` (a checked Minion) still beats: its last word within its own heartbeat's slack."""
+    interval = max(1, int(data.heartbeat or DEFAULT_INTERVAL))
+    seen = data.last_seen
+    return data.heartbeat is not None and seen is not None and now - seen <= interval * MISSED_HEARTBEATS + SLACK
 
 
 def _loopback(ip):
     return ip.startswith("127.") or ip == "::1"
 
 
-def _addresses(cloud, grains):
-    public = list(cloud.get("public_ips") or [])
-    private = list(cloud.get("private_ips") or [])
+def _addresses(cloud):
+    public, private = list(cloud.public_ips), list(cloud.private_ips)
     if not public and not private:
         # A host salt-cloud did not create: its own interfaces are what we know.
-        private = [ip for ip in grains.get("ipv4", []) if not _loopback(ip)] or list(grains.get("ipv4", []))[:1]
+        private = [ip for ip in cloud.ipv4 if not _loopback(ip)] or list(cloud.ipv4)[:1]
     return public, private
 
 
-def _deployments(grains, mine):
-    """{name: {rev, release, running, programs, supervisord[, workers]}} from grains and mine."""
-    found = {}
-    for name, known in (grains.get("saltfleet_deployments") or {}).items():
-        facts = known or {}
-        found[name] = {
-            "rev": facts.get("rev"),
-            "release": facts.get("release"),
-            "running": None,
-            "programs": None,
-            "supervisord": None,
-        }
-    status = mine.get(STATUS)
-    if isinstance(status, dict):
-        for name, facts in status.items():
-            if not isinstance(facts, dict):
-                continue
-            row = found.setdefault(name, {"rev": None, "release": None})
-            # The mine is refreshed by the heartbeat: fresher than the grains.
-            row["rev"] = facts.get("rev") or row.get("rev")
-            row["release"] = facts.get("release") or row.get("release")
-            row["running"] = facts.get("running")
-            row["programs"] = len(facts.get("programs") or {})
-            row["supervisord"] = facts.get("supervisord")
-            if facts.get("workers"):
-                # Celery nodes: the queues each consumes and its tasks in hand.
-                row["workers"] = facts["workers"]
-            if isinstance(facts.get("pinned"), dict):
-                # An operator's rev (deployment.update_code, rollback), kept over pillar's.
-                row["pinned"] = facts["pinned"]
+def _deployments(data):
+    """{name: {rev, release, running, programs, supervisord[, workers, pinned]}} of a checked Minion."""
+    found = {
+        name: {"rev": known.rev, "release": known.release, "running": None, "programs": None, "supervisord": None}
+        for name, known in data.known.items()
+    }
+    for name, status in data.status.items():
+        row = found.setdefault(name, {"rev": None, "release": None})
+        # The mine is refreshed by the heartbeat: fresher than the grains.
+        row["rev"] = status.rev or row.get("rev")
+        row["release"] = status.release or row.get("release")
+        row["running"] = status.running
+        row["programs"] = len(status.programs)
+        row["supervisord"] = status.supervisord
+        workers = status.as_row().get("workers")
+        if workers:
+            # Celery nodes: the queues each consumes and its tasks in hand (or why they did not say).
+            row["workers"] = workers
+        if status.pinned:
+            # An operator's rev (deployment.update_code, rollback), kept over pillar's.
+            row["pinned"] = status.pinned
     return dict(sorted(found.items()))
 
 
-def _row(minion_id, cache, now):
-    grains = cache.fetch("grains", minion_id) or {}
-    mine = cache.fetch("mine", minion_id) or {}
-    # When the master last heard from the minion: its mine (heartbeat) or its grains (pillar refresh).
-    seen = [t for t in (cache.updated(b, minion_id) for b, data in (("mine", mine), ("grains", grains)) if data) if t]
-    last_seen = max(seen) if seen else None
-    if not isinstance(grains, dict):
-        grains = {}
-    if not isinstance(mine, dict):
-        mine = {}
-    interval = _interval(mine)
-    up = bool(mine.get(HEARTBEAT)) and last_seen is not None and now - last_seen <= interval * MISSED_HEARTBEATS + SLACK
-    cloud = grains.get("saltfleet_cloud") or {}
-    public, private = _addresses(cloud, grains)
-    return {
-        "id": minion_id,
-        "status": "up" if up else "down",
-        "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_seen)) if last_seen else None,
-        "provider": cloud.get("provider"),
+def _minion(cache, minion_id):
+    """What the master's cache holds of ``minion_id``, each value checked (saltfleet_minion_data)."""
+    return __utils__["saltfleet_minion_data.minion"](cache, minion_id)
+
+
+def _status(data, now):
+    """``bad data`` when the minion wrote something saltfleet never writes, else ``up`` or ``down``."""
+    if data.problems:
+        return "bad data"
+    return "up" if _up(data, now) else "down"
+
+
+def _row(data, now):
+    """The inventory row of a checked Minion; ``bad_data`` lists what it wrote wrong (and was left out)."""
+    cloud = data.cloud
+    public, private = _addresses(cloud)
+    row = {
+        "id": data.id,
+        "status": _status(data, now),
+        "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data.last_seen)) if data.last_seen else None,
+        "provider": cloud.provider,
         # The shared provisioning code keeps the instance id top level (autosign_grains compares flat values).
-        "instance_id": cloud.get("instance_id") or grains.get("saltfleet_instance_id"),
-        "region": cloud.get("region"),
-        "size": cloud.get("size"),
+        "instance_id": cloud.instance_id,
+        "region": cloud.region,
+        "size": cloud.size,
         "public_ips": public,
         "private_ips": private,
-        "deployments": _deployments(grains, mine),
+        "deployments": _deployments(data),
     }
+    if data.problems:
+        row["bad_data"] = list(data.problems)
+    return row
 
 
 def _rows(tgt="*", deployment=None, provider=None):
@@ -140,7 +133,7 @@ def _rows(tgt="*", deployment=None, provider=None):
     for minion_id in _accepted():
         if not fnmatch.fnmatchcase(minion_id, tgt):
             continue
-        row = _row(minion_id, cache, now)
+        row = _row(_minion(cache, minion_id), now)
         if deployment and deployment not in row["deployments"]:
             continue
         if provider and row["provider"] != provider:
@@ -167,12 +160,20 @@ def _deployment_cell(name, facts):
     else:
         running = f"{facts['running']}/{facts['programs']} RUNNING"
     workers = facts.get("workers") or {}
-    if workers:
+    if isinstance(workers.get("error"), str):
+        running += " workers not answering"
+    elif workers:
         # Celery: the queues its workers consume, and the tasks they hold.
         queues = ",".join(sorted({q for w in workers.values() for q in w.get("queues") or []})) or "no queue"
         active = sum(w.get("active") or 0 for w in workers.values())
         running += f" {queues} ({active} active)"
     return f"{name} {where} {running}"
+
+
+def _printable(value, limit=300):
+    """A minion-given value on one line of a table: escaped, cut short."""
+    text = str(value).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format_table(rows):
@@ -181,7 +182,7 @@ def _format_table(rows):
     lines = []
     for row in rows:
         cells = [
-            row["id"],
+            _printable(row["id"]),
             row["status"],
             row["provider"] or "-",
             row["region"] or "-",
@@ -192,13 +193,19 @@ def _format_table(rows):
         deployments = [_deployment_cell(n, f) for n, f in row["deployments"].items()] or ["-"]
         lines.append([*cells, deployments[0]])
         lines.extend([""] * len(cells) + [extra] for extra in deployments[1:])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+        # What the minion wrote wrong, beneath its row (left out of the columns).
+        lines.extend(f"  bad data: {_printable(problem)}" for problem in row.get("bad_data") or [])
+    cells = [line for line in lines if isinstance(line, list)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *cells, strict=False)]
     out = [
-        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
+        line
+        if isinstance(line, str)
+        else "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
         for line in [header, *lines]
     ]
-    up = sum(1 for r in rows if r["status"] == "up")
-    out.append(f"{len(rows)} minion{'' if len(rows) == 1 else 's'}, {up} up, {len(rows) - up} down")
+    up, bad = (sum(1 for r in rows if r["status"] == status) for status in ("up", "bad data"))
+    summary = f"{len(rows)} minion{'' if len(rows) == 1 else 's'}, {up} up, {len(rows) - up - bad} down"
+    out.append(summary + (f", {bad} bad data" if bad else ""))
     return "\n".join(out)
 
 
@@ -268,9 +275,11 @@ def ansible_inventory(tgt="*", deployment=None, provider=None, grains=None):
     """
     The fleet as Ansible dynamic-inventory JSON: a group per deployment
     (``deployment_<name>``), per provider (``provider_<name>``) and per
-    status (``salt_up``/``salt_down``); hostvars hold what an inventory
-    needs: ``ansible_host``, the cloud facts (provider, instance, region,
-    size, addresses) and each deployment's rev, release and programs.
+    status (``salt_up``/``salt_down``/``salt_bad_data``); hostvars hold
+    what an inventory needs: ``ansible_host``, the cloud facts (provider,
+    instance, region, size, addresses) and each deployment's rev, release
+    and programs; a host that wrote values saltfleet never writes is in
+    ``salt_bad_data``, what was wrong in its ``salt_bad_data`` hostvar.
 
     grains
         Salt's grains too, under ``salt_grains``: ``True`` for every cached
@@ -304,8 +313,12 @@ def ansible_inventory(tgt="*", deployment=None, provider=None, grains=None):
                 for name, facts in row["deployments"].items()
             },
         }
+        if row.get("bad_data"):
+            hostvars[host]["salt_bad_data"] = row["bad_data"]
         if asked:
-            cached = cache.fetch("grains", host) or {}
+            cached = cache.fetch("grains", host)
+            # Grains that are no mapping are named in salt_bad_data already.
+            cached = cached if isinstance(cached, dict) else {}
             hostvars[host]["salt_grains"] = cached if asked is True else {k: cached[k] for k in asked if k in cached}
         names = [_group("deployment", d) for d in row["deployments"]]
         names.append(_group("provider", row["provider"] or "none"))
@@ -354,42 +367,42 @@ def admit(minion_id, instance_id, pub):
 
 
 def _consumers(tgt="*", deployment=None, queue=None):
-    """({queue: [consumer, ...]}, [deployments whose workers did not answer]) from the mine."""
+    """
+    ({queue: [consumer, ...]}, [deployments whose workers did not answer],
+    [{minion, problems}: hosts whose data was bad]) from the mine. A host with
+    bad data lists its consumers read whole, with status ``bad data``: never up.
+    """
     cache = salt.cache.factory(__opts__)
     now = time.time()
-    queues, unanswered = {}, []
+    queues, unanswered, bad = {}, [], []
     for minion_id in sorted(_accepted()):
         if not fnmatch.fnmatchcase(minion_id, tgt):
             continue
-        mine = cache.fetch("mine", minion_id) or {}
-        rows = mine.get(STATUS) if isinstance(mine, dict) else None
-        if not isinstance(rows, dict):
-            continue
+        data = _minion(cache, minion_id)
         # A minion that stopped reporting: its workers are what they were when it last did.
-        status = _row(minion_id, cache, now)["status"]
-        for name, facts in sorted(rows.items()):
-            workers = facts.get("workers") if isinstance(facts, dict) else None
-            if (deployment and name != deployment) or not isinstance(workers, dict):
+        status = _status(data, now)
+        if data.problems:
+            bad.append({"minion": minion_id, "problems": list(data.problems)})
+        for name, facts in data.status.items():
+            if deployment and name != deployment:
                 continue
-            if isinstance(workers.get("error"), str):
-                unanswered.append({"minion": minion_id, "deployment": name, "error": workers["error"]})
+            if facts.workers_error is not None:
+                unanswered.append({"minion": minion_id, "deployment": name, "error": facts.workers_error})
                 continue
-            for node, worker in sorted(workers.items()):
-                if not isinstance(worker, dict):
-                    continue
-                for name_of_queue in worker.get("queues") or []:
+            for worker in facts.workers:
+                for name_of_queue in worker.queues:
                     if queue and not fnmatch.fnmatchcase(name_of_queue, queue):
                         continue
                     queues.setdefault(name_of_queue, []).append(
                         {
                             "minion": minion_id,
                             "deployment": name,
-                            "node": node,
-                            "active": worker.get("active"),
+                            "node": worker.node,
+                            "active": worker.active,
                             "status": status,
                         }
                     )
-    return dict(sorted(queues.items())), unanswered
+    return dict(sorted(queues.items())), unanswered, bad
 
 
 def _format_queues(report):
@@ -399,12 +412,14 @@ def _format_queues(report):
     for name, info in report["queues"].items():
         nodes = ", ".join(
             f"{c['node']} ({'?' if c['active'] is None else c['active']})"
-            + ("" if c["status"] == "up" else f" on {c['minion']}, down")
+            + ("" if c["status"] == "up" else f" on {_printable(c['minion'])}, {c['status']}")
             for c in info["consumers"]
         )
         lines.append(f"{name.ljust(width)}  {info['up']:>2} up/{len(info['consumers']):<2}  {nodes}")
     for row in report["unanswered"]:
-        lines.append(f"not answering: {row['deployment']} on {row['minion']}: {row['error']}")
+        lines.append(f"not answering: {row['deployment']} on {_printable(row['minion'])}: {_printable(row['error'])}")
+    for row in report["bad data"]:
+        lines.extend(f"bad data: {_printable(row['minion'])}: {_printable(p)}" for p in row["problems"])
     return "\n".join(lines)
 
 
@@ -416,7 +431,8 @@ def queues(tgt="*", deployment=None, queue=None):
     Read from the master's cache (the mine's ``deployment.status``, refreshed
     by the heartbeat), so a queue none of whose workers answers is not
     listed; deployments whose workers did not answer are, under
-    ``unanswered``.
+    ``unanswered``, and hosts that wrote values saltfleet never writes
+    under ``bad data`` (what was wrong; their consumers never count as up).
 
     tgt
         Only the minions whose id matches this glob.
@@ -433,13 +449,14 @@ def queues(tgt="*", deployment=None, queue=None):
         salt-run fleet.queues deployment=daily-fetcher --out=json
         salt-run fleet.queues queue='daily_fetching.*'
     """
-    found, unanswered = _consumers(tgt, deployment, queue)
+    found, unanswered, bad = _consumers(tgt, deployment, queue)
     report = {
         "queues": {
             name: {"up": sum(1 for c in consumers if c["status"] == "up"), "consumers": consumers}
             for name, consumers in found.items()
         },
         "unanswered": unanswered,
+        "bad data": bad,
     }
     return _format_queues(report) if _as_text() else report
 
@@ -459,9 +476,14 @@ SYNDIC_TIMEOUT = 30
 
 
 def _syndics():
-    """This master's accepted keys that Salt registered as syndics."""
+    """
+    This master's accepted keys that Salt registered as syndics, on a master
+    of masters alone: Salt registers any minion that sends a syndic return.
+    """
     import os
 
+    if not __opts__.get("order_masters"):
+        return []
     try:
         registered = set(os.listdir(os.path.join(__opts__["cachedir"], "syndics")))
     except OSError:
@@ -574,23 +596,28 @@ def _refuse(message, **fields):
 
 def _plan(what, name, batch, tgt, tgt_type):
     """
-    ({minion: release it serves}, batches, held back, the first host's
-    pillar) of the hosts of ``name``, the batches within the deployment's
-    ``min_consumers``; ValueError when there are no hosts or a floor cannot hold.
+    ({minion: release it serves}, batches, held back, {minion: its pillar
+    spec of ``name``}) of the hosts of ``name`` (those the master's own
+    pillar assigns it), the batches within the deployment's
+    ``min_consumers`` (the highest floor that pillar gives any of its hosts);
+    ValueError when there are no hosts or a floor cannot hold.
     """
-    serving = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, tgt, tgt_type)
+    assigned = __utils__["saltfleet_assigned.assignments"](_opts())
+    serving, strays = __utils__[f"{ROLLOUT}.claimed"](_opts(), name, tgt, tgt_type, assigned)
+    for minion in strays:
+        _progress(f"{name}: {minion} says it runs {name}, but the master's pillar does not assign it there: left out")
     if not serving:
         raise ValueError(f"{what}: {__utils__['saltfleet_rollout.not_hosted'](_opts(), name, tgt, tgt_type)}")
     plan = __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
-    pillar = __salt__["pillar.show_pillar"](plan[0][0])
-    floors = (((pillar or {}).get("deployments") or {}).get(name) or {}).get("min_consumers") or {}
-    errors = []
-    if not __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", floors, errors):
-        raise ValueError(f"{what}: {'; '.join(errors)}")
+    # Every host of the deployment, targeted or not: its pillar sets the floors, its workers keep them.
+    everywhere = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, "*", "glob", assigned)
+    specs = assigned.specs(name, everywhere)
+    floors = __utils__["saltfleet_assigned.floors"](name, specs)
     consumers = {}
     for queue, rows in _consumers()[0].items():
         for row in rows:
-            if queue in floors and row["status"] == "up":
+            # A worker counts only where the master's pillar assigns its deployment, whatever a mine says.
+            if queue in floors and row["status"] == "up" and assigned.assigns(row["minion"], row["deployment"]):
                 consumers.setdefault(row["minion"], {}).setdefault(queue, 0)
                 consumers[row["minion"]][queue] += 1
     try:
@@ -603,13 +630,13 @@ def _plan(what, name, batch, tgt, tgt_type):
             f"of its {row['consumers']} consumers (min_consumers)",
             "warn",
         )
-    return serving, plan, held, pillar
+    return serving, plan, held, specs
 
 
-def _hooks(name, pillar, pre, post):
-    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the first host's ``pillar``."""
+def _hooks(name, specs, pre, post):
+    """The pre and post hooks: the arguments, else ``deployments:<name>:hooks`` of the master's pillar of its hosts."""
     if pre is None and post is None:
-        return __utils__[f"{ROLLOUT}.hooks_in_pillar"](pillar, name)
+        return __utils__["saltfleet_assigned.hooks"](name, specs)
     commands = __utils__[f"{ROLLOUT}.commands"]
     return {"pre": commands(pre, f"fleet.deploy {name} pre"), "post": commands(post, f"fleet.deploy {name} post")}
 
@@ -659,12 +686,19 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
     ``fleet.unlock`` shows and breaks the lock). Every rollout goes into the
     deploy ledger (``fleet.history``).
 
+    The hosts of ``name`` are the minions the master's own pillar assigns it
+    (compiled by the master, never what a minion's grains, mine or request
+    say) that have reported it; a minion that claims it otherwise is left
+    out, and the progress says so.
+
     A Celery queue with a floor in pillar (``deployments:<name>:min_consumers:
-    {queue: N}``, of the first host) keeps N consumers up through the rollout:
-    a host counts as out of service during its batch, so a batch that would
-    leave fewer is cut short (the report's ``held back`` names the queue), and
-    a rollout where one host alone would is refused before anything changes.
-    Consumers are counted from the master's cache, as ``fleet.queues`` shows them.
+    {queue: N}``, the highest the master's pillar gives any host) keeps N
+    consumers up through the rollout: a host counts as out of service during
+    its batch, so a batch that would leave fewer is cut short (the report's
+    ``held back`` names the queue), and a rollout where one host alone would
+    is refused before anything changes. Consumers are counted from the
+    master's cache, as ``fleet.queues`` shows them, on the hosts the master's
+    pillar assigns their deployment.
 
     batch
         Hosts per batch: a number (``1``, the default) or a share (``20%``).
@@ -678,7 +712,8 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         ``pre`` before any host changes (in the release serving then; if it
         fails, nothing is deployed), ``post`` after the last batch (in the new
         release). A string is one command, a list several. Without either,
-        pillar ``deployments:<name>:hooks:{pre,post}`` of that host counts.
+        pillar ``deployments:<name>:hooks:{pre,post}`` counts, the same for
+        every host in the master's pillar (hosts that differ are refused).
 
     CLI Example:
 
@@ -696,10 +731,10 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         return _refuse(why) if test else _refused("fleet.deploy", name, None, why, outcome="refused")
     rev = str(rev)
     try:
-        serving, plan, held, pillar = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
+        serving, plan, held, specs = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
         if test:
             return _finish(_held(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress), held))
-        hooks = _hooks(name, pillar, pre, post)
+        hooks = _hooks(name, specs, pre, post)
         lock = _take(name, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
     except (ValueError, CommandExecutionError) as exc:
         if test:
@@ -799,8 +834,9 @@ def record(jid, minion, fun, fun_args=None, ret=None, retcode=0):
     """
     Record one host's return of ``deployment.update_code`` or
     ``deployment.rollback`` in the deploy ledger, with the user who sent the
-    job (from the master's job cache: a return for a job the master never
-    sent is not recorded). The master's reactor calls it for every such
+    job. A return is recorded only when the master's job cache has the job
+    with this function and these arguments, sent to this minion; its
+    deployment and rev are the job's, every field is cut to a bound. The master's reactor calls it for every such
     return (``etc/reactor/saltfleet_ledger.sls``).
 
     CLI Example:
@@ -811,12 +847,18 @@ def record(jid, minion, fun, fun_args=None, ret=None, retcode=0):
             fun_args='["daily-fetcher", "v2.3"]' ret='{"result": true, "release": "3f1c9e2"}'
     """
     if fun not in LEDGER_FUNS:
-        return {"recorded": False, "comment": f"{fun} is not recorded (only {', '.join(LEDGER_FUNS)})"}
-    user = __utils__[f"{LEDGER}.job_user"](_opts(), str(jid))
-    if user is None:
-        return {"recorded": False, "comment": f"the master has no job {jid}"}
+        return {"recorded": False, "comment": f"{_printable(fun, 64)} is not recorded (only {', '.join(LEDGER_FUNS)})"}
+    # Everything here came with the return, from the minion: only what the master's job cache confirms is kept.
+    load = __utils__[f"{LEDGER}.job_load"](_opts(), str(jid))
+    if not load:
+        return {"recorded": False, "comment": f"the master has no job {_printable(jid, 32)}"}
+    why = __utils__[f"{LEDGER}.return_matches"](_opts(), load, minion, fun, fun_args)
+    if why:
+        return {"recorded": False, "comment": f"a return of job {jid} from {_printable(minion, 255)}: {why}"}
+    user = load.get("user") or "UNKNOWN"
     row = __utils__[f"{ROLLOUT}.outcome"]({"ret": ret, "retcode": retcode})
-    entry = __utils__[f"{LEDGER}.host_entry"](jid, minion, fun, fun_args, user, row)
+    # The name and rev recorded are the job's own arguments, as the master sent them.
+    entry = __utils__[f"{LEDGER}.host_entry"](jid, minion, fun, load.get("arg"), user, row)
     __utils__[f"{LEDGER}.append"](_opts(), entry)
     return {"recorded": True, **entry}
 
@@ -858,59 +900,36 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
 # _utils/saltfleet_page.py.
 
 
-def _floors(hosts, cache):
+def _floors(hosts):
     """
-    {deployment: {queue: fewest}}: each deployment's ``min_consumers``, from
-    the pillar the master last compiled for its first host (as fleet.deploy
-    reads it); only that key leaves the cached pillar.
+    {deployment: {queue: fewest}}: each deployment's ``min_consumers``, the
+    highest the master's own pillar gives any of its hosts (as fleet.deploy
+    reads it); only that key leaves the pillar.
     """
+    assigned = __utils__["saltfleet_assigned.assignments"](_opts())
     floors = {}
     for name, minions in sorted(hosts.items()):
-        pillar = cache.fetch("pillar", sorted(minions)[0]) or {}
-        spec = ((pillar.get("deployments") if isinstance(pillar, dict) else None) or {}).get(name)
-        found = spec.get("min_consumers") if isinstance(spec, dict) else None
-        errors = []
-        if not found:
+        try:
+            found = __utils__["saltfleet_assigned.floors"](name, assigned.specs(name, minions))
+        except ValueError as exc:
+            log.warning("fleet.overview: %s", exc)
             continue
-        if __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", found, errors):
-            floors[name] = dict(found)
-        else:
-            log.warning("fleet.overview: %s", "; ".join(errors))
+        if found:
+            floors[name] = found
     return floors
 
 
-class _ReadOnce:
-    """Salt's cache, each (bank, key) read once: fleet.overview reads every minion's facts for several views."""
-
-    def __init__(self, cache):
-        self.cache, self.read = cache, {}
-
-    def _once(self, how, bank, key):
-        if (how, bank, key) not in self.read:
-            self.read[(how, bank, key)] = getattr(self.cache, how)(bank, key)
-        return self.read[(how, bank, key)]
-
-    def fetch(self, bank, key):
-        return self._once("fetch", bank, key)
-
-    def updated(self, bank, key):
-        return self._once("updated", bank, key)
-
-
-def _page_facts(cache, rows):
-    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]})."""
+def _page_facts(minions, rows):
+    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]}), all checked."""
     facts, where = {}, {}
-    for row in rows:
-        grains = cache.fetch("grains", row["id"]) or {}
-        mine = cache.fetch("mine", row["id"]) or {}
-        known = grains.get("saltfleet_deployments") if isinstance(grains, dict) else None
-        statuses = mine.get(STATUS) if isinstance(mine, dict) else None
-        known, statuses = (known if isinstance(known, dict) else {}), (statuses if isinstance(statuses, dict) else {})
-        if not known and not statuses:
+    for data, row in zip(minions, rows, strict=True):
+        if not data.known and not data.status:
             continue
-        facts[row["id"]] = (row["status"], known, statuses)
-        for name in {*known, *statuses}:
-            where.setdefault(name, []).append(row["id"])
+        known = {name: facts_.as_dict() for name, facts_ in data.known.items()}
+        statuses = {name: status.as_row() for name, status in data.status.items()}
+        facts[data.id] = (row["status"], known, statuses)
+        for name in data.deployments():
+            where.setdefault(name, []).append(data.id)
     return facts, where
 
 
@@ -922,7 +941,7 @@ def _hosts(rows):
         registered = os.listdir(os.path.join(__opts__["cachedir"], "syndics"))
     except OSError:
         registered = []
-    return _with_syndics(rows) if registered else rows
+    return _with_syndics(rows) if registered and __opts__.get("order_masters") else rows
 
 
 def overview(perms=None, limit=50):
@@ -947,12 +966,13 @@ def overview(perms=None, limit=50):
         salt-run fleet.overview --out=json
         salt-run fleet.overview perms='["@runner"]' limit=10 --out=yaml
     """
-    # One pass over the accepted minions, each one's cache entries read once, for every view.
-    cache = _ReadOnce(salt.cache.factory(__opts__))
+    # One pass over the accepted minions, each one's cache entries read (and checked) once, for every view.
+    cache = salt.cache.factory(__opts__)
     now = time.time()
-    rows = [_row(minion_id, cache, now) for minion_id in sorted(_accepted())]
-    facts, where = _page_facts(cache, rows)
-    floors = _floors(where, cache)
+    minions = [_minion(cache, minion_id) for minion_id in sorted(_accepted())]
+    rows = [_row(data, now) for data in minions]
+    facts, where = _page_facts(minions, rows)
+    floors = _floors(where)
     entries = __utils__["saltfleet_ledger.read"](_opts())
     running = __utils__["saltfleet_ledger.running"](_opts(), entries)
     items = __utils__["saltfleet_ledger.history"](entries, None, running)

@@ -148,26 +148,47 @@ def refused(opts, rid, kind, user, name, rev, why):
 
 def read(opts):
     """Every whole entry of the ledger, oldest first."""
+    return read_counted(opts)[0]
+
+
+def read_counted(opts):
+    """(every whole, readable entry of the ledger, oldest first; how many lines were skipped)."""
     path = folder(opts) / LEDGER
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return []
+        return [], 0
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read()
     finally:
         os.close(fd)
-    entries = []
+    entries, skipped = [], 0
     for raw in data.splitlines():
+        if not raw.strip():
+            continue
         try:
             entry = json.loads(raw)
         except ValueError:
+            skipped += 1
             continue
-        if isinstance(entry, dict):
+        if readable(entry):
             entries.append(entry)
-    return entries
+        else:
+            skipped += 1
+    return entries, skipped
+
+
+# The fields history keys and folds by: each a string (or absent) in a line it can read.
+KEYS = ("type", "id", "jid", "minion", "event", "deployment", "fun", "user", "rev", "at", "kind", "outcome")
+
+
+def readable(entry):
+    """Whether ``entry`` is a ledger line ``history`` can fold: a mapping whose keys it reads are strings."""
+    if not isinstance(entry, dict):
+        return False
+    return all(entry.get(key) is None or isinstance(entry.get(key), str) for key in KEYS)
 
 
 def host_entry(jid, minion, fun, fun_args, user, row):
@@ -180,15 +201,28 @@ def host_entry(jid, minion, fun, fun_args, user, row):
         rev = "the release before the serving one"
     return {
         "type": "host",
-        "jid": str(jid),
-        "minion": minion,
-        "fun": fun,
-        "user": user,
+        "jid": _capped(jid, 32),
+        "minion": _capped(minion, 255),
+        "fun": _capped(fun, 64),
+        "user": _capped(user, 256),
         "at": now(),
-        "deployment": name,
-        "rev": None if rev is None else str(rev),
-        **row,
+        "deployment": _capped(name, 64),
+        "rev": None if rev is None else _capped(rev, 256),
+        **{key: _capped(value, FIELD_MAX) for key, value in row.items() if key in ROW_KEYS},
     }
+
+
+FIELD_MAX = 2000
+# What a host line keeps of a return's outcome.
+ROW_KEYS = ("outcome", "release", "reason")
+
+
+def _capped(value, limit):
+    """A field of a ledger line: a string of at most ``limit`` characters (or None)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def running(opts, entries, deployment=None):
@@ -203,10 +237,19 @@ def running(opts, entries, deployment=None):
 
 
 def view(opts, deployment=None, limit=20):
-    """``history`` of the ledger, the last ``limit`` entries (0: all); a rollout still holding its lock is running."""
-    entries = read(opts)
+    """
+    ``history`` of the ledger, the last ``limit`` entries (0: all); a rollout
+    still holding its lock is running. Lines it cannot read are skipped, and
+    counted in a last item (``skipped``).
+    """
+    entries, skipped = read_counted(opts)
     items = history(entries, deployment, running(opts, entries, deployment))
-    return items[-int(limit) :] if limit else items
+    items = items[-int(limit) :] if limit else items
+    if skipped:
+        lines = "1 line was" if skipped == 1 else f"{skipped} lines were"
+        note = f"{lines} of the ledger unreadable and skipped"
+        items.append({"what": "skipped", "skipped": skipped, "outcome": note})
+    return items
 
 
 def _host_line(entry):
@@ -471,16 +514,52 @@ def lock(opts, name):
     return DeployLock(opts, name)
 
 
+def job_load(opts, jid):
+    """What the master's job cache holds of job ``jid`` (function, arguments, target, user, minions); {} if none."""
+    import salt.loader
+
+    if not isinstance(jid, str) or not jid.isdigit() or len(jid) > 32:
+        return {}
+    returners = salt.loader.returners(opts, {})
+    load = returners[f"{opts['master_job_cache']}.get_load"](jid) or {}
+    return load if isinstance(load, dict) else {}
+
+
 def job_user(opts, jid):
     """
     Who published job ``jid``, from the master's job cache; ``None`` when the
     master never published it (a return claiming an unknown job).
     """
-    import salt.loader
-
-    returners = salt.loader.returners(opts, {})
-    load = returners[f"{opts['master_job_cache']}.get_load"](jid) or {}
+    load = job_load(opts, str(jid))
     return load.get("user") or ("UNKNOWN" if load else None)
+
+
+def _plain(args):
+    """Job arguments compared as the master sent them: Salt's ``__kwarg__`` marker aside."""
+    if not isinstance(args, (list, tuple)):
+        return None
+    return [{k: v for k, v in a.items() if k != "__kwarg__"} if isinstance(a, dict) else a for a in args]
+
+
+def return_matches(opts, load, minion, fun, fun_args):
+    """
+    Why a return of ``fun`` from ``minion`` does not belong to the job
+    ``load`` (the master's record of what it sent), or None when it does: the
+    same function, the same arguments, and a minion the job went to.
+    """
+    if load.get("fun") != fun:
+        return f"the job ran {load.get('fun')!r}, not {fun}"
+    if fun_args is not None and _plain(fun_args) != _plain(load.get("arg") or []):
+        return "its arguments are not the job's"
+    minions = load.get("Minions")
+    if not isinstance(minions, list):
+        import salt.utils.minions
+
+        found = salt.utils.minions.CkMinions(opts).check_minions(load.get("tgt"), load.get("tgt_type", "glob"))
+        minions = found["minions"]
+    if minion not in minions:
+        return "the job did not go to that minion"
+    return None
 
 
 def unlock(opts, name, user, force=False):

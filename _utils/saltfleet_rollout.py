@@ -17,11 +17,13 @@ A batch succeeds only when every host in it is ``deployed``; the rollout
 stops at the first batch that does not.
 """
 
+import dataclasses
 import math
 import shlex
 
 import salt.cache
 import salt.client
+import salt.loader.context
 import salt.utils.minions
 
 __virtualname__ = "saltfleet_rollout"
@@ -111,33 +113,53 @@ def within_floor(plan, consumers, floors):
     return cut, held
 
 
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules: the loader in context holds them.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
+
+
 def _cached(opts, tgt, tgt_type):
     """
-    (minion, grains' ``saltfleet_deployments``, mine's ``deployment.status``)
-    for each accepted minion matching ``tgt``, as the master last heard.
+    The checked Minion (``saltfleet_minion_data``: grains' and mine's
+    deployments, bad values left out) of each accepted minion matching
+    ``tgt``, as the master last heard.
     """
     cache = salt.cache.factory(opts)
+    read = _utils("saltfleet_minion_data.minion")
     for minion in sorted(salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]):
-        grains = cache.fetch("grains", minion) or {}
-        mine = cache.fetch("mine", minion) or {}
-        known = (grains.get("saltfleet_deployments") if isinstance(grains, dict) else None) or {}
-        status = (mine.get("deployment.status") if isinstance(mine, dict) else None) or {}
-        yield minion, known if isinstance(known, dict) else {}, status if isinstance(status, dict) else {}
+        yield read(cache, minion)
 
 
-def hosts_of(opts, name, tgt="*", tgt_type="glob"):
+def claimed(opts, name, tgt="*", tgt_type="glob", assigned=None):
     """
-    The accepted minions matching ``tgt`` that host deployment ``name``, as
-    the master last heard (cached grains ``saltfleet_deployments`` and the
-    mine's ``deployment.status``): {minion: the release it serves, or None}.
+    ({minion: the release it serves, or None}, [strays]) of the accepted
+    minions matching ``tgt`` that say they run deployment ``name`` (cached
+    grains ``saltfleet_deployments`` and the mine's ``deployment.status``):
+    the first those the master's own pillar assigns it (``saltfleet_assigned``),
+    the strays those it does not, whatever they say.
     """
-    found = {}
-    for minion, known, status in _cached(opts, tgt, tgt_type):
-        if name in known or name in status:
-            # The mine is refreshed after every change: fresher than the grains.
-            facts = status.get(name) if isinstance(status.get(name), dict) else known.get(name) or {}
-            found[minion] = facts.get("release") or (known.get(name) or {}).get("release")
-    return found
+    assigned = assigned or _utils("saltfleet_assigned.assignments")(opts)
+    found, strays = {}, []
+    for data in _cached(opts, tgt, tgt_type):
+        if name not in data.known and name not in data.status:
+            continue
+        if not assigned.assigns(data.id, name):
+            strays.append(data.id)
+            continue
+        # The mine is refreshed after every change: fresher than the grains.
+        status, known = data.status.get(name), data.known.get(name)
+        found[data.id] = (status.release if status else None) or (known.release if known else None)
+    return found, strays
+
+
+def hosts_of(opts, name, tgt="*", tgt_type="glob", assigned=None):
+    """
+    The accepted minions matching ``tgt`` that host deployment ``name``: the
+    master's pillar assigns it to them and they reported it.
+    {minion: the release it serves, or None}.
+    """
+    return claimed(opts, name, tgt, tgt_type, assigned)[0]
 
 
 def named_in_pillar(opts):
@@ -185,10 +207,14 @@ def not_hosted(opts, name, tgt="*", tgt_type="glob"):
 
 
 def deployments_of(opts, tgt="*", tgt_type="glob"):
-    """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any."""
-    return {
-        minion: sorted({*known, *status}) for minion, known, status in _cached(opts, tgt, tgt_type) if known or status
-    }
+    """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any (``hosts_of``'s sense)."""
+    assigned = _utils("saltfleet_assigned.assignments")(opts)
+    found = {}
+    for data in _cached(opts, tgt, tgt_type):
+        names = [n for n in data.deployments() if assigned.assigns(data.id, n)] if data.deployments() else []
+        if names:
+            found[data.id] = names
+    return found
 
 
 def commands(value, what):
@@ -231,6 +257,7 @@ def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_re
     """
     returns = {}
     jid = None
+    wanted = set(hosts)
     with salt.client.get_local_client(mopts=opts) as client:
         for item in client.cmd_iter(
             list(hosts), fun, list(arg), timeout=timeout, tgt_type="list", kwarg=kwarg, yield_pub_data=True
@@ -243,9 +270,10 @@ def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_re
                     on_jid(jid)
                 continue
             for minion, data in item.items():
-                if minion in returns:
+                # A return only from a host the job went to, once, and in the shape Salt gives one.
+                if minion in returns or minion not in wanted:
                     continue
-                returns[minion] = data
+                returns[minion] = data if isinstance(data, dict) else {"ret": data}
                 if on_return:
                     on_return(minion, data)
     return jid, returns
@@ -262,11 +290,15 @@ def outcome(data):
     """What a host's return of ``deployment.update_code``/``rollback`` means (``None``: no return)."""
     if data is None:
         return {"outcome": NO_ANSWER}
-    ret, retcode = data.get("ret"), data.get("retcode") or 0
+    ret, retcode = (data.get("ret"), data.get("retcode") or 0) if isinstance(data, dict) else (data, 1)
     if isinstance(ret, dict) and "result" in ret:
+        try:
+            release = _utils("saltfleet_minion_data.sha")(ret.get("release"), "release")
+        except ValueError as exc:
+            return {"outcome": FAILED, "reason": _reason(f"bad data: {exc}")}
         if ret["result"] is True and not retcode:
-            return {"outcome": DEPLOYED, "release": ret.get("release")}
-        return {"outcome": FAILED, "reason": _reason(ret.get("comment") or "failed"), "release": ret.get("release")}
+            return {"outcome": DEPLOYED, "release": release}
+        return {"outcome": FAILED, "reason": _reason(ret.get("comment") or "failed"), "release": release}
     return {"outcome": FAILED, "reason": _reason(ret)}
 
 
@@ -280,7 +312,8 @@ def dry_outcome(data):
         return {"outcome": FAILED, "reason": _reason("; ".join(map(str, ret)) if isinstance(ret, list) else ret)}
     if state["result"] is False:
         return {"outcome": FAILED, "reason": _reason(state.get("comment"))}
-    release = (state.get("changes") or {}).get("release") or {}
+    changes = state.get("changes")
+    release = (changes.get("release") if isinstance(changes, dict) else None) or {}
     row = {"outcome": "would change" if state["result"] is None else "no change", "comment": state.get("comment")}
     if release:
         row["release"] = release
@@ -339,7 +372,7 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
             hosts[minion] = outcome(returns.get(minion))
             if minion not in returns:
                 emit(f"{name}: {minion}: no answer within {timeout} s", FAIL)
-            journal({"event": "host", "batch": n, "minion": minion, **row})
+                journal({"event": "host", "batch": number, "minion": minion, **hosts[minion]})
         bad = [m for m in batch if hosts[m]["outcome"] != DEPLOYED]
         if bad:
             return hosts, ran, f"batch {number} of {len(plan)} failed ({_words(bad, hosts)}); the rollout stopped there"
@@ -418,10 +451,22 @@ def rollback_target(opts, name, hosts, requested, timeout, emit):
     """The release ``fleet.rollback`` goes to (``choose_release``); ValueError if a host cannot say what it keeps."""
     emit(f"{name}: asking {count(len(hosts), 'host')} which releases they keep")
     _, returns = publish(opts, hosts, "deployment.releases", [name], None, timeout)
-    kept = {m: (returns.get(m) or {}).get("ret", f"no answer within {timeout} s") for m in hosts}
-    unknown = {m: ret for m, ret in kept.items() if not isinstance(ret, list)}
+    read = _utils("saltfleet_minion_data.releases")
+    kept, unknown = {}, {}
+    for minion in hosts:
+        if minion not in returns:
+            unknown[minion] = f"no answer within {timeout} s"
+            continue
+        ret = returns[minion].get("ret")
+        if not isinstance(ret, list):
+            unknown[minion] = _reason(ret)
+            continue
+        try:
+            kept[minion] = [dataclasses.asdict(row) for row in read(ret, "deployment.releases")]
+        except ValueError as exc:  # saltfleet_minion_data.Bad: the loader hands out functions only
+            unknown[minion] = f"bad data: {exc}"
     if unknown:
-        why = "; ".join(f"{m}: {_reason(ret)}" for m, ret in sorted(unknown.items()))
+        why = "; ".join(f"{m}: {ret}" for m, ret in sorted(unknown.items()))
         raise ValueError(f"{name}: every host must say which releases it keeps, and {why}")
     return choose_release(name, kept, requested)
 
@@ -511,19 +556,20 @@ def status_report(name, expected, returns):
     host did not answer.
     """
     down, held, errors, up = {}, {}, {}, {}
+    read = _utils("saltfleet_minion_data.statuses")
     for minion in sorted(returns):
         ret = returns[minion].get("ret")
         if not isinstance(ret, dict):
             errors[minion] = _reason(ret)
             continue
-        for deployment, row in sorted(ret.items()):
-            if not isinstance(row, dict):
-                continue
-            holds = row.get("held") or {}
-            programs = row.get("programs") or {}
+        rows, problems = read(ret, "deployment.status")
+        if problems:
+            errors[minion] = _reason("bad data: " + "; ".join(problems))
+        for deployment, row in rows.items():
+            holds, programs = row.held, row.programs
             kept = {p for p in programs if "*" in holds or p.split(":")[0] in holds}
-            if row.get("supervisord") != "running":
-                bad = [f"supervisord {row.get('supervisord')}"]
+            if row.supervisord != "running":
+                bad = [f"supervisord {row.supervisord}"]
             else:
                 bad = [f"{p} {s}" for p, s in sorted(programs.items()) if s != "RUNNING" and p not in kept]
             if bad:
@@ -533,7 +579,7 @@ def status_report(name, expected, returns):
                     ("all programs" if p == "*" else p): reason or "no reason given" for p, reason in holds.items()
                 }
             if not bad:
-                up.setdefault(minion, []).append(f"{deployment} {row.get('summary')}")
+                up.setdefault(minion, []).append(f"{deployment} {row.summary}")
     silent = sorted(set(expected) - set(returns))
     parts = [count(len(expected), "host")]
     parts += [f"{len(down)} with programs down"] if down else []

@@ -169,6 +169,11 @@ def _check_name(where, name, errors, what="name"):
     return True
 
 
+def check_name(where, name, errors):
+    """Append an error unless ``name`` is a deployment name (the state's, the lock's, a grain's key)."""
+    return _check_name(where, name, errors)
+
+
 def _check_choice(where, value, choices, errors):
     if value not in choices:
         errors.append(f"{where}: must be {' or '.join(choices)}, got {value!r}")

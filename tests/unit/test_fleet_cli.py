@@ -14,30 +14,11 @@ import salt.cache
 import salt.config
 import salt.loader
 
-from localfleet.config import REPO, saltfleet_utils
-from tests.unit.test_inventory import add_minion, cloud, load_runner, status
+from localfleet.config import saltfleet_utils
+from tests.unit.test_inventory import add_minion, assign, cloud, load_runner, status
 
 rollout = saltfleet_utils().saltfleet_rollout
 SHA = "d94214361ad8489b99e0e59c663484d25b287454"
-
-
-@pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    opts.update(
-        root_dir=str(tmp_path),
-        pki_dir=str(tmp_path / "pki"),
-        cachedir=str(tmp_path / "cache"),
-        sock_dir=str(tmp_path / "sock"),
-        output="json",
-        color=False,
-        runner_dirs=[str(REPO / "_runners")],
-        utils_dirs=[str(REPO / "_utils")],
-        outputter_dirs=[str(REPO / "_output")],
-    )
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
 
 
 def fleet(opts):
@@ -122,6 +103,7 @@ def test_fleet_inventory_filtered_to_nothing_exits_1_saying_why(master_opts, fil
 
 def test_a_rollout_refused_because_no_host_matched_is_in_the_ledger(master_opts):
     add_minion(master_opts, "w1", cloud(), {"deployment.status": {"sample-fetcher": status(1, 1)}})
+    assign(master_opts, {"w1": {"sample-fetcher": {}}})
     runners = fleet(master_opts)
     report = runners["fleet.deploy"]("sample-fetcher", rev="v2", tgt="nosuch-*")
     assert report["retcode"] == 1

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import salt.cache
 import salt.config
+import yaml
 
-from localfleet.config import REPO
+from localfleet.config import REPO, saltfleet_utils
 
 
 def load_runner(opts):
@@ -18,22 +19,15 @@ def load_runner(opts):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.__opts__ = opts
+    module.__utils__ = saltfleet_utils()
     return module
 
 
 @pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    opts.update(
-        root_dir=str(tmp_path),
-        pki_dir=str(tmp_path / "pki"),
-        cachedir=str(tmp_path / "cache"),
-        sock_dir=str(tmp_path / "sock"),
-        output=None,
-    )
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
+def master_opts(master_opts):
+    """The runners' text output (salt-run's default outputter): what an operator reads."""
+    master_opts["output"] = None
+    return master_opts
 
 
 def add_minion(opts, minion_id, grains=None, mine=None, *, age=0, accepted=True):
@@ -50,6 +44,22 @@ def add_minion(opts, minion_id, grains=None, mine=None, *, age=0, accepted=True)
     if mine is not None:
         cache.store("mine", minion_id, mine)
         os.utime(os.path.join(opts["cachedir"], "mine", f"{minion_id}.p"), (seen, seen))
+
+
+def assign(opts, deployments_by_minion):
+    """
+    The master's own pillar (a pillar_roots tree and its top file), assigning
+    deployments by minion id: {minion glob: {deployment: its spec}}.
+    """
+    root = Path(opts["root_dir"]) / "pillar"
+    root.mkdir(exist_ok=True)
+    top = {}
+    for number, (glob, deployments) in enumerate(deployments_by_minion.items()):
+        (root / f"assigned{number}.sls").write_text(yaml.safe_dump({"deployments": deployments}))
+        top[glob] = [f"assigned{number}"]
+    (root / "top.sls").write_text(yaml.safe_dump({"base": top}))
+    opts["pillar_roots"] = {"base": [str(root)]}
+    opts["file_roots"] = {"base": [str(root / "no-files")]}
 
 
 def cloud(provider="local", region="local", size="sandbox", ip="127.0.0.1"):

@@ -8,12 +8,14 @@ import json
 import multiprocessing
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import salt.config
+import salt.loader
 from salt.exceptions import CommandExecutionError
 
-from localfleet.config import saltfleet_utils
+from localfleet.config import REPO, saltfleet_utils
 
 ledger = saltfleet_utils().saltfleet_ledger
 FORK = multiprocessing.get_context("fork")
@@ -278,3 +280,82 @@ def test_a_name_that_would_leave_the_locks_folder_is_refused(opts):
     for name in ("../x", ".hidden", "a/b"):
         with pytest.raises(CommandExecutionError, match="not a deployment name"):
             ledger.inspect(opts, name)
+
+
+# ------------------------------------------- what a minion's return may record
+
+
+@pytest.fixture
+def master(tmp_path):
+    """A master's opts with its job cache, and the fleet runner as salt-run loads it."""
+    from tests.unit.test_fleet_cli import fleet
+
+    opts = salt.config.master_config(None)
+    opts.update(
+        root_dir=str(tmp_path),
+        pki_dir=str(tmp_path / "pki"),
+        cachedir=str(tmp_path / "cache"),
+        sock_dir=str(tmp_path / "sock"),
+        output="json",
+        runner_dirs=[str(REPO / "_runners")],
+        utils_dirs=[str(REPO / "_utils")],
+    )
+    for folder_ in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
+        (tmp_path / "pki" / folder_).mkdir(parents=True)
+    load = {
+        "fun": "deployment.update_code",
+        "arg": ["app", "v2"],
+        "tgt": "w1",
+        "tgt_type": "glob",
+        "user": "alice",
+        "jid": JID,
+    }
+    salt.loader.returners(opts, {})["local_cache.save_load"](JID, load, minions=["w1"])
+    return opts, fleet(opts)
+
+
+JID = "20260101000000000042"
+DONE = {"result": True, "comment": "ok", "release": "b" * 40}
+
+
+def test_a_return_is_recorded_only_when_the_master_sent_that_job_to_that_minion(master):
+    _, runners = master
+    record = runners["fleet.record"]
+    assert record(JID, "w1", "deployment.rollback", ["app", "v2"], DONE)["recorded"] is False
+    assert record(JID, "w1", "deployment.update_code", ["other-app", "v9"], DONE)["recorded"] is False
+    assert record(JID, "w2", "deployment.update_code", ["app", "v2"], DONE)["recorded"] is False
+    assert record("20260101000000000043", "w1", "deployment.update_code", ["app", "v2"], DONE)["recorded"] is False
+    assert runners["fleet.history"]() == []
+    done = record(JID, "w1", "deployment.update_code", ["app", "v2"], DONE)
+    assert done["recorded"] is True
+    [item] = runners["fleet.history"]()
+    assert (item["who"], item["deployment"], item["rev"], item["hosts"]) == (
+        "alice",
+        "app",
+        "v2",
+        {"w1": {"outcome": "deployed", "release": "b" * 40}},
+    )
+
+
+def test_every_field_of_a_recorded_return_is_bounded(master):
+    opts, runners = master
+    huge = {"result": False, "comment": "x" * (10 * 1024 * 1024), "release": ["not", "a", "sha"], "extra": "y" * 10**6}
+    assert runners["fleet.record"](JID, "w1", "deployment.update_code", None, huge)["recorded"] is True
+    # A rev of 10 MB is no argument the job had: not recorded, whatever the rest says.
+    runners["fleet.record"](JID, "w1", "deployment.update_code", ["app", "v" * (10 * 1024 * 1024)], DONE)
+    raw = (Path(opts["cachedir"]) / "saltfleet" / "ledger.jsonl").read_bytes()
+    assert len(raw) < 4000
+    [item] = runners["fleet.history"]()
+    assert item["hosts"]["w1"]["outcome"] == "failed"
+
+
+def test_history_skips_and_counts_the_lines_it_cannot_read(master):
+    opts, runners = master
+    assert runners["fleet.record"](JID, "w1", "deployment.update_code", ["app", "v2"], DONE)["recorded"] is True
+    with (Path(opts["cachedir"]) / "saltfleet" / "ledger.jsonl").open("a") as handle:
+        handle.write(json.dumps({"type": "host", "jid": JID, "minion": ["w1"], "outcome": "deployed"}) + "\n")
+        handle.write(json.dumps({"type": "rollout", "id": {"a": 1}, "event": "start"}) + "\n")
+        handle.write('{"type": "host", "jid": \n')
+    items = runners["fleet.history"]()
+    assert items[0]["hosts"] == {"w1": {"outcome": "deployed", "release": "b" * 40}}
+    assert items[-1]["what"] == "skipped" and items[-1]["skipped"] == 3

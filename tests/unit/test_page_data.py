@@ -5,7 +5,7 @@ import salt.cache
 import salt.config
 
 from localfleet.config import saltfleet_utils
-from tests.unit.test_inventory import add_minion, cloud, load_runner
+from tests.unit.test_inventory import add_minion, assign, cloud, load_runner
 
 page = saltfleet_utils().saltfleet_page
 OLD, NEW = "a" * 40, "b" * 40
@@ -13,18 +13,9 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    opts.update(
-        root_dir=str(tmp_path),
-        pki_dir=str(tmp_path / "pki"),
-        cachedir=str(tmp_path / "cache"),
-        sock_dir=str(tmp_path / "sock"),
-        output=None,
-    )
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
+def master_opts(master_opts):
+    master_opts["output"] = None
+    return master_opts
 
 
 def status_row(release, held=None, draining=(), programs=None):
@@ -169,8 +160,9 @@ def test_overview_reads_the_cache_and_the_ledger_in_one_call(master_opts):
     add_minion(master_opts, "w1", grains=grains(OLD, "old"), mine=mine({"fetcher": status_row(OLD)}), age=5)
     add_minion(master_opts, "w2", grains=grains(NEW, HOSTILE), mine=mine({"fetcher": status_row(NEW)}), age=5)
     add_minion(master_opts, "bare", grains=cloud(), mine={"saltfleet.heartbeat": "30"}, age=5)
-    cache = salt.cache.factory(master_opts)
-    cache.store("pillar", "w1", {"deployments": {"fetcher": {"min_consumers": {"fetch": 1}, "deploy_key": "SECRET"}}})
+    assign(
+        master_opts, {"w1": {"fetcher": {"min_consumers": {"fetch": 1}, "deploy_key": "SECRET"}}, "w2": {"fetcher": {}}}
+    )
     utils = saltfleet_utils()
     utils.saltfleet_ledger.journal(master_opts, "20250101")(
         {"event": "start", "kind": "fleet.deploy", "user": "alice", "deployment": "fetcher", "rev": "v2"}

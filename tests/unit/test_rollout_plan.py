@@ -13,6 +13,7 @@ import salt.cache
 import salt.config
 
 from localfleet.config import saltfleet_utils
+from tests.unit.test_inventory import assign
 
 rollout = saltfleet_utils().saltfleet_rollout
 OLD, NEW, NEWER = "a" * 40, "b" * 40, "c" * 40
@@ -174,15 +175,6 @@ def test_hook_commands_are_argv_lists_never_shell_lines():
     assert rollout.hooks_in_pillar({}, "app") == {"pre": [], "post": []}
 
 
-@pytest.fixture
-def master_opts(tmp_path):
-    opts = salt.config.master_config(None)
-    opts.update(root_dir=str(tmp_path), pki_dir=str(tmp_path / "pki"), cachedir=str(tmp_path / "cache"))
-    for folder in ("minions", "minions_pre", "minions_rejected", "minions_denied"):
-        (tmp_path / "pki" / folder).mkdir(parents=True)
-    return opts
-
-
 def remember(opts, minion_id, grains=None, mine=None):
     Path(opts["pki_dir"], "minions", minion_id).write_text("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n")
     cache = salt.cache.factory(opts)
@@ -203,6 +195,7 @@ def test_the_hosts_of_a_deployment_are_those_the_master_heard_run_it(master_opts
     )
     remember(master_opts, "w3", {"saltfleet_deployments": {"other": {"release": OLD}}})
     remember(master_opts, "x1", {"saltfleet_deployments": {"app": {"release": OLD}}})
+    assign(master_opts, {"w*": {"app": {}, "other": {}}, "x1": {"app": {}}})
     os.makedirs(master_opts["cachedir"], exist_ok=True)
     assert rollout.hosts_of(master_opts, "app") == {"w1": OLD, "w2": NEW, "x1": OLD}
     assert rollout.hosts_of(master_opts, "app", "w*") == {"w1": OLD, "w2": NEW}
