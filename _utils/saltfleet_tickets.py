@@ -39,7 +39,7 @@ def _utils(name):
     return loader.pack.get("__utils__", loader)[name]
 
 
-def check_autosign_ready(vm_, opts):
+def check_autosign_ready(opts, name):
     """Raise a clear error (before anything is launched) unless the master hands new keys to ``fleet.admit``."""
     missing = []
     if opts.get("auth_events", True) is not True:
@@ -51,7 +51,7 @@ def check_autosign_ready(vm_, opts):
         missing.append(f"a reactor on {AUTH_TAG} running etc/reactor/saltfleet_autosign.sls")
     if missing:
         raise SaltCloudConfigError(
-            f"{vm_['name']}: bootstrap: cloud-init needs the master to pass a new minion's key to saltfleet's "
+            f"{name}: bootstrap: cloud-init needs the master to pass a new minion's key to saltfleet's "
             f"ticket check (fleet.admit), and its config lacks {'; '.join(missing)}; "
             "drop etc/master.d/saltfleet.conf into /etc/salt/master.d/ (or copy those settings) and restart the master"
         )
@@ -94,21 +94,19 @@ def _drop_expired(tickets):
     return gone
 
 
-def record_autosign_ticket(vm_, opts, instance_id):
-    """Let the master accept one key of minion ``vm_`` presenting grain ``saltfleet_instance_id: <instance_id>``.
+def record_autosign_ticket(opts, minion_id, instance_id, ttl=None):
+    """Let the master accept one key of ``minion_id`` presenting grain ``saltfleet_instance_id: <instance_id>``.
 
     Call it right after the cloud API returned the instance id, before the host
-    boots. The ticket expires after ``autosign_ticket_ttl`` seconds.
+    boots. The ticket expires after ``ttl`` seconds (the profile's
+    ``autosign_ticket_ttl``; None: 30 minutes).
     """
-    ttl = int(_utils("saltfleet_cloud.config_value")("autosign_ticket_ttl", vm_, opts, default=DEFAULT_TICKET_TTL))
-    minion_id = _utils("saltfleet_cloud.minion_id_of")(vm_, opts)
-    check_autosign_ready(vm_, opts)
+    check_autosign_ready(opts, minion_id)
+    ttl = DEFAULT_TICKET_TTL if ttl is None else int(ttl)
     with _tickets_locked(opts) as tickets:
         _drop_expired(tickets)
         tickets[instance_id] = {"name": minion_id, "expires": time.time() + ttl}
-    log.info(
-        "%s: master will accept one key of minion %s from instance %s for %ss", vm_["name"], minion_id, instance_id, ttl
-    )
+    log.info("master will accept one key of minion %s from instance %s for %ss", minion_id, instance_id, ttl)
 
 
 def revoke_autosign_ticket(opts, instance_id=None, name=None):

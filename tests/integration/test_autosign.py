@@ -66,10 +66,11 @@ def sfc():
 
 
 def launch(sfc, cloud_opts, minion_id, **settings):
-    """What a driver does once the cloud returned a new instance's id: the ticket. Returns the instance id."""
+    """What the create pipeline does once the cloud returned an instance id: the ticket. Returns the instance id."""
     instance_id = random_string("i-", uppercase=False)
     vm_ = {"name": minion_id, "profile": "worker", "driver": "ec2:ec2", **settings}
-    tickets.record_autosign_ticket(vm_, cloud_opts, instance_id)
+    ttl = sfc.config_value("autosign_ticket_ttl", vm_, cloud_opts)
+    tickets.record_autosign_ticket(cloud_opts, sfc.minion_id_of(vm_, cloud_opts), instance_id, ttl)
     return instance_id
 
 
