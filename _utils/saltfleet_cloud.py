@@ -38,16 +38,19 @@ How a new host becomes a trusted minion (``bootstrap`` in a profile):
       service into the grain ``saltfleet_instance_id``, which the minion sends
       with its authentication (``autosign_grains``);
     - the master puts the new key in pending and fires ``salt/auth`` with the
-      grain (``auth_events_autosign_grains: [pend]``); saltfleet's reactor
+      grain (``auth_events_autosign_grains: [pend, reject]``); saltfleet's reactor
       (``etc/reactor/saltfleet_autosign.sls``) runs ``fleet.admit``, which
       accepts the pending key only when the ticket of that instance names
-      this very minion id and the pending key is the one the event carried,
-      and marks the ticket used: it admits one key, once.
+      this very minion id, the pending key is the one the event carried and
+      came after the ticket, and marks the ticket used: it admits one key, once.
 
     A minion that presents an instance id whose ticket names *another* minion
     id is an impostor (any process on a new host can read its instance id):
     its key is **rejected** (``salt-key -L`` lists it under Rejected, so
-    ``salt-key -A`` cannot accept it by mistake). A key for an instance with no open ticket (expired, revoked, or not
+    ``salt-key -A`` cannot accept it by mistake). A key held under the minion
+    id before the host exists, or claiming it without the ticket's instance,
+    is set aside (rejected) so that the host's own key is not denied for it.
+    A key for an instance with no open ticket (expired, revoked, or not
     launched here) stays **pending** for the operator. A second key for a
     minion id already accepted is refused by Salt itself (``minions_denied``).
     Tickets expire after ``autosign_ticket_ttl`` seconds (default 1800); every
@@ -224,7 +227,7 @@ def minion_config(vm_, opts, grains=None, mode=None):
     public key fingerprint (``master_finger``, so the minion only talks to this
     master), ``autoload_dynamic_modules: False`` unless the profile's ``minion:``
     says otherwise, and, for ``mode="cloud-init"``,
-    ``autosign_grains: [saltfleet_instance_id]``.
+    ``autosign_grains: [saltfleet_instance_id]`` and ``rejected_retry: True``.
 
     ``autoload_dynamic_modules`` on (Salt's default) makes every ``state.apply``
     run a ``saltutil.sync_all`` first: some twenty round trips to the master,
@@ -245,6 +248,9 @@ def minion_config(vm_, opts, grains=None, mode=None):
         if TICKET_GRAIN not in autosign:
             autosign.append(TICKET_GRAIN)
         minion["autosign_grains"] = autosign
+        # A key held under the id before the host existed is set aside (rejected): the host's own key then
+        # meets a rejected id until fleet.admit accepts it, and must ask again rather than exit.
+        minion.setdefault("rejected_retry", True)
     return minion
 
 

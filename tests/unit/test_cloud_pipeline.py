@@ -133,6 +133,7 @@ def test_cloud_init_sends_user_data_without_a_key_and_records_the_ticket(opts, b
     user_data = cloud.request.user_data
     assert f"SALTFLEET_MINION_ID={NAME}" in user_data
     assert "PRIVATE KEY" not in user_data
+    assert "rejected_retry: true" in user_data
     ticket = tickets.autosign_tickets(opts)[INSTANCE]
     assert ticket["name"] == NAME
     assert "used" not in ticket
