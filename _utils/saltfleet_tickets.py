@@ -64,6 +64,8 @@ TICKET_LOCK_TIMEOUT = 60
 # A public key is under a kilobyte; anything much longer is not one.
 MAX_PUB = 16384
 KEY_ACTS = {"accepted": "accept", "rejected": "reject"}
+# Where Salt's default key store (localfs_key) keeps a key of each state, under the pki dir.
+KEY_DIRS = {"pending": "minions_pre", "rejected": "minions_rejected", "accepted": "minions"}
 
 
 def __virtual__():
@@ -137,7 +139,7 @@ class Held:
     state: str
     pub: str
     finger: str
-    since: int | None
+    since: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,12 +167,29 @@ def _held(keys, opts, minion_id):
     key = keys.cache.fetch("keys", minion_id)
     if not key or not isinstance(key.get("pub"), str):
         return None
-    since = keys.cache.updated("keys", minion_id)
+    since = _since(keys, opts, minion_id, key["state"])
     return Held(key["state"], key["pub"].strip(), finger(key["pub"], opts), since)
 
 
+def _since(keys, opts, minion_id, state):
+    """When the master stored the key held under ``minion_id`` (epoch s), or None.
+
+    Salt's key cache answers in whole seconds, so a host whose key came in the
+    second of its launch would read as one that was there before: where the
+    key store is Salt's default files (``localfs_key``), the key file's own
+    mtime says it to the nanosecond.
+    """
+    if opts.get("keys.cache_driver", "localfs_key") == "localfs_key" and state in KEY_DIRS:
+        path = Path(keys.pki_dir) / KEY_DIRS[state] / minion_id
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                return path.stat().st_mtime
+    return keys.cache.updated("keys", minion_id)
+
+
 def _stamp(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    # To the millisecond: a key and a ticket of the same second must read in their order.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 # --- the index ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the master is told.
 """
 
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -62,6 +63,16 @@ def test_the_launched_host_s_key_is_accepted_once_and_the_master_told(opts, bus)
     assert held_key(opts, "w-1") == ("accepted", pub(0))
     assert ticket(opts, "i-1")["used"] >= entry["issued"]
     assert [(tag, data["act"], data["id"]) for tag, data in bus.events] == [("salt/key", "accept", "w-1")]
+
+
+def test_a_key_that_came_in_the_second_of_the_launch_is_the_host_s(opts, bus):
+    """Salt's key cache tells a key's time in whole seconds; a quick host's key comes in the launch's second."""
+    entry = launched(opts, "w-1", "i-1")
+    issued = entry["issued"]
+    hold_key(opts, "w-1", pub(0), since=issued + (math.floor(issued) + 1 - issued) / 2)
+    ret = tickets.admit(opts, "w-1", "i-1", pub(0))
+    assert ret["result"] == "accepted", ret
+    assert held_key(opts, "w-1") == ("accepted", pub(0))
 
 
 def test_a_used_ticket_admits_no_second_key(opts, bus):
