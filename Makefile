@@ -17,7 +17,8 @@ export UV_PYTHON_DOWNLOADS := never
 # rabbitmq-server is the broker of the Celery tests (a private node:
 # localfleet/rabbitmq.py), chromium and chromium-driver show the fleet page.
 DEBIAN_PACKAGES := iproute2:/usr/bin/ss ansible-core:/usr/bin/ansible-inventory \
-	rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server
+	rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server \
+	chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver
 
 .PHONY: venv system-packages test lint demo demo-down bench clean
 
@@ -62,7 +63,7 @@ demo: venv
 demo-down: venv
 	$(BIN)/python -m localfleet down
 
-bench: venv
+bench: venv system-packages
 	$(BIN)/python -m bench $(if $(QUICK),--quick)
 
 clean: demo-down

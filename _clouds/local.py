@@ -284,7 +284,7 @@ def _stop_deployments(sandbox):
     """Stop every deployment's supervisords in the sandbox, draining ones too (their programs stop with them)."""
     stopped = []
     timeout = _setting("stop_timeout", default=600)
-    for name, manifest in __utils__["saltfleet_files.installed"](sandbox).items():
+    for name, manifest in __utils__["saltfleet_manifest.installed"](sandbox).items():
         user = manifest["user"]
         try:
             uid = pwd.getpwnam(user).pw_uid
@@ -487,14 +487,20 @@ def start(name, call=None):
 
 def reboot(name, call=None):
     """
-    Stop then start an instance.
+    Stop then start an instance. ``was_running``: whether its minion ran
+    before the reboot; its deployments come back with the next ``state.apply``.
 
     .. code-block:: bash
 
         salt-cloud -a reboot worker-1
     """
-    stop(name, call)
-    return start(name, call)
+    stopped = stop(name, call)
+    started = start(name, call)
+    return {
+        **started,
+        "was_running": stopped["minion_was_running"],
+        "stopped_deployments": stopped["stopped_deployments"],
+    }
 
 
 def show_instance(name, call=None):

@@ -4,8 +4,8 @@ Grains that describe a saltfleet host: the deployments it runs and where it runs
 ``saltfleet_deployments``
     Each deployment installed on the host (from the manifests the deployment
     states write under ``<root>/var/lib/saltfleet/deployments/<name>/``), with the
-    revision pillar asked for, the release (commit SHA) it serves, its repo,
-    user and when it last changed:
+    revision pillar asked for, the release (commit SHA) it serves and that
+    commit's subject, its repo, user and when it last changed:
 
     .. code-block:: yaml
 
@@ -13,6 +13,7 @@ Grains that describe a saltfleet host: the deployments it runs and where it runs
           daily-fetcher:
             rev: master
             release: 3f1c...e9
+            subject: Fetch instagram stories too
             repo: git@github.com:example/app.git
             user: ubuntu
             updated: '2024-05-01T10:00:00Z'
@@ -30,15 +31,10 @@ The grains are refreshed by ``saltutil.refresh_grains`` (the deployment states
 ask for it after a change) and on the minion's start.
 """
 
-MANIFEST_KEYS = ("rev", "release", "repo", "user", "updated")
-
 
 def deployments():
     """The deployments installed on this host, with revision and release."""
     root = __utils__["saltfleet_schema.host_root"](__pillar__, __opts__)
-    installed = __utils__["saltfleet_files.installed"](root)
-    return {
-        "saltfleet_deployments": {
-            name: {key: manifest.get(key) for key in MANIFEST_KEYS} for name, manifest in sorted(installed.items())
-        }
-    }
+    installed = __utils__["saltfleet_manifest.installed"](root)
+    public = __utils__["saltfleet_manifest.public"]
+    return {"saltfleet_deployments": {name: public(manifest) for name, manifest in sorted(installed.items())}}

@@ -40,27 +40,43 @@ def _root():
     return __utils__["saltfleet_schema.host_root"](__pillar__, __opts__)
 
 
+def _hint(command):
+    """``command`` as the operator types it on the master, for this host: `salt <id> <command>`."""
+    return f"`salt {__opts__['id']} {command}`"
+
+
 def _installed(name):
     """(paths, manifest, uid) of an installed deployment; a clear error when it is not installed."""
     root = _root()
-    manifest = __utils__["saltfleet_files.installed"](root).get(name)
+    manifest = __utils__["saltfleet_manifest.installed"](root).get(name)
     if not manifest:
         raise CommandExecutionError(
-            f"deployment {name} is not installed on this host; deployment.list shows those that are"
+            f"deployment {name} is not installed on this host; {_hint('deployment.list')} shows those that are"
         )
     p = __utils__["saltfleet_paths.paths"](root, manifest["user"], name)
     uid = __utils__["saltfleet_user.account"](manifest["user"], f"deployments:{name}").pw_uid
     return p, manifest, uid
 
 
-def _serving_socket(name, p, uid):
+def _answering_socket(p, uid):
+    """The serving generation's supervisord socket, when that supervisord answers; else None."""
     gen = __utils__["saltfleet_supervisor.serving"](p)
     sock = __utils__["saltfleet_paths.generation"](p, gen)["socket"] if gen else None
-    if not sock or not __utils__["saltfleet_supervisor.answers"](sock, uid):
+    return sock if sock and __utils__["saltfleet_supervisor.answers"](sock, uid) else None
+
+
+def _serving_socket(name, p, uid):
+    sock = _answering_socket(p, uid)
+    if not sock:
         raise CommandExecutionError(
-            f"deployment {name}: its supervisord is not running; `salt-call state.apply` starts it"
+            f"deployment {name}: its supervisord is not running; {_hint(f'deployment.start {name}')} starts it"
         )
     return sock
+
+
+def _stop_timeout(p):
+    """How long the serving programs may take to stop, as root's config gives them."""
+    return __utils__["saltfleet_supervisor_conf.stop_seconds"](p["conf"].read_text())
 
 
 @contextlib.contextmanager
@@ -85,6 +101,34 @@ def validate():
     return errors
 
 
+def settled(name):
+    """
+    True when deployment ``name`` serves what this host's pillar asks (repo,
+    rev as pinned or the commit the master resolved it to for this wave, and
+    its virtualenv's inputs), so no build is needed: the fleet SLS then checks
+    it in the job's own process instead of starting one for it. The plan of
+    ``deployment.present`` takes the same predicate.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.settled daily-fetcher
+    """
+    manifest = __utils__["saltfleet_manifest.installed"](_root()).get(name)
+    host, _ = __utils__["saltfleet_schema.validate_host"](__pillar__.get("saltfleet"), __opts__.get("root_dir") or "/")
+    spec = (__pillar__.get("deployments") or {}).get(name) if isinstance(__pillar__.get("deployments"), dict) else None
+    if not manifest or not isinstance(spec, dict):
+        return False
+    cfg, errors = __utils__["saltfleet_schema.validate_deployment"](name, dict(spec), host)
+    if errors:
+        return False
+    rev, _ = __utils__["saltfleet_manifest.wanted_rev"](manifest, cfg["rev"])
+    known = (__pillar__.get("saltfleet_revs") or {}).get(name) or {}
+    fleet = known.get("sha") if (known.get("repo"), known.get("rev")) == (cfg["repo"], rev) else None
+    return __utils__["saltfleet_manifest.settled"](manifest, {**cfg, "rev": rev}, fleet)
+
+
 def list_():
     """
     The deployments installed on this host (those saltfleet recorded).
@@ -95,7 +139,7 @@ def list_():
 
         salt '*' deployment.list
     """
-    return sorted(__utils__["saltfleet_files.installed"](_root()))
+    return sorted(__utils__["saltfleet_manifest.installed"](_root()))
 
 
 def _status(root, name, manifest):
@@ -126,11 +170,17 @@ def _status(root, name, manifest):
             row["workers"] = _workers(name, p, manifest, serving)
         row["draining"] = sorted(i["pid"] for g, i in gens.items() if g != serving)
         row["draining_tasks"] = _draining_tasks(name, p, manifest, {g: i for g, i in gens.items() if g != serving})
-    except CommandExecutionError as exc:
+    except Exception as exc:  # pylint: disable=broad-except
+        # What the user's side answered fails this deployment's row, never the others'.
+        if not isinstance(exc, CommandExecutionError):
+            log.warning("deployment.status %s failed", name, exc_info=True)
         row["supervisord"] = f"unknown: {exc}"
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
-    holds = (manifest.get("operator") or {}).get("holds") or {}
+    holds = __utils__["saltfleet_manifest.intent"](manifest).holds
     row["held"] = {p: h.get("reason") for p, h in holds.items()}
+    pin = (manifest.get("operator") or {}).get("rev")
+    # The rev an operator set (update_code, rollback), kept over pillar's until deployment.unpin.
+    row["pinned"] = {"rev": pin.get("value"), "by": pin.get("by"), "at": pin.get("at")} if pin else None
     held = {p for p in row["programs"] if "*" in holds or p.split(":")[0] in holds}
     down = sorted(f"{p} {s}" for p, s in row["programs"].items() if s != "RUNNING" and p not in held)
     if row["supervisord"] != "running":
@@ -193,9 +243,10 @@ def status(name=None):
     Release, supervisord and program states of the installed deployments
     (or of ``name``), asked of each deployment's own supervisord: ``state``
     up or down and a one-line ``summary``, ``held`` programs with their
-    reasons, and ``draining``, the supervisords of earlier releases still
-    finishing their tasks. The job fails (retcode 1) when a program that
-    should run does not.
+    reasons, ``pinned``, the rev an operator set (``update_code``,
+    ``rollback``) that ``state.apply`` keeps over pillar's, and ``draining``,
+    the supervisords of earlier releases still finishing their tasks. The
+    job fails (retcode 1) when a program that should run does not.
 
     CLI Example:
 
@@ -205,11 +256,11 @@ def status(name=None):
         salt 'worker-7' deployment.status daily-fetcher
     """
     root = _root()
-    manifests = __utils__["saltfleet_files.installed"](root)
+    manifests = __utils__["saltfleet_manifest.installed"](root)
     if name is not None:
         if name not in manifests:
             raise CommandExecutionError(
-                f"deployment {name} is not installed on this host; deployment.list shows those that are"
+                f"deployment {name} is not installed on this host; {_hint('deployment.list')} shows those that are"
             )
         manifests = {name: manifests[name]}
     # Each deployment asks its own supervisord and Celery workers: all at once, each in the loader's context.
@@ -238,13 +289,7 @@ def report():
 
         salt 'worker-7' deployment.report
     """
-    if __opts__.get("local"):
-        # salt-call --local: there is no master to tell.
-        return False
-    __salt__["mine.send"]("deployment.status")
-    # The minion refreshes its pillar, and the master caches its grains then.
-    __salt__["saltutil.refresh_grains"](refresh_pillar=True)
-    return True
+    return __utils__["saltfleet_report.tell_master"](__salt__, __opts__)
 
 
 def restart(name, program=None):
@@ -262,7 +307,7 @@ def restart(name, program=None):
     with _changing(name, "restart") as (p, _, uid):
         sock = _serving_socket(name, p, uid)
         groups = _groups(name, sock, uid, program)
-        failed = __utils__["saltfleet_supervisor.restart_groups"](sock, uid, groups)
+        failed = __utils__["saltfleet_supervisor.restart_groups"](sock, uid, groups, _stop_timeout(p))
     if failed:
         raise CommandExecutionError(
             f"deployment {name}: not RUNNING after the restart: "
@@ -274,8 +319,9 @@ def restart(name, program=None):
 def stop(name, program=None):
     """
     Stop a deployment's supervisord and its programs (gracefully), draining
-    generations too; or, given ``program``, that program group alone. The next
-    ``state.apply`` starts them again (``deployment.hold`` keeps them stopped).
+    generations too; or, given ``program``, that program group alone. Returns
+    the program groups stopped. ``deployment.start`` (or the next
+    ``state.apply``) starts them again; ``deployment.hold`` keeps them stopped.
 
     CLI Example:
 
@@ -287,10 +333,13 @@ def stop(name, program=None):
     sup = "saltfleet_supervisor"
     with _changing(name, "stop") as (p, manifest, uid):
         if program is None:
-            return {"stopped": bool(__utils__[f"{sup}.stop_all"](p, uid, manifest.get("draining")))}
+            sock = _answering_socket(p, uid)
+            groups = _groups(name, sock, uid, None) if sock else []
+            __utils__[f"{sup}.stop_all"](p, uid, manifest.get("draining"))
+            return {"stopped": groups}
         sock = _serving_socket(name, p, uid)
         groups = _groups(name, sock, uid, program)
-        __utils__[f"{sup}.stop_groups"](sock, uid, groups)
+        __utils__[f"{sup}.stop_groups"](sock, uid, groups, _stop_timeout(p))
     return {"stopped": groups}
 
 
@@ -306,15 +355,12 @@ def _groups(name, sock, uid, program):
     return [program]
 
 
-def _held(manifest, program):
-    holds = (manifest.get("operator") or {}).get("holds") or {}
-    return holds.get("*") or (holds.get(program) if program else next(iter(holds.values()), None))
-
-
 def start(name, program=None):
     """
-    Start a deployment's programs (or one program group) that are stopped.
-    A held program stays stopped: ``deployment.unhold`` first.
+    Start a deployment's programs (or one program group) that are stopped;
+    after ``deployment.stop NAME``, its supervisord too, with the release and
+    config it served (as the boot line does). A held program stays stopped:
+    ``deployment.unhold`` first.
 
     CLI Example:
 
@@ -325,11 +371,14 @@ def start(name, program=None):
     """
     sup = "saltfleet_supervisor"
     with _changing(name, "start") as (p, manifest, uid):
-        held = _held(manifest, program)
+        held = __utils__["saltfleet_manifest.held"](manifest, program)
         if held:
             raise CommandExecutionError(
-                f"deployment {name}: held ({held.get('reason') or 'no reason given'}); deployment.unhold {name} first"
+                f"deployment {name}: held ({held.get('reason') or 'no reason given'}); "
+                f"{_hint(f'deployment.unhold {name}')} first"
             )
+        if program is None and not _answering_socket(p, uid):
+            _start_supervisord(name, p, manifest, uid)
         sock = _serving_socket(name, p, uid)
         groups = _groups(name, sock, uid, program)
         __utils__[f"{sup}.start_groups"](
@@ -339,6 +388,23 @@ def start(name, program=None):
     if failed:
         raise CommandExecutionError(f"deployment {name}: not RUNNING: {_fmt(failed)}")
     return {"running": groups}
+
+
+def _start_supervisord(name, p, manifest, uid):
+    """
+    The serving generation's supervisord, started from the config it served
+    with (root's, as state.apply wrote it; what the boot line starts too).
+    """
+    gen = __utils__["saltfleet_supervisor.serving"](p)
+    if not manifest.get("release") or gen is None:
+        raise CommandExecutionError(f"deployment {name} has no release serving yet; {_hint('state.apply')} deploys one")
+    settings, errors = __utils__["saltfleet_schema.validate_host"](
+        __pillar__.get("saltfleet"), __opts__.get("root_dir") or "/"
+    )
+    if errors:
+        raise CommandExecutionError("\n".join(errors))
+    supervisord = __utils__["saltfleet_files.trusted_tool"]("supervisord", settings.get("supervisord"))
+    __utils__["saltfleet_supervisor.start"]({"env": _env(name)}, supervisord, p, gen, uid)
 
 
 def force_restart(name, program=None):
@@ -427,7 +493,7 @@ def logs(name, program=None, lines=100):
     if program is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", str(program)):
         raise CommandExecutionError(f"deployment.logs {name}: {program!r} is not a program name")
     gen = __utils__["saltfleet_supervisor.serving"](p)
-    path = p["logs"] / f"{program or 'supervisord'}.g{gen}.log"
+    path = __utils__["saltfleet_paths.log"](p, program or "supervisord", gen)
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], ["tail", "-n", str(int(lines)), "--", path], p["home"], timeout=60
     )
@@ -450,18 +516,10 @@ def _apply(name, **kwargs):
     return result
 
 
-def _operator(name, what, change):
-    """Record an operator's intent (a pinned rev, a hold, a venv rebuild) in the deployment's manifest."""
-    with _changing(name, what) as (p, manifest, _):
-        operator = dict(manifest.get("operator") or {})
-        change(operator)
-        manifest["operator"] = operator
-        __utils__["saltfleet_files.write_manifest"](p, manifest)
-        return manifest
-
-
-def _stamp(by):
-    return {"by": by, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def _operator(name, what, *args):
+    """Record an operator's intent (saltfleet_manifest.<what>: a pinned rev, a hold...), under the lock."""
+    with _changing(name, what) as (p, _, _):
+        return __utils__[f"saltfleet_manifest.{what}"](p, *args)
 
 
 def update_code(name, rev, _by="deployment.update_code"):
@@ -483,11 +541,10 @@ def update_code(name, rev, _by="deployment.update_code"):
     __utils__["saltfleet_schema.check_rev"](f"deployment.update_code {name}: rev", rev, errors)
     if errors:
         raise CommandExecutionError(errors[0])
-    previous = (_installed(name)[1].get("operator") or {}).get("rev")
-    _operator(name, "update_code", lambda op: op.update(rev={"value": rev, **_stamp(_by)}))
+    previous = _operator(name, "pin", rev, _by)
     result = _apply(name, rev=rev)
     if not result["result"]:
-        _operator(name, "update_code", lambda op: op.update(rev=previous) if previous else op.pop("rev", None))
+        _operator(name, "restore_pin", previous)
     result["release"] = _installed(name)[1].get("release")
     return result
 
@@ -495,7 +552,10 @@ def update_code(name, rev, _by="deployment.update_code"):
 def unpin(name):
     """
     Follow pillar's rev again after ``deployment.update_code`` or
-    ``deployment.rollback``; the next ``state.apply`` deploys it.
+    ``deployment.rollback``. Nothing is deployed now: the host serves the
+    release it serves (``serving``, and the ``comment`` says so) until the
+    next ``state.apply`` deploys pillar's rev. The master hears of it at once
+    (``deployment.report``): ``fleet.inventory`` no longer shows the pin.
 
     CLI Example:
 
@@ -503,8 +563,23 @@ def unpin(name):
 
         salt 'worker-7' deployment.unpin daily-fetcher
     """
-    _operator(name, "unpin", lambda op: op.pop("rev", None))
-    return {"pinned": False, "rev": ((__pillar__.get("deployments") or {}).get(name) or {}).get("rev", "HEAD")}
+    pin = _operator(name, "unpin")
+    rev = ((__pillar__.get("deployments") or {}).get(name) or {}).get("rev", "HEAD")
+    serving = _installed(name)[1].get("release")
+    where = f"it serves {serving[:12]}" if serving else "it serves no release yet"
+    if not pin:
+        comment = f"deployment {name} was not pinned: it follows pillar's rev {rev}; {where}"
+        return {"pinned": False, "rev": rev, "serving": serving, "comment": comment}
+    comment = (
+        f"deployment {name} follows pillar's rev {rev} again, no longer {pin['value']} "
+        f"(set by {pin['by']}); {where} until {_hint('state.apply')} deploys {rev}"
+    )
+    try:
+        report()
+    except Exception:  # pylint: disable=broad-except
+        # The pin is gone all the same; the heartbeat tells the master within a minute.
+        log.warning("telling the master deployment %s is unpinned failed", name, exc_info=True)
+    return {"pinned": False, "rev": rev, "serving": serving, "comment": comment}
 
 
 def update_virtualenv(name):
@@ -519,7 +594,7 @@ def update_virtualenv(name):
 
         salt 'worker-7' deployment.update_virtualenv daily-fetcher
     """
-    _operator(name, "update_virtualenv", lambda op: op.update(venv_rebuild=op.get("venv_rebuild", 0) + 1))
+    _operator(name, "request_rebuild")
     return _apply(name)
 
 
@@ -543,7 +618,7 @@ def releases(name):
                 "release": entry["release"],
                 "venv": entry.get("venv"),
                 "deployed": entry.get("deployed"),
-                "complete": (release / ".git" / "saltfleet-complete").exists(),
+                "complete": __utils__["saltfleet_paths.markers"](release)["complete"].exists(),
                 "serving": entry["release"] == manifest.get("release"),
             }
         )
@@ -597,12 +672,7 @@ def hold(name, program=None, reason=None):
         salt 'worker-7' deployment.hold daily-fetcher reason='db maintenance until 14:00'
         salt 'worker-7' deployment.hold daily-fetcher fetcher-instagram reason='API quota'
     """
-    key = program or "*"
-    _operator(
-        name,
-        "hold",
-        lambda op: op.update(holds={**(op.get("holds") or {}), key: {"reason": reason, **_stamp("deployment.hold")}}),
-    )
+    _operator(name, "hold", program, reason, "deployment.hold")
     return _apply(name)
 
 
@@ -618,13 +688,7 @@ def unhold(name, program=None):
         salt 'worker-7' deployment.unhold daily-fetcher
     """
 
-    def release(op):
-        holds = dict(op.get("holds") or {})
-        for key in [program] if program else list(holds):
-            holds.pop(key, None)
-        op["holds"] = holds
-
-    _operator(name, "unhold", release)
+    _operator(name, "unhold", program)
     return _apply(name)
 
 

@@ -43,6 +43,8 @@ DEFAULT_INTERVAL = 60
 MISSED_HEARTBEATS = 2.5
 SLACK = 5
 CLOUD_KEYS = ("provider", "instance_id", "region", "size", "public_ips", "private_ips")
+# What Ansible's hostvars carry of each deployment (grains only on request: they run to hundreds of lines a host).
+DEPLOYMENT_FACTS = ("rev", "release", "pinned", "running", "programs", "supervisord")
 
 
 def _accepted():
@@ -96,6 +98,9 @@ def _deployments(grains, mine):
             if facts.get("workers"):
                 # Celery nodes: the queues each consumes and its tasks in hand.
                 row["workers"] = facts["workers"]
+            if isinstance(facts.get("pinned"), dict):
+                # An operator's rev (deployment.update_code, rollback), kept over pillar's.
+                row["pinned"] = facts["pinned"]
     return dict(sorted(found.items()))
 
 
@@ -150,9 +155,13 @@ def _as_text():
 
 
 def _deployment_cell(name, facts):
-    release = (facts.get("release") or "")[:8] or "-"
+    full = facts.get("release") or ""
+    release = full[:8] or "-"
     rev = facts.get("rev")
-    where = f"{rev}@{release}" if rev and rev != release else release
+    # A rev that is the release's own SHA (a rollback's, an update_code to a commit) says nothing more.
+    where = f"{rev}@{release}" if rev and not full.startswith(str(rev)) else release
+    if facts.get("pinned"):
+        where += " (pinned)"
     if facts.get("running") is None:
         running = "?"
     else:
@@ -189,7 +198,7 @@ def _format_table(rows):
         for line in [header, *lines]
     ]
     up = sum(1 for r in rows if r["status"] == "up")
-    out.append(f"{len(rows)} minions, {up} up, {len(rows) - up} down")
+    out.append(f"{len(rows)} minion{'' if len(rows) == 1 else 's'}, {up} up, {len(rows) - up} down")
     return "\n".join(out)
 
 
@@ -200,6 +209,8 @@ def inventory(tgt="*", deployment=None, provider=None):
     rev, release (SHA) and how many of its programs are RUNNING.
 
     Prints a table; ``--out=json`` or ``--out=yaml`` give the rows as data.
+    A filter that matches no minion is an error (exit code 1) saying why: a
+    deployment no minion's pillar names, a tgt no accepted minion matches.
 
     tgt
         Glob on minion ids (default ``*``).
@@ -217,7 +228,23 @@ def inventory(tgt="*", deployment=None, provider=None):
         salt-run fleet.inventory provider=ec2 tgt='worker-*'
     """
     rows = _with_syndics(_rows(tgt, deployment, provider), tgt, deployment, provider)
+    if not rows and (tgt != "*" or deployment or provider):
+        return _refuse(f"fleet.inventory: {_no_match(tgt, deployment, provider)}")
     return _format_table(rows) if _as_text() else rows
+
+
+def _no_match(tgt, deployment, provider):
+    """Why no minion of this master's cache matches the filters, in words."""
+    if tgt != "*" and not any(fnmatch.fnmatchcase(m, tgt) for m in _accepted()):
+        return f"no accepted minion matches tgt={tgt!r} (`salt-key -L` lists them)"
+    if deployment and not __utils__["saltfleet_rollout.hosts_of"](_opts(), deployment, tgt):
+        return __utils__["saltfleet_rollout.not_hosted"](_opts(), deployment, tgt)
+    providers = sorted({str(r["provider"]) for r in _rows(tgt) if r["provider"]})
+    return (
+        f"no minion{'' if tgt == '*' else f' matching {tgt!r}'} runs "
+        + (f"deployment {deployment} " if deployment else "")
+        + f"on provider {provider!r} (providers of those minions: {', '.join(providers) or 'none'})"
+    )
 
 
 def _group(prefix, name):
@@ -225,35 +252,61 @@ def _group(prefix, name):
     return f"{prefix}_{re.sub(r'[^A-Za-z0-9_]', '_', str(name))}"
 
 
-def ansible_inventory(tgt="*", deployment=None, provider=None):
+def _grains_asked(grains):
+    """``grains=`` of fleet.ansible_inventory: None (none), True (all) or the names asked for."""
+    if grains in (None, False, "", "False", "false"):
+        return None
+    if grains is True or grains in ("True", "true", "*"):
+        return True
+    names = grains.split(",") if isinstance(grains, str) else grains
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"grains={grains!r}: give True (every grain) or grain names (grains=os,osrelease)")
+    return [n.strip() for n in names]
+
+
+def ansible_inventory(tgt="*", deployment=None, provider=None, grains=None):
     """
     The fleet as Ansible dynamic-inventory JSON: a group per deployment
     (``deployment_<name>``), per provider (``provider_<name>``) and per
-    status (``salt_up``/``salt_down``); hostvars hold ``ansible_host``, the
-    cloud facts, the deployments and every cached grain under ``salt_grains``.
+    status (``salt_up``/``salt_down``); hostvars hold what an inventory
+    needs: ``ansible_host``, the cloud facts (provider, instance, region,
+    size, addresses) and each deployment's rev, release and programs.
+
+    grains
+        Salt's grains too, under ``salt_grains``: ``True`` for every cached
+        grain, or their names (``grains=os,osrelease``).
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-run fleet.ansible_inventory --out=json > fleet.json
-        ansible all -i fleet.json -m setup
+        salt-run fleet.ansible_inventory grains=os,osrelease --out=json
+        ansible all -i fleet.json --list-hosts
     """
+    try:
+        asked = _grains_asked(grains)
+    except ValueError as exc:
+        return _refuse(f"fleet.ansible_inventory: {exc}")
     cache = salt.cache.factory(__opts__)
     groups = {}
     hostvars = {}
     for row in _rows(tgt, deployment, provider):
         host = row["id"]
-        grains = cache.fetch("grains", host) or {}
         address = (row["public_ips"] or row["private_ips"] or [None])[0]
         hostvars[host] = {
             "ansible_host": address or host,
             "salt_status": row["status"],
             "salt_last_seen": row["last_seen"],
             "saltfleet_cloud": {key: row[key] for key in CLOUD_KEYS},
-            "saltfleet_deployments": row["deployments"],
-            "salt_grains": grains,
+            "saltfleet_deployments": {
+                name: {key: facts[key] for key in DEPLOYMENT_FACTS if key in facts}
+                for name, facts in row["deployments"].items()
+            },
         }
+        if asked:
+            cached = cache.fetch("grains", host) or {}
+            hostvars[host]["salt_grains"] = cached if asked is True else {k: cached[k] for k in asked if k in cached}
         names = [_group("deployment", d) for d in row["deployments"]]
         names.append(_group("provider", row["provider"] or "none"))
         names.append(_group("salt", row["status"]))
@@ -491,9 +544,23 @@ LEDGER = "saltfleet_ledger"
 LEDGER_FUNS = ("deployment.update_code", "deployment.rollback")
 
 
-def _progress(message):
-    """A progress event, which salt-run prints as it comes (as Salt's own runners report)."""
-    __jid_event__.fire_event({"message": message}, "progress")
+def _progress(message, level="info"):
+    """
+    A step of a rollout, as a ``salt/run/<jid>/progress`` event on the
+    master's bus (salt-api's ``/events`` and the fleet page follow it there).
+    salt-run also prints it, as one line (``_output/fleet_progress.py``),
+    only when it prints to a person: with ``--out`` (json, yaml, quiet...)
+    or ``--quiet`` the report is all it prints, one document.
+    """
+    event = {"message": message, "level": level}
+    if _as_text() and not __opts__.get("quiet"):
+        # Salt's runner client prints each event it fires, with the outputter the event names.
+        __jid_event__.fire_event({**event, "outputter": "fleet_progress"}, "progress")
+    else:
+        import salt.utils.event
+
+        # The bus alone: the same event, without the runner client's printer.
+        salt.utils.event.NamespacedEvent(__jid_event__.event, __jid_event__.base).fire_event(event, "progress")
 
 
 def _user():
@@ -520,8 +587,7 @@ def _plan(what, name, batch, tgt, tgt_type):
     """
     serving = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, tgt, tgt_type)
     if not serving:
-        where = "" if tgt == "*" else f" matching {tgt!r}"
-        raise ValueError(f"{what}: no minion{where} hosts deployment {name} (`salt-run fleet.inventory` shows where)")
+        raise ValueError(f"{what}: {__utils__['saltfleet_rollout.not_hosted'](_opts(), name, tgt, tgt_type)}")
     plan = __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
     pillar = __salt__["pillar.show_pillar"](plan[0][0])
     floors = (((pillar or {}).get("deployments") or {}).get(name) or {}).get("min_consumers") or {}
@@ -541,7 +607,8 @@ def _plan(what, name, batch, tgt, tgt_type):
     for row in held:
         _progress(
             f"{name}: batch {row['batch']} cut short: queue {row['queue']} keeps {row['floor']} "
-            f"of its {row['consumers']} consumers (min_consumers)"
+            f"of its {row['consumers']} consumers (min_consumers)",
+            "warn",
         )
     return serving, plan, held, pillar
 
@@ -559,15 +626,17 @@ def _opts():
     return dict(__opts__)
 
 
-def _take(kind, name, rev, command, lock_wait):
-    """The deploy lock of ``name``, held; a refusal (recorded in the ledger) names its holder."""
+def _take(name, command, lock_wait):
+    """The deploy lock of ``name``, held; DeployLocked (a CommandExecutionError) names its holder."""
     lock = __utils__[f"{LEDGER}.lock"](_opts(), name)
-    try:
-        lock.acquire(_user(), command, wait=lock_wait, jid=__jid__)
-    except Exception as exc:
-        __utils__[f"{LEDGER}.refused"](_opts(), __jid__, kind, _user(), name, rev, str(exc))
-        raise
+    lock.acquire(_user(), command, wait=lock_wait, jid=__jid__)
     return lock
+
+
+def _refused(kind, name, rev, why, /, **fields):
+    """A rollout refused before it changed anything: recorded in the deploy ledger, and its report."""
+    __utils__["saltfleet_ledger.refused"](_opts(), __jid__, kind, _user(), name, rev, why)
+    return _refuse(why, **fields)
 
 
 def _roll(lock, kind, name, rev, plan, held, serving, fun, hooks, timeout):
@@ -630,16 +699,19 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
     from salt.exceptions import CommandExecutionError
 
     if rev is None:
-        return _refuse(f"fleet.deploy {name}: give the rev to deploy: rev=BRANCH, rev=TAG or rev=SHA")
+        why = f"fleet.deploy {name}: give the rev to deploy: rev=BRANCH, rev=TAG or rev=SHA"
+        return _refuse(why) if test else _refused("fleet.deploy", name, None, why, outcome="refused")
     rev = str(rev)
     try:
         serving, plan, held, pillar = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
         if test:
             return _finish(_held(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress), held))
         hooks = _hooks(name, pillar, pre, post)
-        lock = _take("fleet.deploy", name, rev, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
+        lock = _take(name, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
     except (ValueError, CommandExecutionError) as exc:
-        return _refuse(str(exc), deployment=name, rev=rev, outcome="refused")
+        if test:
+            return _refuse(str(exc), deployment=name, rev=rev, outcome="refused")
+        return _refused("fleet.deploy", name, rev, str(exc), deployment=name, rev=rev, outcome="refused")
     try:
         return _roll(lock, "fleet.deploy", name, rev, plan, held, serving, "deployment.update_code", hooks, timeout)
     finally:
@@ -669,16 +741,21 @@ def rollback(name, release=None, batch=1, tgt="*", tgt_type="glob", test=False, 
     lock = None
     try:
         serving, plan, held, _ = _plan(what, name, batch, tgt, tgt_type)
-        lock = None if test else _take("fleet.rollback", name, release, f"{what} batch={batch}", lock_wait)
+        lock = None if test else _take(name, f"{what} batch={batch}", lock_wait)
         target = __utils__[f"{ROLLOUT}.rollback_target"](_opts(), name, sorted(serving), release, timeout, _progress)
         if test:
             moving = sorted(m for m in serving if serving[m] != target)
-            summary = f"test: {len(moving)} of {len(serving)} hosts would go back to {target[:12]}"
+            count = __utils__["saltfleet_rollout.count"]
+            summary = f"test: {len(moving)} of {count(len(serving), 'host')} would go back to {target[:12]}"
             report = {"deployment": name, "release": target, "test": True, "batches": plan, "would switch": moving}
             return _finish(_held({**report, "summary": summary, "retcode": 0}, held))
         return _roll(lock, "fleet.rollback", name, target, plan, held, serving, "deployment.rollback", {}, timeout)
     except (ValueError, CommandExecutionError) as exc:
-        return _refuse(f"{what}: {exc}" if isinstance(exc, ValueError) else str(exc), deployment=name)
+        # A ValueError of the plan names the runner already; one of the hosts' releases does not.
+        why = str(exc) if str(exc).startswith(what) or not isinstance(exc, ValueError) else f"{what}: {exc}"
+        if test:
+            return _refuse(why, deployment=name)
+        return _refused("fleet.rollback", name, release, why, deployment=name)
     finally:
         if lock is not None:
             lock.release()
@@ -756,7 +833,8 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
     The fleet, live: which programs are down and which held, on which host,
     and which hosts do not answer ``deployment.status`` within ``timeout``
     seconds. salt-run exits non-zero when a program that should run is down
-    or a host does not answer.
+    or a host does not answer, and when no minion hosts ``deployment`` (the
+    error says whether pillar names it anywhere) or matches ``tgt``.
 
     CLI Example:
 
@@ -770,8 +848,132 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
         hosts = sorted(__utils__[f"{ROLLOUT}.deployments_of"](_opts(), tgt, tgt_type))
     else:
         hosts = sorted(__utils__[f"{ROLLOUT}.hosts_of"](_opts(), deployment, tgt, tgt_type))
+    if not hosts and deployment is not None:
+        return _refuse(f"fleet.status: {__utils__['saltfleet_rollout.not_hosted'](_opts(), deployment, tgt, tgt_type)}")
+    if not hosts and tgt != "*":
+        return _refuse(f"fleet.status: no minion matching {tgt!r} ({tgt_type}) hosts a deployment")
     if not hosts:
-        return {"summary": f"no minion hosts {f'deployment {deployment}' if deployment else 'a deployment'}"}
+        return _finish({"summary": "no minion hosts a deployment", "retcode": 0})
     args = [deployment] if deployment else []
     _, returns = __utils__[f"{ROLLOUT}.publish"](_opts(), hosts, "deployment.status", args, None, timeout)
     return _finish(__utils__[f"{ROLLOUT}.status_report"](deployment, hosts, returns))
+
+
+# ------------------------------------------------------------------ the fleet page
+# fleet.overview: everything the fleet page (page/, served by salt-api) shows,
+# in one call: one runner process instead of one per view. Shapes in
+# _utils/saltfleet_page.py.
+
+
+def _floors(hosts, cache):
+    """
+    {deployment: {queue: fewest}}: each deployment's ``min_consumers``, from
+    the pillar the master last compiled for its first host (as fleet.deploy
+    reads it); only that key leaves the cached pillar.
+    """
+    floors = {}
+    for name, minions in sorted(hosts.items()):
+        pillar = cache.fetch("pillar", sorted(minions)[0]) or {}
+        spec = ((pillar.get("deployments") if isinstance(pillar, dict) else None) or {}).get(name)
+        found = spec.get("min_consumers") if isinstance(spec, dict) else None
+        errors = []
+        if not found:
+            continue
+        if __utils__["saltfleet_schema.check_min_consumers"](f"deployments:{name}:min_consumers", found, errors):
+            floors[name] = dict(found)
+        else:
+            log.warning("fleet.overview: %s", "; ".join(errors))
+    return floors
+
+
+class _ReadOnce:
+    """Salt's cache, each (bank, key) read once: fleet.overview reads every minion's facts for several views."""
+
+    def __init__(self, cache):
+        self.cache, self.read = cache, {}
+
+    def _once(self, how, bank, key):
+        if (how, bank, key) not in self.read:
+            self.read[(how, bank, key)] = getattr(self.cache, how)(bank, key)
+        return self.read[(how, bank, key)]
+
+    def fetch(self, bank, key):
+        return self._once("fetch", bank, key)
+
+    def updated(self, bank, key):
+        return self._once("updated", bank, key)
+
+
+def _page_facts(cache, rows):
+    """({minion: (status, grains' deployments, mine's deployment.status)}, {deployment: [minion]})."""
+    facts, where = {}, {}
+    for row in rows:
+        grains = cache.fetch("grains", row["id"]) or {}
+        mine = cache.fetch("mine", row["id"]) or {}
+        known = grains.get("saltfleet_deployments") if isinstance(grains, dict) else None
+        statuses = mine.get(STATUS) if isinstance(mine, dict) else None
+        known, statuses = (known if isinstance(known, dict) else {}), (statuses if isinstance(statuses, dict) else {})
+        if not known and not statuses:
+            continue
+        facts[row["id"]] = (row["status"], known, statuses)
+        for name in {*known, *statuses}:
+            where.setdefault(name, []).append(row["id"])
+    return facts, where
+
+
+def _hosts(rows):
+    """``rows`` (this master's), and on a master of masters its syndics' rows: asked only when Salt registered one."""
+    import os
+
+    try:
+        registered = os.listdir(os.path.join(__opts__["cachedir"], "syndics"))
+    except OSError:
+        registered = []
+    return _with_syndics(rows) if registered else rows
+
+
+def overview(perms=None, limit=50):
+    """
+    What the fleet page shows, from the master's cache and the deploy ledger
+    (no minion is asked): ``hosts`` (``fleet.inventory``'s rows),
+    ``deployments`` (which release serves where and whether they differ,
+    each host's programs, held programs with their reason, draining
+    generations, ``min_consumers``), ``queues`` (``fleet.queues`` with each
+    deployment's floor), ``rollouts`` (the running ones and the last, as the
+    ledger has them), ``history`` (``fleet.history``, newest first, the last
+    ``limit``), ``capabilities`` (which of the page's verbs have a runner
+    function: ``fleet.promote`` and ``fleet.abort`` may not) and
+    ``actions``: per deployment, which verbs ``perms`` (an eauth user's
+    permissions, as salt-api's /login returns them) allow, by Salt's own ACL
+    check of the call the page makes (``fleet.deploy NAME rev=...``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.overview --out=json
+        salt-run fleet.overview perms='["@runner"]' limit=10 --out=yaml
+    """
+    # One pass over the accepted minions, each one's cache entries read once, for every view.
+    cache = _ReadOnce(salt.cache.factory(__opts__))
+    now = time.time()
+    rows = [_row(minion_id, cache, now) for minion_id in sorted(_accepted())]
+    facts, where = _page_facts(cache, rows)
+    floors = _floors(where, cache)
+    entries = __utils__["saltfleet_ledger.read"](_opts())
+    running = __utils__["saltfleet_ledger.running"](_opts(), entries)
+    items = __utils__["saltfleet_ledger.history"](entries, None, running)
+    # Asked here: __salt__ (this runner loader) resolves in the runner's context, not in the utils'.
+    exists = {fun for fun in __utils__["saltfleet_page.functions"]() if fun in __salt__}.__contains__
+    allowed = __utils__["saltfleet_page.checker"](_opts(), perms)
+    return {
+        "user": _user(),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "hosts": _hosts(rows),
+        "deployments": __utils__["saltfleet_page.deployments"](facts, floors),
+        "queues": __utils__["saltfleet_page.queues"](*__utils__["saltfleet_page.consumers"](facts), floors),
+        "rollouts": __utils__["saltfleet_page.rollouts"](entries, running),
+        "history": list(reversed(items[-int(limit) :] if limit else items)),
+        "capabilities": __utils__["saltfleet_page.capabilities"](exists),
+        "actions": __utils__["saltfleet_page.actions"](sorted(where), exists, allowed),
+    }

@@ -226,9 +226,10 @@ def ask(cfg, p, release, venv, app, request, timeout=CONTROL_TIMEOUT):
     )
     try:
         answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        said = _utils("saltfleet_user.scrub")(proc.stdout[-300:], cfg["env"])
-        raise CommandExecutionError(f"Celery's control of app {app} answered no JSON: {said}") from None
+    except Exception:  # pylint: disable=broad-except
+        # Not JSON, or JSON nested deeper than the parser goes: the user's Python said it, not Celery.
+        said = _utils("saltfleet_user.scrub")(proc.stdout, cfg["env"])[-300:]
+        raise CommandExecutionError(f"Celery's control of app {app} answered no JSON it gives: {said}") from None
     if not isinstance(answer, dict):
         raise CommandExecutionError(f"Celery's control of app {app} answered a {type(answer).__name__}, not nodes")
     # Only the nodes asked about: the rest is not this generation's word to give.
@@ -294,9 +295,14 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
         "VIRTUAL_ENV": str(venv),
         **{k: str(v) for k, v in cfg["env"].items()},
     }
-    log = p["logs"] / f"drain.{PurePosixPath(sock).stem}.log"
+    log = _utils("saltfleet_paths.log")(p, "drain", PurePosixPath(sock).stem)
     _utils("saltfleet_user.spawn")(
-        cfg["user"], [f"{venv}/bin/python", "-c", DRAIN, json.dumps(request)], p["home"], log, cwd=release, env=env
+        cfg["user"],
+        [f"{venv}/bin/python", "-c", DRAIN, json.dumps(request)],
+        p["home"],
+        log,
+        cwd=release,
+        env=env,
     )
     return unconfirmed
 

@@ -1,7 +1,8 @@
 """
-Files root writes and trusts: one atomic write, JSON, the deployment
-manifests, root's own directories (checked before every use), the binaries
-root runs, and the lock that keeps two changes of one deployment apart.
+Files root writes and trusts: one atomic write, JSON, root's own
+directories (checked before every use), who else may read a file of root's,
+the binaries root runs, and the lock that keeps two changes of one
+deployment apart.
 
 Root writes only into directories that root alone can change: every
 component of the path is owned by root (or by the user the minion runs as)
@@ -246,6 +247,21 @@ def granted(path, uid):
     return current == _acl(uid, stat.S_ISDIR(st.st_mode)) and st.st_gid == 0
 
 
+def read_users_file(path, limit):
+    """
+    Up to ``limit`` bytes of a file in a user's tree, which root reads without
+    following a link there and without waiting: a FIFO, a device or anything
+    but a plain file is an OSError, never a read that blocks root.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def readable_by(path, uid):
     """
     Make root's file or directory ``path`` readable by root and user ``uid``
@@ -262,13 +278,13 @@ def readable_by(path, uid):
         os.close(fd)
 
 
-def remove_root_tree(path, last=None):
+def remove_root_tree(path, spare=()):
     """
     Remove a tree of root's (a deployment's state dir) after checking it is
-    root's; ``last``, a file in it (the manifest), goes last, so a removal
-    that fails half way is still known and done by the next try. A folder
-    the user owns in it must be gone already (the user's to empty): root
-    deletes nothing of theirs.
+    root's, but the entries named in ``spare`` (the manifest, so that a
+    removal that fails half way is still known and done by the next try).
+    A folder the user owns in it must be gone already (the user's to empty):
+    root deletes nothing of theirs.
     """
     path = Path(path)
     if not os.path.lexists(path):
@@ -277,7 +293,7 @@ def remove_root_tree(path, last=None):
     if os.path.islink(path) or not os.path.isdir(path):
         os.unlink(path)
         return True
-    for entry in sorted(path.iterdir(), key=lambda e: e.name == last):
+    for entry in sorted(e for e in path.iterdir() if e.name not in spare):
         st = os.lstat(entry)
         if st.st_uid not in _trusted_uids():
             raise CommandExecutionError(f"{entry} is not root's; remove it as its owner first")
@@ -285,7 +301,8 @@ def remove_root_tree(path, last=None):
             shutil.rmtree(entry)
         else:
             os.unlink(entry)
-    os.rmdir(path)
+    if not spare:
+        os.rmdir(path)
     return True
 
 
@@ -318,30 +335,6 @@ def trusted_tool(name, configured=None, key=None):
     if not os.access(candidate, os.X_OK):
         raise CommandExecutionError(f"{where}: {candidate} is not executable")
     return candidate
-
-
-# -------------------------------------------------------------- manifests
-
-
-def read_manifest(p):
-    """What a deployment serves, as its last change recorded it ({} when not installed)."""
-    return read_json(p["manifest"], {}) or {}
-
-
-def write_manifest(p, data):
-    write_json(p["manifest"], data)
-
-
-def installed(root):
-    """Manifests of the deployments installed under ``root``, by name."""
-    folder = _utils("saltfleet_paths.registry")(root) / "deployments"
-    found = {}
-    if folder.is_dir():
-        for entry in sorted(folder.iterdir()):
-            data = read_json(entry / "manifest.json")
-            if data:
-                found[entry.name] = data
-    return found
 
 
 # ------------------------------------------------------------ fault points

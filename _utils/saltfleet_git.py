@@ -29,6 +29,8 @@ ALLOWED_PROTOCOLS = "ssh:https:git:file"
 FETCH_TIMEOUT = 900
 # How long ssh may take to reach the git server.
 CONNECT_TIMEOUT = 10
+# A commit's subject as the master learns it: one line, no longer than this.
+SUBJECT_MAX = 200
 
 
 def __virtual__():
@@ -67,11 +69,12 @@ def environ(cfg, secrets, home=None):
         for key in ("SSH_AUTH_SOCK", "SSH_ASKPASS", "GIT_ASKPASS", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_CONFIG"):
             env.pop(key, None)
         env.update(HOME=str(home), XDG_CONFIG_HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
-        ssh += ["-F", os.devnull, "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes"]
+        ssh += ["-F", os.devnull, "-o", "IdentityAgent=none"]
     if cfg.get("deploy_key"):
-        ssh += ["-i", str(secrets["deploy_key"]), "-o", "IdentitiesOnly=yes"]
+        ssh += ["-i", str(secrets["deploy_key"])]
     if cfg.get("deploy_key") or home is not None:
-        ssh += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={secrets['known_hosts']}"]
+        ssh += ["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"]
+        ssh += ["-o", f"UserKnownHostsFile={secrets['known_hosts']}"]
         env["GIT_SSH_COMMAND"] = " ".join(ssh)
     return env
 
@@ -85,12 +88,13 @@ def _git(args, cfg, secrets, cwd=None, check=True, timeout=FETCH_TIMEOUT, home=N
         ) from None
     if proc.returncode:
         if check:
-            raise CommandExecutionError(_error(proc.stderr, args[0], cfg))
+            raise CommandExecutionError(explain(proc.stderr, args[0], cfg))
         return None
     return proc.stdout.rstrip("\n")
 
 
-def _error(stderr, command, cfg):
+def explain(stderr, command, cfg):
+    """The error a failed git ``command`` gives, naming the deployment's key to fix."""
     where = f"deployments:{cfg['name']}"
     stderr = (stderr or "").replace("\r", "").strip()
     if "Host key verification failed" in stderr:
@@ -170,6 +174,20 @@ def read_file(repo, sha, relpath, cfg, secrets):
         return None, None
     text = _git(["cat-file", "blob", obj], cfg, secrets, cwd=repo)
     return ("link" if mode == "120000" else "file"), text
+
+
+def subject(repo, sha, cfg, secrets):
+    """
+    The subject (first line) of commit ``sha`` in root's ``repo``, at most
+    SUBJECT_MAX characters, or None when git cannot say. The app's authors
+    wrote it: it is text for people to read (the fleet page shows it as
+    text), never markup or a command.
+    """
+    text = _git(["show", "-s", "--format=%s", "--end-of-options", sha], cfg, secrets, cwd=repo, check=False, timeout=30)
+    if text is None:
+        return None
+    text = "".join(ch for ch in text.splitlines()[0] if ch.isprintable()) if text else ""
+    return text if len(text) <= SUBJECT_MAX else text[: SUBJECT_MAX - 3] + "..."
 
 
 def fetch(repo, cfg, secrets):

@@ -8,9 +8,14 @@ torn by a crash is closed off by the next writer and skipped by readers. Lines:
 
 - ``rollout``: a ``fleet.deploy`` or ``fleet.rollback``, in events sharing the
   runner's jid as ``id``: ``start`` (who, deployment, rev, planned batches),
-  ``batch`` (one per batch, with the jid of the job sent to its hosts) and
-  ``end`` (outcome and every host's outcome). A rollout without its ``end``
-  was cut short (its runner died) unless it still holds the lock.
+  ``batch`` (one per batch, with the jid of the job sent to its hosts),
+  ``host`` (one per host as its return arrives: batch, minion, outcome,
+  release or reason) and ``end`` (outcome and every host's outcome). A
+  rollout without its ``end`` was cut short (its runner died) unless it
+  still holds the lock. Each of these lines is also fired on the master's
+  event bus as it is written, tagged ``saltfleet/rollout/<id>/<event>`` with
+  the line as data: what the fleet page follows live (through salt-api's
+  ``/events``), and what a reactor may match.
 - ``host``: one minion's return of a ``deployment.update_code`` or
   ``deployment.rollback`` job (recorded by the reactor through
   ``fleet.record``), with the job's user.
@@ -35,6 +40,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -42,11 +48,16 @@ import uuid
 from pathlib import Path
 
 import salt.loader.context
+import salt.utils.event
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_ledger"
 
+log = logging.getLogger(__name__)
+
 LEDGER = "ledger.jsonl"
+# Rollout lines on the master's event bus: saltfleet/rollout/<id>/<event>.
+EVENT_PREFIX = "saltfleet/rollout"
 # A busy lock whose holder left no record yet (it is writing it): how long to look again before refusing.
 RECORD_GRACE = 2.0
 
@@ -104,9 +115,28 @@ def append(opts, entry):
 
 
 def journal(opts, rid):
-    """A function appending events of rollout ``rid`` (the runner's jid) to the ledger."""
+    """A function appending events of rollout ``rid`` (the runner's jid) to the ledger, and announcing each."""
     opts = dict(opts)
-    return lambda event: append(opts, {"type": "rollout", "id": rid, "at": now(), **event})
+    return lambda event: announce(opts, append(opts, {"type": "rollout", "id": rid, "at": now(), **event}))
+
+
+def announce(opts, entry):
+    """
+    Fire a rollout's ledger line on the master's event bus
+    (``saltfleet/rollout/<id>/<event>``, the line as data); the line. The
+    ledger is the record, the event a courtesy: with no master to tell (a
+    runner run without one), or a bus that does not take it, nothing fails.
+    """
+    if opts.get("ipc_mode") != "tcp" and not (Path(opts.get("sock_dir") or "") / "master_event_pull.ipc").exists():
+        return entry
+    tag = f"{EVENT_PREFIX}/{entry.get('id')}/{entry.get('event')}"
+    try:
+        with salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=False) as bus:
+            if not bus.fire_event(dict(entry), tag):
+                log.warning("saltfleet: the master's event bus did not take %s", tag)
+    except Exception as exc:  # pylint: disable=broad-except
+        log.warning("saltfleet: could not fire %s on the master's event bus: %s", tag, exc)
+    return entry
 
 
 def refused(opts, rid, kind, user, name, rev, why):
@@ -161,16 +191,21 @@ def host_entry(jid, minion, fun, fun_args, user, row):
     }
 
 
-def view(opts, deployment=None, limit=20):
-    """``history`` of the ledger, the last ``limit`` entries (0: all); a rollout still holding its lock is running."""
-    entries = read(opts)
+def running(opts, entries, deployment=None):
+    """The ids of the rollouts (of ``deployment``, or any) in ``entries`` that still hold their deploy lock."""
     names = {e.get("deployment") for e in entries if e.get("type") == "rollout" and e.get("event") == "start"}
-    running = set()
+    ids = set()
     for name in names if deployment is None else names & {deployment}:
         info = inspect(opts, name)
         if info["state"] == "held":
-            running.add((info["record"] or {}).get("jid"))
-    items = history(entries, deployment, running)
+            ids.add((info["record"] or {}).get("jid"))
+    return ids
+
+
+def view(opts, deployment=None, limit=20):
+    """``history`` of the ledger, the last ``limit`` entries (0: all); a rollout still holding its lock is running."""
+    entries = read(opts)
+    items = history(entries, deployment, running(opts, entries, deployment))
     return items[-int(limit) :] if limit else items
 
 

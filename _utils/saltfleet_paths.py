@@ -11,8 +11,9 @@ root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
         manifest.json                 what serves: release, venv, generation, history
         supervisord.<gen>.conf        root's, readable by the deployment's user alone
                                       (supervisord rereads it as the user); no env in it
-        supervisord.<gen>.boot        0700: starts that generation's supervisord with
-                                      the deployment's env in its environment
+        supervisord.<gen>.boot        0700: starts that generation's supervisord as the
+                                      user (setpriv), who then sources its env
+        supervisord.<gen>.env         the deployment's env, readable by its user alone
         supervisord.conf, .boot       links to the serving generation's (cron's @reboot
                                       line runs supervisord.boot)
         deploy_key, known_hosts       0600
@@ -27,9 +28,13 @@ root's, under ``<root>/var/lib/saltfleet/`` (root writes only here)::
 the deployment user's, under ``<root>/home/<user>/`` (written only as that user)::
 
     Projects-<name>                   link to the serving release (the seed's path)
-    Projects-<name>.releases/<sha>/   one checkout per commit
+    Projects-<name>.releases/<sha>/   one checkout per commit; in its .git/, the
+                                      markers saltfleet-complete (built: its venv
+                                      digest) or saltfleet-failed (why it did not)
     Projects-<name>.venvs/<digest>/   one virtualenv per requirements digest
-    log/<name>/                       program and supervisord logs
+                                      (.saltfleet-complete once it is built)
+    log/<name>/                       logs: <program>.g<gen>.log, supervisord.g<gen>.log,
+                                      drain.<gen>.log, build.<sha>.log
 """
 
 from pathlib import Path
@@ -90,6 +95,7 @@ def generation(p, gen):
     return {
         "conf": p["state"] / f"supervisord.{gen}.conf",
         "boot": p["state"] / f"supervisord.{gen}.boot",
+        "env": p["state"] / f"supervisord.{gen}.env",
         "socket": p["run"] / f"{gen}.sock",
         "pidfile": p["run"] / f"{gen}.pid",
     }
@@ -101,6 +107,27 @@ def release(p, sha):
 
 def venv(p, digest):
     return p["venvs"] / digest
+
+
+def markers(release_dir):
+    """What saltfleet writes (as the user) into a release it built: complete, or failed and why."""
+    git = Path(release_dir) / ".git"
+    return {"complete": git / "saltfleet-complete", "failed": git / "saltfleet-failed"}
+
+
+def venv_marker(venv_dir):
+    """The file whose presence says a virtualenv was built whole."""
+    return Path(venv_dir) / ".saltfleet-complete"
+
+
+def log(p, what, gen):
+    """The log of ``what`` (a program, ``supervisord`` or ``drain``) of generation ``gen``."""
+    return p["logs"] / (f"drain.{gen}.log" if what == "drain" else f"{what}.g{gen}.log")
+
+
+def build_log(p, sha):
+    """Where a release's build steps write what they say."""
+    return p["logs"] / f"build.{sha[:12]}.log"
 
 
 def sysfiles_record(root, owner):

@@ -28,10 +28,17 @@ __virtualname__ = "saltfleet_rollout"
 
 DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
 REASON_MAX = 2000
+# The level of a progress step (``emit(text, level)``): how the fleet_progress outputter colors its line.
+INFO, OK, FAIL, WARN = "info", "ok", "fail", "warn"
 
 
 def __virtual__():
     return __virtualname__
+
+
+def count(number, noun):
+    """``1 host``, ``2 hosts``: a number and its noun, agreeing."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}es" if noun.endswith("ch") else f"{number} {noun}s"
 
 
 # ------------------------------------------------------------------ planning
@@ -131,6 +138,50 @@ def hosts_of(opts, name, tgt="*", tgt_type="glob"):
             facts = status.get(name) if isinstance(status.get(name), dict) else known.get(name) or {}
             found[minion] = facts.get("release") or (known.get(name) or {}).get("release")
     return found
+
+
+def named_in_pillar(opts):
+    """
+    {deployment: [minions]}: the deployments each accepted minion's pillar
+    names, as the master last compiled it (its cache, refreshed at every
+    pillar refresh of the minion: a ``state.apply``, ``saltutil.refresh_pillar``).
+    """
+    cache = salt.cache.factory(opts)
+    found = {}
+    for minion in sorted(salt.utils.minions.CkMinions(opts).check_minions("*", "glob")["minions"]):
+        pillar = cache.fetch("pillar", minion) or {}
+        deployments = pillar.get("deployments") if isinstance(pillar, dict) else None
+        for name in deployments if isinstance(deployments, dict) else ():
+            found.setdefault(str(name), []).append(minion)
+    return found
+
+
+def _few(names, most=5):
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def not_hosted(opts, name, tgt="*", tgt_type="glob"):
+    """
+    Why no minion matching ``tgt`` hosts deployment ``name``, in words: a
+    name no minion's pillar has (a typo, most likely), or the minions pillar
+    assigns it to, none of which has reported it yet.
+    """
+    where = "" if tgt == "*" else f" matching {tgt!r}"
+    elsewhere = sorted(hosts_of(opts, name)) if tgt != "*" else []
+    if elsewhere:
+        return f"no minion{where} hosts deployment {name}; {_few(elsewhere)} host it"
+    named = named_in_pillar(opts)
+    if name not in named:
+        return (
+            f"no minion's pillar names deployment {name!r}; pillar names {_few(sorted(named)) or 'no deployment'} "
+            "(as the master last compiled each minion's pillar)"
+        )
+    minions = named[name]
+    return (
+        f"no minion{where} hosts deployment {name}: pillar assigns it to {_few(minions)}, and none of them "
+        f"has reported it yet (`salt -L {','.join(minions[:5])} state.apply` installs it)"
+    )
 
 
 def deployments_of(opts, tgt="*", tgt_type="glob"):
@@ -246,7 +297,8 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     ``hooks`` {pre, post: [argv]} run through ``deployment.run`` on the
     first host, ``pre`` before any host changes, ``post`` after the last
     batch. ``serving``: {minion: release} before the rollout. ``emit`` takes
-    progress lines, ``journal`` ledger events, ``check`` raises to stop.
+    progress lines, ``journal`` ledger events (each batch as it is sent, each
+    host's outcome as it returns), ``check`` raises to stop.
     Returns (hosts {minion: outcome}, hook results, why it stopped or None).
     """
     hosts = {m: {"outcome": NOT_TOUCHED, "release": serving.get(m)} for batch in plan for m in batch}
@@ -262,10 +314,11 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
             return hosts, ran, str(exc)
         emit(f"{name}: batch {number} of {len(plan)}: {', '.join(batch)}")
 
-        def returned(minion, data):
+        def returned(minion, data, n=number):
             row = outcome(data)
             what = row.get("release") if row["outcome"] == DEPLOYED else row.get("reason")
-            emit(f"{name}: {minion}: {row['outcome']}: {what}")
+            emit(f"{name}: {minion}: {row['outcome']}: {what}", OK if row["outcome"] == DEPLOYED else FAIL)
+            journal({"event": "host", "batch": n, "minion": minion, **row})
 
         try:
             _, returns = publish(
@@ -285,7 +338,8 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
         for minion in batch:
             hosts[minion] = outcome(returns.get(minion))
             if minion not in returns:
-                emit(f"{name}: {minion}: no answer within {timeout} s")
+                emit(f"{name}: {minion}: no answer within {timeout} s", FAIL)
+            journal({"event": "host", "batch": n, "minion": minion, **row})
         bad = [m for m in batch if hosts[m]["outcome"] != DEPLOYED]
         if bad:
             return hosts, ran, f"batch {number} of {len(plan)} failed ({_words(bad, hosts)}); the rollout stopped there"
@@ -299,8 +353,11 @@ def roll(opts, lock, journal, kind, user, name, rev, plan, serving, fun, hooks, 
     ledger through ``journal``; the report.
     """
     if lock.replaced:
-        emit(f"{name}: the lock's last holder, {lock.describe(lock.replaced)}, died before its end (see fleet.history)")
-    emit(f"{name}: {kind} {rev} to {len(serving)} hosts in {len(plan)} batches")
+        emit(
+            f"{name}: the lock's last holder, {lock.describe(lock.replaced)}, died before its end (see fleet.history)",
+            WARN,
+        )
+    emit(f"{name}: {kind} {rev} to {count(len(serving), 'host')} in {count(len(plan), 'batch')}")
     journal(
         {"event": "start", "kind": kind, "user": user, "deployment": name, "rev": rev, "batches": plan}
         | {"serving": serving}
@@ -310,7 +367,7 @@ def roll(opts, lock, journal, kind, user, name, rev, plan, serving, fun, hooks, 
     )
     out = report(name, rev, plan, hosts, stopped, ran)
     journal({"event": "end", "outcome": out["outcome"], "summary": out["summary"], "hosts": hosts})
-    emit(f"{name}: {out['summary']}")
+    emit(f"{name}: {out['summary']}", FAIL if out["retcode"] else OK)
     return out
 
 
@@ -345,11 +402,12 @@ def _hooks(when, argvs, opts, name, host, timeout, emit, ran):
 def dry_run(opts, name, rev, plan, timeout, emit):
     """What each host would do for ``rev`` (``state.single deployment.present NAME rev=REV test=True``)."""
     hosts = [minion for batch in plan for minion in batch]
-    emit(f"{name}: asking {len(hosts)} hosts what deploying {rev} would do (test=True: nothing changes)")
+    emit(f"{name}: asking {count(len(hosts), 'host')} what deploying {rev} would do (test=True: nothing changes)")
     _, returns = publish(opts, hosts, "state.single", ["deployment.present", name], {"rev": rev, "test": True}, timeout)
     rows = {minion: dry_outcome(returns.get(minion)) for minion in hosts}
     bad = sorted(m for m, row in rows.items() if row["outcome"] in (FAILED, NO_ANSWER))
-    summary = f"test: {sum(r['outcome'] == 'would change' for r in rows.values())} of {len(hosts)} hosts would change"
+    changing = sum(r["outcome"] == "would change" for r in rows.values())
+    summary = f"test: {changing} of {count(len(hosts), 'host')} would change"
     if bad:
         summary += "; the rollout would stop at " + ", ".join(f"{m} ({rows[m]['outcome']})" for m in bad)
     report = {"deployment": name, "rev": rev, "test": True, "batches": plan, "hosts": rows, "summary": summary}
@@ -358,7 +416,7 @@ def dry_run(opts, name, rev, plan, timeout, emit):
 
 def rollback_target(opts, name, hosts, requested, timeout, emit):
     """The release ``fleet.rollback`` goes to (``choose_release``); ValueError if a host cannot say what it keeps."""
-    emit(f"{name}: asking {len(hosts)} hosts which releases they keep")
+    emit(f"{name}: asking {count(len(hosts), 'host')} which releases they keep")
     _, returns = publish(opts, hosts, "deployment.releases", [name], None, timeout)
     kept = {m: (returns.get(m) or {}).get("ret", f"no answer within {timeout} s") for m in hosts}
     unknown = {m: ret for m, ret in kept.items() if not isinstance(ret, list)}
@@ -386,9 +444,9 @@ def report(name, rev, plan, hosts, stopped, hooks=None):
     total = len(hosts)
     done = len(by[DEPLOYED])
     if stopped:
-        summary = f"stopped: {stopped}; {done} of {total} hosts on {rev}"
+        summary = f"stopped: {stopped}; {done} of {count(total, 'host')} on {rev}"
     else:
-        summary = f"complete: {total} hosts in {len(plan)} batches on {rev}"
+        summary = f"complete: {count(total, 'host')} in {count(len(plan), 'batch')} on {rev}"
     shas = sorted({sha for sha in by[DEPLOYED].values() if sha})
     if len(shas) > 1:
         summary += f"; {rev} resolved to {len(shas)} commits ({', '.join(s[:12] for s in shas)}): it moved meanwhile"
@@ -477,7 +535,7 @@ def status_report(name, expected, returns):
             if not bad:
                 up.setdefault(minion, []).append(f"{deployment} {row.get('summary')}")
     silent = sorted(set(expected) - set(returns))
-    parts = [f"{len(expected)} hosts"]
+    parts = [count(len(expected), "host")]
     parts += [f"{len(down)} with programs down"] if down else []
     parts += [f"{len(held)} with programs held"] if held else []
     parts += [f"{len(silent)} not answering"] if silent else []

@@ -53,13 +53,16 @@ DEPLOYMENT_DEFAULTS = {
     "hooks": {},
     # {Celery queue: fewest consumers}: fleet.deploy keeps a batch from leaving fewer.
     "min_consumers": {},
+    # Commands run once per release, as the user in it, before it serves (saltfleet_build).
+    "build": [],
+    "build_timeout": 900,
     "user": None,
+    "uv_cache": None,
     "python": None,
     "keep_releases": None,
     "handover": None,
 }
-DEPLOYMENT_OVERRIDES = ("user", "python", "keep_releases", "handover")
-HANDOVERS = ("overlap", "stop-first")
+DEPLOYMENT_OVERRIDES = ("user", "uv_cache", "python", "keep_releases", "handover")
 
 # [program:x] options a pillar `programs` entry may set (supervisord's own
 # names), with their type and, for numbers, the range supervisord is given.
@@ -284,16 +287,20 @@ def _check_hooks(where, hooks, errors):
         return
     _check_keys(where, hooks, ("pre", "post"), errors)
     for when in ("pre", "post"):
-        value = hooks.get(when)
-        items = [] if value is None else [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            errors.append(f"{where}:{when}: give a command (a string) or a list of them")
-            continue
-        for item in items:
-            if not isinstance(item, (str, list)) or not item:
-                errors.append(f"{where}:{when}: {item!r} is not a command (a string or a list of words)")
-            else:
-                _check_line(f"{where}:{when}", item if isinstance(item, str) else " ".join(map(str, item)), errors)
+        _check_commands(f"{where}:{when}", hooks.get(when), errors)
+
+
+def _check_commands(where, value, errors):
+    """A command (a string) or a list of commands, each a string or a list of words, one line each."""
+    items = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        errors.append(f"{where}: give a command (a string) or a list of them")
+        return
+    for item in items:
+        if not isinstance(item, (str, list)) or not item:
+            errors.append(f"{where}: {item!r} is not a command (a string or a list of words)")
+        else:
+            _check_line(where, item if isinstance(item, str) else " ".join(map(str, item)), errors)
 
 
 def check_min_consumers(where, floors, errors):
@@ -340,7 +347,7 @@ def validate_host(host, default_root="/"):
     for key in ("uv", "uv_cache", "supervisord"):
         _check_tool(f"saltfleet:{key}", settings[key], errors)
     _check_type("saltfleet:purge_removed", settings["purge_removed"], bool, errors)
-    _check_choice("saltfleet:handover", settings["handover"], HANDOVERS, errors)
+    _check_choice("saltfleet:handover", settings["handover"], _utils("saltfleet_handover.names")(), errors)
     return settings, errors
 
 
@@ -387,6 +394,10 @@ def validate_deployment(name, spec, host):
         )
     _check_env(f"{where}:env", cfg["env"], errors)
     _check_hooks(f"{where}:hooks", cfg["hooks"], errors)
+    _check_commands(f"{where}:build", cfg["build"], errors)
+    if isinstance(cfg["build"], str):
+        cfg["build"] = [cfg["build"]]
+    _check_int(f"{where}:build_timeout", cfg["build_timeout"], 1, 86400, errors)
     check_min_consumers(f"{where}:min_consumers", cfg["min_consumers"], errors)
     _check_type(f"{where}:context", cfg["context"], dict, errors)
     if _check_type(f"{where}:programs", cfg["programs"], dict, errors):
@@ -397,10 +408,11 @@ def validate_deployment(name, spec, host):
         if cfg[key] is None:
             cfg[key] = host[key]
     _check_name(f"{where}:user", cfg["user"], errors, "user")
+    _check_tool(f"{where}:uv_cache", cfg["uv_cache"], errors)
     if _check_type(f"{where}:keep_releases", cfg["keep_releases"], int, errors) and cfg["keep_releases"] < 1:
         errors.append(f"{where}:keep_releases: must be at least 1")
     _check_pattern(f"{where}:python", cfg["python"], PYTHON_RE, _PYTHON_WHAT, errors)
-    _check_choice(f"{where}:handover", cfg["handover"], HANDOVERS, errors)
+    _check_choice(f"{where}:handover", cfg["handover"], _utils("saltfleet_handover.names")(), errors)
     if not errors and isinstance(host.get("root"), str):
         _check_socket_room(where, host, cfg["user"], name, errors)
     cfg["name"] = name
@@ -427,10 +439,37 @@ def validate(pillar, default_root="/"):
     configs = {}
     for name, spec in deployments.items():
         cfg, errs = validate_deployment(name, spec, host)
+        errs = errs or [e for e in [shared_user(name, cfg["user"], deployments, host)] if e]
         errors.extend(errs)
         if not errs:
             configs[name] = cfg
     return host, configs, errors
+
+
+def shared_user(name, user, deployments, host):
+    """
+    The error when another deployment of this host runs as ``user`` too: a
+    deployment's user is the unit of its isolation (its env, its files, its
+    processes), so each has one of its own. Root isolates nothing and may run
+    several (a sandbox's demo). Only deployments valid otherwise count: one
+    that pillar gets wrong is refused alone and takes no user from another.
+    """
+    if user == "root":
+        return None
+    others = sorted(
+        other
+        for other, spec in deployments.items()
+        if other != name
+        and isinstance(spec, dict)
+        and (spec.get("user") or host.get("user")) == user
+        and not validate_deployment(other, spec, host)[1]
+    )
+    if not others:
+        return None
+    return (
+        f"deployments:{name}:user: '{user}' also runs deployment {others[0]} on this host, which could then read "
+        f"{name}'s env and files; give each deployment a user of its own (deployments:{name}:user)"
+    )
 
 
 def host_root(pillar, opts):

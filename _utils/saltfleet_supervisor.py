@@ -29,7 +29,9 @@ import contextlib
 import http.client
 import os
 import re
+import reprlib
 import socket
+import stat
 import struct
 import time
 import xmlrpc.client
@@ -43,7 +45,7 @@ __virtualname__ = "saltfleet_supervisor"
 # Every XML-RPC call returns within this, or the deployment's change fails.
 RPC_TIMEOUT = 10
 # The most an answer may hold (a process list of a few hundred programs is far less).
-RPC_LIMIT = 4 << 20
+RPC_LIMIT = 1 << 20
 START_TIMEOUT = 30
 BUSY = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
 IDLE = ("STOPPED", "EXITED", "FATAL")
@@ -68,73 +70,117 @@ def _utils(name):
 # ------------------------------------------------------------------ XML-RPC
 
 
+# Nothing listens there, or a supervisord going away hung up.
+NOBODY_THERE = (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, FileNotFoundError)
+
+
 class _Overlong(OSError):
     """An answer longer than RPC_LIMIT."""
 
 
-class _DeadlineSocket(socket.socket):
-    """A unix socket whose every read and write waits only what is left of one deadline, and reads a bounded total."""
-
-    deadline = 0.0
-    budget = RPC_LIMIT
-
-    def _left(self):
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline")
-        self.settimeout(left)
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        self._left()
-        count = super().recv_into(buffer, nbytes, flags)
-        self.budget -= count
-        if self.budget < 0:
-            raise _Overlong("answer too long")
-        return count
-
-    def recv(self, bufsize, flags=0):
-        self._left()
-        data = super().recv(bufsize, flags)
-        self.budget -= len(data)
-        if self.budget < 0:
-            raise _Overlong("answer too long")
-        return data
-
-    def sendall(self, data, flags=0):
-        self._left()
-        return super().sendall(data, flags)
+class _Unlike(ValueError):
+    """An answer that is not what supervisord gives (its shape, its encoding)."""
 
 
-class _Connection(http.client.HTTPConnection):
-    """HTTP over supervisord's unix socket, within one deadline, with the listener's uid checked."""
-
-    def __init__(self, path, deadline, uid):
-        super().__init__("localhost")
-        self.socketfile = str(path)
-        self.deadline = deadline
-        self.uid = uid
-
-    def connect(self):
-        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.deadline = self.deadline
-        self.sock = sock
-        sock.settimeout(max(0.001, self.deadline - time.monotonic()))
-        sock.connect(self.socketfile)
-        _, uid, _ = peer(sock)
-        if self.uid is not None and uid != self.uid:
-            sock.close()
-            raise PermissionError(f"{self.socketfile} is served by uid {uid}, not the deployment's user")
+def _open_socket(sock, uid):
+    """
+    The socket file ``sock`` (in the user's run/) opened without following
+    anything the user made: a link there is refused, never resolved by root.
+    Returns an O_PATH descriptor, connectable through /proc/self/fd.
+    """
+    sock = Path(sock)
+    folder = os.open(sock.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(sock.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    finally:
+        os.close(folder)
+    st = os.fstat(fd)
+    if not stat.S_ISSOCK(st.st_mode) or (uid is not None and st.st_uid != uid):
+        os.close(fd)
+        raise PermissionError(f"{sock} is not the deployment's user's socket (a link, or someone else's)")
+    return fd
 
 
-class _Transport(xmlrpc.client.Transport):
-    """XML-RPC through a new ``_Connection`` for every call (supervisord's own transport does the same)."""
+def _exchange(sock, uid, deadline, body):
+    """
+    One HTTP request to supervisord on ``sock``, and its whole answer, within
+    ``deadline`` (one for the exchange, not one per read) and RPC_LIMIT bytes;
+    the listener must be ``uid`` (the kernel's word, SO_PEERCRED).
+    """
+    fd = _open_socket(sock, uid)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
 
-    def __init__(self, path, deadline, uid):
-        super().__init__()
-        self.connection_args = (path, deadline, uid)
+            def left():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("deadline")
+                conn.settimeout(remaining)
 
-    def make_connection(self, host):
-        return _Connection(*self.connection_args)
+            left()
+            conn.connect(f"/proc/self/fd/{fd}")
+            _, listener, _ = peer(conn)
+            if uid is not None and listener != uid:
+                raise PermissionError(f"{sock} is served by uid {listener}, not the deployment's user")
+            head = f"POST /RPC2 HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}"
+            head += "\r\n\r\n"
+            left()
+            conn.sendall(head.encode() + body)
+            answer = bytearray()
+            while True:
+                left()
+                chunk = conn.recv(65536)
+                if not chunk and not answer:
+                    # Closed without a word: a supervisord going away, as when nobody listens.
+                    raise ConnectionResetError(f"{sock} closed without an answer")
+                if not chunk:
+                    return bytes(answer)
+                answer += chunk
+                if len(answer) > RPC_LIMIT:
+                    raise _Overlong("answer too long")
+    finally:
+        os.close(fd)
+
+
+def _response(answer):
+    """The XML-RPC body of an HTTP answer, as supervisord gives it: 200, no content encoding."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not sep or not lines[0].startswith("HTTP/1.") or lines[0].split(" ")[1:2] != ["200"]:
+        raise _Unlike(f"an HTTP status {lines[0][:40]!r}")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("content-encoding", "identity") != "identity":
+        raise _Unlike(f"a body encoded {headers['content-encoding'][:20]!r}")
+    return body
+
+
+def call_within(sock, uid, deadline, method, *args):
+    """One XML-RPC call to ``supervisor.<method>`` before ``deadline``: its answer, or an error."""
+    try:
+        body = xmlrpc.client.dumps(args, f"supervisor.{method}", allow_none=True).encode()
+        (value,), _ = xmlrpc.client.loads(_response(_exchange(sock, uid, deadline, body)))
+        return value
+    except (xmlrpc.client.Fault, *NOBODY_THERE):
+        raise
+    except _Unlike as exc:
+        raise CommandExecutionError(f"supervisord on {sock} answered {exc}, which it never gives") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _failed(sock, exc) from None
+    except Exception as exc:  # pylint: disable=broad-except
+        # Anything the parser makes of the user's bytes (broken XML, depth, types): not supervisord's.
+        raise CommandExecutionError(
+            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {reprlib.repr(str(exc))})"
+        ) from None
+
+
+class _Server:
+    """supervisord's ``supervisor`` namespace on one socket, every call within one deadline."""
+
+    def __init__(self, sock, uid, deadline):
+        self.sock, self.uid, self.deadline = sock, uid, deadline
+
+    def __getattr__(self, method):
+        return lambda *args: call_within(self.sock, self.uid, self.deadline, method, *args)
 
 
 def peer(sock):
@@ -145,8 +191,7 @@ def peer(sock):
 
 def rpc(sock, uid, timeout=RPC_TIMEOUT):
     """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``: its calls within ``timeout``."""
-    transport = _Transport(sock, time.monotonic() + timeout, uid)
-    return xmlrpc.client.ServerProxy("http://localhost", transport=transport, allow_none=True).supervisor
+    return _Server(sock, uid, time.monotonic() + timeout)
 
 
 def _failed(sock, exc):
@@ -157,19 +202,19 @@ def _failed(sock, exc):
     if isinstance(exc, PermissionError):
         return CommandExecutionError(f"{exc}: root talks to no one else there; move it away")
     if isinstance(exc, xmlrpc.client.Fault):
-        return CommandExecutionError(f"supervisord on {sock} refused: {str(exc.faultString)[:200]}")
-    return CommandExecutionError(f"supervisord on {sock} did not answer: {str(exc)[:200]}")
+        return CommandExecutionError(f"supervisord on {sock} refused: {reprlib.repr(str(exc.faultString))}")
+    return CommandExecutionError(f"supervisord on {sock} did not answer: {reprlib.repr(str(exc))}")
 
 
 def _bad(sock, what, value):
-    return CommandExecutionError(f"supervisord on {sock} answered {what} {repr(value)[:80]}, which it never gives")
+    return CommandExecutionError(f"supervisord on {sock} answered {what} {reprlib.repr(value)}, which it never gives")
 
 
 def call(sock, uid, method, *args):
-    """One XML-RPC call; a clear error when supervisord refuses or does not answer in time."""
+    """One XML-RPC call; a clear error when supervisord refuses, does not answer in time, or is not there."""
     try:
         return getattr(rpc(sock, uid), method)(*args)
-    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError) as exc:
+    except (xmlrpc.client.Fault, *NOBODY_THERE) as exc:
         raise _failed(sock, exc) from None
 
 
@@ -208,15 +253,20 @@ def answers(sock, uid):
         # supervisord's own word for its pid: it listens before it daemonizes, so
         # the socket's peer pid is the parent that exited.
         state, pid = server.getState(), server.getPID()
-    except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, FileNotFoundError, xmlrpc.client.Fault):
-        # Nothing listens, or a supervisord that is going away hung up.
+    except (*NOBODY_THERE, xmlrpc.client.Fault):
         return None
-    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError) as exc:
-        raise _failed(sock, exc) from None
     statename = _state(sock, state)
-    if owned_pid(pid, uid) is None:
+    # supervisord daemonizes into a session of its own: a pid it gives is a session leader the user runs.
+    if owned_pid(pid, uid) is None or _session(pid) != pid:
         raise _bad(sock, "its pid as", pid)
     return statename, pid
+
+
+def _session(pid):
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 # -------------------------------------------------------------- processes
@@ -293,12 +343,16 @@ def link_serving(p, gen):
 
 def prune_confs(p, keep):
     """Remove the configs and boot scripts (they carry env) of generations that neither serve nor run."""
-    for path in [*p["state"].glob("supervisord.*.conf"), *p["state"].glob("supervisord.*.boot")]:
+    for path in [
+        *p["state"].glob("supervisord.*.conf"),
+        *p["state"].glob("supervisord.*.boot"),
+        *p["state"].glob("supervisord.*.env"),
+    ]:
         if path.name.split(".")[1] not in keep and not path.is_symlink():
             path.unlink(missing_ok=True)
 
 
-def start(cfg, settings, p, gen, uid):
+def start(cfg, binary, p, gen, uid):
     """
     Start generation ``gen`` by its boot script (as cron does at boot); return
     {pid, start} once it answers as the user. What supervisord said, if it
@@ -309,8 +363,8 @@ def start(cfg, settings, p, gen, uid):
         _utils("saltfleet_files.check_trusted")(g["boot"])
         argv = [str(g["boot"])]
     else:
-        # A generation started before boot scripts: its env is in its config.
-        argv = [_utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"]), "-c", str(g["conf"])]
+        # A generation started before boot scripts: its env is in its config (``binary``: root's supervisord).
+        argv = [binary, "-c", str(g["conf"])]
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     deadline = time.monotonic() + START_TIMEOUT
     said = _utils("saltfleet_user.run_root")(argv, env, START_TIMEOUT, daemon=True).stdout
@@ -319,9 +373,9 @@ def start(cfg, settings, p, gen, uid):
         if answer and answer[0] == "RUNNING":
             return {"pid": answer[1], "start": process_start(answer[1])}
         time.sleep(0.1)
-    said = _utils("saltfleet_user.scrub")(said.strip()[-500:], cfg["env"])
+    said = _utils("saltfleet_user.scrub")(said.strip(), cfg["env"])[-500:]
     raise CommandExecutionError(
-        f"supervisord did not start: {said or 'no output'} (see {p['logs'] / f'supervisord.g{gen}.log'})"
+        f"supervisord did not start: {said or 'no output'} (see {_utils('saltfleet_paths.log')(p, 'supervisord', gen)})"
     )
 
 
@@ -336,7 +390,7 @@ def shutdown(sock, uid):
         server = rpc(sock, uid)
         server.stopAllProcesses(False)
         server.shutdown()
-    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError):
+    except (*NOBODY_THERE, xmlrpc.client.Fault, CommandExecutionError):
         return False
     return True
 
@@ -365,13 +419,17 @@ def kill_session(pid, uid):
                 os.kill(int(entry.name), 9)
 
 
-def stop_all(p, uid, draining=None, timeout=700):
+def stop_all(p, uid, draining=None, timeout=None):
     """
     Stop every supervisord of a deployment, draining ones too, and wait for
-    them (each program finishes its task in hand, up to ``timeout``); past it,
-    what is left of them is killed. The gens that ran.
+    them (each program finishes its task in hand, up to ``timeout``: by
+    default what root's configs give their programs); past it, what is left
+    of them is killed. The gens that ran.
     """
     running = generations(p, uid, draining)
+    if timeout is None:
+        confs = (_utils("saltfleet_paths.generation")(p, gen)["conf"] for gen in known_generations(p))
+        timeout = max([_utils("saltfleet_supervisor_conf.stop_seconds")(c.read_text()) for c in confs] or [30])
     for gen, info in running.items():
         if info["state"] == "RUNNING" or info.get("answering"):
             shutdown(_utils("saltfleet_paths.generation")(p, gen)["socket"], uid)
@@ -458,8 +516,12 @@ def wait_running(sock, uid, groups=None, timeout=120):
         time.sleep(0.2)
 
 
-def stop_groups(sock, uid, groups, timeout=3600):
-    """Stop groups together: SIGTERM, then supervisord waits up to each program's stopwaitsecs."""
+def stop_groups(sock, uid, groups, timeout):
+    """
+    Stop groups together: SIGTERM, then supervisord waits up to each
+    program's stopwaitsecs; ``timeout`` (from root's config) bounds the wait,
+    whatever the programs' states say.
+    """
     for group in groups:
         with contextlib.suppress(CommandExecutionError):
             call(sock, uid, "stopProcessGroup", group, False)
@@ -475,10 +537,10 @@ def start_groups(sock, uid, groups):
         call(sock, uid, "startProcessGroup", group, False)
 
 
-def apply_group_changes(sock, uid, diff):
+def apply_group_changes(sock, uid, diff, timeout):
     """What ``supervisorctl update`` does, limited to the groups in ``diff``; stopped groups stop gracefully."""
     call(sock, uid, "reloadConfig")
-    stop_groups(sock, uid, diff["removed"] + diff["changed"])
+    stop_groups(sock, uid, diff["removed"] + diff["changed"], timeout)
     for group in diff["removed"] + diff["changed"]:
         with contextlib.suppress(CommandExecutionError):
             call(sock, uid, "removeProcessGroup", group)
@@ -486,13 +548,13 @@ def apply_group_changes(sock, uid, diff):
         call(sock, uid, "addProcessGroup", group)
 
 
-def restart_groups(sock, uid, groups):
+def restart_groups(sock, uid, groups, timeout):
     """
     Restart groups gracefully (SIGTERM, each program's stopwaitsecs for the
     task in hand), all at once; return {name: state} of those not RUNNING after.
     """
     if not groups:
         return {}
-    stop_groups(sock, uid, groups)
+    stop_groups(sock, uid, groups, timeout)
     start_groups(sock, uid, groups)
     return wait_running(sock, uid, groups=set(groups))

@@ -16,7 +16,6 @@ root's alone, and the config holds no secret.
 import configparser
 import io
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -139,8 +138,10 @@ def render(cfg, sections, p, gen, release, venv):
         "unix_http_server": {"file": str(g["socket"]), "chmod": "0700"},
         "supervisord": {
             "identifier": f"saltfleet-{cfg['name']}",
+            # Its logs, and what the programs make, are the deployment user's alone (a program may set its own).
+            "umask": "077",
             "pidfile": str(g["pidfile"]),
-            "logfile": str(p["logs"] / f"supervisord.g{gen}.log"),
+            "logfile": str(_utils("saltfleet_paths.log")(p, "supervisord", gen)),
             "childlogdir": str(p["logs"]),
             "directory": str(p["home"]),
             "environment": environment({"HOME": str(p["home"]), "LANG": "C.UTF-8", "USER": cfg["user"]}),
@@ -150,8 +151,6 @@ def render(cfg, sections, p, gen, release, venv):
         },
         "supervisorctl": {"serverurl": f"unix://{g['socket']}"},
     }
-    if os.geteuid() == 0 and cfg["user"] != "root":
-        own["supervisord"]["user"] = cfg["user"]
     # The deployment's env reaches the programs through supervisord's own environment (boot_script).
     base_env = {"PATH": f"{Path(venv) / 'bin'}:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv)}
     for section, opts in sections.items():
@@ -162,7 +161,7 @@ def render(cfg, sections, p, gen, release, venv):
         merged = {k: _ini(v) for k, v in PROGRAM_DEFAULTS.items()}
         merged["directory"] = str(release)
         # Each generation its own log: two of them overlap during a handover.
-        merged["stdout_logfile"] = str(p["logs"] / f"{prog}.g{gen}.log")
+        merged["stdout_logfile"] = str(_utils("saltfleet_paths.log")(p, prog, gen))
         merged.update(opts)
         merged["environment"] = ",".join(filter(None, [environment(base_env), opts.get("environment", "")]))
         own[section] = merged
@@ -173,6 +172,21 @@ def render(cfg, sections, p, gen, release, venv):
         for key, value in opts.items():
             out.write(f"{key}={value}\n")
     return out.getvalue()
+
+
+def stop_seconds(conf_text):
+    """
+    How long a supervisord of this config may take to stop its programs: the
+    longest stopwaitsecs (root's config says it, not supervisord's answer),
+    and a margin.
+    """
+    sections = sections_of(conf_text)
+    waits = [
+        int(o.get("stopwaitsecs", PROGRAM_DEFAULTS["stopwaitsecs"]))
+        for s, o in sections.items()
+        if s.startswith("program:")
+    ]
+    return max(waits or [0]) + 30
 
 
 def sections_of(conf_text):
@@ -233,20 +247,39 @@ def diff_groups(old_text, new_text, same=()):
     }
 
 
-def boot_script(cfg, settings, p, gen):
+def env_script(cfg):
     """
-    The script that starts generation ``gen``'s supervisord with the
-    deployment's env exported to it (values single-quoted: the shell takes
-    them byte for byte, and no command line ever holds one). Root's, 0700.
+    The deployment's env as shell exports (values single-quoted: the shell
+    takes them byte for byte, and no command line ever holds one), for its
+    supervisord to source once it runs as the user. Root's file, readable by
+    that user alone.
     """
-    binary = _utils("saltfleet_files.trusted_tool")("supervisord", settings["supervisord"])
-    conf = _utils("saltfleet_paths.generation")(p, gen)["conf"]
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **{k: str(v) for k, v in cfg["env"].items()}}
+    env = {"LANG": "C.UTF-8", **{k: str(v) for k, v in cfg["env"].items()}}
+    lines = [f"# Written by saltfleet: deployment {cfg['name']}'s env."]
+    return "\n".join([*lines, *(f"export {key}={shlex.quote(value)}" for key, value in env.items())]) + "\n"
+
+
+def boot_script(cfg, tools, p, gen, uid, gid):
+    """
+    The script that starts generation ``gen``'s supervisord (as cron does at
+    boot): root enters the deployment's cgroup (where the host has one:
+    saltfleet_cgroup) and drops to the deployment's user (uid, gid and its
+    groups, a clean environment: setpriv) before anything runs, and the
+    user's shell sources the env and runs supervisord. No process of root's
+    ever has the env (a PYTHONPATH or LD_PRELOAD in it reaches only the
+    user's). Root's, 0700; it holds no secret.
+    """
+    g = _utils("saltfleet_paths.generation")(p, gen)
+    as_user = f"--reuid={uid} --regid={gid} --init-groups --reset-env --inh-caps=-all"
+    start = '. "$1" && exec "$2" -c "$3"'
+    words = [tools["setpriv"], *as_user.split(), "--", "/bin/sh", "-c", start, "sh"]
+    words += [str(g["env"]), tools["supervisord"], str(g["conf"])]
+    enter = _utils("saltfleet_cgroup.enter_line")(p, uid)
     lines = [
         "#!/bin/sh",
-        f"# Written by saltfleet: starts deployment {cfg['name']}'s supervisord (generation {gen}) with its env.",
-        *(f"export {key}={shlex.quote(value)}" for key, value in env.items()),
-        f"exec {shlex.quote(binary)} -c {shlex.quote(str(conf))}",
+        f"# Written by saltfleet: starts deployment {cfg['name']}'s supervisord (generation {gen}) as its user.",
+        *([enter] if enter else []),
+        "exec " + " ".join(shlex.quote(str(word)) for word in words),
     ]
     return "\n".join(lines) + "\n"
 
@@ -266,7 +299,7 @@ def boot_entry(cfg, p):
 
 
 def boot_env(script):
-    """The env a boot script (:func:`boot_script`) exports: {name: value}."""
+    """The env an env script (:func:`env_script`) exports: {name: value}."""
     env = {}
     for line in script.splitlines():
         if line.startswith("export "):

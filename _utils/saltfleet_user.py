@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import salt.loader.context
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_user"
@@ -60,6 +61,12 @@ IN_DIR = 'cd -- "$1" || exit 125; shift; exec "$@"'
 
 def __virtual__():
     return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules: the loader in context.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
 
 
 def account(user, where=None):
@@ -114,9 +121,19 @@ def _kill(proc):
     proc.wait()
 
 
+def _whole_lines(buf, cut):
+    """What is kept of an output: when its head was cut, from its first whole line on (no piece of a value)."""
+    return bytes(buf[buf.find(b"\n") + 1 :] if cut else buf)
+
+
 def _collect(proc, deadline, limit=OUTPUT_LIMIT):
-    """(stdout, stderr) bytes of ``proc``, the last ``limit`` of each; TimeoutError at ``deadline``."""
+    """
+    (stdout, stderr) bytes of ``proc``, the last ``limit`` of each in whole
+    lines (an env value is one line: :func:`scrub` then finds it whole, never
+    a piece of it cut at the head); TimeoutError at ``deadline``.
+    """
     kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    cut = set()
     with selectors.DefaultSelector() as selector:
         for stream in kept:
             selector.register(stream, selectors.EVENT_READ)
@@ -131,26 +148,46 @@ def _collect(proc, deadline, limit=OUTPUT_LIMIT):
                     continue
                 buf = kept[key.fileobj]
                 buf += chunk
-                del buf[: max(0, len(buf) - limit)]
+                if len(buf) > limit:
+                    del buf[: len(buf) - limit]
+                    cut.add(key.fileobj)
     proc.wait(max(0.0, deadline - time.monotonic()))
-    return bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
+    return tuple(_whole_lines(kept[stream], stream in cut) for stream in (proc.stdout, proc.stderr))
 
 
-def _run(argv, env, timeout, what, **identity):
+@contextlib.contextmanager
+def _entering(home, identity):
+    """
+    Popen's ``preexec_fn`` that moves the child into the cgroup of the user
+    whose home is ``home`` (saltfleet_cgroup), through a descriptor root
+    opened: the child enters before it runs anything of the user's, and
+    cannot leave. {} for root's own commands, or where the host has none.
+    """
+    fd = _utils("saltfleet_cgroup.opener")(home) if identity else None
+    try:
+        yield {} if fd is None else {"preexec_fn": lambda: os.write(fd, b"0")}
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _run(argv, env, timeout, what, umask=0o077, home=None, **identity):
     """Start ``argv`` (its own session, stdin closed, in /), collect its output within ``timeout``."""
     deadline = time.monotonic() + timeout
-    proc = subprocess.Popen(
-        argv,
-        cwd="/",
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        umask=0o022,
-        start_new_session=True,
-        close_fds=True,
-        **identity,
-    )
+    with _entering(home, identity) as entering:
+        proc = subprocess.Popen(
+            argv,
+            cwd="/",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            umask=umask,
+            start_new_session=True,
+            close_fds=True,
+            **entering,
+            **identity,
+        )
     try:
         out, err = _collect(proc, deadline)
     except (TimeoutError, subprocess.TimeoutExpired):
@@ -167,13 +204,13 @@ def run(user, argv, home, cwd=None, env=None, timeout=3600):
     """
     Run ``argv`` as ``user`` (see the module: exactly the user's groups, in
     ``cwd`` entered as the user, a clean environment with ``env`` on top,
-    umask 022) within ``timeout`` seconds in all; the CompletedProcess, its
-    output text bounded. An error when it runs over, the process and its
-    session killed.
+    umask 077: what it makes is the user's alone, in the user's cgroup)
+    within ``timeout`` seconds in all; the CompletedProcess, its output text
+    bounded. An error when it runs over, the process and its session killed.
     """
     identity = _identity(user)
     what = f"`{' '.join(map(str, argv))}` as {user}"
-    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, **identity)
+    return _run(_in(cwd, argv), environ(user, home, env), timeout, what, home=home, **identity)
 
 
 def spawn(user, argv, home, log, cwd=None, env=None):
@@ -183,18 +220,20 @@ def spawn(user, argv, home, log, cwd=None, env=None):
     """
     identity = _identity(user)
     script = 'log=$1; shift; exec "$@" >> "$log" 2>&1'
-    subprocess.Popen(
-        ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
-        cwd="/",
-        env=environ(user, home, env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        umask=0o022,
-        start_new_session=True,
-        close_fds=True,
-        **identity,
-    )
+    with _entering(home, identity) as entering:
+        subprocess.Popen(
+            ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
+            cwd="/",
+            env=environ(user, home, env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            umask=0o077,
+            start_new_session=True,
+            close_fds=True,
+            **entering,
+            **identity,
+        )
 
 
 def run_root(argv, env, timeout, cwd=None, daemon=False):
@@ -207,7 +246,8 @@ def run_root(argv, env, timeout, cwd=None, daemon=False):
     argv = _in(cwd, argv)
     what = f"`{' '.join(argv)}`"
     if not daemon:
-        return _run(argv, env, timeout, what)
+        # Root's mirror is read by the deployment's user through its top folder's ACL: its files are 0644.
+        return _run(argv, env, timeout, what, umask=0o022)
     with tempfile.TemporaryFile() as output:
         try:
             proc = subprocess.run(
@@ -222,15 +262,17 @@ def run_root(argv, env, timeout, cwd=None, daemon=False):
             )
         except subprocess.TimeoutExpired:
             raise CommandExecutionError(f"{what} ran over {timeout} s") from None
-        output.seek(max(0, output.seek(0, os.SEEK_END) - OUTPUT_LIMIT))
-        return subprocess.CompletedProcess(argv, proc.returncode, output.read().decode(errors="replace"), "")
+        size = output.seek(0, os.SEEK_END)
+        output.seek(max(0, size - OUTPUT_LIMIT))
+        said = _whole_lines(output.read(), size > OUTPUT_LIMIT)
+        return subprocess.CompletedProcess(argv, proc.returncode, said.decode(errors="replace"), "")
 
 
 def check(proc, what, secrets=None):
     """Raise ``what`` with the tail of the output (``secrets`` hidden) when ``proc`` failed."""
     if proc.returncode:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-12:])
-        tail = scrub(tail, secrets)
+        # Hidden first, then cut: a value is never split before it is looked for.
+        tail = "\n".join(scrub(proc.stderr or proc.stdout or "", secrets).strip().split("\n")[-12:])
         raise CommandExecutionError(f"{what} (exit {proc.returncode}):\n{tail}" if tail else f"{what}")
     return proc
 
@@ -262,6 +304,11 @@ def _sh(user, home, script, *args, what):
 def makedirs(user, home, *folders):
     """Create folders (and their parents) as the user."""
     _sh(user, home, 'mkdir -p -- "$@"', *folders, what=f"creating {', '.join(map(str, folders))} as {user}")
+
+
+def private(user, home, *folders):
+    """Make folders of the user's theirs alone (0700), as the user."""
+    _sh(user, home, 'chmod 700 -- "$@"', *folders, what=f"making {', '.join(map(str, folders))} private as {user}")
 
 
 def relink(user, home, link, target):
@@ -301,7 +348,8 @@ def remove_own_dir(user, home, folder):
     if not os.path.lexists(folder):
         return
     if folder.is_dir() and not folder.is_symlink():
-        _sh(user, home, 'cd -- "$1" && find . -mindepth 1 -delete', folder, what=f"emptying {folder} as {user}")
+        script = 'cd -- "$1" && chmod -R u+rwX . && find . -mindepth 1 -delete'
+        _sh(user, home, script, folder, what=f"emptying {folder} as {user}")
         os.rmdir(folder)
     else:
         os.unlink(folder)

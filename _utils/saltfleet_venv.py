@@ -19,7 +19,9 @@ from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_venv"
 
-MARKER = ".saltfleet-complete"
+# What a plan reads of the repository's requirements, at most (the repository is not trusted).
+MAX_FILES = 32
+MAX_BYTES = 1 << 20
 INCLUDE_RE = re.compile(r"^\s*(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)")
 
 
@@ -47,13 +49,23 @@ def digest(read, cfg, rebuild=0):
     if rebuild:
         total.update(f"rebuild={rebuild}\n".encode())
     top = posixpath.normpath(cfg["requirements"])
-    seen, todo = set(), [(top, None)]
+    seen, todo, size = set(), [(top, None)], 0
     while todo:
         rel, parent = todo.pop(0)
         if rel in seen:
             continue
         seen.add(rel)
+        if len(seen) > MAX_FILES:
+            raise CommandExecutionError(
+                f"{where}: '{cfg['requirements']}' and its -r/-c includes are more than {MAX_FILES} files; "
+                "include fewer"
+            )
         kind, text = read(rel)
+        size += len(text or "")
+        if size > MAX_BYTES:
+            raise CommandExecutionError(
+                f"{where}: '{cfg['requirements']}' and its includes hold more than {MAX_BYTES} bytes; trim them"
+            )
         named = f"'{rel}'" + (f" (included by '{parent}')" if parent else "")
         if kind == "link":
             raise CommandExecutionError(
@@ -84,17 +96,12 @@ def digest(read, cfg, rebuild=0):
     return total.hexdigest()[:16]
 
 
-def complete(venv):
-    return (venv / MARKER).exists()
-
-
-def build(cfg, settings, home, venv, release):
-    """As the user: create ``venv`` and install the release's requirements into it with uv."""
+def build(cfg, settings, uv, home, venv, release):
+    """As the user: create ``venv`` and install the release's requirements into it with ``uv`` (root's)."""
     user = cfg["user"]
-    uv = _utils("saltfleet_files.trusted_tool")("uv", settings["uv"])
     env = {"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
-    if settings.get("uv_cache"):
-        env["UV_CACHE_DIR"] = settings["uv_cache"]
+    if cfg.get("uv_cache"):
+        env["UV_CACHE_DIR"] = cfg["uv_cache"]
     run, remove = _utils("saltfleet_user.run"), _utils("saltfleet_user.remove")
     steps = (
         [uv, "venv", "-q", "--python", cfg["python"], venv],
@@ -110,4 +117,4 @@ def build(cfg, settings, home, venv, release):
                 f"deployments:{cfg['name']}:requirements: installing '{cfg['requirements']}' failed "
                 f"(uv {argv[1]} exited {proc.returncode}):\n{tail}"
             )
-    _utils("saltfleet_user.write")(user, home, venv / MARKER, cfg["requirements"])
+    _utils("saltfleet_user.write")(user, home, _utils("saltfleet_paths.venv_marker")(venv), cfg["requirements"])

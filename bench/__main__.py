@@ -35,6 +35,12 @@ def main(argv=None):
         action="store_false",
         help="fan-out minions without pillar/fleet.sls's mine.update schedule",
     )
+    parser.add_argument(
+        "--only",
+        type=lambda text: {name.strip() for name in text.split(",") if name.strip()},
+        default=set(),
+        help="only these scenarios, e.g. fan-out (the fleet page's rows are measured there), or start-up,saltfleet",
+    )
     parser.add_argument("--json-dir", default=str(REPO / ".bench"), help="where the JSON goes (default .bench/)")
     parser.add_argument("--keep", action="store_true", help="keep the bench's /tmp directory (its daemons are stopped)")
     args = parser.parse_args(argv)
@@ -50,8 +56,11 @@ def main(argv=None):
         heartbeat=args.heartbeat,
         log=lambda text: print(text, flush=True),
     )
+    unknown = sorted(args.only - set(bench.scenarios()))
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: no such scenario; there are {', '.join(bench.scenarios())}")
     print(f"saltfleet bench, {mode} mode: {bench.plan}", flush=True)
-    bench.run()
+    bench.run(args.only)
     rows = build_rows(bench.times, bench.plan)
     facts = machine(load_start)
     elapsed = time.monotonic() - started

@@ -46,7 +46,8 @@ def build_rows(times, plan):
     runs = {key: len(values) for key, values in times.items()}
     rows = []
     startup = m.get("startup")
-    rows.append(_row("salt-call --local test.ping (Salt's start-up)", [], startup))
+    if startup is not None:
+        rows.append(_row("salt-call --local test.ping (Salt's start-up)", [], startup))
 
     counts = sorted({int(k.rsplit("_", 1)[1]) for k in m if k.startswith("sf_fresh_")})
     fresh_at, fresh_note = _target_count(counts, 5) if counts else (None, "")
@@ -210,7 +211,56 @@ def build_rows(times, plan):
                 note="wall clock of the command, Salt's start-up included",
             )
         )
+    rows.extend(_page_rows(m))
     rows.extend(_handover_rows(m, plan))
+    return rows
+
+
+def _page_rows(m):
+    """The fleet page: first load to the filled hosts table; a rollout's lines from the runner to the page."""
+    rows = []
+    sizes = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("page_load_"))
+    at, note = _target_count(sizes, 50) if sizes else (None, "")
+    for size in sizes:
+        ours, checked = m.get(f"page_load_{size}"), size == at
+        baselines = [("test.arg via salt-api", m.get(f"page_floor_{size}"))]
+        baselines.append(("fleet.overview via salt-api", m.get(f"page_overview_{size}")))
+        baselines.append(("page without data", m.get(f"page_static_{size}")))
+        rows.append(
+            _row(
+                f"fleet page first load, {size} minion(s) (to the filled hosts table)",
+                baselines,
+                ours,
+                _ratio(ours, m.get(f"page_floor_{size}")),
+                "<= 1 s" if checked else "-",
+                (ours is not None and ours <= 1.0) if checked else None,
+                "; ".join(
+                    filter(
+                        None,
+                        [
+                            "ratio: against Salt's floor for a runner call through salt-api (test.arg)",
+                            note if checked else "",
+                        ],
+                    )
+                ),
+            )
+        )
+    for key in sorted(
+        (k for k in m if k.startswith("page_event_") and "plain" not in k), key=lambda k: int(k.rsplit("_", 1)[1])
+    ):
+        size = int(key.rsplit("_", 1)[1])
+        ours, plain = m[key], m.get(f"page_event_plain_{size}")
+        rows.append(
+            _row(
+                f"rollout progress on the fleet page, {size} minion(s) (runner fires -> page shows)",
+                [("salt-api /events, plain client", plain)],
+                ours,
+                _ratio(ours, plain),
+                "<= 1 s",
+                ours is not None and ours <= 1.0,
+                "the slowest line of each one-host fleet.deploy (start, batch, host, end), median over runs",
+            )
+        )
     return rows
 
 

@@ -9,6 +9,7 @@ from bench import handover
 from bench.env import BIN, BenchError, Workspace, median, run, stop_supervisords, timed
 from bench.fleet import Fleet
 from bench.local import BuiltinsHost, LocalHost, SaltfleetHost, deployment_names, raw_floor
+from bench.page import PageBench
 from localfleet import rabbitmq
 from localfleet.daemons import FleetError
 from localfleet.sampleapp import celery_app
@@ -101,23 +102,37 @@ class Bench:
 
     # ------------------------------------------------------------- scenarios
 
-    def run(self):
+    def run(self, only=()):
+        """Every scenario of the plan, or those named in ``only`` (SCENARIOS' names)."""
+        wanted = {
+            "warm-up": True,
+            "start-up": True,
+            "floor": True,
+            "saltfleet": True,
+            "built-ins": bool(self.plan["builtins"]),
+            "fan-out": bool(self.plan["fanout"]),
+            "handover": bool(self.plan["handover_tasks"]),
+        }
         self.ws = Workspace(keep=self.keep)
         try:
             self.log(f"workspace {self.ws.base}")
-            self.guarded("warm-up", self.warm_up)
-            self.guarded("start-up", self.startup)
-            self.guarded("floor", self.floor)
-            self.guarded("saltfleet", self.saltfleet)
-            if self.plan["builtins"]:
-                self.guarded("built-ins", self.builtins)
-            if self.plan["fanout"]:
-                self.guarded("fan-out", self.fanout)
-            if self.plan["handover_tasks"]:
-                self.guarded("handover", self.handover)
+            for name, fn in self.scenarios().items():
+                if wanted[name] and (not only or name in only):
+                    self.guarded(name, fn)
         finally:
             self.ws.close()
         return self
+
+    def scenarios(self):
+        return {
+            "warm-up": self.warm_up,
+            "start-up": self.startup,
+            "floor": self.floor,
+            "saltfleet": self.saltfleet,
+            "built-ins": self.builtins,
+            "fan-out": self.fanout,
+            "handover": self.handover,
+        }
 
     def warm_up(self):
         """One untimed fresh deployment: uv's cache, the page cache and Salt's bytecode are warm after it."""
@@ -214,19 +229,44 @@ class Bench:
 
     def fanout(self):
         fleet = Fleet(self.ws.base / "f", self.ws.repo, heartbeat=self.plan["heartbeat"])
+        page = PageBench(fleet, self.log)
         try:
-            self.step("fan-out: salt-master on 127.0.0.1")
+            self.step("fan-out: salt-master on 127.0.0.1, salt-api beside it (the fleet page)")
+            page.configure()
             fleet.start_master()
+            self.guarded("page", page.start)
             self.measure("saltrun_startup", _salt_run_startup, fleet)
             client = fleet.runner_client()
             try:
-                self._fanout_sizes(fleet, client)
+                self._fanout_sizes(fleet, client, page)
             finally:
                 fleet.close_runner_client(client)
+            if "page" not in self.errors:
+                self.guarded("page", lambda: self.page_progress(fleet, page))
         finally:
+            page.stop()
             fleet.stop()
 
-    def _fanout_sizes(self, fleet, client):
+    def page_first_load(self, page, size):
+        self.step(f"fan-out: the fleet page's first load with {size} minion(s), beside fleet.overview via salt-api")
+        page.first_load(size)  # untimed: the browser's cache holds the page's files, as a returning operator's does
+        for _ in range(self.plan["runs"]):
+            self.record(f"page_floor_{size}", page.floor())
+            self.record(f"page_overview_{size}", page.overview())
+            filled, static = page.first_load(size)
+            self.record(f"page_load_{size}", filled)
+            self.record(f"page_static_{size}", static)
+
+    def page_progress(self, fleet, page):
+        size = len(fleet.minions)
+        host = sorted(fleet.minions)[0]
+        self.step(f"fan-out: rollout progress on the fleet page, a one-host fleet.deploy among {size} minion(s)")
+        for n in range(self.plan["runs"]):
+            shown, plain = page.progress(f"v{n + 2}", host)
+            self.record(f"page_event_{size}", shown)
+            self.record(f"page_event_plain_{size}", plain)
+
+    def _fanout_sizes(self, fleet, client, page):
         for size in self.plan["fanout"]:
             more = size - len(fleet.minions)
             self.step(f"fan-out: {more} more minion(s), {size} in all, 2 idle deployments each")
@@ -245,6 +285,8 @@ class Bench:
             self.measure(f"inventory_cli_{size}", fleet.inventory_cli)
             fleet.inventory_in_process(client)
             self.measure(f"inventory_runner_{size}", fleet.inventory_in_process, client)
+            if "page" not in self.errors:
+                self.guarded("page", lambda size=size: self.page_first_load(page, size))
 
     def handover(self):
         """

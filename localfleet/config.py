@@ -30,12 +30,16 @@ def saltfleet_utils():
 
 
 def stop_deployments(root, timeout=60):
-    """Stop every saltfleet deployment's supervisords under ``root`` (a sandbox); the names stopped."""
+    """
+    Stop every saltfleet deployment's supervisords under ``root`` (a
+    sandbox), and whatever else runs in their cgroups; the names stopped.
+    """
     utils = saltfleet_utils()
     stopped = []
-    for name, manifest in utils.saltfleet_files.installed(root).items():
+    for name, manifest in utils.saltfleet_manifest.installed(root).items():
         p = utils.saltfleet_paths.paths(root, manifest["user"], name)
         uid = utils.saltfleet_user.account(manifest["user"]).pw_uid
         if utils.saltfleet_supervisor.stop_all(p, uid, manifest.get("draining"), timeout):
             stopped.append(name)
+        utils.saltfleet_cgroup.kill(p)
     return stopped

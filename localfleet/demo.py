@@ -20,8 +20,8 @@ import time
 
 import yaml
 
+from localfleet import api, procs
 from localfleet import daemons as local
-from localfleet import procs
 from localfleet.config import REPO, stop_deployments
 from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free, short_alias
 from localfleet.sampleapp import SAMPLE_APP
@@ -181,6 +181,8 @@ def master(running):
         "log_level_logfile": "info",
         "worker_threads": 3,
         "state_output": "changes",
+        # The README's nodegroup example, for the demo's fetcher: `salt -N fetchers ...`.
+        "nodegroups": {"fetchers": "G@saltfleet_deployments:sample-fetcher:*"},
         # Read by pillar/top.sls and pillar/demo/*.sls: the demo's own facts.
         "saltfleet_demo": {
             "user": user,
@@ -383,7 +385,7 @@ The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's comm
     salt-run {CONFIG_ARG} fleet.ansible_inventory --out=json
     salt-cloud {CONFIG_ARG} -Q
     salt-cloud {CONFIG_ARG} -p {PROFILE} demo-worker-3
-    salt-cloud {CONFIG_ARG} -d demo-worker-3
+    salt-cloud {CONFIG_ARG} -y -d demo-worker-3
     SALT_CONFIG_DIR=.demo/etc/salt localfleet/ansible_inventory.py --list   # an Ansible inventory script
 
 Send the fetchers a task:
@@ -396,6 +398,7 @@ in .demo/minions/<name>/var/lib/saltfleet/deployments/.
 Stop every process of the demo: make demo-down    (make clean also removes .demo/)
 """
     )
+    api.up(demo_master)
 
 
 def down(timeout=120):
@@ -405,6 +408,7 @@ def down(timeout=120):
     shell, an editor or a `tail -f` that merely runs in .demo/ is left alone.
     """
     started = time.monotonic()
+    api.down(DEMO)
     # Taken before anything stops: a stopped parent's children are reparented
     # and no longer look like the demo's.
     started_by_demo = processes()

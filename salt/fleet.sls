@@ -25,21 +25,15 @@ saltfleet-pillar-invalid:
 {#- A deployment that may build something (new here, another repo, rev or
     commit than it serves) converges in a process of its own, beside the
     others; one that serves what pillar asks is checked in this one (a
-    process costs more than that check). From the grains, which the states
-    refresh after each change: a stale one costs time, never correctness. #}
-{%- set installed = grains.get('saltfleet_deployments') or {} %}
-{%- set revs = pillar.get('saltfleet_revs') or {} %}
+    process costs more than that check): deployment.settled, the predicate
+    the state's own plan uses. #}
 {%- for name in wanted %}
 {%- do states.append('saltfleet-deployment-' ~ name) %}
-{%- set spec, serves = wanted[name] if wanted[name] is mapping else {}, installed.get(name) or {} %}
-{%- set fleet_sha = (revs.get(name) or {}).get('sha') %}
-{%- set settled = serves.get('repo') == spec.get('repo') and serves.get('rev') == spec.get('rev')
-                  and fleet_sha in [none, serves.get('release')] %}
 
 {{ ('saltfleet-deployment-' ~ name) | json }}:
   deployment.present:
     - name: {{ name | json }}
-    - parallel: {{ (not settled) | json }}
+    - parallel: {{ (not salt['deployment.settled'](name)) | json }}
 {%- endfor %}
 {%- if states %}
 

@@ -66,8 +66,9 @@ def saltfleet_master_config():
     return master_config()
 
 
-# The non-root user deployments run as in the tests, as `ubuntu` does on a real host.
-DEPLOY_USER = "sfdeploy"
+# The non-root users deployments run as in the tests, as `ubuntu` does on a real host: a second
+# one for a second deployment of one host (a deployment's user is the unit of its isolation).
+DEPLOY_USER, SECOND_USER = "sfdeploy", "sfdeploy2"
 
 
 def gone(pid):
@@ -103,24 +104,40 @@ def short_tmpdir(prefix, owner=None):
     return path
 
 
-@pytest.fixture(scope="session")
-def deploy_user():
-    """A real unprivileged user (created for the run when missing) whose deployments the tests converge."""
+def test_user(name):
+    """A real unprivileged user, made when missing (a system account, kept: other test runs may use it)."""
     try:
-        yield pwd.getpwnam(DEPLOY_USER)
-        return
+        return pwd.getpwnam(name)
     except KeyError:
         # Two test processes (pytest-xdist) may both find it missing: the one that loses the race finds it made.
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", DEPLOY_USER], check=False)
-    yield pwd.getpwnam(DEPLOY_USER)
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # another worker may still run deployments as the user
-        subprocess.run(["userdel", DEPLOY_USER], check=False, capture_output=True)
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", name], check=False)
+    return pwd.getpwnam(name)
+
+
+@pytest.fixture(scope="session")
+def deploy_user():
+    """The user whose deployments the tests converge."""
+    return test_user(DEPLOY_USER)
+
+
+@pytest.fixture(scope="session")
+def second_user():
+    """The user of a second deployment on one host."""
+    return test_user(SECOND_USER)
 
 
 @pytest.fixture(scope="session")
 def user_uv_cache(deploy_user):
     """uv's cache of the deployment user, shared by every sandbox of the run (the user builds the venvs)."""
     path = short_tmpdir("sf-uv-", owner=deploy_user)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def second_uv_cache(second_user):
+    """uv's cache of the second user."""
+    path = short_tmpdir("sf-uv-", owner=second_user)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

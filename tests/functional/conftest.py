@@ -117,10 +117,23 @@ def testmode(request):
 
 @pytest.fixture
 def out(deploy_user):
-    """Where the tiny app's programs report which release runs them (the user's)."""
+    """Where the tiny app's programs report which release runs them (every test user's: sticky, as /tmp)."""
     path = short_tmpdir("sfo-", owner=deploy_user)
+    path.chmod(0o1777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def other_app(tiny, out, second_user, second_uv_cache):
+    """A second deployment of the tiny app on the host, as the second user, running program ``o``."""
+
+    def app(**spec):
+        return tiny_app(
+            tiny, out, **{"programs": ["o"], **spec}, user=second_user.pw_name, uv_cache=str(second_uv_cache)
+        )
+
+    return app
 
 
 def tiny_app(tiny, out, rev="v1", programs=("a",), **spec):

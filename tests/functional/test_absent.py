@@ -23,8 +23,8 @@ def exited(pid, timeout=30):
     return False
 
 
-def test_dropping_a_deployment_stops_it_and_removes_its_files(host, tiny, out, testmode):
-    pillar = host.pillar({"tiny": tiny_app(tiny, out, deploy_key=KEY), "other": tiny_app(tiny, out, programs=["o"])})
+def test_dropping_a_deployment_stops_it_and_removes_its_files(host, tiny, out, testmode, other_app):
+    pillar = host.pillar({"tiny": tiny_app(tiny, out, deploy_key=KEY), "other": other_app()})
     host.apply(pillar)
     p = host.paths("tiny")
     pid = report(out)["pid"]
@@ -69,8 +69,8 @@ def test_purge_removes_every_tree_and_then_reports_nothing(host, tiny, out):
     assert all(s["changes"] == {} for s in again.values())
 
 
-def test_the_clean_sls_removes_every_deployment_saltfleet_installed(host, tiny, out):
-    host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": tiny_app(tiny, out, programs=["o"])}))
+def test_the_clean_sls_removes_every_deployment_saltfleet_installed(host, tiny, out, other_app):
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": other_app()}))
     ret = host.loaders.modules.state.sls("fleet.clean")
     states = {s["__id__"]: s for s in ret.raw.values()}
     assert set(states) == {"saltfleet-deployment-other-clean", "saltfleet-deployment-tiny-clean"}

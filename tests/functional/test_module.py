@@ -26,7 +26,7 @@ def deployed(host, tiny, out):
 def test_a_deployment_not_installed_is_an_error_that_says_so(host, call, args):
     host.set_pillar(host.pillar({}))
     with pytest.raises(
-        CommandExecutionError, match=r"^deployment nosuch is not installed on this host; deployment.list"
+        CommandExecutionError, match=r"^deployment nosuch is not installed on this host; `salt \S+ deployment.list`"
     ):
         getattr(host.loaders.modules.deployment, call)(*args)
 
@@ -55,7 +55,7 @@ def test_restart_is_graceful_and_can_name_one_program(deployed, out):
 
 def test_stop_stops_everything_and_the_next_apply_starts_it(deployed, host, tiny, out):
     pid = report(out)["pid"]
-    assert deployed.stop("tiny") == {"stopped": True}
+    assert deployed.stop("tiny") == {"stopped": ["a", "b"]}
     assert deployed.status("tiny")["tiny"]["supervisord"] == "stopped"
     assert (out / "a.stopped").read_text().split() == [str(pid)]
     with pytest.raises(CommandExecutionError, match="its supervisord is not running"):
@@ -153,7 +153,11 @@ def test_update_code_deploys_a_rev_that_the_next_apply_keeps_and_says_so(host, t
     assert kept["changes"] == {}
     assert "rev 'v2' set by deployment.update_code at" in kept["comment"] and "pillar says 'v1'" in kept["comment"]
     assert report(out)["version"] == "2"
-    assert mod.unpin("tiny") == {"rev": "v1", "pinned": False}
+    assert {k: v for k, v in mod.unpin("tiny").items() if k != "comment"} == {
+        "rev": "v1",
+        "pinned": False,
+        "serving": tiny["shas"]["v2"],
+    }
     back = host.apply(pillar)["saltfleet-deployment-tiny"]
     assert back["changes"]["release"]["new"] == tiny["shas"]["v1"]
     assert report(out)["version"] == "1"
@@ -218,7 +222,7 @@ def test_a_hold_survives_state_apply_until_unhold(host, tiny, out):
     routine = host.apply(pillar)["saltfleet-deployment-tiny"]
     assert routine["changes"] == {} and "a held: db maintenance" in routine["comment"]
     assert mod.status("tiny")["tiny"]["programs"]["a"] == "STOPPED"
-    with pytest.raises(CommandExecutionError, match=r"held \(db maintenance\); deployment\.unhold tiny first"):
+    with pytest.raises(CommandExecutionError, match=r"held \(db maintenance\); `salt \S+ deployment\.unhold tiny`"):
         mod.start("tiny", "a")
     released = mod.unhold("tiny")
     assert released["changes"]["programs"] == {"released": ["a"]}

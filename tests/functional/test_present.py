@@ -354,8 +354,8 @@ def test_keep_releases_prunes_old_releases_and_their_venvs_but_spares_a_draining
     assert sorted(r.name for r in p["releases"].iterdir()) == [shas["v1"]]
 
 
-def test_the_master_is_told_once_after_a_change_and_not_on_a_no_op(host, tiny, out):
-    pillar = host.pillar({"tiny": tiny_app(tiny, out), "other": tiny_app(tiny, out, programs=["o"])})
+def test_the_master_is_told_once_after_a_change_and_not_on_a_no_op(host, tiny, out, other_app):
+    pillar = host.pillar({"tiny": tiny_app(tiny, out), "other": other_app()})
     first = host.apply(pillar)
     report = first["saltfleet-report"]
     assert report["comment"] == "The master was told what changed (mine and grains)", report

@@ -31,12 +31,12 @@ def test_a_cron_name_cron_would_ignore_fails_and_changes_nothing(host, tiny, out
     assert snapshot(host.root) == before
 
 
-def test_two_deployments_claiming_one_path_fail_clearly(host, tiny, out):
+def test_two_deployments_claiming_one_path_fail_clearly(host, tiny, out, other_app):
     host.ship("tiny", {"etc/cron.d/shared": CRON})
     host.ship("twin", {"etc/cron.d/shared": CRON})
     states = host.apply(host.pillar({"tiny": tiny_app(tiny, out, programs=["a"])}))
     assert states["saltfleet-deployment-tiny"]["result"] is True
-    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out), "twin": tiny_app(tiny, out, programs=["b"])}))
+    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out), "twin": other_app(programs=["b"])}))
     twin = states["saltfleet-deployment-twin"]
     assert twin["result"] is False
     assert "deployments:twin:sysfiles: etc/cron.d/shared is already installed by 'tiny'" in twin["comment"]

@@ -77,6 +77,8 @@ class Impostor:
             ["python3", "-c", FAKE_SUPERVISORD, str(sock), mode, *args],
             user=host.user.pw_uid,
             group=host.user.pw_gid,
+            # A session of its own, as supervisord's: the user can make one as well.
+            start_new_session=True,
         )
         wait_for(sock.exists, 10, "the impostor listening", interval=0.05)
 
@@ -87,9 +89,9 @@ class Impostor:
 
 
 @pytest.fixture
-def two(host, tiny, out):
+def two(host, tiny, out, other_app):
     """Deployment tiny (the one attacked) and other beside it, both serving."""
-    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": tiny_app(tiny, out, programs=["o"])}))
+    states = host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": other_app()}))
     assert all(s["result"] is not False for s in states.values()), states
     p = host.paths("tiny")
     return host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
@@ -118,13 +120,11 @@ def test_a_pid_that_is_a_path_is_refused_and_nothing_is_read_there(host, two, ou
     assert "77777" not in host.paths("tiny")["manifest"].read_text()
 
 
-def test_a_pid_not_the_users_is_never_recorded_and_removal_still_works(host, two, tiny, out):
+def test_a_pid_not_the_users_is_never_recorded_and_removal_still_works(host, two, tiny, out, other_app):
     impostor = Impostor(host, two, "one")
     try:
         rows = status(host)
-        state = host.apply(
-            host.pillar({"tiny": tiny_app(tiny, out, rev="v2"), "other": tiny_app(tiny, out, programs=["o"])})
-        )
+        state = host.apply(host.pillar({"tiny": tiny_app(tiny, out, rev="v2"), "other": other_app()}))
     finally:
         impostor.leave()
     assert "answered its pid as 1, which it never gives" in rows["tiny"]["supervisord"]
@@ -133,7 +133,7 @@ def test_a_pid_not_the_users_is_never_recorded_and_removal_still_works(host, two
     assert all(record["pid"] != 1 for record in (manifest.get("draining") or {}).values())
     # Pillar drops it: it is removed, promptly (nothing waits on pid 1).
     started = time.monotonic()
-    removed = host.apply(host.pillar({"other": tiny_app(tiny, out, programs=["o"])}))
+    removed = host.apply(host.pillar({"other": other_app()}))
     assert removed["saltfleet-deployment-tiny-removed"]["result"] is True
     assert time.monotonic() - started < 120
 
@@ -166,7 +166,7 @@ def test_an_answer_dribbled_a_byte_at_a_time_ends_at_the_calls_deadline(host, tw
     assert took < 40, f"status took {took:.0f} s: one deadline per call, not per read"
 
 
-def test_a_socket_of_the_users_own_is_no_generation(host, two, tiny, out):
+def test_a_socket_of_the_users_own_is_no_generation(host, two, tiny, out, other_app):
     run = two.parent
     fake = run / "77.sock"
     proc = subprocess.Popen(
@@ -174,7 +174,7 @@ def test_a_socket_of_the_users_own_is_no_generation(host, two, tiny, out):
     )
     try:
         wait_for(fake.exists, 10, "the user's own listener")
-        again = host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": tiny_app(tiny, out, programs=["o"])}))
+        again = host.apply(host.pillar({"tiny": tiny_app(tiny, out), "other": other_app()}))
     finally:
         proc.kill()
         proc.wait()
@@ -207,13 +207,12 @@ def fake_celery(host, name):
     as_user(host.user, "sh", "-c", f"printf '#!/bin/sh\\nexec sleep 3600\\n' > {venv} && chmod 755 {venv}")
 
 
-def test_a_deployment_reports_only_its_own_workers_and_queues(host, tiny, out):
-    pillar = host.pillar({"tiny": worker(tiny, out, "mine"), "other": worker(tiny, out, "theirs", programs=["o"])})
+def test_a_deployment_reports_only_its_own_workers_and_queues(host, tiny, out, other_app):
+    # The other deployment's queue is "theirs": the tiny deployment's answer claims it too.
+    pillar = host.pillar({"tiny": worker(tiny, out, "mine"), "other": other_app()})
     host.apply(pillar)
-    for name in ("tiny", "other"):
-        fake_celery(host, name)
+    fake_celery(host, "tiny")
     host.loaders.modules.deployment.restart("tiny")
-    host.loaders.modules.deployment.restart("other")
     node = next(iter(host.sf.saltfleet_celery.nodes("w", {"hostname": "w.g1@%%h", "numprocs": 1, "numprocs_start": 0})))
     claim = {node: {"queues": ["mine", "theirs"], "active": 3}, "ghost@elsewhere": {"queues": ["theirs"], "active": 9}}
     fake_python(host, host.paths("tiny")["project"] / "venv", json.dumps(claim))

@@ -25,12 +25,23 @@ def pillar_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def salt_master(salt_factories, saltfleet_master_config, pillar_dir, repo_root):
+def master_file_root(tmp_path_factory):
+    """A file root of the module's master that a test writes to (a deployment's folder added meanwhile)."""
+    return tmp_path_factory.mktemp("fileroot")
+
+
+@pytest.fixture(scope="module")
+def salt_master(salt_factories, saltfleet_master_config, pillar_dir, repo_root, master_file_root):
     """A master serving this repository's salt/ tree and a test's own pillar."""
     overrides = copy.deepcopy(saltfleet_master_config)
     overrides["pillar_roots"] = {"base": [str(pillar_dir)]}
-    # Deployments the tests own, beside the repository's (which the demo owns).
+    # Deployments the tests own, beside the repository's (which the demo owns), and one a test adds to.
     overrides["file_roots"]["base"].append(str(repo_root / "tests" / "fixtures" / "fileroot"))
+    overrides["file_roots"]["base"].append(str(master_file_root))
+    # A master lists its files from a cache (Salt's default: 20 s; salt-factories' 0 hides it): long enough
+    # here that a folder a test adds is not listed at once however loaded the machine (no test adds files
+    # to the file roots but the one that shows what the cache does).
+    overrides["fileserver_list_cache_time"] = 600
     overrides["interface"] = "127.0.0.1"
     factory = salt_factories.salt_master_daemon(random_string("master-"), overrides=overrides)
     with factory.started(start_timeout=120):

@@ -19,6 +19,8 @@ SCENARIOS = (
     "fan-out no-op: salt '*' state.apply, 1 minion(s)",
     "git server requests in a fan-out no-op, 1 minion(s)",
     "fleet.inventory over 1 minion(s)",
+    "fleet page first load, 1 minion(s)",
+    "rollout progress on the fleet page, 1 minion(s)",
     "task latency p99 during a handover",
 )
 
@@ -43,6 +45,5 @@ def test_smoke_bench_prints_its_table(tmp_path):
     assert result["mode"] == "smoke"
     assert result["errors"] == {}
     assert result["machine"]["cores"] >= 1
-    assert {"startup", "floor_fresh_1", "sf_fresh_1", "builtins_noop_1", "master_noop_1", "handover_deploy_p99"} <= set(
-        result["times"]
-    )
+    measured = {"startup", "floor_fresh_1", "sf_fresh_1", "builtins_noop_1", "master_noop_1", "handover_deploy_p99"}
+    assert measured | {"page_load_1", "page_event_1"} <= set(result["times"])

@@ -3,26 +3,34 @@
 at a long path inside a directory no other user may enter (a clone in root's
 0700 home, say), the fleet comes up with its deployments RUNNING, the printed
 commands work from another shell, a second `make demo` converges without
-duplicating anything, and `make demo-down` stops every process the demo
-started and nothing else.
+duplicating anything, every command block of the README runs against it as
+written and exits as the README says, and `make demo-down` stops every process
+the demo started and nothing else.
 
 The clone and its first `make demo` are the module's; a test that needs the
 demo running starts it again when a test before it stopped it
 (`demo_running`). The clone builds its own venv from the run's uv cache.
 """
 
+import ast
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
+import salt.config
+import salt.utils.event
 
 from localfleet import procs
 from localfleet.config import REPO
+from tests.integration import readme
 
 # As a newcomer clones it: a path of at least 60 characters inside a 0700 home.
 CLONE_PATH = ("home", "newcomer", "src", "github.com", "example-org", "saltfleet")
@@ -74,7 +82,7 @@ def make(checkout, target, timeout=900):
 
 def query(checkout, expression):
     """``expression`` over the clone's ``localfleet.demo`` (as ``demo``), evaluated by the clone's own Python."""
-    code = f"import json; from localfleet import daemons, demo, procs; print(json.dumps({expression}))"
+    code = f"import json; from localfleet import api, daemons, demo, procs; print(json.dumps({expression}))"
     proc = subprocess.run(
         [str(checkout / ".venv" / "bin" / "python"), "-c", code],
         cwd=checkout,
@@ -94,8 +102,9 @@ def printed_commands(output):
 
 
 def demo_processes(checkout):
-    """{pid: command line} of the demo's daemons and all they started."""
-    return {int(pid): cmd for pid, (_, cmd) in query(checkout, "demo.processes()").items()}
+    """{pid: command line} of the demo's daemons (salt-api beside them) and all they started."""
+    started = "procs.tree([*demo.daemons(), *filter(None, [api.Api(demo.DEMO).pid()])])"
+    return {int(pid): cmd for pid, (_, cmd) in query(checkout, started).items()}
 
 
 def in_demo_folder(checkout):
@@ -278,6 +287,189 @@ def test_second_make_demo_converges_without_duplicates(checkout, demo_running):
     assert sum(1 for c in after.values() if "salt-master" in c and "MainProcess" in c) == 1
 
 
+# ------------------------------------------------------------ the README, typed against the demo
+# Each command of the README's blocks, adapted to the demo only in its config
+# dir and names (tests/integration/readme.py), run in README order as a script
+# runs it: the venv active, no terminal.
+
+SALT = "salt -c .demo/etc/salt"
+SALT_RUN = "salt-run -c .demo/etc/salt"
+RUNNABLE = [b for b in readme.blocks() if b.planned and readme.PLAN[b.planned[0]] is None]
+# Each fleet.* runner, and arguments that make it do its work on the demo.
+FLEET_ARGS = {
+    "inventory": "",
+    "inventory_rows": "",
+    "ansible_inventory": "",
+    "queues": "",
+    "status": "sample-fetcher",
+    "history": "sample-fetcher limit=5",
+    "unlock": "sample-fetcher",
+    "deploy": "sample-fetcher rev=v2",
+    "rollback": "sample-fetcher",
+    "admit": "demo-worker-9 i-0123456789abcdef0 not-a-key",
+    "record": "20200101000000000000 demo-worker-1 deployment.update_code",
+}
+# What deployment.status says of each deployment of the demo as `make demo` leaves it: state, rev, pinned, held.
+MADE = ("up", "main", None, {})
+# A progress line: its time, two spaces, the step.
+STEP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{6})  (sample-fetcher: .*)$")
+
+
+def back_to_pillar(runner):
+    """sample-fetcher follows pillar's rev again, and serves it: the demo as the tests after expect it."""
+    runner.shell(f"{SALT} demo-worker-1 deployment.unpin sample-fetcher")
+    runner.shell(f"{SALT} demo-worker-1 state.apply")
+
+
+@pytest.fixture(scope="module")
+def typed(checkout, demo_up):
+    """Runs what a user types from the clone; the demo back to pillar (and without demo-worker-3) after."""
+    runner = readme.Runner(activated(checkout), cwd=checkout)
+    yield runner
+    back_to_pillar(runner)
+    if "demo-worker-3" in query(checkout, "demo.instances()"):
+        runner.shell("salt-cloud -c .demo/etc/salt -y -d demo-worker-3")
+
+
+def tail(proc):
+    return f"  stdout: {proc.stdout[-1500:]}\n  stderr: {proc.stderr[-1500:]}"
+
+
+def as_made(runner):
+    """The demo as `make demo` leaves it, made so if not: both deployments up on pillar's rev, none pinned or held."""
+    ret = runner.shell(f"{SALT} '*' deployment.status --out=json --static")
+    try:
+        rows = [row for host in json.loads(ret.stdout).values() for row in host.values()]
+    except (ValueError, AttributeError):
+        rows = []
+    if len(rows) != 2 or any((r.get("state"), r.get("rev"), r.get("pinned"), r.get("held")) != MADE for r in rows):
+        runner.shell(f"{SALT} demo-worker-1 deployment.unhold sample-fetcher")
+        runner.shell(f"{SALT} demo-worker-1 deployment.unpin sample-fetcher")
+        runner.shell(f"{SALT} -t 600 '*' state.apply")
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[f"README-line-{b.line}" for b in RUNNABLE])
+def test_every_readme_command_runs_against_the_demo_as_written(block, demo_running, typed, record_property):
+    """Each block from the demo as `make demo` left it, its commands in order; every failure listed."""
+    as_made(typed)
+    started, ran, wrong = time.monotonic(), 0, []
+    for line, commands in readme.plan(block)[1]:
+        for command in [] if isinstance(commands, str) else commands:
+            proc = typed.run(command)
+            ran += 1
+            why = readme.judge(command, proc)
+            if why:
+                wrong.append(f"README line {block.line}: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
+    record_property("report", f"{ran} commands of README line {block.line} in {time.monotonic() - started:.0f} s")
+    assert not wrong, f"{len(wrong)} of {ran} commands:\n\n" + "\n\n".join(wrong)
+
+
+def runner_functions():
+    tree = ast.parse((REPO / "_runners" / "fleet.py").read_text())
+    return sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_"))
+
+
+def test_every_fleet_runner_prints_one_json_document(demo_running, typed):
+    assert sorted(FLEET_ARGS) == runner_functions(), "a fleet runner this test does not run"
+    wrong = []
+    for name, args in FLEET_ARGS.items():
+        command = f"{SALT_RUN} fleet.{name} {args} --out=json"
+        proc = typed.run(command)
+        why = readme.judge(command, proc)
+        if why:
+            wrong.append(f"$ {command}\n  {why}\n{tail(proc)}")
+    back_to_pillar(typed)
+    assert not wrong, "\n\n".join(wrong)
+
+
+@pytest.fixture
+def bus(checkout):
+    """The progress events on the demo master's event bus, as salt-api's /events would pass them on."""
+    opts = salt.config.master_config(str(checkout / ".demo" / "etc" / "salt" / "master"))
+    events, done = [], threading.Event()
+
+    def listen(listener):
+        while not done.is_set():
+            event = listener.get_event(wait=0.2, full=True)
+            if event and event["tag"].endswith("/progress") and event["tag"].startswith("salt/run/"):
+                events.append(event)
+
+    with salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True) as listener:
+        listener.subscribe("salt/run/")
+        thread = threading.Thread(target=listen, args=(listener,), daemon=True)
+        thread.start()
+        yield events
+        done.set()
+        thread.join(10)
+
+
+def test_a_rollout_prints_one_line_a_step_and_every_step_reaches_the_event_bus(demo_running, typed, bus):
+    try:
+        human = typed.run(f"{SALT_RUN} fleet.deploy sample-fetcher rev=v2")
+        assert human.returncode == 0, tail(human)
+        steps = [STEP.match(line)[2] for line in human.stdout.splitlines() if STEP.match(line)]
+        assert steps[:2] == [
+            "sample-fetcher: fleet.deploy v2 to 1 host in 1 batch",
+            "sample-fetcher: batch 1 of 1: demo-worker-1",
+        ]
+        assert steps[2].startswith("sample-fetcher: demo-worker-1: deployed: ") and len(steps) == 4, human.stdout
+        assert steps[3] == "sample-fetcher: complete: 1 host in 1 batch on v2"
+        assert "_stamp" not in human.stdout and "suffix:" not in human.stdout, human.stdout
+        machine = typed.run(f"{SALT_RUN} fleet.deploy sample-fetcher rev=main --out=json")
+        assert machine.returncode == 0, tail(machine)
+        assert json.loads(machine.stdout)["summary"] == "complete: 1 host in 1 batch on main"
+        assert "sample-fetcher: batch 1 of 1" not in machine.stdout + machine.stderr
+        # Both runs' steps are on the bus, the one that printed none too.
+        deadline = time.monotonic() + 10
+        while len(bus) < 8 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        by_run = {}
+        for event in bus:
+            by_run.setdefault(event["tag"].split("/")[2], []).append(event["data"]["message"])
+        assert steps in by_run.values(), by_run
+        assert [m for m in by_run.values() if m[-1] == "sample-fetcher: complete: 1 host in 1 batch on main"], by_run
+    finally:
+        back_to_pillar(typed)
+
+
+def test_a_typo_exits_1_naming_what_pillar_has_and_a_refused_rollout_is_in_the_ledger(demo_running, typed):
+    status = typed.run(f"{SALT_RUN} fleet.status sample-fetchr")
+    assert status.returncode == 1, tail(status)
+    assert "no minion's pillar names deployment 'sample-fetchr'; pillar names sample-fetcher, sample-reporter" in (
+        status.stdout
+    ), status.stdout
+    inventory = typed.run(f"{SALT_RUN} fleet.inventory deployment=typo --out=json")
+    assert inventory.returncode == 1 and "'typo'" in json.loads(inventory.stdout)["error"], tail(inventory)
+    refused = typed.run(f"{SALT_RUN} fleet.deploy sample-fetcher rev=v2 tgt='nosuch-*' --out=json")
+    assert refused.returncode == 1 and json.loads(refused.stdout)["outcome"] == "refused", tail(refused)
+    [entry] = json.loads(typed.run(f"{SALT_RUN} fleet.history sample-fetcher limit=1 --out=json").stdout)
+    assert entry["outcome"].startswith("refused: fleet.deploy sample-fetcher: no minion matching 'nosuch-*'"), entry
+
+
+def test_a_release_pinned_by_fleet_rollback_reads_as_pinned_until_unpinned(demo_running, typed):
+    try:
+        assert typed.run(f"{SALT_RUN} fleet.deploy sample-fetcher rev=v2").returncode == 0
+        sha = typed.release()
+        rolled = typed.run(f"{SALT_RUN} fleet.rollback sample-fetcher release={sha[:10]}")
+        assert rolled.returncode == 0, tail(rolled)
+        inventory = typed.run(f"{SALT_RUN} fleet.inventory").stdout
+        pinned = rf"^demo-worker-1 .* sample-fetcher {sha[:8]} \(pinned\) 2/2 RUNNING"
+        assert re.search(pinned, inventory, re.M), inventory
+        assert f"{sha}@" not in inventory
+        # The demo master's state_output is `changes`: the kept rev shows all the same.
+        applied = typed.run(f"{SALT} demo-worker-1 state.apply")
+        assert applied.returncode == 0, tail(applied)
+        assert f"rev '{sha}' set by deployment.rollback at" in re.sub(r"\s+", " ", applied.stdout), applied.stdout
+        unpinned = json.loads(typed.run(f"{SALT} demo-worker-1 deployment.unpin sample-fetcher --out=json").stdout)
+        comment = unpinned["demo-worker-1"]["comment"]
+        assert f"serves {sha[:12]} until `salt demo-worker-1 state.apply` deploys main" in comment, comment
+        typed.run(f"{SALT} demo-worker-1 state.apply")
+        inventory = typed.run(f"{SALT_RUN} fleet.inventory").stdout
+        assert re.search(r"^demo-worker-1 .* sample-fetcher main@\w{8} 2/2 RUNNING", inventory, re.M), inventory
+    finally:
+        back_to_pillar(typed)
+
+
 def test_make_demo_down_stops_the_demo_and_nothing_else(checkout, demo_running):
     started_by_demo = demo_processes(checkout)
     assert started_by_demo
@@ -327,3 +519,32 @@ def test_the_printed_fleet_deploy_rolls_the_second_revision_out(checkout, demo_r
         salt = ["salt", "-c", ".demo/etc/salt", "demo-worker-1"]
         shell(checkout, " ".join([*salt, "deployment.unpin", "sample-fetcher"]), env)
         shell(checkout, " ".join([*salt, "state.apply"]), env)
+
+
+def test_make_demo_prints_the_fleet_page_and_passwords_that_log_in(checkout, demo_running):
+    """The page's address and users `make demo` prints: salt-api serves the page there and takes the passwords."""
+    proc = make(checkout, "demo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    url = re.search(r"^The fleet page: (http://127\.0\.0\.1:\d+)/fleet\s", proc.stdout, re.M)
+    passwords = dict(re.findall(r"^\s+user (demo|viewer)\s+password (\S+)", proc.stdout, re.M))
+    assert url and set(passwords) == {"demo", "viewer"}, proc.stdout[-2000:]
+    base = url.group(1)
+    page = requests.get(f"{base}/fleet", timeout=30)
+    assert page.status_code == 200 and 'http-equiv="Content-Security-Policy"' in page.text
+
+    def session(user):
+        login = requests.post(
+            f"{base}/login", json={"username": user, "password": passwords[user], "eauth": "file"}, timeout=60
+        )
+        assert login.status_code == 200, login.text
+        return {"X-Auth-Token": login.json()["return"][0]["token"], "Accept": "application/json"}
+
+    viewer = session("viewer")
+    overview = requests.post(base, json=[{"client": "runner", "fun": "fleet.overview"}], headers=viewer, timeout=120)
+    assert overview.status_code == 200, overview.text
+    assert sorted(row["id"] for row in overview.json()["return"][0]["hosts"]) == query(checkout, "list(demo.WORKERS)")
+    deploy = [{"client": "runner_async", "fun": "fleet.deploy", "arg": ["sample-fetcher"], "kwarg": {"rev": "v2"}}]
+    assert requests.post(base, json=deploy, headers=viewer, timeout=60).status_code == 401
+    dry = [{**deploy[0], "client": "runner", "kwarg": {"rev": "v2", "test": True}}]
+    allowed = requests.post(base, json=dry, headers=session("demo"), timeout=300)
+    assert allowed.status_code == 200 and allowed.json()["return"][0]["test"] is True, allowed.text

@@ -11,6 +11,7 @@ shared by the module.
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -191,7 +192,9 @@ def test_a_failing_call_prints_an_error_and_exits_non_zero(host):
     host.set_pillar(host.pillar({}))
     ret = host.run("deployment.restart", "nosuch")
     assert ret.returncode == 1
-    assert "ERROR: deployment nosuch is not installed on this host; deployment.list" in ret.stdout
+    # The hint is a command the operator types on the master.
+    hint = f"`salt {host.minion.id} deployment.list` shows those that are"
+    assert f"ERROR: deployment nosuch is not installed on this host; {hint}" in ret.stdout
     assert "Traceback" not in ret.stdout + ret.stderr
     assert "The minion function caused an exception" not in ret.stdout
 
@@ -241,6 +244,28 @@ def test_salt_run_prints_no_warning_to_the_operator(salt_master):
         check=False,
     )
     assert ret.returncode == 0, ret
-    assert "minions," in ret.stdout
+    assert re.search(r"^\d+ minions?, \d+ up, \d+ down$", ret.stdout, re.M), ret.stdout
     assert "unclosed" not in ret.stdout + ret.stderr, ret.stderr
     assert "[WARNING" not in ret.stdout + ret.stderr, ret.stderr
+
+
+def test_a_deployment_folder_added_a_moment_ago_fails_saying_how_to_refresh_the_masters_file_list(
+    host, sample, celery_data, salt_run_cli, master_file_root
+):
+    name = "sf-added"
+    spec = {"repo": str(sample["repo"]), "rev": "v1", "env": {"SAMPLEAPP_DATA": str(celery_data)}}
+    pillar = host.pillar({name: spec})
+    host.set_pillar(pillar)
+    # The master lists its files now, and keeps the list fileserver_list_cache_time seconds.
+    assert salt_run_cli.run("fileserver.file_list").returncode == 0
+    conf = master_file_root / "deployments" / name / "files" / "supervisord.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f"[program:worker]\ncommand=celery -A sampleapp worker -Q {name} -c 1 -n {name}@%%h\n")
+    ret = host.run("state.apply", _timeout=900)
+    state = next(s for s in ret.data.values() if s["__id__"] == f"saltfleet-deployment-{name}")
+    assert state["result"] is False, "the master listed the new folder at once: nothing was stale"
+    assert "the master lists its files from a cache up to fileserver_list_cache_time seconds old" in state["comment"]
+    assert "`salt-run fileserver.clear_file_list_cache` refreshes it, then apply again" in state["comment"]
+    assert salt_run_cli.run("fileserver.clear_file_list_cache").returncode == 0
+    state = host.apply(pillar)[f"saltfleet-deployment-{name}"]
+    assert state["result"] is True and host.status(name)[name]["programs"] == {"worker": "RUNNING"}, state

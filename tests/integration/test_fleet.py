@@ -213,11 +213,13 @@ def test_state_apply_deploys_and_inventory_counts_running(deployed, salt_cli, sa
     # Filters.
     assert set(inventory(salt_run_cli, "deployment=inv-pair")) == {B}
     assert set(inventory(salt_run_cli, "provider=local")) == {A, B}
-    assert inventory(salt_run_cli, "provider=ec2") == {}
+    # A filter that matches no minion is an error naming what there is, as Salt's "No minions matched".
+    none = salt_run_cli.run("fleet.inventory", "provider=ec2")
+    assert none.returncode == 1 and "(providers of those minions: local)" in none.data["error"], none
 
 
 def test_ansible_inventory(deployed, salt_run_cli):
-    ret = salt_run_cli.run("fleet.ansible_inventory")
+    ret = salt_run_cli.run("fleet.ansible_inventory", "grains=id")
     assert ret.returncode == 0, ret
     assert ret.data["deployment_inv_app"]["hosts"] == [A]
     assert ret.data["deployment_inv_pair"]["hosts"] == [B]

@@ -61,7 +61,7 @@ def hosts(minions, salt_cli, pillar_dir, repo, deploy_user, host_settings):
 
 
 def serving(root):
-    return utils.saltfleet_files.installed(root).get(NAME, {}).get("release")
+    return utils.saltfleet_manifest.installed(root).get(NAME, {}).get("release")
 
 
 def apply_all(salt_master):

@@ -14,6 +14,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import celery.exceptions
@@ -93,9 +94,23 @@ class Fleet:
         return self.cli.run("-L", *args, minion_tgt=",".join(tgt or self.ids), **kwargs)
 
     def salt_run(self, *args, **kwargs):
-        """`salt-run ARGS`: (returncode, report, progress messages), from its JSON lines."""
+        """`salt-run ARGS --out=json`: (returncode, its one document, the progress steps the event bus carried)."""
+        since = time.time()
         ret = self.run_cli.run(*args, **kwargs)
-        return parse_run(ret.returncode, ret.stdout, ret.stderr)
+        assert isinstance(ret.data, (dict, list)), ("not one JSON document", ret.returncode, ret.stdout, ret.stderr)
+        return ret.returncode, ret.data, self.progress(since, ret.data)
+
+    def progress(self, since, report):
+        """The messages of the progress events of the run that returned ``report`` (its ret event names its jid)."""
+        listener, master = self.events
+
+        def returned():
+            events = listener.get_events([(master, "salt/run/*/ret")], after_time=since)
+            return [e for e in events if e.data.get("return") == report]
+
+        [done] = wait_for(returned, 60, "the run's return on the master's event bus")
+        steps = listener.get_events([(master, f"salt/run/{done.tag.split('/')[2]}/progress")], after_time=since)
+        return [e.data["message"] for e in sorted(steps, key=lambda e: e.stamp)]
 
     def spec(self, name, host, rev="v1", requirements=None, queue=None):
         queue = queue or self.queue(name, host)
@@ -190,24 +205,13 @@ def removed_after(fleet):
         assert ret.returncode == 0, ret
 
 
-def parse_run(returncode, stdout, stderr):
-    """salt-run's JSON documents, one after another: progress events, then the return."""
-    decoder, docs, at = json.JSONDecoder(), [], 0
-    while stdout[at:].strip():
-        at += len(stdout[at:]) - len(stdout[at:].lstrip())
-        doc, at = decoder.raw_decode(stdout, at)
-        docs.append(doc)
-    progress = [d["event"]["message"] for d in docs if isinstance(d, dict) and d.get("suffix") == "progress"]
-    returned = [d for d in docs if not (isinstance(d, dict) and d.get("suffix") == "progress")]
-    assert len(returned) == 1, (returncode, stdout, stderr)
-    return returncode, returned[0], progress
-
-
 @pytest.fixture(scope="module")
-def fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, host_settings):
+def fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, host_settings, event_listener, salt_master):
     ret = salt_cli.run("-L", "saltutil.sync_all", minion_tgt=",".join(m.id for m in minions))
     assert ret.returncode == 0, ret
     fleet = Fleet(salt_cli, salt_run_cli, minions, pillar_dir, places, deploy_user, host_settings)
+    # Where a rollout's progress goes: the master's event bus (salt-run prints one document).
+    fleet.events = (event_listener, salt_master.id)
     fleet.write_pillar()
     return fleet
 
@@ -304,12 +308,12 @@ def test_a_second_rollout_of_a_deployment_is_refused_naming_who_deploys_it(fleet
     finally:
         marker.unlink()
     out, err = first.communicate(timeout=600)
-    code, report, _ = parse_run(first.returncode, out, err)
-    assert code == 0, report
+    code, report = first.returncode, json.loads(out)
+    assert code == 0, (report, err)
     assert report["deployed"] == {h1: places["shas"]["v2"]}
     out, err = waiting.communicate(timeout=600)
-    code, again, _ = parse_run(waiting.returncode, out, err)
-    assert code == 0, again
+    code, again = waiting.returncode, json.loads(out)
+    assert code == 0, (again, err)
     assert again["deployed"] == {h1: places["shas"]["v2"]}
     assert not record.exists(), "the lock's record goes with its holder"
     # The ledger has all three: the one that ran, the refused one and the one that waited.

@@ -9,7 +9,7 @@ supervisord's own parser reads it back byte for byte).
 import json
 import subprocess
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from supervisor.datatypes import dict_of_key_value_pairs
 from supervisor.options import UnhosedConfigParser, expand
@@ -30,23 +30,27 @@ NAMES = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,11}\Z")
 ENVS = st.dictionaries(NAMES.filter(lambda n: n not in ("PATH", "LANG")), VALUES, max_size=8)
 
 
-@settings(max_examples=60, deadline=None)
-@given(ENVS)
-def test_the_boot_script_exports_every_value_byte_for_byte(env):
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(env=ENVS)
+def test_the_env_script_exports_every_value_byte_for_byte(tmp_path, env):
     cfg, errors = utils.saltfleet_schema.validate_deployment("fetcher", {"repo": "/r", "env": env}, HOST)
     assert errors == []
-    script = conf.boot_script(cfg, HOST, P, "1")
-    # The script as sh runs it, with its exec replaced by a dump of the environment.
-    body = "\n".join(line for line in script.splitlines() if line.startswith("export "))
+    script = conf.env_script(cfg)
+    (tmp_path / "env").write_text(script)
+    # As the boot script's shell does: source it, then run (here: a dump of the environment).
     dumped = subprocess.run(
-        ["/bin/sh", "-c", body + '\nexec python3 -c "import os, json; print(json.dumps(dict(os.environ)))"'],
+        [
+            "/bin/sh",
+            "-c",
+            f'. {tmp_path / "env"} && exec python3 -c "import os, json; print(json.dumps(dict(os.environ)))"',
+        ],
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         check=True,
     ).stdout
     got = json.loads(dumped)
     assert {k: got.get(k) for k in env} == env
-    assert conf.boot_env(script) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **env}
+    assert conf.boot_env(script) == {"LANG": "C.UTF-8", **env}
 
 
 def read_back(value):

@@ -207,7 +207,7 @@ def test_ansible_inventory(master_opts):
         {"saltfleet.heartbeat": 30, "deployment.status": {"daily-fetcher": status(1, 1)}},
     )
     add_minion(master_opts, "w2", cloud("local"), {"saltfleet.heartbeat": 30})
-    inventory = json.loads(load_runner(master_opts).ansible_inventory())
+    inventory = json.loads(load_runner(master_opts).ansible_inventory(grains="os"))
     assert inventory["deployment_daily_fetcher"] == {"hosts": ["w1"]}
     assert inventory["provider_ec2"] == {"hosts": ["w1"]}
     assert inventory["provider_local"] == {"hosts": ["w2"]}

@@ -87,7 +87,7 @@ def test_a_complete_rollout_exits_zero_and_says_when_the_rev_moved_meanwhile():
     hosts = {"h1": {"outcome": "deployed", "release": NEW}, "h2": {"outcome": "deployed", "release": NEW}}
     report = rollout.report("app", "main", [["h1", "h2"]], hosts, None)
     assert (report["outcome"], report["retcode"]) == ("complete", 0)
-    assert report["summary"] == "complete: 2 hosts in 1 batches on main"
+    assert report["summary"] == "complete: 2 hosts in 1 batch on main"
     hosts["h2"]["release"] = NEWER
     assert "main resolved to 2 commits" in rollout.report("app", "main", [["h1"], ["h2"]], hosts, None)["summary"]
 

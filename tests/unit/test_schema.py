@@ -232,3 +232,27 @@ def test_rollout_hooks(hooks, message):
 def test_queue_floors(floors, message):
     errors = errors_of({"repo": "/r", "min_consumers": floors})
     assert (errors == []) if message is None else any(message in e for e in errors), errors
+
+
+def test_two_deployments_of_one_user_are_refused_naming_each_other():
+    """A deployment's user is its isolation: two sharing one could read each other's env."""
+    _, configs, errors = schema.validate(
+        {
+            "saltfleet": {"user": "app"},
+            "deployments": {
+                "a": {"repo": "/r"},
+                "b": {"repo": "/r", "user": "app"},
+                "c": {"repo": "/r", "user": "c"},
+                # Refused for its own error, it takes c's user from no one.
+                "d": {"user": "c"},
+            },
+        }
+    )
+    assert sorted(configs) == ["c"]
+    assert not any(e.startswith("deployments:c:") for e in errors), errors
+    assert any(e.startswith("deployments:a:user: 'app' also runs deployment b") for e in errors), errors
+    assert any(e.startswith("deployments:b:user: 'app' also runs deployment a") for e in errors), errors
+    _, configs, errors = schema.validate(
+        {"deployments": {"a": {"repo": "/r", "user": "root"}, "b": {"repo": "/r", "user": "root"}}}
+    )
+    assert sorted(configs) == ["a", "b"] and errors == []

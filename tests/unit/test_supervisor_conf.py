@@ -73,12 +73,24 @@ def test_the_boot_line_runs_the_serving_generations_boot_script_as_root():
     assert line == ["@reboot root /srv/sandbox/var/lib/saltfleet/deployments/fetcher/supervisord.boot"]
 
 
-def test_a_boot_script_starts_its_generation_with_the_env_and_no_value_on_a_command_line():
+def test_a_boot_script_drops_to_the_user_before_anything_runs_and_holds_no_secret():
     cfg = config(env={"DSN": "postgres://u:p@db/x", "QUOTED": 'it\'s "so" ; # %(x)s'})
-    script = sup.boot_script(cfg, HOST, P, "3")
+    tools = {"setpriv": "/usr/bin/setpriv", "supervisord": "/usr/bin/supervisord"}
+    script = sup.boot_script(cfg, tools, P, "3", 1001, 1002)
     assert script.startswith("#!/bin/sh\n")
-    last = script.rstrip("\n").splitlines()[-1]
-    assert last.startswith("exec /")
-    assert last.endswith(" -c /srv/sandbox/var/lib/saltfleet/deployments/fetcher/supervisord.3.conf")
-    assert "postgres" not in last
-    assert sup.boot_env(script) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **cfg["env"]}
+    assert "postgres" not in script and "DSN" not in script
+    exec_line = script.rstrip("\n").splitlines()[-1].split()
+    # setpriv first: the user's uid, gid and groups, a clean environment, no capabilities; then the user's shell.
+    assert exec_line[:7] == [
+        "exec",
+        "/usr/bin/setpriv",
+        "--reuid=1001",
+        "--regid=1002",
+        "--init-groups",
+        "--reset-env",
+        "--inh-caps=-all",
+    ]
+    state = "/srv/sandbox/var/lib/saltfleet/deployments/fetcher"
+    assert exec_line[-3:] == [f"{state}/supervisord.3.env", "/usr/bin/supervisord", f"{state}/supervisord.3.conf"]
+    env = sup.env_script(cfg)
+    assert sup.boot_env(env) == {"LANG": "C.UTF-8", **cfg["env"]}

@@ -1,0 +1,107 @@
+"""
+Building a release, as the deployment's user: the checkout from root's
+mirror, the virtualenv, and the deployment's own build steps (pillar
+``build``: collectstatic, compiling translations, ``npm ci``...), each in the
+new release with its venv first on PATH and the deployment's env, each with a
+timeout (``build_timeout``). Only a release whose steps all passed is marked
+complete; a release that built once never builds again.
+
+A release that fails is marked (its ``.git/saltfleet-failed``, with why) and
+never serves: the old release serves on. A checkout or virtualenv that failed
+is tried again by the next apply; build steps that failed are not, until the
+release or the steps change (the marker names the steps it ran). What a step
+printed comes back as its tail, the deployment's env values hidden.
+"""
+
+import json
+from pathlib import Path
+
+import salt.loader.context
+from salt.exceptions import CommandExecutionError
+
+__virtualname__ = "saltfleet_build"
+
+TAIL_LINES = 20
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules: the loader in context.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
+
+
+def user_dirs(ctx):
+    """
+    The user's home (root hands it over, 0700, when missing), their
+    deployment's folders, and root's run/ for them: each the user's alone
+    (0700, made and kept so as the user), so no other account reads a
+    checkout of the private repository or what the programs logged.
+    """
+    files, p = "saltfleet_files", ctx.p
+    if not p["home"].exists():
+        _utils(f"{files}.root_dir")(p["home"].parent, 0o755, enforce=False)
+        _utils(f"{files}.user_dir")(p["home"], ctx.uid, ctx.gid, 0o700)
+    _utils(f"{files}.user_dir")(p["run"], ctx.uid, ctx.gid, 0o700)
+    folders = [p["releases"], p["venvs"], p["logs"].parent, p["logs"]]
+    missing = [folder for folder in folders if not folder.is_dir()]
+    if missing:
+        _utils("saltfleet_user.makedirs")(ctx.user, p["home"], *missing)
+    shared = [folder for folder in folders if folder.stat().st_mode & 0o077]
+    if shared:
+        _utils("saltfleet_user.private")(ctx.user, p["home"], *shared)
+
+
+def build(ctx, plan):
+    """As the user: check out the release, build its venv, run the build steps; a failure leaves it marked."""
+    user, home, p = ctx.user, ctx.p["home"], ctx.p
+    release = _utils("saltfleet_paths.release")(p, plan.release)
+    venv = _utils("saltfleet_paths.venv")(p, plan.digest)
+    markers = _utils("saltfleet_paths.markers")(release)
+    want = plan.asked
+    steps_ran = False
+    try:
+        if want.build_release:
+            _utils("saltfleet_git.clone_release")(user, p, release, plan.release, ctx.cfg["repo"])
+        _utils("saltfleet_files.fault_point")(p["root"], "build")
+        if want.build_venv:
+            _utils("saltfleet_venv.build")(ctx.cfg, ctx.settings, ctx.tools["uv"], home, venv, release)
+        # ~/Projects-<name>/venv, as the seed's users know it.
+        _utils("saltfleet_user.relink")(user, home, release / "venv", Path("..") / ".." / p["venvs"].name / plan.digest)
+        if want.build_release and want.build_steps:
+            steps_ran = True
+            run_steps(ctx, release, venv, want.build_steps)
+        _utils("saltfleet_user.remove")(user, home, markers["failed"])
+        _utils("saltfleet_user.write")(user, home, markers["complete"], plan.digest)
+    except Exception as exc:
+        if (release / ".git").is_dir():
+            digest = _utils("saltfleet_plan.build_digest")(want.build_steps) if steps_ran else None
+            _utils("saltfleet_user.remove")(user, home, markers["complete"])
+            _utils("saltfleet_user.write")(
+                user, home, markers["failed"], json.dumps({"reason": str(exc)[:2000], "build": digest})
+            )
+        raise
+
+
+def run_steps(ctx, release, venv, steps):
+    """Each build step in ``release``, as the user, with the venv and env; at the first that fails, its tail."""
+    env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv)}
+    env.update({key: str(value) for key, value in ctx.cfg["env"].items()})
+    timeout = ctx.cfg["build_timeout"]
+    for step in steps:
+        argv = ["/bin/sh", "-c", step] if isinstance(step, str) else [str(word) for word in step]
+        shown = step if isinstance(step, str) else " ".join(argv)
+        try:
+            proc = _utils("saltfleet_user.run")(ctx.user, argv, ctx.p["home"], cwd=release, env=env, timeout=timeout)
+        except CommandExecutionError:
+            raise CommandExecutionError(f"deployments:{ctx.name}:build: `{shown}` ran over {timeout} s") from None
+        if proc.returncode:
+            # Hidden first, then cut: a value is never split before it is looked for.
+            said = _utils("saltfleet_user.scrub")(proc.stdout + proc.stderr, ctx.cfg["env"])
+            said = "\n".join(said.strip().split("\n")[-TAIL_LINES:])
+            raise CommandExecutionError(
+                f"deployments:{ctx.name}:build: `{shown}` exited {proc.returncode}" + (f":\n{said}" if said else "")
+            )

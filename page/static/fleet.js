@@ -1,0 +1,369 @@
+// The fleet page: log in through salt-api's eauth, read fleet.overview, follow
+// rollouts on the master's event bus, and act where Salt's ACL allows.
+import { h, replace } from "./dom.js";
+import { fold, newRollout, rolloutView } from "./rollout.js";
+import { AuthError, SaltApi } from "./saltapi.js";
+import { deploymentsView, historyView, hostsView, queuesView } from "./views.js";
+
+const SESSION = "saltfleet.session";
+const EAUTH = "saltfleet.eauth";
+const ROLLOUT_TAG = /^saltfleet\/rollout\/([^/]+)\/([^/]+)$/;
+const RUNNER_RET = /^salt\/run\/([^/]+)\/ret$/;
+const VIEWS = ["hosts", "deployments", "queues", "rollout", "history"];
+// The mine, which most of fleet.overview reads, changes at each heartbeat (60 s): no use asking more often.
+const REFRESH_EVERY = 60000;
+
+const $ = (id) => document.getElementById(id);
+
+const page = {
+  api: new SaltApi(),
+  session: null,
+  overview: null,
+  rollouts: new Map(),
+  started: new Map(),
+  stream: null,
+  timer: null,
+  refreshing: null,
+};
+
+// ------------------------------------------------------------------ status
+
+function say(message, kind = "info") {
+  replace($("status"), message || "");
+  $("status").className = kind;
+}
+
+function failed(error) {
+  if (error instanceof AuthError) {
+    signedOut(`${error.message}. Log in again.`);
+    return;
+  }
+  say(error.message || String(error), "error");
+}
+
+// ------------------------------------------------------------------ session
+
+function saved() {
+  try {
+    const session = JSON.parse(sessionStorage.getItem(SESSION) || "null");
+    return session && typeof session.token === "string" && session.expire * 1000 > Date.now() ? session : null;
+  } catch {
+    return null;
+  }
+}
+
+function signedOut(message) {
+  sessionStorage.removeItem(SESSION);
+  page.session = null;
+  page.api.token = null;
+  page.overview = null;
+  page.rollouts.clear();
+  if (page.stream) page.stream.abort();
+  page.stream = null;
+  clearInterval(page.timer);
+  for (const id of VIEWS) replace($(`view-${id}`));
+  $("app").hidden = true;
+  $("login").hidden = false;
+  replace($("login-error"), message || "");
+  $("password").value = "";
+  $("username").focus();
+}
+
+async function login(event) {
+  event.preventDefault();
+  const username = $("username").value.trim();
+  const eauth = $("eauth").value.trim() || "pam";
+  $("login-button").disabled = true;
+  replace($("login-error"));
+  try {
+    const session = await page.api.login(username, $("password").value, eauth);
+    $("password").value = "";
+    localStorage.setItem(EAUTH, eauth);
+    page.session = { token: session.token, user: session.user, perms: session.perms, expire: session.expire };
+    sessionStorage.setItem(SESSION, JSON.stringify(page.session));
+    await start();
+  } catch (error) {
+    page.api.token = null;
+    $("password").value = "";
+    replace($("login-error"), error instanceof AuthError ? `Login refused: ${error.message}` : error.message);
+  } finally {
+    $("login-button").disabled = false;
+  }
+}
+
+async function logout() {
+  try {
+    await page.api.logout();
+    signedOut("Logged out: the token is revoked.");
+  } catch (error) {
+    signedOut(`Logged out here; salt-api said: ${error.message}`);
+  }
+}
+
+// ------------------------------------------------------------------ data
+
+async function refresh() {
+  if (page.refreshing) return page.refreshing;
+  page.refreshing = (async () => {
+    try {
+      const data = await page.api.runner("fleet.overview", { kwarg: { perms: page.session.perms || [] } });
+      if (!data || typeof data !== "object" || !Array.isArray(data.hosts)) {
+        throw new Error(`fleet.overview returned no overview: ${JSON.stringify(data).slice(0, 300)}`);
+      }
+      page.overview = data;
+      for (const item of data.rollouts || []) {
+        const rollout = page.rollouts.get(item.id) || newRollout(item.id);
+        for (const line of item.events || []) fold(rollout, line);
+        page.rollouts.set(item.id, rollout);
+      }
+      render();
+      say(`Read ${data.generated} for ${data.user}.`);
+    } catch (error) {
+      failed(error);
+    } finally {
+      page.refreshing = null;
+    }
+  })();
+  return page.refreshing;
+}
+
+function onEvent(event) {
+  const rollout = ROLLOUT_TAG.exec(event.tag);
+  if (rollout) {
+    const line = event.data || {};
+    const id = line.id || rollout[1];
+    const known = page.rollouts.get(id) || newRollout(id);
+    page.rollouts.set(id, known);
+    if (fold(known, line)) renderRollouts();
+    if (line.event === "end") refresh();
+    return;
+  }
+  const ret = RUNNER_RET.exec(event.tag);
+  if (ret && page.started.has(ret[1])) {
+    const what = page.started.get(ret[1]);
+    page.started.delete(ret[1]);
+    const result = event.data?.return;
+    const error = result && typeof result === "object" ? result.error : typeof result === "string" ? result : null;
+    if (error) {
+      say(`${what}: ${error}`, "error");
+      const known = page.rollouts.get(ret[1]);
+      if (known) {
+        known.note = String(error);
+        renderRollouts();
+      }
+    }
+    refresh();
+  }
+}
+
+async function follow() {
+  const controller = new AbortController();
+  page.stream = controller;
+  while (page.stream === controller) {
+    try {
+      await page.api.events(onEvent, controller.signal);
+    } catch (error) {
+      if (page.stream !== controller) return;
+      if (error instanceof AuthError) {
+        signedOut(`${error.message}. Log in again.`);
+        return;
+      }
+    }
+    // The stream ended (salt-api restarted, a proxy timed out): again after a pause, and catch up.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    if (page.stream === controller) refresh();
+  }
+}
+
+// ------------------------------------------------------------------ actions
+
+function confirmed(message) {
+  const dialog = $("confirm");
+  replace($("confirm-text"), message);
+  dialog.showModal();
+  $("confirm-yes").focus();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "yes"), { once: true });
+  });
+}
+
+async function act(fun, name, kwarg, message) {
+  if (!(await confirmed(message))) {
+    say("Nothing was changed.");
+    return;
+  }
+  try {
+    const job = await page.api.runnerAsync(fun, { arg: [name], kwarg });
+    page.started.set(job.jid, `${fun} ${name}`);
+    say(`${fun} ${name} started (job ${job.jid}).`);
+    show("rollout");
+  } catch (error) {
+    // A 401 here is Salt's ACL refusing this call (the session still reads): nothing was changed.
+    say(`${fun} ${name} refused: ${error.message}`, "error");
+  }
+}
+
+function hostsOf(name) {
+  return Object.keys(page.overview?.deployments?.[name]?.hosts || {}).length;
+}
+
+function deployForm(name) {
+  const rev = h("input", { name: "rev", required: true, placeholder: "branch, tag or SHA", autocomplete: "off" });
+  const batch = h("input", { name: "batch", value: "1", size: 4, autocomplete: "off" });
+  const form = h(
+    "form",
+    { class: "deploy-form", hidden: true, "data-action": "deploy-form" },
+    h("label", {}, "rev ", rev),
+    " ",
+    h("label", {}, "batch ", batch),
+    " ",
+    h("button", { type: "submit", "data-action": "deploy-submit" }, "Deploy…"),
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const kwarg = { rev: rev.value.trim(), batch: batch.value.trim() || "1" };
+    act(
+      "fleet.deploy",
+      name,
+      kwarg,
+      `Deploy ${kwarg.rev} of ${name} to its ${hostsOf(name)} host(s), ${kwarg.batch} per batch?`,
+    );
+  });
+  return form;
+}
+
+const actions = {
+  buttons(name, may) {
+    const shown = [];
+    if (may.deploy) {
+      const form = deployForm(name);
+      shown.push(
+        h(
+          "button",
+          {
+            type: "button",
+            "data-action": "deploy",
+            onclick: () => {
+              form.hidden = !form.hidden;
+              if (!form.hidden) form.querySelector("input").focus();
+            },
+          },
+          "Deploy a rev",
+        ),
+        form,
+      );
+    }
+    if (may.rollback) {
+      shown.push(
+        h(
+          "button",
+          {
+            type: "button",
+            "data-action": "rollback",
+            onclick: () =>
+              act("fleet.rollback", name, {}, `Roll ${name} back on its ${hostsOf(name)} host(s), batch by batch?`),
+          },
+          "Roll back",
+        ),
+      );
+    }
+    return shown.length ? h("div", { class: "actions" }, shown) : null;
+  },
+};
+
+function pauseButtons(rollout) {
+  if (!rollout.paused || rollout.end) return null;
+  const may = page.overview?.actions?.[rollout.deployment] || {};
+  const can = page.overview?.capabilities || {};
+  const shown = [];
+  if (can.promote && may.promote) {
+    shown.push(
+      h(
+        "button",
+        {
+          type: "button",
+          "data-action": "promote",
+          onclick: () => act("fleet.promote", rollout.deployment, {}, `Promote ${rollout.deployment}: go on with the rollout?`),
+        },
+        "Promote",
+      ),
+    );
+  }
+  if (can.abort && may.abort) {
+    shown.push(
+      h(
+        "button",
+        {
+          type: "button",
+          "data-action": "abort",
+          onclick: () =>
+            act("fleet.abort", rollout.deployment, {}, `Abort ${rollout.deployment}: every changed host goes back?`),
+        },
+        "Abort",
+      ),
+    );
+  }
+  return shown.length ? h("div", { class: "actions" }, shown) : null;
+}
+
+// ------------------------------------------------------------------ rendering
+
+function renderRollouts() {
+  const all = [...page.rollouts.values()].filter((r) => r.lines.length || r.note);
+  const running = all.filter((r) => !r.end).reverse();
+  const ended = all.filter((r) => r.end).reverse();
+  const shown = [...running, ...ended.slice(0, running.length ? 1 : 2)];
+  replace(
+    $("view-rollout"),
+    running.length ? null : h("p", { class: "empty" }, "No rollout in progress."),
+    shown.map((r) => rolloutView(r, pauseButtons(r))),
+  );
+  const tab = document.querySelector('nav button[data-view="rollout"]');
+  tab.classList.toggle("live", running.length > 0);
+}
+
+function render() {
+  const o = page.overview;
+  replace($("user"), o.user || page.session.user);
+  replace($("view-hosts"), hostsView(o.hosts));
+  // When the hosts table was first filled, for the bench: performance.getEntriesByName("saltfleet:hosts").
+  performance.mark("saltfleet:hosts");
+  replace($("view-deployments"), deploymentsView(o.deployments || {}, o.actions || {}, actions));
+  replace($("view-queues"), queuesView(o.queues || {}));
+  replace($("view-history"), historyView(o.history || []));
+  renderRollouts();
+}
+
+function show(view) {
+  for (const id of VIEWS) {
+    $(`view-${id}`).hidden = id !== view;
+    document.querySelector(`nav button[data-view="${id}"]`).setAttribute("aria-selected", String(id === view));
+  }
+}
+
+async function start() {
+  page.api.token = page.session.token;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  show("hosts");
+  await refresh();
+  if (!page.session) return;
+  follow();
+  clearInterval(page.timer);
+  page.timer = setInterval(() => document.visibilityState === "visible" && refresh(), REFRESH_EVERY);
+}
+
+function init() {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  $("refresh").addEventListener("click", () => refresh());
+  for (const button of document.querySelectorAll("nav button[data-view]")) {
+    button.addEventListener("click", () => show(button.dataset.view));
+  }
+  $("eauth").value = localStorage.getItem(EAUTH) || $("eauth").value;
+  page.session = saved();
+  if (page.session) start();
+  else signedOut("");
+}
+
+init();
