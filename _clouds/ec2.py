@@ -43,6 +43,7 @@ rest of an account.
 import logging
 import uuid
 
+import salt.loader.context
 from salt.exceptions import SaltCloudConfigError, SaltCloudException, SaltCloudSystemExit
 
 try:
@@ -510,127 +511,103 @@ def _address(instance, interface):
     return instance.get("PublicIpAddress")
 
 
+def _addresses(instance):
+    return [instance.get("PublicIpAddress")], [instance.get("PrivateIpAddress")]
+
+
 def create(vm_):
     """Launch an instance from a profile, wait until it runs and has an address, then bootstrap its minion.
 
     ``salt-cloud -p worker worker-7`` (also ``-P`` and ``-m``). Returns list_nodes_full's
-    entry plus ``deploy`` (how the minion is bootstrapped).
+    entry plus ``deploy`` (how the minion is bootstrapped). saltfleet_cloud's
+    pipeline runs the steps; an instance whose create fails once launched is
+    terminated, unless the profile says ``keep_failed: True``.
     """
-    name = vm_["name"]
-    __utils__["saltfleet_cloud.fire_event"](
-        __opts__, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")}
-    )
-    client = _client(vm_)
-    region = client.meta.region_name
-    context = {
-        "name": name,
-        "provider": _provider_label(vm_),
-        "image": _setting("image", vm_),
-        "size": _setting("size", vm_),
-        "keyname": _setting("keyname", vm_),
-        "subnet": _setting("subnet", vm_),
-        "securitygroup": _setting("securitygroup", vm_),
-        "region": region,
-    }
-    for key in ("image", "size"):
-        if not context[key]:
-            raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} sets no {key}")
-    mode = __utils__["saltfleet_cloud.bootstrap_mode"](vm_, __opts__)
-    deployments = __utils__["saltfleet_cloud.deployments"](vm_, __opts__)
-    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
-    user_data = None
-    if mode == "cloud-init":
-        # Fail before launching if the master would not pass the new key to fleet.admit.
-        __utils__["saltfleet_tickets.check_autosign_ready"](vm_, __opts__)
-        __utils__["saltfleet_cloud.forget_preaccepted_key"](vm_, __opts__)
-        grains = __utils__["saltfleet_cloud.cloud_grains"](
-            vm_, __opts__, "ec2", region=region, size=context["size"], image=context["image"]
+    return __utils__["saltfleet_cloud.create"](vm_, __opts__, _Create(vm_).driver())
+
+
+class _Create:
+    """One create's EC2 calls for saltfleet_cloud's pipeline: one client, and what the preflight found."""
+
+    def __init__(self, vm_):
+        self.vm_ = vm_
+        self.client = None
+        self.context = {}
+        self.group_ids = []
+
+    def driver(self):
+        return __utils__["saltfleet_cloud.driver"](
+            "ec2",
+            # The pipeline calls back into this module: in this module's loader, where its __utils__ are.
+            loader=salt.loader.context.loader_ctxvar.get(),
+            preflight=self.preflight,
+            launch=self.launch,
+            wait=self.wait,
+            addresses=_addresses,
+            row=_full_row,
+            remove=self.remove,
+            user_data_limit=16384,
         )
-        minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=grains, mode=mode)
-        user_data = __utils__["saltfleet_cloud.render_user_data"](vm_, __opts__, minion, metadata="ec2")
-        if len(user_data.encode()) > 16384:
-            raise SaltCloudConfigError(f"{name}: user-data is {len(user_data.encode())} bytes; EC2 takes 16384")
 
-    group_ids = _preflight(client, vm_, context)
-    params = _run_params(vm_, context, group_ids, user_data, deployments)
-    __utils__["saltfleet_cloud.fire_event"](
-        __opts__, name, "requesting", {"image": context["image"], "size": context["size"], "region": region}
-    )
-    with _Api(client, f"{name}: launching", **context):
-        instance_id = client.run_instances(**params)["Instances"][0]["InstanceId"]
-    log.info("%s: launched %s", name, instance_id)
-    # From here on the instance exists: whatever fails, it is terminated (or kept when asked).
-    try:
-        return _launched(client, vm_, instance_id, mode, context)
-    except Exception as exc:
-        removal = None if _setting("keep_failed", vm_, False) else _terminate(client, instance_id) or True
-        raise __utils__["saltfleet_cloud.creation_failed"](
-            vm_, __opts__, instance_id, exc, removal, ticket=mode == "cloud-init"
-        ) from exc
+    def preflight(self, mode):
+        """The client, every setting and every resource the profile names, checked before launching."""
+        vm_, name = self.vm_, self.vm_["name"]
+        self.client = _client(vm_)
+        region = self.client.meta.region_name
+        self.context = {
+            "name": name,
+            "provider": _provider_label(vm_),
+            "image": _setting("image", vm_),
+            "size": _setting("size", vm_),
+            "keyname": _setting("keyname", vm_),
+            "subnet": _setting("subnet", vm_),
+            "securitygroup": _setting("securitygroup", vm_),
+            "region": region,
+        }
+        for key in ("image", "size"):
+            if not self.context[key]:
+                raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} sets no {key}")
+        self.group_ids = _preflight(self.client, vm_, self.context)
+        return __utils__["saltfleet_cloud.facts"](region=region, size=self.context["size"], image=self.context["image"])
 
+    def launch(self, request):
+        params = _run_params(self.vm_, self.context, self.group_ids, request.user_data, request.deployments)
+        with _Api(self.client, f"{self.vm_['name']}: launching", **self.context):
+            instance_id = self.client.run_instances(**params)["Instances"][0]["InstanceId"]
+        return __utils__["saltfleet_cloud.launched"](instance_id)
 
-def _terminate(client, instance_id):
-    """Terminate an instance this create launched, even with termination protection on; the error if it failed."""
-    try:
-        client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": False})
-        client.terminate_instances(InstanceIds=[instance_id])
-    except Exception as exc:
-        return exc
-    return None
+    def wait(self, machine):
+        """The instance once running with an address on ``ssh_interface``; termination protection if asked."""
+        vm_, name, instance_id = self.vm_, self.vm_["name"], machine.instance_id
+        interface = _setting("ssh_interface", vm_, "public_ips")
 
+        def running_with_address():
+            with _Api(self.client, f"{name}: waiting for {instance_id}", **self.context):
+                reservations = self.client.describe_instances(InstanceIds=[instance_id])["Reservations"]
+            instance = reservations[0]["Instances"][0] if reservations else None
+            if instance is None:
+                return None
+            state = instance["State"]["Name"]
+            if state in ("shutting-down", "terminated", "stopped", "stopping"):
+                reason = instance.get("StateReason", {}).get("Message", "no reason given")
+                raise SaltCloudSystemExit(f"{name}: instance {instance_id} went {state} while starting: {reason}")
+            return instance if state == "running" and _address(instance, interface) else None
 
-def _launched(client, vm_, instance_id, mode, context):
-    """The rest of create once EC2 has the instance: ticket, wait for an address, protect, bootstrap."""
-    name, region = vm_["name"], context["region"]
-    if mode == "cloud-init":
-        __utils__["saltfleet_tickets.record_autosign_ticket"](vm_, __opts__, instance_id)
-    interface = _setting("ssh_interface", vm_, "public_ips")
-    timeout = _setting("wait_for_ip_timeout", vm_, 600)
-    __utils__["saltfleet_cloud.fire_event"](__opts__, name, "waiting for address", {"instance_id": instance_id})
+        instance = __utils__["saltfleet_cloud.wait_for"](
+            running_with_address,
+            _setting("wait_for_ip_timeout", vm_, 600),
+            f"{name}: instance {instance_id} running with an address ({interface})",
+            interval=_setting("wait_for_ip_interval", vm_, 5),
+        )
+        if _setting("termination_protection", vm_, False):
+            with _Api(self.client, f"{name}: termination protection", **self.context):
+                self.client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": True})
+        return instance
 
-    def running_with_address():
-        with _Api(client, f"{name}: waiting for {instance_id}", **context):
-            reservations = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
-        instance = reservations[0]["Instances"][0] if reservations else None
-        if instance is None:
-            return None
-        state = instance["State"]["Name"]
-        if state in ("shutting-down", "terminated", "stopped", "stopping"):
-            reason = instance.get("StateReason", {}).get("Message", "no reason given")
-            raise SaltCloudSystemExit(f"{name}: instance {instance_id} went {state} while starting: {reason}")
-        return instance if state == "running" and _address(instance, interface) else None
-
-    instance = __utils__["saltfleet_cloud.wait_for"](
-        running_with_address,
-        timeout,
-        f"{name}: instance {instance_id} running with an address ({interface})",
-        interval=_setting("wait_for_ip_interval", vm_, 5),
-    )
-    if _setting("termination_protection", vm_, False):
-        with _Api(client, f"{name}: termination protection", **context):
-            client.modify_instance_attribute(InstanceId=instance_id, DisableApiTermination={"Value": True})
-    grains = __utils__["saltfleet_cloud.cloud_grains"](
-        vm_,
-        __opts__,
-        "ec2",
-        region=region,
-        size=context["size"],
-        image=context["image"],
-        instance_id=instance_id,
-        public_ips=[instance.get("PublicIpAddress")],
-        private_ips=[instance.get("PrivateIpAddress")],
-    )
-    deploy = __utils__["saltfleet_cloud.provision"](vm_, __opts__, _address(instance, interface), grains)
-
-    ret = _full_row(instance)
-    ret.update(deploy)
-    __utils__["saltfleet_cloud.fire_event"](
-        __opts__,
-        name,
-        "created",
-        {"instance_id": instance_id, "profile": vm_.get("profile"), "provider": vm_.get("driver"), "region": region},
-    )
-    return ret
+    def remove(self, machine):
+        """Terminate the instance this create launched, even with termination protection on."""
+        self.client.modify_instance_attribute(InstanceId=machine.instance_id, DisableApiTermination={"Value": False})
+        self.client.terminate_instances(InstanceIds=[machine.instance_id])
 
 
 # --- destroy and actions -------------------------------------------------------------

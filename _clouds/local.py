@@ -51,6 +51,7 @@ import time
 import uuid
 from pathlib import Path
 
+import salt.loader.context
 import salt.utils.yaml
 from salt.exceptions import SaltCloudSystemExit
 
@@ -168,21 +169,6 @@ def _node(name, record, full=False):
     return node
 
 
-def _cloud_grains(vm_, record):
-    """The cloud facts every saltfleet host carries."""
-    return __utils__["saltfleet_cloud.cloud_grains"](
-        vm_,
-        __opts__,
-        "local",
-        region=record["location"],
-        size=record["size"],
-        image=record["image"],
-        instance_id=record["instance_id"],
-        public_ips=record["public_ips"],
-        private_ips=record["private_ips"],
-    )
-
-
 def _unspecified(address):
     """True for the any-address a master may bind (its minions still reach it on loopback)."""
     try:
@@ -191,9 +177,9 @@ def _unspecified(address):
         return False
 
 
-def _minion_config(vm_, record, sandbox):
+def _minion_config(vm_, grains, sandbox):
     """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
-    minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=_cloud_grains(vm_, record))
+    minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=grains)
     interface = __opts__.get("interface") or "127.0.0.1"
     if minion.get("master") in (None, "salt"):
         minion["master"] = "127.0.0.1" if _unspecified(interface) else interface
@@ -335,78 +321,99 @@ def _stop_minion(sandbox, timeout=30):
 
 def create(vm_):
     """
-    Create a sandbox instance and start its minion.
+    Create a sandbox instance and start its minion (saltfleet_cloud's pipeline
+    runs the steps; a sandbox whose minion does not start is removed, unless the
+    profile says ``keep_failed: True``).
 
     .. code-block:: bash
 
         salt-cloud -p local-worker worker-1
     """
-    name = vm_["name"]
-    profile = vm_.get("profile")
-    sandbox = _sandbox(name, vm_)
-    if (sandbox / INSTANCE_FILE).exists():
-        raise SaltCloudSystemExit(
-            f"{name}: a local instance already exists at {sandbox}; destroy it first (salt-cloud -d {name})"
+    return __utils__["saltfleet_cloud.create"](vm_, __opts__, _Create(vm_).driver())
+
+
+class _Create:
+    """One create's sandbox for saltfleet_cloud's pipeline: the sandbox's folder is the machine."""
+
+    def __init__(self, vm_):
+        self.vm_ = vm_
+        self.sandbox = None
+
+    def driver(self):
+        return __utils__["saltfleet_cloud.driver"](
+            "local",
+            # The pipeline calls back into this module: in this module's loader, where its __utils__ are.
+            loader=salt.loader.context.loader_ctxvar.get(),
+            preflight=self.preflight,
+            launch=self.launch,
+            wait=lambda machine: machine.handle,
+            addresses=lambda record: (record["public_ips"], record["private_ips"]),
+            row=lambda record: {**_node(record["name"], record, full=True), "deployed": False},
+            remove=lambda machine: self.remove(),
+            bootstrap=self.bootstrap,
+            noun="sandbox",
+            removed="removed",
+            # The sandbox's minion is started here, with the keys salt-cloud pre-accepted.
+            modes=("ssh", "none"),
         )
-    __utils__["saltfleet_cloud.fire_event"](__opts__, name, "creating", {"profile": profile, "provider": vm_["driver"]})
-    __utils__["saltfleet_tickets.prune_autosign_tickets"](__opts__)
 
-    record = {
-        "name": name,
-        "instance_id": f"local-{uuid.uuid4().hex[:12]}",
-        "profile": profile,
-        "size": _setting("size", vm_, DEFAULT_SIZE),
-        "image": _setting("image", vm_, DEFAULT_IMAGE),
-        "location": _setting("location", vm_, DEFAULT_LOCATION),
-        "public_ips": ["127.0.0.1"],
-        "private_ips": ["127.0.0.1"],
-        "sandbox": str(sandbox),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    __utils__["saltfleet_cloud.fire_event"](
-        __opts__, name, "requesting", {"image": record["image"], "size": record["size"], "region": record["location"]}
-    )
-    etc = sandbox / "etc" / "salt"
-    try:
-        etc.mkdir(parents=True, exist_ok=True)
-        deploy = _setting("deploy", vm_, True)
-        if deploy:
-            if not vm_.get("pub_key") or not vm_.get("priv_key"):
-                raise SaltCloudSystemExit(f"{name}: salt-cloud passed no minion keys (is deploy disabled?)")
-            pki = etc / "pki" / "minion"
-            pki.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write = __utils__["saltfleet_files.write_atomic"]
-            write(pki / "minion.pem", vm_["priv_key"], 0o400)
-            write(pki / "minion.pub", vm_["pub_key"], 0o644)
-            minion = _minion_config(vm_, record, sandbox)
-            write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](minion))
-        __utils__["saltfleet_files.write_json"](sandbox / INSTANCE_FILE, record)
-        if deploy:
-            __utils__["saltfleet_cloud.fire_event"](__opts__, name, "deploying", {"instance_id": record["instance_id"]})
-            timeout = _setting("wait_for_minion_timeout", vm_, 120)
-            _start_minion(name, sandbox, timeout)
-            _sync_minion(name, sandbox, timeout)
-    except Exception:
-        # A half-made instance would block the next create: leave nothing behind.
-        _stop_minion(sandbox)
-        shutil.rmtree(sandbox, ignore_errors=True)
-        raise
+    def preflight(self, mode):
+        vm_, name = self.vm_, self.vm_["name"]
+        self.sandbox = _sandbox(name, vm_)
+        if (self.sandbox / INSTANCE_FILE).exists():
+            raise SaltCloudSystemExit(
+                f"{name}: a local instance already exists at {self.sandbox}; destroy it first (salt-cloud -d {name})"
+            )
+        return __utils__["saltfleet_cloud.facts"](
+            region=_setting("location", vm_, DEFAULT_LOCATION),
+            size=_setting("size", vm_, DEFAULT_SIZE),
+            image=_setting("image", vm_, DEFAULT_IMAGE),
+        )
 
-    node = _node(name, record, full=True)
-    node["deployed"] = bool(deploy)
-    __utils__["saltfleet_cloud.fire_event"](
-        __opts__,
-        name,
-        "created",
-        {
-            "instance_id": record["instance_id"],
-            "profile": profile,
-            "provider": vm_["driver"],
-            "region": record["location"],
-        },
-    )
-    log.info("Created local instance %s in %s", name, sandbox)
-    return node
+    def launch(self, request):
+        """The sandbox's folder and its instance record (its minion comes with the bootstrap)."""
+        vm_ = self.vm_
+        record = {
+            "name": vm_["name"],
+            "instance_id": f"local-{uuid.uuid4().hex[:12]}",
+            "profile": vm_.get("profile"),
+            "size": _setting("size", vm_, DEFAULT_SIZE),
+            "image": _setting("image", vm_, DEFAULT_IMAGE),
+            "location": _setting("location", vm_, DEFAULT_LOCATION),
+            "public_ips": ["127.0.0.1"],
+            "private_ips": ["127.0.0.1"],
+            "sandbox": str(self.sandbox),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        try:
+            (self.sandbox / "etc" / "salt").mkdir(parents=True, exist_ok=True)
+            __utils__["saltfleet_files.write_json"](self.sandbox / INSTANCE_FILE, record)
+        except BaseException:
+            # A half-made instance would block the next create: leave nothing behind.
+            shutil.rmtree(self.sandbox, ignore_errors=True)
+            raise
+        return __utils__["saltfleet_cloud.launched"](record["instance_id"], handle=record)
+
+    def bootstrap(self, record, grains):
+        """The minion's keys (salt-cloud's, pre-accepted) and config in the sandbox, its minion started and synced."""
+        vm_, name, etc = self.vm_, self.vm_["name"], self.sandbox / "etc" / "salt"
+        if not vm_.get("pub_key") or not vm_.get("priv_key"):
+            raise SaltCloudSystemExit(f"{name}: salt-cloud passed no minion keys (is deploy disabled?)")
+        pki = etc / "pki" / "minion"
+        pki.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write = __utils__["saltfleet_files.write_atomic"]
+        write(pki / "minion.pem", vm_["priv_key"], 0o400)
+        write(pki / "minion.pub", vm_["pub_key"], 0o644)
+        write(etc / "minion", __utils__["cloud.salt_config_to_yaml"](_minion_config(vm_, grains, self.sandbox)))
+        timeout = _setting("wait_for_minion_timeout", vm_, 120)
+        _start_minion(name, self.sandbox, timeout)
+        _sync_minion(name, self.sandbox, timeout)
+        log.info("Created local instance %s in %s", name, self.sandbox)
+        return {"deploy": "sandbox", "deployed": True}
+
+    def remove(self):
+        _stop_minion(self.sandbox)
+        shutil.rmtree(self.sandbox)
 
 
 # ------------------------------------------------------------------- destroy

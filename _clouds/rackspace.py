@@ -36,6 +36,7 @@ import logging
 import os
 import warnings
 
+import salt.loader.context
 from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
 from salt import config
@@ -394,17 +395,6 @@ def _wait_until_built(client, server, vm_, timeout):
     )
 
 
-def _ssh_host(server, vm_):
-    """The address salt-cloud logs in to: public IPv4 unless ``ssh_interface: private_ips``."""
-    public, private = _addresses(server)
-    order = (private, public) if _setting("ssh_interface", vm_, "public_ips") == "private_ips" else (public, private)
-    for addresses in order:
-        ipv4 = [address for address in addresses if ":" not in address]
-        if ipv4:
-            return ipv4[0]
-    return (public or private)[0]
-
-
 def create(vm_):
     """
     Create a server from a profile, wait until it is ACTIVE with an address, and bootstrap its minion.
@@ -416,100 +406,77 @@ def create(vm_):
         salt-cloud -m fleet.map
 
     Returns list_nodes_full's entry plus ``deploy`` (how the minion was bootstrapped).
-    A server whose build goes to ERROR, times out (``wait_for_ip_timeout``) or
-    cannot be bootstrapped is deleted, unless the profile says ``keep_failed: True``.
+    saltfleet_cloud's pipeline runs the steps; a server whose build goes to
+    ERROR, times out (``wait_for_ip_timeout``) or cannot be bootstrapped is
+    deleted, unless the profile says ``keep_failed: True``.
     """
-    name = vm_["name"]
     if vm_.get("profile") and (
         config.is_profile_configured(__opts__, _provider_name(), vm_["profile"], vm_=vm_) is False
     ):
         return False
-    opts = __opts__
-    mode = __utils__["saltfleet_cloud.bootstrap_mode"](vm_, opts)
-    deployments = __utils__["saltfleet_cloud.deployments"](vm_, opts)
-    __utils__["saltfleet_cloud.fire_event"](
-        opts, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")}
-    )
-    __utils__["saltfleet_tickets.prune_autosign_tickets"](opts)
-
-    client, region = _connect(vm_)
-    image_wanted = _setting("image", vm_)
-    flavor_wanted = _setting("size", vm_) or _setting("flavor", vm_)
-    if not image_wanted or not flavor_wanted:
-        raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} needs an image and a size (a flavor)")
-    image = _find("image", image_wanted, _quiet(client.images.list), region, vm_)
-    flavor = _find("flavor", flavor_wanted, _quiet(client.flavors.list), region, vm_)
-    facts = {"region": region, "size": flavor.name, "image": image.name}
-
-    kwargs = {"meta": _metadata(vm_, deployments)}
-    if _setting("key_name", vm_):
-        kwargs["key_name"] = _setting("key_name", vm_)
-    if _networks(vm_):
-        kwargs["nics"] = _networks(vm_)
-    # Rackspace has no metadata service: user_data.sh reads the instance id from the config drive.
-    if _setting("config_drive", vm_, mode == "cloud-init"):
-        kwargs["config_drive"] = True
-    if mode == "cloud-init":
-        # The host makes its own key; the one salt-cloud pre-accepted must go (and never ship).
-        __utils__["saltfleet_tickets.check_autosign_ready"](vm_, opts)
-        __utils__["saltfleet_cloud.forget_preaccepted_key"](vm_, opts)
-        grains = __utils__["saltfleet_cloud.cloud_grains"](vm_, opts, "rackspace", **facts)
-        minion = __utils__["saltfleet_cloud.minion_config"](vm_, opts, grains=grains, mode=mode)
-        kwargs["userdata"] = __utils__["saltfleet_cloud.render_user_data"](vm_, opts, minion, metadata="openstack")
-
-    __utils__["saltfleet_cloud.fire_event"](opts, name, "requesting", facts)
-    try:
-        server = _quiet(client.servers.create, name, image.id, flavor.id, **kwargs)
-    except nova_exc.ClientException as exc:
-        raise SaltCloudSystemExit(
-            f"{name} (profile {vm_.get('profile') or '-'}): creating the server in {region} failed: {exc}"
-        ) from exc
-    log.info("rackspace: requested %s (%s) in %s", name, server.id, region)
-    # From here on the server exists: whatever fails, it is deleted (or kept when asked).
-    try:
-        return _requested(client, server, vm_, mode, facts)
-    except Exception as exc:
-        removal = None if _setting("keep_failed", vm_, False) else _delete_failed(client, server, name) or True
-        raise __utils__["saltfleet_cloud.creation_failed"](
-            vm_, opts, server.id, exc, removal, what="server", ticket=mode == "cloud-init"
-        ) from exc
+    return __utils__["saltfleet_cloud.create"](vm_, __opts__, _Create(vm_).driver())
 
 
-def _delete_failed(client, server, name):
-    """Delete the server of a failed create; the error if that failed too."""
-    try:
-        _delete(client, server, name)
-    except Exception as exc:
-        return exc
-    return None
+class _Create:
+    """One create's Cloud Servers calls for saltfleet_cloud's pipeline: one client, the image and flavor found."""
 
+    def __init__(self, vm_):
+        self.vm_ = vm_
+        self.client = self.region = self.image = self.flavor = None
 
-def _requested(client, server, vm_, mode, facts):
-    """The rest of create once Cloud Servers has the server: ticket, wait for ACTIVE, bootstrap."""
-    opts, name, region = __opts__, vm_["name"], facts["region"]
-    admin_pass = getattr(server, "adminPass", None)
-    if mode == "cloud-init":
-        __utils__["saltfleet_tickets.record_autosign_ticket"](vm_, opts, server.id)
-    timeout = int(_setting("wait_for_ip_timeout", vm_, 600))
-    __utils__["saltfleet_cloud.fire_event"](opts, name, "waiting for address", {"instance_id": server.id})
-    server = _wait_until_built(client, server, vm_, timeout)
-    public, private = _addresses(server)
-    grains = __utils__["saltfleet_cloud.cloud_grains"](
-        vm_, opts, "rackspace", instance_id=server.id, public_ips=public, private_ips=private, **facts
-    )
-    if admin_pass and not _setting("ssh_keyfile", vm_) and not _setting("password", vm_):
-        # No key pair: log in as root with the password Cloud Servers generated.
-        vm_["password"] = admin_pass
-    deployed = __utils__["saltfleet_cloud.provision"](vm_, opts, _ssh_host(server, vm_), grains)
-    ret = __utils__["saltfleet_cloud.json_safe"](_node_full(server, region))
-    ret.update(deployed)
-    __utils__["saltfleet_cloud.fire_event"](
-        opts,
-        name,
-        "created",
-        {"instance_id": server.id, "profile": vm_.get("profile"), "provider": vm_.get("driver"), "region": region},
-    )
-    return ret
+    def driver(self):
+        return __utils__["saltfleet_cloud.driver"](
+            "rackspace",
+            # The pipeline calls back into this module: in this module's loader, where its __utils__ are.
+            loader=salt.loader.context.loader_ctxvar.get(),
+            preflight=self.preflight,
+            launch=self.launch,
+            wait=self.wait,
+            addresses=_addresses,
+            row=lambda server: _node_full(server, self.region),
+            remove=lambda machine: _delete(self.client, machine.handle, self.vm_["name"]),
+            noun="server",
+            removed="deleted",
+            # Rackspace has no metadata service: user_data.sh reads the instance id from the config drive.
+            metadata="openstack",
+        )
+
+    def preflight(self, mode):
+        """The client, and the image and flavor the profile names, found in the region before launching."""
+        vm_, name = self.vm_, self.vm_["name"]
+        self.client, self.region = _connect(vm_)
+        image_wanted = _setting("image", vm_)
+        flavor_wanted = _setting("size", vm_) or _setting("flavor", vm_)
+        if not image_wanted or not flavor_wanted:
+            raise SaltCloudConfigError(f"{name}: profile {vm_.get('profile')} needs an image and a size (a flavor)")
+        self.image = _find("image", image_wanted, _quiet(self.client.images.list), self.region, vm_)
+        self.flavor = _find("flavor", flavor_wanted, _quiet(self.client.flavors.list), self.region, vm_)
+        return __utils__["saltfleet_cloud.facts"](region=self.region, size=self.flavor.name, image=self.image.name)
+
+    def launch(self, request):
+        vm_, name = self.vm_, self.vm_["name"]
+        kwargs = {"meta": _metadata(vm_, request.deployments)}
+        if _setting("key_name", vm_):
+            kwargs["key_name"] = _setting("key_name", vm_)
+        if _networks(vm_):
+            kwargs["nics"] = _networks(vm_)
+        if _setting("config_drive", vm_, request.mode == "cloud-init"):
+            kwargs["config_drive"] = True
+        if request.user_data:
+            kwargs["userdata"] = request.user_data
+        try:
+            server = _quiet(self.client.servers.create, name, self.image.id, self.flavor.id, **kwargs)
+        except nova_exc.ClientException as exc:
+            raise SaltCloudSystemExit(
+                f"{name} (profile {vm_.get('profile') or '-'}): creating the server in {self.region} failed: {exc}"
+            ) from exc
+        return __utils__["saltfleet_cloud.launched"](
+            server.id, handle=server, password=getattr(server, "adminPass", None)
+        )
+
+    def wait(self, machine):
+        timeout = int(_setting("wait_for_ip_timeout", self.vm_, 600))
+        return _wait_until_built(self.client, machine.handle, self.vm_, timeout)
 
 
 def _delete(client, server, name):

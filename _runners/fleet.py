@@ -337,25 +337,32 @@ def ansible_inventory(tgt="*", deployment=None, provider=None, grains=None):
 # ------------------------------------------------------------ cloud-init admission
 
 
-def admit(minion_id, instance_id, pub):
+def admit(minion_id, instance_id, pub, act="pend"):
     """
-    Accept the pending key of a cloud-init host if salt-cloud's autosign ticket
-    for ``instance_id`` names ``minion_id`` and that key is ``pub``; the ticket
-    is then used up. A key whose instance was launched as another minion is
-    rejected; anything else stays pending. The master's reactor on
-    ``salt/auth`` (``etc/reactor/saltfleet_autosign.sls``) calls it with what
-    the minion sent; by hand it re-checks a key left pending.
+    Decide the key of a cloud-init host against salt-cloud's autosign tickets.
+    A pending key is accepted if the ticket of ``instance_id`` names
+    ``minion_id``, that key is ``pub`` and it came after the ticket was issued;
+    the ticket is then used up. A key whose instance was launched as another
+    minion, or that was pending before the ticket was issued, or that claims a
+    minion id reserved for another instance, is rejected; anything else stays
+    pending. ``act=reject`` (Salt refused the key because the id's key is
+    rejected) accepts the key in place of one saltfleet set aside for that
+    ticket. The master's reactor on ``salt/auth``
+    (``etc/reactor/saltfleet_autosign.sls``) calls it with what the minion
+    sent; by hand it re-checks a key left pending (never one that was pending
+    before its instance was launched: see the README on telling keys apart).
 
-    Returns minion_id, instance_id, result (accepted, rejected or pending) and
-    the reason.
+    Returns minion_id, instance_id, finger (as ``salt-key -f`` shows it),
+    result (accepted, rejected or pending) and the reason. By hand, put ``--``
+    before the key: it begins with dashes, which salt-run takes for an option.
 
     CLI Example:
 
     .. code-block:: bash
 
-        salt-run fleet.admit worker-7 i-0abc1234def567890 "$(cat /etc/salt/pki/master/minions_pre/worker-7)"
+        salt-run fleet.admit worker-7 i-0abc1234def567890 -- "$(cat /etc/salt/pki/master/minions_pre/worker-7)"
     """
-    return __utils__["saltfleet_tickets.admit"](__opts__, minion_id, instance_id, pub)
+    return __utils__["saltfleet_tickets.admit"](__opts__, minion_id, instance_id, pub, act)
 
 
 # ------------------------------------------------------------------ Celery queues

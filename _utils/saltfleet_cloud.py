@@ -1,53 +1,64 @@
 """
 Provisioning shared by saltfleet's salt-cloud drivers (``ec2``, ``rackspace``, ``local``).
 
-A driver creates the machine with its own API; everything around that is here,
-so every provider bootstraps a minion the same way. Drivers call these functions
-as ``__utils__["saltfleet_cloud.<name>"](...)`` and pass ``__opts__`` in (the
+One create pipeline for every driver (:func:`create`): validate the profile,
+check every resource the cloud will need, render the user-data, launch, record
+the autosign ticket, wait until the machine runs with an address, bootstrap
+its minion, and answer salt-cloud; fire salt-cloud's events on the way
+(creating, requesting, waiting for address, deploying, created, failed); and
+once the machine exists, remove it whatever fails (unless the profile says
+``keep_failed: True``), revoke its ticket and say what became of it. A driver
+feeds it its own API calls as a :func:`driver` (preflight, launch, wait,
+addresses, row, remove), so a driver's ``create`` is one line and every
+provider provisions alike. Drivers call these functions as
+``__utils__["saltfleet_cloud.<name>"](...)`` and pass ``__opts__`` in (the
 salt-cloud options, which include the master's).
 
 How a new host becomes a trusted minion (``bootstrap`` in a profile):
 
 ``ssh`` (default, needs ``deploy: True``)
     salt-cloud's own way: salt-cloud generates the minion's key pair on the
-    master and accepts its public key before the host exists; the driver then
+    master and accepts its public key before the host exists; the pipeline then
     logs in over SSH and runs salt's deploy script, which installs salt-minion
-    with that key and the minion config built by :func:`minion_config`.
+    with that key and the minion config built by :func:`minion_config` (a
+    driver may bootstrap its own way instead: the local driver starts a
+    sandbox's minion).
 
 ``cloud-init``
     The host installs and configures salt-minion itself at first boot, from
     user-data rendered out of ``deployments/common/user_data.sh``
     (:func:`render_user_data`). User-data is readable by any process on the
     host (instance metadata), so it carries no private key and no secret; the
-    minion generates its own key, and the master accepts it by *ticket*:
+    minion generates its own key, and the master accepts it by *ticket*
+    (``saltfleet_tickets``, whose docstring has the details):
 
-    - right after its cloud API returned the instance id, the driver records
-      the ticket ``instance id -> minion id`` (``saltfleet_tickets``)
-      in the master's ticket index (``<pki_dir>/saltfleet_autosign_tickets.json``,
-      0600, changed only under its ``flock``);
+    - right after its cloud API returned the instance id, the pipeline records
+      the ticket ``instance id -> minion id`` in the master's ticket index;
     - at boot the script reads the instance id from the provider's metadata
       service into the grain ``saltfleet_instance_id``, which the minion sends
       with its authentication (``autosign_grains``);
     - the master puts the new key in pending and fires ``salt/auth`` with the
-      grain (``auth_events_autosign_grains: [pend]``); saltfleet's reactor
-      (``etc/reactor/saltfleet_autosign.sls``) runs ``fleet.admit``
-      (``saltfleet_tickets.admit``), which accepts the pending key only when the ticket of
-      that instance names this very minion id and the pending key is the one
-      the event carried, and marks the ticket used: it admits one key, once.
+      grain (``auth_events_autosign_grains: [pend, reject]``); saltfleet's reactor
+      (``etc/reactor/saltfleet_autosign.sls``) runs ``fleet.admit``, which
+      accepts the pending key only when the ticket of that instance names
+      this very minion id, the pending key is the one the event carried and
+      came after the ticket, and marks the ticket used: it admits one key, once.
 
     A minion that presents an instance id whose ticket names *another* minion
     id is an impostor (any process on a new host can read its instance id):
     its key is **rejected** (``salt-key -L`` lists it under Rejected, so
-    ``salt-key -A`` cannot accept it by mistake). A key for an instance with no
-    open ticket (expired, revoked, or not launched here) stays **pending** for
-    the operator. A second key for a minion id already accepted is refused by
-    Salt itself (``minions_denied``). Tickets expire after
-    ``autosign_ticket_ttl`` seconds (default 1800); every driver drops expired
-    ones on create and list, and destroy revokes the instance's. Salt's own
-    ``autosign_grains_dir`` is not used: it accepts any minion id that presents
-    a listed grain value. An instance id is not a secret, only hard to guess
-    before the host exists, so keep the master's ports reachable from the
-    fleet's network only.
+    ``salt-key -A`` cannot accept it by mistake). A key held under the minion
+    id before the host exists, or claiming it without the ticket's instance,
+    is set aside (rejected) so that the host's own key is not denied for it.
+    A key for an instance with no open ticket (expired, revoked, or not
+    launched here) stays **pending** for the operator. A second key for a
+    minion id already accepted is refused by Salt itself (``minions_denied``).
+    Tickets expire after ``autosign_ticket_ttl`` seconds (default 1800); every
+    driver drops expired ones on create and list, and destroy revokes the
+    instance's. Salt's own ``autosign_grains_dir`` is not used: it accepts any
+    minion id that presents a listed grain value. An instance id is not a
+    secret, only hard to guess before the host exists, so keep the master's
+    ports reachable from the fleet's network only.
 
 ``none``
     Launch only (``deploy: False`` with ``bootstrap: ssh``): no minion.
@@ -59,15 +70,18 @@ cloud-init host completes them at boot from its metadata service.
 """
 
 import copy
+import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import salt.config
-import salt.key
 import salt.loader.context
 import salt.utils.cloud
 import salt.utils.crypt
@@ -213,7 +227,7 @@ def minion_config(vm_, opts, grains=None, mode=None):
     public key fingerprint (``master_finger``, so the minion only talks to this
     master), ``autoload_dynamic_modules: False`` unless the profile's ``minion:``
     says otherwise, and, for ``mode="cloud-init"``,
-    ``autosign_grains: [saltfleet_instance_id]``.
+    ``autosign_grains: [saltfleet_instance_id]`` and ``rejected_retry: True``.
 
     ``autoload_dynamic_modules`` on (Salt's default) makes every ``state.apply``
     run a ``saltutil.sync_all`` first: some twenty round trips to the master,
@@ -234,6 +248,9 @@ def minion_config(vm_, opts, grains=None, mode=None):
         if TICKET_GRAIN not in autosign:
             autosign.append(TICKET_GRAIN)
         minion["autosign_grains"] = autosign
+        # A key held under the id before the host existed is set aside (rejected): the host's own key then
+        # meets a rejected id until fleet.admit accepts it, and must ask again rather than exit.
+        minion.setdefault("rejected_retry", True)
     return minion
 
 
@@ -352,17 +369,6 @@ def bootstrap_ssh(vm_, opts, host, grains=None):
     return salt.utils.cloud.bootstrap(vm_, opts)
 
 
-def provision(vm_, opts, host, grains):
-    """After the host runs: bootstrap it per :func:`bootstrap_mode`; returns the deploy result to merge into create's.
-
-    ``ssh`` -> :func:`bootstrap_ssh`; ``cloud-init`` and ``none`` -> nothing to do now.
-    """
-    mode = bootstrap_mode(vm_, opts)
-    if mode == "ssh":
-        return {"deploy": "ssh", **(bootstrap_ssh(vm_, opts, host, grains=grains) or {})}
-    return {"deploy": mode}
-
-
 # --- waiting ----------------------------------------------------------------------
 
 
@@ -378,26 +384,238 @@ def wait_for(check, timeout, what, interval=2.0):
         raise SaltCloudSystemExit(f"{what} did not happen within {timeout} s") from None
 
 
-# --- a create that failed -----------------------------------------------------------------
+# --- the create pipeline ------------------------------------------------------------------
 
 
-def creation_failed(vm_, opts, instance_id, exc, removal, what="instance", ticket=False):
-    """Report a create that failed once the cloud had the machine; return the SaltCloudSystemExit to raise.
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the cloud will launch, checked before anything is: the grains' region, size and image."""
 
-    ``exc`` may be any exception (a bug, a network error, a library's own). The
-    driver has already removed the machine unless the profile says
-    ``keep_failed: True`` (it must: its API calls need its own loader context),
-    and says how in ``removal``: ``None`` (kept), ``True`` (removed) or the
-    exception the removal raised. This fires ``failed``, drops the instance's
-    autosign ticket (``ticket``), and words the error: the VM, its profile, the
-    cause and what became of the machine. Never raises itself.
+    region: str | None = None
+    size: str | None = None
+    image: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What :func:`create` asks a driver to launch: the bootstrap mode, the profile's deployments, the user-data."""
+
+    mode: str
+    deployments: tuple[str, ...]
+    user_data: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Launched:
+    """A machine the cloud has: from here on a failed create removes it.
+
+    ``handle`` is whatever the driver's own calls need (pyrax's server);
+    ``password`` a root password the cloud generated, for ``bootstrap: ssh``
+    when the profile names neither ``ssh_keyfile`` nor ``password``.
+    """
+
+    instance_id: str
+    handle: Any = None
+    password: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Driver:
+    """One cloud's API calls, in the order :func:`create` runs them (see :func:`driver`)."""
+
+    provider: str
+    preflight: Callable[[str], Facts]
+    launch: Callable[[Request], Launched]
+    wait: Callable[[Launched], Any]
+    addresses: Callable[[Any], tuple[list, list]]
+    row: Callable[[Any], dict]
+    remove: Callable[[Launched], None]
+    bootstrap: Callable[[Any, dict], dict] | None = None
+    noun: str = "instance"
+    removed: str = "terminated"
+    metadata: str = "ec2"
+    user_data_limit: int | None = None
+    modes: tuple[str, ...] = (*BOOTSTRAP_MODES, "none")
+
+
+def driver(provider, *, preflight, launch, wait, addresses, row, remove, loader=None, **options):
+    """A driver's API calls for :func:`create`, one create's worth (they may share its client).
+
+    ``preflight(mode)``
+        check every setting and resource before anything is launched (errors
+        name the VM, the setting and the fix); returns :func:`facts`.
+    ``launch(request)``
+        request the machine (a :class:`Request`: mode, deployments,
+        user-data); returns :func:`launched`. It leaves nothing behind when it raises.
+    ``wait(launched)``
+        until the machine runs with an address; returns the cloud's record of it
+        (``addresses`` and ``row`` read it).
+    ``addresses(machine)``
+        ``(public_ips, private_ips)``.
+    ``row(machine)``
+        what create returns: list_nodes_full's entry.
+    ``remove(launched)``
+        remove a machine this create launched (raises if it cannot).
+
+    ``options``: ``bootstrap(machine, grains)`` (the driver's own minion
+    bootstrap in place of salt-cloud's SSH deploy, returning what create adds to
+    its answer), ``noun`` (``instance``), ``removed`` (the verb: ``terminated``),
+    ``metadata`` (the metadata service ``user_data.sh`` reads: ``ec2`` or
+    ``openstack``), ``user_data_limit`` (bytes), ``modes`` (the bootstrap modes it takes).
+
+    ``loader``: the driver module's own loader (``loader_ctxvar.get()`` in its
+    ``create``). The pipeline runs in the utils loader, where the driver's
+    ``__utils__`` and ``__opts__`` are not; each call goes back through it.
+    """
+    calls = {"preflight": preflight, "launch": launch, "wait": wait, "addresses": addresses, "row": row}
+    calls["remove"] = remove
+    if options.get("bootstrap") is not None:
+        calls["bootstrap"] = options.pop("bootstrap")
+    if loader is not None:
+        calls = {name: functools.partial(loader.run, call) for name, call in calls.items()}
+    return Driver(provider, **calls, **options)
+
+
+def facts(region=None, size=None, image=None):
+    """What a driver's preflight found the machine will be (:class:`Facts`)."""
+    return Facts(region, size, image)
+
+
+def launched(instance_id, handle=None, password=None):
+    """What a driver's launch got from the cloud (:class:`Launched`)."""
+    return Launched(instance_id, handle, password)
+
+
+def create(vm_, opts, cloud):
+    """salt-cloud's ``create`` for every driver: ``cloud`` (a :func:`driver`) does the cloud's part.
+
+    Fires ``creating``; validates bootstrap and deployments; drops expired
+    tickets; ``preflight``; renders the user-data (``cloud-init``: the master
+    must run fleet.admit, and the key salt-cloud pre-accepted is dropped);
+    fires ``requesting``; ``launch``. Then, the machine existing: records its
+    autosign ticket (``cloud-init``), fires ``waiting for address``, ``wait``,
+    bootstraps the minion (``ssh``: salt-cloud's deploy script, or the driver's
+    own after ``deploying``), fires ``created`` and returns ``row`` plus
+    ``deploy`` (how the minion was bootstrapped). If anything fails once the
+    machine exists, it is removed (``keep_failed: True`` keeps it), ``failed``
+    fires, its ticket is revoked, and the error says what became of it.
     """
     name = vm_["name"]
+    fire_event(opts, name, "creating", {"profile": vm_.get("profile"), "provider": vm_.get("driver")})
+    mode = bootstrap_mode(vm_, opts)
+    if mode not in cloud.modes:
+        raise SaltCloudConfigError(
+            f"{name}: bootstrap: {mode} is not one the {cloud.provider} driver takes ({', '.join(cloud.modes)})"
+        )
+    wanted = deployments(vm_, opts)
+    _utils("saltfleet_tickets.prune_autosign_tickets")(opts)
+    checked = cloud.preflight(mode)
+    user_data = _user_data(vm_, opts, cloud, checked) if mode == "cloud-init" else None
+    fire_event(opts, name, "requesting", {"image": checked.image, "size": checked.size, "region": checked.region})
+    machine = cloud.launch(Request(mode, tuple(wanted), user_data))
+    log.info("%s: launched %s %s", name, cloud.noun, machine.instance_id)
+    # From here on the machine exists: whatever fails, it is removed (or kept when asked).
+    try:
+        return _provision(vm_, opts, cloud, mode, checked, machine)
+    except Exception as exc:
+        raise _failed(vm_, opts, cloud, machine, exc, ticket=mode == "cloud-init") from exc
+
+
+def _user_data(vm_, opts, cloud, checked):
+    """The cloud-init user-data, once the master is known to pass the host's key to fleet.admit."""
+    _utils("saltfleet_tickets.check_autosign_ready")(opts, vm_["name"])
+    forget_preaccepted_key(vm_, opts)
+    grains = cloud_grains(vm_, opts, cloud.provider, region=checked.region, size=checked.size, image=checked.image)
+    minion = minion_config(vm_, opts, grains=grains, mode="cloud-init")
+    user_data = render_user_data(vm_, opts, minion, metadata=cloud.metadata)
+    size = len(user_data.encode())
+    if cloud.user_data_limit and size > cloud.user_data_limit:
+        raise SaltCloudConfigError(
+            f"{vm_['name']}: user-data is {size} bytes; {cloud.provider} takes {cloud.user_data_limit}"
+        )
+    return user_data
+
+
+def _provision(vm_, opts, cloud, mode, checked, machine):
+    """The rest of create once the cloud has the machine: ticket, wait, bootstrap, answer."""
+    name, instance_id = vm_["name"], machine.instance_id
+    if mode == "cloud-init":
+        ttl = config_value("autosign_ticket_ttl", vm_, opts, default=None)
+        _utils("saltfleet_tickets.record_autosign_ticket")(opts, minion_id_of(vm_, opts), instance_id, ttl)
+    fire_event(opts, name, "waiting for address", {"instance_id": instance_id})
+    ready = cloud.wait(machine)
+    public, private = cloud.addresses(ready)
+    grains = cloud_grains(
+        vm_,
+        opts,
+        cloud.provider,
+        region=checked.region,
+        size=checked.size,
+        image=checked.image,
+        instance_id=instance_id,
+        public_ips=public,
+        private_ips=private,
+    )
+    deploy = _bootstrap(vm_, opts, cloud, mode, machine, ready, grains)
+    ret = json_safe(cloud.row(ready))
+    ret.update(deploy)
+    fire_event(
+        opts,
+        name,
+        "created",
+        {
+            "instance_id": instance_id,
+            "profile": vm_.get("profile"),
+            "provider": vm_.get("driver"),
+            "region": checked.region,
+        },
+    )
+    return ret
+
+
+def _bootstrap(vm_, opts, cloud, mode, machine, ready, grains):
+    """The minion on the new machine per ``mode``; what create adds to its answer."""
+    if mode != "ssh":
+        return {"deploy": mode}
+    if cloud.bootstrap is not None:
+        fire_event(opts, vm_["name"], "deploying", {"instance_id": machine.instance_id})
+        return {"deploy": mode, **(cloud.bootstrap(ready, grains) or {})}
+    if machine.password and not config_value("ssh_keyfile", vm_, opts) and not config_value("password", vm_, opts):
+        # No key pair: log in as root with the password the cloud generated.
+        vm_["password"] = machine.password
+    host = _ssh_host(vm_, opts, *cloud.addresses(ready))
+    return {"deploy": mode, **(bootstrap_ssh(vm_, opts, host, grains=grains) or {})}
+
+
+def _ssh_host(vm_, opts, public, private):
+    """The address salt-cloud logs in to: the first IPv4 of ``ssh_interface`` (public_ips unless private_ips)."""
+    order = (
+        (private, public)
+        if config_value("ssh_interface", vm_, opts, default="public_ips") == "private_ips"
+        else (public, private)
+    )
+    addresses = [address for group in order for address in group if address]
+    if not addresses:
+        raise SaltCloudSystemExit(f"{vm_['name']}: the machine has no address to log in to")
+    return next((address for address in addresses if ":" not in address), addresses[0])
+
+
+def _failed(vm_, opts, cloud, machine, exc, ticket):
+    """Remove (or keep) the machine of a create that failed, fire ``failed``, revoke its ticket; the error to raise.
+
+    ``exc`` may be any exception (a bug, a network error, a library's own); the
+    error names the VM, its profile, the cause and what became of the machine.
+    Never raises itself.
+    """
+    name, instance_id = vm_["name"], machine.instance_id
+    removal = None if config_value("keep_failed", vm_, opts, default=False) else _remove(cloud, machine)
     cause = str(exc) if isinstance(exc, SaltCloudException) else f"{type(exc).__name__}: {exc}"
     cause = cause.removeprefix(f"{name}: ")
     # A traceback only for what saltfleet did not foresee (a salt error says all there is to say).
     traceback = None if isinstance(exc, SaltCloudException) else exc
-    log.error("%s: create failed after %s %s was requested: %s", name, what, instance_id, cause, exc_info=traceback)
+    log.error(
+        "%s: create failed after %s %s was requested: %s", name, cloud.noun, instance_id, cause, exc_info=traceback
+    )
     fire_event(opts, name, "failed", {"instance_id": instance_id, "profile": vm_.get("profile"), "error": cause})
     if ticket:
         try:
@@ -405,14 +623,24 @@ def creation_failed(vm_, opts, instance_id, exc, removal, what="instance", ticke
         except Exception as revoke_exc:  # the ticket expires by itself; the machine matters more
             log.warning("%s: could not revoke the autosign ticket of %s: %s", name, instance_id, revoke_exc)
     if removal is None:
-        outcome = f"kept {what} {instance_id} for inspection (keep_failed: True); `salt-cloud -d {name}` removes it"
+        outcome = (
+            f"kept {cloud.noun} {instance_id} for inspection (keep_failed: True); `salt-cloud -d {name}` removes it"
+        )
     elif removal is True:
-        verb = "deleted" if what == "server" else "terminated"
-        outcome = f"{verb} {what} {instance_id} (set keep_failed: True to keep it)"
+        outcome = f"{cloud.removed} {cloud.noun} {instance_id} (set keep_failed: True to keep it)"
     else:
         failure = f"{type(removal).__name__}: {removal}"
-        outcome = f"could not remove {what} {instance_id} ({failure}): remove it by hand"
+        outcome = f"could not remove {cloud.noun} {instance_id} ({failure}): remove it by hand"
     return SaltCloudSystemExit(f"{name} (profile {vm_.get('profile') or '-'}): {cause}; {outcome}")
+
+
+def _remove(cloud, machine):
+    """True once the driver removed the machine, else the exception its removal raised."""
+    try:
+        cloud.remove(machine)
+    except Exception as exc:
+        return exc
+    return True
 
 
 # --- listing -------------------------------------------------------------------------

@@ -224,6 +224,15 @@ if [ "$SALTFLEET_INSTALL" = auto ] && ! command -v salt-minion >/dev/null 2>&1; 
     install_salt
 fi
 
+finger() {  # the key's fingerprint as the master's `salt-key -f` shows it: SHA-256 of the key as sent
+    python3 - "$1" <<'PY' 2>/dev/null || echo unknown
+import hashlib, sys
+with open(sys.argv[1], "rb") as handle:
+    digest = hashlib.sha256(handle.read().strip()).hexdigest()
+print(":".join(digest[i:i + 2] for i in range(0, len(digest), 2)))
+PY
+}
+
 if [ "$SALTFLEET_START" = yes ] || [ "$SALTFLEET_START" = sync ]; then
     # salt-call runs before the daemon, so the two never race to generate the key.
     # A pending key makes salt-call give up at once: ask again while fleet.admit
@@ -231,6 +240,11 @@ if [ "$SALTFLEET_START" = yes ] || [ "$SALTFLEET_START" = sync ]; then
     tries=0
     until salt-call -c "$etc" --out=quiet test.ping >/dev/null 2>&1; do
         tries=$((tries + 1))
+        if [ "$tries" = 1 ]; then
+            # On the console (cloud-init's output), so the operator can tell this host's key from
+            # another one held under the same id: `salt-key -f <id>` on the master prints the same.
+            log "minion $SALTFLEET_MINION_ID (instance $ID) waits for the master to accept its key, fingerprint $(finger "$etc/pki/minion/minion.pub")"
+        fi
         if [ "$tries" -ge "$SALTFLEET_ACCEPT_TRIES" ]; then
             die "the master did not accept the key of $SALTFLEET_MINION_ID (instance $ID); on the master: salt-key -L, and the fleet.admit lines of its log"
         fi

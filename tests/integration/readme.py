@@ -63,6 +63,8 @@ PLAN = {
     "starts salt-api with the same drop-in, and make demo does for the demo",
     "external_auth:": "a master's config, not commands: test_page.py checks these ACLs through salt-api",
     "server {": "an nginx config, not commands",
+    "salt-key -f worker-7": "reads a cloud instance's console and the master's system log; "
+    "test_autosign.py checks that the console's fingerprint is the one salt-key -f shows",
     '{"event": "analysis"': "the shape of the lines the page reads, not commands",
 }
 # What the README says a command's exit code is (by a part of the command), where it is not 0.

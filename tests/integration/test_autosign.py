@@ -14,6 +14,7 @@ import copy
 import getpass
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,10 +67,11 @@ def sfc():
 
 
 def launch(sfc, cloud_opts, minion_id, **settings):
-    """What a driver does once the cloud returned a new instance's id: the ticket. Returns the instance id."""
+    """What the create pipeline does once the cloud returned an instance id: the ticket. Returns the instance id."""
     instance_id = random_string("i-", uppercase=False)
     vm_ = {"name": minion_id, "profile": "worker", "driver": "ec2:ec2", **settings}
-    tickets.record_autosign_ticket(vm_, cloud_opts, instance_id)
+    ttl = sfc.config_value("autosign_ticket_ttl", vm_, cloud_opts)
+    tickets.record_autosign_ticket(cloud_opts, sfc.minion_id_of(vm_, cloud_opts), instance_id, ttl)
     return instance_id
 
 
@@ -215,7 +217,7 @@ def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions
     again = minions(host, instance_id)
     results = wait_for(lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit on {host}")
     assert results[0]["result"] == "pending", results
-    assert f"the ticket of instance {instance_id} was used at" in results[0]["reason"]
+    assert f"the ticket of instance {instance_id!r} was used at" in results[0]["reason"]
     assert pub_keys(salt_master, host) == {"minions_pre": again.pub()}
 
 
@@ -228,15 +230,14 @@ def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, 
         lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit deciding on {host}"
     )
     assert results[0]["result"] == "pending"
-    assert f"no open ticket for instance {instance_id}" in results[0]["reason"]
+    assert f"no open ticket for instance {instance_id!r}" in results[0]["reason"]
     assert pub_keys(salt_master, host) == {"minions_pre": late.pub()}
     assert instance_id not in tickets.autosign_tickets(cloud_opts)
 
 
-def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts, minions):
-    """deployments/common/user_data.sh, run as cloud-init would (settings rendered by salt-cloud's code)."""
-    host = random_string("host-", uppercase=False)
-    root = short_tmpdir("sfu-")
+def boot(salt_master, sfc, cloud_opts, host, instance_id, root):
+    """deployments/common/user_data.sh on a new host (``root``), run as cloud-init would with the settings
+    salt-cloud's code renders: it waits until the master accepts its key (and syncs once)."""
     vm_ = {
         "name": host,
         "profile": "worker",
@@ -252,34 +253,62 @@ def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts
             "acceptance_wait_time": 1,
         },
     }
+    grains = sfc.cloud_grains(vm_, cloud_opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
+    minion = sfc.minion_config(vm_, cloud_opts, grains=grains, mode="cloud-init")
+    script = sfc.render_user_data(vm_, cloud_opts, minion, metadata="ec2")
+    return subprocess.run(
+        ["sh", "-c", script],
+        env={
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "SALTFLEET_ROOT": str(root),
+            "SALTFLEET_INSTANCE_ID": instance_id,
+            "SALTFLEET_INSTALL": "skip",
+            "SALTFLEET_START": "sync",
+            "SALTFLEET_ACCEPT_WAIT": "1",
+            "SALTFLEET_ACCEPT_TRIES": "150",
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+
+
+def fingers(salt_master, minion_id):
+    """{state: fingerprint} of every key the master holds under minion_id (salt-key -f)."""
+    ret = salt_master.salt_key_cli().run("-f", minion_id)
+    assert ret.returncode == 0, ret
+    return {state: found[minion_id] for state, found in (ret.data or {}).items() if minion_id in (found or {})}
+
+
+def console_finger(stderr):
+    """The fingerprint user_data.sh printed on the host's console."""
+    match = re.search(r"waits for the master to accept its key, fingerprint (\S+)", stderr)
+    assert match, stderr
+    return match.group(1)
+
+
+@pytest.fixture
+def host_root():
+    root = short_tmpdir("sfu-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts, host_root):
+    host = random_string("host-", uppercase=False)
     try:
-        grains = sfc.cloud_grains(vm_, cloud_opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
-        minion = sfc.minion_config(vm_, cloud_opts, grains=grains, mode="cloud-init")
-        script = sfc.render_user_data(vm_, cloud_opts, minion, metadata="ec2")
         instance_id = launch(sfc, cloud_opts, host)
-        run = subprocess.run(
-            ["sh", "-c", script],
-            env={
-                "PATH": f"{BIN}:{os.environ['PATH']}",
-                "SALTFLEET_ROOT": str(root),
-                "SALTFLEET_INSTANCE_ID": instance_id,
-                "SALTFLEET_INSTALL": "skip",
-                "SALTFLEET_START": "sync",
-                "SALTFLEET_ACCEPT_WAIT": "1",
-                "SALTFLEET_ACCEPT_TRIES": "300",
-            },
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=600,
-        )
+        run = boot(salt_master, sfc, cloud_opts, host, instance_id, host_root)
         assert run.returncode == 0, run.stderr
         assert f"the master accepted minion {host}" in run.stderr
-        conf = root / "etc" / "salt"
+        conf = host_root / "etc" / "salt"
         assert pub_keys(salt_master, host) == {"minions": (conf / "pki/minion/minion.pub").read_text().strip()}
+        # The console shows the key's fingerprint as the master does: the operator can tell it from another.
+        assert console_finger(run.stderr) == fingers(salt_master, host)["minions"]
         assert "used" in tickets.autosign_tickets(cloud_opts)[instance_id]
         # It synced saltfleet's modules once, and carries the cloud facts as grains.
-        assert (root / "var/cache/salt/minion/extmods/utils/saltfleet_cloud.py").exists()
+        assert (host_root / "var/cache/salt/minion/extmods/utils/saltfleet_cloud.py").exists()
         local = subprocess.run(
             [str(BIN / "salt-call"), "-c", str(conf), "--local", "--out=json", "grains.item", "saltfleet_cloud"],
             capture_output=True,
@@ -295,4 +324,48 @@ def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts
         )
     finally:
         salt_master.salt_key_cli().run("-y", "-d", host)
-        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_host_that_took_the_id_first_neither_gets_in_nor_keeps_the_launched_host_out(
+    salt_master, sfc, cloud_opts, minions, host_root
+):
+    """An unaccepted host registers the minion id before salt-cloud launches the instance that will carry it."""
+    host = random_string("host-", uppercase=False)
+    squatter = minions(host, random_string("i-", uppercase=False))  # it cannot know the instance id yet
+    wait_for(lambda: host in keys(salt_master)["minions_pre"], 180, f"the first key of {host} pending")
+    instance_id = launch(sfc, cloud_opts, host)
+    # fleet.admit by hand, with the instance id and the key the master holds under the id: not admitted.
+    (held,) = pub_keys(salt_master, host).values()
+    admit = salt_master.salt_run_cli(timeout=120).run("fleet.admit", host, instance_id, "--", held)
+    assert admit.returncode == 0, admit
+    assert admit.data["finger"] == tickets.finger(squatter.pub(), cloud_opts)
+    assert admit.data["result"] != "accepted", admit.data
+    assert host not in keys(salt_master)["minions"]
+
+    run = boot(salt_master, sfc, cloud_opts, host, instance_id, host_root)
+    assert run.returncode == 0, run.stderr
+    real = (host_root / "etc/salt/pki/minion/minion.pub").read_text().strip()
+    held = pub_keys(salt_master, host)
+    assert held["minions"] == real
+    assert held.get("minions_denied") != real
+    assert console_finger(run.stderr) == fingers(salt_master, host)["minions"]
+    squatter_finger = tickets.finger(squatter.pub(), cloud_opts)
+    assert tickets.autosign_tickets(cloud_opts)[instance_id]["set_aside"] == [squatter_finger]
+
+
+def test_a_host_that_takes_the_id_before_the_launched_one_boots_is_set_aside(
+    salt_master, sfc, cloud_opts, minions, host_root
+):
+    """Between the launch and the boot, a host registers the reserved id, with another instance id or none."""
+    host = random_string("host-", uppercase=False)
+    instance_id = launch(sfc, cloud_opts, host)
+    squatter = minions(host, random_string("i-", uppercase=False))
+    wait_for(lambda: host in keys(salt_master)["minions_rejected"], 180, f"the squatter's key of {host} set aside")
+    assert pub_keys(salt_master, host) == {"minions_rejected": squatter.pub()}
+
+    run = boot(salt_master, sfc, cloud_opts, host, instance_id, host_root)
+    assert run.returncode == 0, run.stderr
+    held = pub_keys(salt_master, host)
+    real = (host_root / "etc/salt/pki/minion/minion.pub").read_text().strip()
+    assert held["minions"] == real != squatter.pub()
+    assert held.get("minions_denied") != real

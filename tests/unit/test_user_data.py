@@ -15,7 +15,6 @@ from localfleet.config import REPO, master_config, saltfleet_utils
 
 # Through Salt's own utils loader, as salt-cloud's drivers reach it (it calls its siblings through the loader).
 sfc = saltfleet_utils().saltfleet_cloud
-autosign = saltfleet_utils().saltfleet_tickets
 
 INSTANCE_ID = "i-0abc1234def567890"
 PRIVATE_IP = "172.31.5.9"
@@ -75,10 +74,6 @@ def opts(tmp_path):
         "sock_dir": str(tmp_path / "sock"),
         **{key: snippet[key] for key in ("auth_events", "auth_events_autosign_grains", "reactor")},
     }
-
-
-def tickets(opts):
-    return autosign.autosign_tickets(opts)
 
 
 def vm(**settings):
@@ -177,67 +172,6 @@ def test_user_data_never_carries_a_private_key(opts):
     vm_ = vm(minion={"master": "salt", "note": marker})
     with pytest.raises(SaltCloudSystemExit, match="private key"):
         sfc.render_user_data(vm_, opts, sfc.minion_config(vm_, opts))
-
-
-def test_autosign_tickets_name_the_minion_and_expire(opts):
-    autosign.record_autosign_ticket(vm(), opts, "i-1")
-    autosign.record_autosign_ticket(vm(name="worker-8"), opts, "i-2")
-    autosign.record_autosign_ticket(vm(name="worker-9", autosign_ticket_ttl=-1), opts, "i-3")
-    index = os.path.join(opts["pki_dir"], "saltfleet_autosign_tickets.json")
-    assert os.stat(index).st_mode & 0o777 == 0o600  # who may enrol is the master's business only
-    assert {iid: t["name"] for iid, t in tickets(opts).items()} == {
-        "i-1": "worker-7",
-        "i-2": "worker-8",
-        "i-3": "worker-9",
-    }
-    assert autosign.prune_autosign_tickets(opts) == ["i-3"]
-    assert autosign.revoke_autosign_ticket(opts, name="worker-8") == ["i-2"]
-    assert autosign.revoke_autosign_ticket(opts, instance_id="i-1") == ["i-1"]
-    assert tickets(opts) == {}
-
-
-def test_no_ticket_index_means_nothing_to_prune_or_revoke(opts):
-    assert autosign.prune_autosign_tickets(opts) == []
-    assert autosign.revoke_autosign_ticket(opts, instance_id="i-1", name="worker-7") == []
-    assert not os.path.exists(os.path.join(opts["pki_dir"], "saltfleet_autosign_tickets.json"))
-
-
-def test_tickets_recorded_in_parallel_are_all_kept(opts):
-    """salt-cloud -P: several processes record tickets at once; the lock keeps every one."""
-    import multiprocessing
-
-    def record(worker):
-        for n in range(5):
-            autosign.record_autosign_ticket(vm(name=f"w{worker}-{n}"), opts, f"i-{worker}-{n}")
-
-    fork = multiprocessing.get_context("fork")
-    workers = [fork.Process(target=record, args=(worker,)) for worker in range(6)]
-    for process in workers:
-        process.start()
-    for process in workers:
-        process.join(60)
-    assert [process.exitcode for process in workers] == [0] * 6
-    expected = {f"i-{worker}-{n}": f"w{worker}-{n}" for worker in range(6) for n in range(5)}
-    assert {iid: t["name"] for iid, t in tickets(opts).items()} == expected
-    # no temporary file left half-written
-    assert not [name for name in os.listdir(opts["pki_dir"]) if name.startswith(".")]
-
-
-@pytest.mark.parametrize(
-    ("setting", "value", "named"),
-    [
-        ("auth_events_autosign_grains", [], "auth_events_autosign_grains: [pend]"),
-        ("reactor", [], "a reactor on salt/auth"),
-        ("auth_events", False, "auth_events: True"),
-    ],
-)
-def test_cloud_init_needs_the_master_to_pass_new_keys_to_fleet_admit(opts, setting, value, named):
-    opts[setting] = value
-    with pytest.raises(SaltCloudConfigError, match="worker-7: bootstrap: cloud-init") as refused:
-        autosign.record_autosign_ticket(vm(), opts, "i-1")
-    assert named in str(refused.value)
-    assert "etc/master.d/saltfleet.conf" in str(refused.value)
-    assert tickets(opts) == {}
 
 
 def test_bootstrap_modes(opts):
