@@ -18,18 +18,26 @@ stops at the first batch that does not.
 """
 
 import dataclasses
+import logging
 import math
 import shlex
+import time
 
 import salt.cache
 import salt.client
+import salt.loader
 import salt.loader.context
 import salt.utils.minions
+from salt.exceptions import CommandExecutionError
+
+log = logging.getLogger(__name__)
 
 __virtualname__ = "saltfleet_rollout"
 
 DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
 REASON_MAX = 2000
+# How long a return event may run ahead of the master's job cache before it counts for nothing.
+STORED_WAIT = 5
 # The level of a progress step (``emit(text, level)``): how the fleet_progress outputter colors its line.
 INFO, OK, FAIL, WARN = "info", "ok", "fail", "warn"
 
@@ -248,34 +256,66 @@ def hooks_in_pillar(pillar, name):
 # ---------------------------------------------------------------- publishing
 
 
+def _stored(opts, jid, minion):
+    """
+    What the master stored in its job cache as ``minion``'s return of ``jid``
+    ({ret, retcode}), waiting up to STORED_WAIT s (it stores a return just after
+    it fires the return's event); None when it holds none. Without a job cache
+    (``job_cache: False``) the event's word is all there is: ``True``.
+    """
+    if not opts.get("job_cache", True) or opts.get("ext_job_cache"):
+        return True
+    get_jid = salt.loader.returners(opts, {})[f"{opts.get('master_job_cache', 'local_cache')}.get_jid"]
+    deadline = time.monotonic() + STORED_WAIT
+    while True:
+        stored = get_jid(jid).get(minion)
+        if isinstance(stored, dict) and "return" in stored:
+            return {"ret": stored["return"], "retcode": stored.get("retcode", 0)}
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
 def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_return=None):
     """
     Run ``fun`` on ``hosts`` (minion ids) in one job and wait for their
     returns: a host gets ``timeout`` seconds and as long again as it says it
-    is still running the job. Returns (jid, {minion: {ret, retcode}}); a
-    host missing from the returns did not answer.
+    is still running the job, never longer. A return counts once, from a host
+    the job went to, as the master stored it from that minion's own
+    (authenticated) return: a return event another minion fires under its id
+    counts for nothing. Returns (jid, {minion: {ret, retcode}}); a host
+    missing from the returns did not answer.
     """
     returns = {}
-    jid = None
     wanted = set(hosts)
     with salt.client.get_local_client(mopts=opts) as client:
-        for item in client.cmd_iter(
-            list(hosts), fun, list(arg), timeout=timeout, tgt_type="list", kwarg=kwarg, yield_pub_data=True
+        pub = client.run_job(list(hosts), fun, list(arg), tgt_type="list", timeout=timeout, kwarg=kwarg, listen=True)
+        if not isinstance(pub, dict) or not pub.get("jid"):
+            raise CommandExecutionError(f"the master did not publish {fun} to {', '.join(hosts)}: is it running?")
+        jid = pub["jid"]
+        if on_jid:
+            on_jid(jid)
+        deadline = time.monotonic() + 2 * timeout
+        for item in client.get_iter_returns(
+            jid, pub.get("minions") or list(hosts), timeout=timeout, tgt=list(hosts), tgt_type="list", block=False
         ):
-            if jid is None:
-                if not item or "jid" not in item:
-                    raise RuntimeError(f"the master did not publish {fun} to {', '.join(hosts)}: is it running?")
-                jid = item["jid"]
-                if on_jid:
-                    on_jid(jid)
-                continue
-            for minion, data in item.items():
-                # A return only from a host the job went to, once, and in the shape Salt gives one.
+            if time.monotonic() > deadline or wanted <= set(returns):
+                break
+            for minion in item if isinstance(item, dict) else ():
                 if minion in returns or minion not in wanted:
                     continue
+                stored = _stored(opts, jid, minion)
+                if stored is None:
+                    log.warning(
+                        "a return of job %s under id %r that the master holds no return for: ignored", jid, minion
+                    )
+                    continue
+                data = item[minion] if stored is True else stored
                 returns[minion] = data if isinstance(data, dict) else {"ret": data}
                 if on_return:
-                    on_return(minion, data)
+                    on_return(minion, returns[minion])
+            if not item:
+                time.sleep(0.05)
     return jid, returns
 
 

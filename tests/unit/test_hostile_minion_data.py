@@ -14,6 +14,7 @@ import pytest
 import salt.cache
 import salt.client
 import salt.config
+import salt.loader
 
 from tests.unit.test_fleet_cli import fleet
 from tests.unit.test_inventory import add_minion, cloud
@@ -126,11 +127,21 @@ def master_opts(master_opts):
 
 
 class Minions:
-    """A stand-in LocalClient: each minion answers a job with ``answer(minion, fun)``."""
+    """
+    A stand-in LocalClient (``get_local_client``): each minion answers a job
+    with ``answer(minion, fun)``, stored in the master's job cache as the
+    master stores a minion's own return, and seen as its return event.
+    ``forged``: return events under those ids that no minion returned;
+    ``silent``: hosts that never return (and keep saying they run the job).
+    """
 
-    def __init__(self, answer):
-        self.answer = answer
-        self.jobs = []
+    def __init__(self, answer, forged=None, silent=()):
+        self.answer, self.forged, self.silent = answer, forged or {}, set(silent)
+        self.jobs, self.opts = [], None
+
+    def __call__(self, *args, mopts=None, **kwargs):
+        self.opts = mopts
+        return self
 
     def __enter__(self):
         return self
@@ -138,11 +149,29 @@ class Minions:
     def __exit__(self, *exc):
         return False
 
-    def cmd_iter(self, tgt, fun, arg=(), **kwargs):
+    def run_job(self, tgt, fun, arg=(), **kwargs):
         self.jobs.append((list(tgt), fun, list(arg)))
-        yield {"jid": f"2026010100000000{len(self.jobs):04d}", "minions": list(tgt)}
-        for minion in tgt:
-            yield {minion: {"ret": self.answer(minion, fun), "retcode": 0}}
+        return {"jid": f"2026010100000000{len(self.jobs):04d}", "minions": list(tgt)}
+
+    def cmd_iter(self, tgt, fun, arg=(), yield_pub_data=False, **kwargs):
+        """Salt's blocking iteration: the job, then each return as it comes."""
+        pub = self.run_job(tgt, fun, arg)
+        if yield_pub_data:
+            yield pub
+        yield from filter(None, self.get_iter_returns(pub["jid"], pub["minions"]))
+
+    def get_iter_returns(self, jid, minions, **kwargs):
+        fun = self.jobs[-1][1]
+        store = salt.loader.returners(self.opts, {})["local_cache.returner"]
+        for minion, ret in self.forged.items():
+            yield {minion: {"ret": ret, "retcode": 0}}
+        for minion in minions:
+            if minion not in self.silent and minion not in self.forged:
+                ret = self.answer(minion, fun)
+                store({"jid": jid, "id": minion, "fun": fun, "return": ret, "retcode": 0})
+                yield {minion: {"ret": ret, "retcode": 0}}
+        while self.silent:
+            yield None
 
 
 class Bus:
@@ -187,7 +216,7 @@ def fleet_with_one_hostile_host(request, master_opts, monkeypatch):
     add_minion(master_opts, evil, evil_grains, evil_mine, age=1)
     hostile = evil_mine.get("deployment.status") if isinstance(evil_mine, dict) else evil_mine
     minions = Minions(answers(hostile))
-    monkeypatch.setattr(salt.client, "get_local_client", lambda *a, **k: minions)
+    monkeypatch.setattr(salt.client, "get_local_client", minions)
     runners = fleet(master_opts)
     runners["fleet.deploy"].__globals__.update(__jid_event__=Bus(), __context__={})
     return runners, evil, why

@@ -44,7 +44,7 @@ def fleet_and_a_stray(master_opts, monkeypatch):
     add_minion(master_opts, STRAY, grains(), mine(workers=fake), age=1)
     salt.cache.factory(master_opts).store("pillar", STRAY, {"deployments": {"fetcher": {"repo": "x"}}})
     minions = Minions(answer)
-    monkeypatch.setattr(salt.client, "get_local_client", lambda *a, **k: minions)
+    monkeypatch.setattr(salt.client, "get_local_client", minions)
 
     def runners():
         loaded = fleet(master_opts)
