@@ -480,6 +480,8 @@ def queues(tgt="*", deployment=None, queue=None):
 # the one row the top's own cache has of it.
 
 SYNDIC_TIMEOUT = 30
+# The most rows a syndic's answer may give.
+ROWS_MAX = 10000
 
 
 def _syndics():
@@ -510,11 +512,20 @@ def _below(syndics):
         for item in returns:
             for syndic, data in item.items():
                 rows = data.get("ret") if isinstance(data, dict) else None
-                if syndic in syndics and isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
-                    answered[syndic] = rows
-                else:
-                    log.warning("fleet.inventory: syndic %s returned no inventory: %s", syndic, data)
+                if syndic not in syndics or not isinstance(rows, list):
+                    log.warning("fleet.inventory: syndic %r returned no inventory", syndic)
+                    continue
+                answered[syndic] = [_checked_row(syndic, row, n) for n, row in enumerate(rows[:ROWS_MAX])]
     return answered
+
+
+def _checked_row(syndic, row, n):
+    """A row a syndic returned, checked field by field; one marked ``bad data`` (what was wrong) if it is not one."""
+    where = f"syndic {syndic} row {n}"
+    try:
+        return __utils__["saltfleet_minion_data.inventory_row"](row, where)
+    except ValueError as exc:
+        return {"id": f"{syndic}#{n}", "status": "bad data", "bad_data": [str(exc)], "deployments": {}}
 
 
 def _with_syndics(rows, tgt="*", deployment=None, provider=None):

@@ -447,6 +447,61 @@ def minion(cache, minion_id_):
     )
 
 
+# ------------------------------------------------------- a syndic's rows
+
+# What fleet.inventory says of a host.
+ROW_STATUSES = ("up", "down", "bad data")
+
+
+def _cell(value, where):
+    """A deployment of an inventory row, as fleet.inventory_rows gives it."""
+    facts = mapping(value, where, 16, optional=False)
+    cell = {
+        "rev": text(facts.get("rev"), _at(where, "rev"), 256),
+        "release": sha(facts.get("release"), _at(where, "release")),
+        "running": count(facts.get("running"), _at(where, "running")),
+        "programs": count(facts.get("programs"), _at(where, "programs")),
+        "supervisord": text(facts.get("supervisord"), _at(where, "supervisord")),
+    }
+    workers, error = _workers(facts.get("workers"), _at(where, "workers"))
+    if error is not None:
+        cell["workers"] = {"error": error}
+    elif workers:
+        cell["workers"] = {w.node: {"queues": list(w.queues), "active": w.active} for w in workers}
+    pinned = _pin(facts.get("pinned"), _at(where, "pinned"))
+    if pinned:
+        cell["pinned"] = pinned
+    return cell
+
+
+def inventory_row(value, where):
+    """
+    A row of another master's ``fleet.inventory_rows`` (a syndic's, on a
+    master of masters), checked field by field as the master's own rows are
+    built: the row, or ``Bad`` naming the first value that is not one.
+    """
+    row = mapping(value, where, 16, optional=False)
+    ident = minion_id(row.get("id"))
+    at = _at(where, quote(ident))
+    status_ = text(row.get("status"), _at(at, "status"), 16, optional=False)
+    if status_ not in ROW_STATUSES:
+        raise Bad(f"{_at(at, 'status')}: {quote(status_)} is none of {', '.join(ROW_STATUSES)}")
+    checked = {"id": ident, "status": status_, "last_seen": text(row.get("last_seen"), _at(at, "last_seen"), 32)}
+    for key in ("provider", "instance_id", "region", "size"):
+        checked[key] = text(row.get(key), _at(at, key), NAME_MAX)
+    for key in ("public_ips", "private_ips"):
+        checked[key] = list(_ips(row.get(key), _at(at, key)))
+    deployments = mapping(row.get("deployments"), _at(at, "deployments"), 64)
+    checked["deployments"] = {
+        name(key, _at(at, f"deployments: {quote(key)}")): _cell(facts, _at(at, f"deployments: {key}"))
+        for key, facts in deployments.items()
+    }
+    bad = sequence(row.get("bad_data"), _at(at, "bad_data"), 64)
+    if bad:
+        checked["bad_data"] = [text(b, _at(at, f"bad_data: {i}"), TEXT_MAX * 2) for i, b in enumerate(bad)]
+    return checked
+
+
 # ------------------------------------------------------------ job returns
 
 

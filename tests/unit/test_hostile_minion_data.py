@@ -336,3 +336,36 @@ def test_a_minion_that_sent_a_syndic_return_is_no_syndic_unless_this_is_a_master
     runners = fleet(master_opts)
     assert [r["id"] for r in runners["fleet.inventory"]()] == [GOOD]
     assert [r["id"] for r in runners["fleet.overview"]()["hosts"]] == [GOOD]
+
+
+def test_a_syndics_rows_are_checked_field_by_field_on_a_master_of_masters(master_opts, monkeypatch):
+    """A registered syndic answers for the minions below it: each row it gives is read as a minion's own data."""
+    master_opts["order_masters"] = True
+    add_minion(master_opts, "syn", grains(), mine(), age=1)
+    registered = Path(master_opts["cachedir"]) / "syndics"
+    registered.mkdir(parents=True, exist_ok=True)
+    (registered / "syn").write_text("")
+    good = {
+        "id": "below-1",
+        "status": "up",
+        "last_seen": "2026-12-06T10:00:00Z",
+        "provider": "ec2",
+        "public_ips": ["192.0.2.1"],
+        "deployments": {"fetcher": {"rev": "main", "release": NEW, "running": 1, "programs": 1}},
+    }
+    hostile = [
+        {**good, "id": "below-2\nroot"},
+        {**good, "id": "below-3", "deployments": ["fetcher"]},
+        {**good, "id": "below-4", "deployments": {"fetcher": {"release": "inf", "running": float("inf")}}},
+        {**good, "id": "below-5", "status": "<b>up</b>"},
+        "not a row",
+    ]
+    minions = Minions(lambda minion, fun: [good, *hostile])
+    monkeypatch.setattr(salt.client, "get_local_client", minions)
+    rows = fleet(master_opts)["fleet.inventory"]()
+    by_id = {row["id"]: row for row in rows}
+    assert by_id["below-1"]["syndic"] == "syn" and by_id["below-1"]["status"] == "up", rows
+    bad = [row for row in rows if row["status"] == "bad data"]
+    assert len(bad) == len(hostile), rows
+    assert all(row["id"].startswith("syn#") and row["bad_data"] for row in bad), bad
+    assert "below-2\nroot" not in by_id
