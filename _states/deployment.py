@@ -141,14 +141,14 @@ def _pillar_rev(name):
 
 def _plan(ctx, test):
     """What the host runs, what pillar asks (its sources rendered for the commit it names), and the plan."""
-    sha, digest = __utils__["saltfleet_plan.resolve"](ctx, test)
+    sha, digest, written = __utils__["saltfleet_plan.resolve"](ctx, test)
     sections, files = __utils__["saltfleet_sources.deployment"](_master(), ctx.cfg, ctx.p, sha, digest)
     boot, entry = __utils__["saltfleet_supervisor_conf.boot_entry"](ctx.cfg, ctx.p)
     files[boot] = entry
     errors = __utils__["saltfleet_sysfiles.check"](ctx.name, files, ctx.settings["root"])
     if errors:
         raise CommandExecutionError("\n".join(errors))
-    asked = __utils__["saltfleet_plan.asked"](ctx, sha, digest, sections, files, test)
+    asked = __utils__["saltfleet_plan.asked"](ctx, sha, digest, sections, files, written)
     return __utils__["saltfleet_plan.decide"](ctx, __utils__["saltfleet_plan.on_host"](ctx), asked)
 
 

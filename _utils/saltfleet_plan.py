@@ -178,27 +178,31 @@ class Asked:
 
 
 def resolve(ctx, test):
-    """(sha, digest): the commit pillar's rev names and its virtualenv's inputs, from the cheapest facts."""
+    """
+    (sha, digest, written): the commit pillar's rev names and its
+    virtualenv's inputs, from the cheapest facts; and the secrets a real run
+    wrote to reach the repository (the key, before git can use it).
+    """
     git, cfg, manifest, p = "saltfleet_git", ctx.cfg, ctx.manifest, ctx.p
     rebuild = _utils("saltfleet_manifest.intent")(manifest).rebuild
     release = manifest.get("release")
     settled = _utils("saltfleet_manifest.settled")(manifest, cfg, ctx.fleet.get("sha"), rebuild)
     if settled and _complete(_utils("saltfleet_paths.release")(p, release)):
-        return release, manifest["venv"]
+        return release, manifest["venv"], ()
     secrets = _utils(f"{git}.secrets_of")(p)
+    written = ()
     if not test:
         # The real run needs the key before it can reach a private repo.
         root_dirs(p)
-        _utils(f"{git}.write_secrets")(cfg, secrets)
+        written = tuple(_utils(f"{git}.write_secrets")(cfg, secrets))
     with _utils(f"{git}.view")(cfg, p["mirror"], secrets, test) as (repo, view_secrets):
         sha = _utils(f"{git}.resolve")(cfg, repo, view_secrets, ctx.fleet.get("sha"))
         same_inputs = manifest.get("venv") and all(manifest.get(k) == cfg[k] for k in ("requirements", "python"))
         if same_inputs and manifest.get("rebuild", 0) == rebuild and sha == release:
-            return sha, manifest["venv"]
+            return sha, manifest["venv"], written
         read_file = _utils(f"{git}.read_file")
-        return sha, _utils("saltfleet_venv.digest")(
-            lambda rel: read_file(repo, sha, rel, cfg, view_secrets), cfg, rebuild
-        )
+        digest = _utils("saltfleet_venv.digest")(lambda rel: read_file(repo, sha, rel, cfg, view_secrets), cfg, rebuild)
+        return sha, digest, written
 
 
 def root_dirs(p):
@@ -228,12 +232,13 @@ def _failed_build(release, steps):
     return str(record.get("reason"))[:2000]
 
 
-def asked(ctx, sha, digest, sections, sysfiles, test):
-    """What pillar asks, with what it takes to build it."""
+def asked(ctx, sha, digest, sections, sysfiles, written=()):
+    """What pillar asks, with what it takes to build it (``written``: the secrets :func:`resolve` wrote)."""
     p = ctx.p
     release = _utils("saltfleet_paths.release")(p, sha)
     venv = _utils("saltfleet_paths.venv")(p, digest)
-    secrets = _utils("saltfleet_git.write_secrets")(ctx.cfg, _utils("saltfleet_git.secrets_of")(p), test=True)
+    pending = _utils("saltfleet_git.write_secrets")(ctx.cfg, _utils("saltfleet_git.secrets_of")(p), test=True)
+    secrets = [key for key in ("deploy_key", "known_hosts") if key in written or key in pending]
     steps = tuple(ctx.cfg.get("build") or ())
     built = _complete(release)
     return Asked(

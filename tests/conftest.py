@@ -104,6 +104,15 @@ def short_tmpdir(prefix, owner=None):
     return path
 
 
+def broker_folder(owner, prefix="sfd-"):
+    """The sample app's broker and result folders, which ``owner``'s workers and the test share."""
+    data = short_tmpdir(prefix, owner=owner)
+    for folder in ("queue", "control", "results", "processed"):
+        (data / folder).mkdir()
+        shutil.chown(data / folder, owner.pw_uid, owner.pw_gid)
+    return data
+
+
 def test_user(name):
     """A real unprivileged user, made when missing (a system account, kept: other test runs may use it)."""
     try:

@@ -9,7 +9,7 @@ from saltfactories.utils import random_string
 
 from localfleet.config import stop_deployments
 from tests.apps import sample_repo
-from tests.conftest import sandbox_root, short_tmpdir
+from tests.conftest import broker_folder, sandbox_root, short_tmpdir
 
 
 def write_pillar(pillar_dir, data, minions="*"):
@@ -122,7 +122,7 @@ def host(request, salt_cli, synced, pillar_dir, deploy_user, host_settings):
     """A sandbox host of one test behind the module's minion; its deployments stop when the test ends."""
     # The test's broker and data folders outlive its workers: made before the host, removed after
     # it (a worker whose broker folder vanished may not stop on SIGTERM).
-    for name in ("celery_data", "data"):
+    for name in ("celery_data", "second_celery_data", "data"):
         if name in request.fixturenames:
             request.getfixturevalue(name)
     root = sandbox_root("sfi-", deploy_user)
@@ -137,9 +137,14 @@ def celery_data(deploy_user):
     The sample app's broker and result folders of one test: the workers (the
     deployment's user) and the test share them; no message outlives its test.
     """
-    data = short_tmpdir("sfd-", owner=deploy_user)
-    for folder in ("queue", "control", "results", "processed"):
-        (data / folder).mkdir()
-        shutil.chown(data / folder, deploy_user.pw_uid, deploy_user.pw_gid)
+    data = broker_folder(deploy_user)
+    yield data
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def second_celery_data(second_user):
+    """The broker and result folders of a second deployment of the host, whose user is the second user."""
+    data = broker_folder(second_user)
     yield data
     shutil.rmtree(data, ignore_errors=True)

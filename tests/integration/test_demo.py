@@ -298,6 +298,7 @@ RUNNABLE = [b for b in readme.blocks() if b.planned and readme.PLAN[b.planned[0]
 # Each fleet.* runner, and arguments that make it do its work on the demo.
 FLEET_ARGS = {
     "inventory": "",
+    "overview": "",
     "inventory_rows": "",
     "ansible_inventory": "",
     "queues": "",

@@ -385,6 +385,8 @@ def test_wrong_host_key_fails_clearly_and_keeps_serving(deployed, fleet, pillar,
     serving = os.readlink(p["project"])
     conf, manifest = p["conf"].read_text(), p["manifest"].read_text()
     pids = worker_pids(p, sandbox)
+    # The impostor's pin in pillar first: what the master resolved with the good pin before is not counted.
+    fleet.write_pillar(bad)
     attempts = len(git_server.auth_attempts)
     served = len(git_server.served)
     learned = known_hosts_of_root()
@@ -424,7 +426,8 @@ def test_wrong_host_key_fails_clearly_and_keeps_serving(deployed, fleet, pillar,
 def test_rotated_pin_is_written_when_rev_is_the_serving_sha(deployed, fleet, pillar, sandbox, keys, git_server):
     """
     Pillar pins the SHA that serves (no git needed) and the operator rotates
-    known_hosts: the new pin is written, 0600, and the next apply is quiet.
+    known_hosts: the new pin is written, 0600, the rev recorded (grains say
+    which rev the host follows), and the next apply is quiet.
     """
     p = paths(sandbox)
     rotated = copy.deepcopy(pillar)
@@ -435,10 +438,11 @@ def test_rotated_pin_is_written_when_rev_is_the_serving_sha(deployed, fleet, pil
     try:
         _, dry = fleet.apply(rotated, test=True)
         assert dry[STATE_ID]["result"] is None, dry[STATE_ID]
-        assert dry[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
+        recorded = {"rev": {"old": "v1", "new": sandbox["shas"]["v1"]}}
+        assert dry[STATE_ID]["changes"] == {"secrets": ["known_hosts"], **recorded}
         assert p["known_hosts"].read_text() == git_server.known_hosts + "\n", "test=True wrote the pin"
         _, real = fleet.apply(rotated)
-        assert real[STATE_ID]["changes"] == {"secrets": ["known_hosts"]}
+        assert real[STATE_ID]["changes"] == {"secrets": ["known_hosts"], **recorded}
         assert p["known_hosts"].read_text() == rotated["deployments"][NAME]["known_hosts"]
         assert p["known_hosts"].stat().st_mode & 0o777 == 0o600
         _, again = fleet.apply(rotated)

@@ -84,8 +84,14 @@ def released_after(seconds, release):
         timer.join()
 
 
-def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_data, tasks):
-    pillar = host.pillar({FETCHER: fetcher(sample, celery_data), REPORTER: reporter(sample, celery_data)})
+def test_two_deployments_run_their_own_workers_as_the_user(
+    host, sample, celery_data, tasks, second_user, second_uv_cache, second_celery_data
+):
+    # Each deployment its own user (the schema refuses two sharing one), and its own broker folder.
+    second = {"user": second_user.pw_name, "uv_cache": str(second_uv_cache)}
+    pillar = host.pillar(
+        {FETCHER: fetcher(sample, celery_data), REPORTER: {**reporter(sample, second_celery_data), **second}}
+    )
     dry = host.apply(pillar, test=True)
     states = host.apply(pillar)
     assert all(s["result"] for s in states.values()), states
@@ -98,10 +104,15 @@ def test_two_deployments_run_their_own_workers_as_the_user(host, sample, celery_
         f"{FETCHER}-beta.g1": [f"{FETCHER}.beta"],
     }, "each Celery node answers, with its generation in its name, and consumes its queue"
     assert status[REPORTER]["programs"] == {"report": "RUNNING"}
-    for queue in (f"{FETCHER}.alpha", f"{FETCHER}.beta", REPORTER):
-        result = run_task(tasks, queue)
+    reports = celery_client(second_celery_data)
+    for queue, client, user in (
+        (f"{FETCHER}.alpha", tasks, host.user),
+        (f"{FETCHER}.beta", tasks, host.user),
+        (REPORTER, reports, second_user),
+    ):
+        result = run_task(client, queue)
         assert result["version"] == "1"
-        assert owner_of(result["pid"]) == host.user.pw_uid, "the worker runs as the deployment's user"
+        assert owner_of(result["pid"]) == user.pw_uid, "the worker runs as its deployment's user"
     again = host.apply(pillar)
     assert changes_of(again) == {sid: {} for sid in again}
     # An operator stops one worker: status says down and its job fails, so `salt -b` and scripts can act.

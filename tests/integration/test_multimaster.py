@@ -26,29 +26,36 @@ from saltfactories.utils import random_string
 
 from localfleet.config import stop_deployments
 from tests.apps import celery_client, run_task, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir, wait_for
+from tests.conftest import broker_folder, sandbox_root, short_tmpdir, wait_for
 
 HEARTBEAT = 4  # seconds; pillar/fleet.sls says 60, tests cannot wait that long
 APP, REPORT = "mm-app", "mm-report"
 
 
 @pytest.fixture(scope="module")
-def places(deploy_user):
-    """The sample app's repo, the broker folder the workers and the tests share, a sandbox root per host, the ledger."""
+def places(deploy_user, second_user, second_uv_cache):
+    """
+    The sample app's repo, the broker folder the workers and the tests share
+    (REPORT's own: it runs as the second user), a sandbox root per host, the ledger.
+    """
     base = short_tmpdir("sfm-")
     repo, shas = sample_repo(base)
     data = short_tmpdir("sfd-", owner=deploy_user)
     for folder in ("queue", "control", "results", "processed", "executions"):
         (data / folder).mkdir()
         shutil.chown(data / folder, deploy_user.pw_uid, deploy_user.pw_gid)
+    report = broker_folder(second_user)
+    (report / "executions").mkdir()
+    shutil.chown(report / "executions", second_user.pw_uid, second_user.pw_gid)
+    own = {"user": second_user.pw_name, "uv_cache": str(second_uv_cache)}
     roots = [sandbox_root("sfh-", deploy_user) for _ in range(2)]
     # The shared folder both masters keep saltfleet's records in (root's and private, as the ledger makes it).
     ledger = short_tmpdir("sfl-")
     ledger.chmod(0o700)
-    yield {"repo": repo, "shas": shas, "data": data, "roots": roots, "ledger": ledger}
+    yield {"repo": repo, "shas": shas, "data": data, "report": report, "own": own, "roots": roots, "ledger": ledger}
     for root in roots:
         stop_deployments(root, timeout=60)
-    for path in (base, data, ledger, *roots):
+    for path in (base, data, report, ledger, *roots):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -139,7 +146,7 @@ class Pair:
         self.first, self.second = masters
         self.ids = [m.id for m in minions]
         self.pillar_root, self.places, self.user, self.settings = pillar_root, places, user, settings
-        self.tasks = celery_client(places["data"])
+        self.tasks = {APP: celery_client(places["data"]), REPORT: celery_client(places["report"])}
         self.cli = {m.id: m.salt_cli(timeout=900) for m in masters}
         self.run_cli = {m.id: m.salt_run_cli(timeout=300) for m in masters}
 
@@ -154,13 +161,16 @@ class Pair:
 
     def spec(self, name, host, rev):
         queue = self.queue(name, host)
+        data = self.places["report" if name == REPORT else "data"]
         return {
             "repo": str(self.places["repo"]),
             "rev": rev,
-            "env": {"SAMPLEAPP_DATA": str(self.places["data"])},
+            "env": {"SAMPLEAPP_DATA": str(data)},
             "programs": {
                 "worker": {"command": f"celery -A sampleapp worker -Q {queue} -c 1 -n {queue}@%%h", "startsecs": 3}
             },
+            # A deployment's user is its own: REPORT runs as the second user.
+            **(self.places["own"] if name == REPORT else {}),
         }
 
     def write_pillar(self, deployments):
@@ -186,7 +196,7 @@ class Pair:
 
     def versions(self, name):
         """The app version that serves a task on each host (in host order)."""
-        return [run_task(self.tasks, self.queue(name, minion), timeout=120)["version"] for minion in self.ids]
+        return [run_task(self.tasks[name], self.queue(name, minion), timeout=120)["version"] for minion in self.ids]
 
     def inventory(self, master):
         ret = self.salt_run(master, "fleet.inventory")

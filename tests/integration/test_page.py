@@ -31,7 +31,7 @@ from localfleet.browser import OBSERVE_ROLLOUT, Chromium
 from localfleet.config import REPO, stop_deployments
 from localfleet.daemons import free_ports
 from tests.apps import commit, sample_repo
-from tests.conftest import sandbox_root, short_tmpdir, wait_for
+from tests.conftest import broker_folder, sandbox_root, short_tmpdir, wait_for
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 USERS = {
@@ -95,20 +95,21 @@ def hostile_branch(bare):
 
 
 @pytest.fixture(scope="module")
-def fleet(salt_master, salt_cli, minions, pillar_dir, deploy_user, user_uv_cache):
-    """pg-a on both hosts (own queue and pg-a.shared, floor 1), pg-b at ``hostile`` on the first; converged."""
+def fleet(salt_master, salt_cli, minions, pillar_dir, deploy_user, user_uv_cache, second_user, second_uv_cache):
+    """
+    pg-a on both hosts (own queue and pg-a.shared, floor 1), pg-b at
+    ``hostile`` on the first (as a user of its own, with its own broker
+    folder); converged.
+    """
     base = short_tmpdir("sfp-")
     repo, shas = sample_repo(base)
     shas["hostile"] = hostile_branch(repo)
-    data = short_tmpdir("sfd-", owner=deploy_user)
-    for folder in ("queue", "control", "results", "processed"):
-        (data / folder).mkdir()
-        shutil.chown(data / folder, deploy_user.pw_uid, deploy_user.pw_gid)
+    data, data_b = broker_folder(deploy_user), broker_folder(second_user)
     roots = [sandbox_root("sfq-", deploy_user) for _ in minions]
 
-    def spec(rev, queues, node, floors=None):
+    def spec(rev, queues, node, floors=None, broker=data):
         command = f"celery -A sampleapp worker -Q {','.join(queues)} -c 1 -n {node}@%%h"
-        found = {"repo": str(repo), "rev": rev, "env": {"SAMPLEAPP_DATA": str(data)}}
+        found = {"repo": str(repo), "rev": rev, "env": {"SAMPLEAPP_DATA": str(broker)}}
         found["programs"] = {"worker": {"command": command, "startsecs": 3}}
         return {**found, "min_consumers": floors} if floors else found
 
@@ -118,7 +119,8 @@ def fleet(salt_master, salt_cli, minions, pillar_dir, deploy_user, user_uv_cache
     for n, root in enumerate(roots, 1):
         deployments = {"pg-a": spec("v1", [f"pg-a.h{n}", "pg-a.shared"], f"pg-a-h{n}", {"pg-a.shared": 1})}
         if n == 1:
-            deployments["pg-b"] = spec("hostile", ["pg-b.h1"], "pg-b-h1")
+            own = {"user": second_user.pw_name, "uv_cache": str(second_uv_cache)}
+            deployments["pg-b"] = {**spec("hostile", ["pg-b.h1"], "pg-b-h1", broker=data_b), **own}
         host = {"root": str(root), "user": deploy_user.pw_name, "uv_cache": str(user_uv_cache)}
         (pillar_dir / f"host{n}.sls").write_text(yaml.safe_dump({"saltfleet": host, "deployments": deployments}))
     tgt = ",".join(minions)
@@ -128,7 +130,7 @@ def fleet(salt_master, salt_cli, minions, pillar_dir, deploy_user, user_uv_cache
     yield {"minions": minions, "repo": repo, "shas": shas, "roots": roots}
     for root in roots:
         stop_deployments(root, timeout=60)
-    for path in (base, data, *roots):
+    for path in (base, data, data_b, *roots):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -226,8 +226,10 @@ def test_fleet_inventory_filters_on_the_top_apply_to_the_minions_below(settled, 
     assert sorted(row["id"] for row in inventory(run, "tgt=worker-*")) == sorted([worker_a.id, worker_b.id])
     assert sorted(row["id"] for row in inventory(run, "tgt=syn-*")) == sorted([syndic_a.id, syndic_b.id])
     assert sorted(row["id"] for row in inventory(run, f"deployment={APP}")) == sorted([worker_a.id, worker_b.id])
-    assert inventory(run, "deployment=no-such-deployment") == []
-    assert inventory(run, "provider=ec2") == []
+    # A filter that matches no minion below either syndic says so, and exits 1.
+    for args, said in (("deployment=no-such-deployment", "'no-such-deployment'"), ("provider=ec2", "'ec2'")):
+        ret = run.run("fleet.inventory", args)
+        assert ret.returncode == 1 and said in str(ret.data), ret
 
 
 def test_a_syndic_master_that_does_not_answer_leaves_its_syndic_one_row_down(settled, top, tree):

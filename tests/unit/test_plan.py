@@ -204,11 +204,11 @@ def test_a_failed_build_is_remembered_for_its_steps_only(root):
     marker = utils.saltfleet_paths.markers(c.p["releases"] / A)["failed"]
     marker.parent.mkdir(parents=True)
     marker.write_text(json.dumps({"reason": "`npm ci` exited 1", "build": plan_.build_digest(("npm ci",))}))
-    assert plan_.asked(c, A, VENV, SECTIONS, {}, True).build_failed == "`npm ci` exited 1"
+    assert plan_.asked(c, A, VENV, SECTIONS, {}).build_failed == "`npm ci` exited 1"
     other = ctx(root, build=["npm ci", "make"])
-    assert plan_.asked(other, A, VENV, SECTIONS, {}, True).build_failed is None
+    assert plan_.asked(other, A, VENV, SECTIONS, {}).build_failed is None
     marker.write_text("[not what saltfleet writes")
-    assert plan_.asked(c, A, VENV, SECTIONS, {}, True).build_failed is None
+    assert plan_.asked(c, A, VENV, SECTIONS, {}).build_failed is None
 
 
 def test_a_free_generation_is_the_lowest_unused():
