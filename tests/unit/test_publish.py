@@ -10,7 +10,6 @@ import pytest
 import salt.client
 
 from localfleet.config import saltfleet_utils
-from tests.support.loaded import module
 from tests.unit.test_hostile_minion_data import Minions
 
 rollout = saltfleet_utils().saltfleet_rollout
@@ -24,7 +23,8 @@ def deployed(minion, fun):
 def publish(master_opts, monkeypatch):
     def run(minions, hosts, timeout=2):
         monkeypatch.setattr(salt.client, "get_local_client", minions)
-        monkeypatch.setattr(module("saltfleet_rollout"), "STORED_WAIT", 0.5, raising=False)
+        # The module's own globals, as the loader loaded them: its wait for the job cache, short.
+        monkeypatch.setitem(rollout.publish.func.__globals__, "STORED_WAIT", 0.5)
         return rollout.publish(master_opts, hosts, "deployment.update_code", ["fetcher", "v2"], timeout=timeout)
 
     return run
