@@ -666,7 +666,7 @@ def _opts():
 
 def _take(name, command, lock_wait):
     """The deploy lock of ``name``, held; DeployLocked (a CommandExecutionError) names its holder."""
-    lock = __utils__[f"{LEDGER}.lock"](_opts(), name)
+    lock = __utils__["saltfleet_deploylock.lock"](_opts(), name)
     lock.acquire(_user(), command, wait=lock_wait, jid=__jid__)
     return lock
 
@@ -825,7 +825,7 @@ def unlock(name, force=False):
     from salt.exceptions import CommandExecutionError
 
     try:
-        result = __utils__[f"{LEDGER}.unlock"](_opts(), name, _user(), force=bool(force))
+        result = __utils__["saltfleet_deploylock.unlock"](_opts(), name, _user(), force=bool(force))
     except CommandExecutionError as exc:
         return _refuse(f"fleet.unlock {name}: {exc}")
     return _finish({**result, "retcode": 0 if result["result"] else 1})

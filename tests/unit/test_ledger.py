@@ -18,6 +18,7 @@ from salt.exceptions import CommandExecutionError
 from localfleet.config import REPO, saltfleet_utils
 
 ledger = saltfleet_utils().saltfleet_ledger
+deploylock = saltfleet_utils().saltfleet_deploylock
 FORK = multiprocessing.get_context("fork")
 
 
@@ -150,7 +151,7 @@ def test_host_entry_reads_name_and_rev_from_positional_or_named_arguments():
 
 
 def _hold(opts, name, ready, command="fleet.deploy app rev=v2", then=None):
-    lock = ledger.lock(opts, name)
+    lock = deploylock.lock(opts, name)
     lock.acquire("alice", command)
     if then == "fork-and-exit":
         if os.fork() == 0:  # the child keeps the lock's file open, and so the lock
@@ -188,13 +189,13 @@ def test_a_second_rollout_is_refused_at_once_naming_the_holder_and_since_when(op
     proc, _, pid = holder(opts)
     try:
         with pytest.raises(CommandExecutionError) as refused:
-            ledger.lock(opts, "app").acquire("bob", "fleet.deploy app rev=v3")
+            deploylock.lock(opts, "app").acquire("bob", "fleet.deploy app rev=v3")
         message = str(refused.value)
         assert f"alice (fleet.deploy app rev=v2, pid {pid} on" in message
         assert " since 20" in message
         assert "lock_wait=SECONDS" in message and "fleet.unlock app" in message
         # Another deployment's lock is another lock.
-        other = ledger.lock(opts, "other")
+        other = deploylock.lock(opts, "other")
         other.acquire("bob", "fleet.deploy other rev=v1")
         other.release()
     finally:
@@ -204,24 +205,24 @@ def test_a_second_rollout_is_refused_at_once_naming_the_holder_and_since_when(op
 def test_a_runner_killed_holding_the_lock_leaves_no_lock_only_a_stale_record(opts):
     proc, _, pid = holder(opts)
     kill(proc.pid)
-    info = ledger.inspect(opts, "app")
+    info = deploylock.inspect(opts, "app")
     assert info["state"] == "stale" and info["locked"] is False
     assert info["record"]["pid"] == pid
     # The next rollout takes the lock at once and knows whose rollout died.
-    lock = ledger.lock(opts, "app")
+    lock = deploylock.lock(opts, "app")
     lock.acquire("bob", "fleet.deploy app rev=v3")
     assert lock.replaced["pid"] == pid
     lock.release()
-    assert ledger.inspect(opts, "app")["state"] == "free"
+    assert deploylock.inspect(opts, "app")["state"] == "free"
 
 
 def test_unlock_clears_a_dead_runners_record_and_the_ledger_says_who(opts):
     proc, _, pid = holder(opts)
     kill(proc.pid)
-    result = ledger.unlock(opts, "app", "carol")
+    result = deploylock.unlock(opts, "app", "carol")
     assert result["result"] is True and result["state"] == "stale"
     assert "whose runner died" in result["comment"]
-    assert ledger.inspect(opts, "app") == {"state": "free", "record": None, "locked": False}
+    assert deploylock.inspect(opts, "app") == {"state": "free", "record": None, "locked": False}
     [entry] = ledger.history(ledger.read(opts))
     assert (entry["what"], entry["who"], entry["holder"]["pid"]) == ("fleet.unlock", "carol", pid)
 
@@ -229,13 +230,13 @@ def test_unlock_clears_a_dead_runners_record_and_the_ledger_says_who(opts):
 def test_a_live_holder_is_only_shown_unless_forced_and_then_stops_at_its_next_check(opts):
     proc, pipe, pid = holder(opts, then="check-after-break")
     try:
-        shown = ledger.unlock(opts, "app", "carol")
+        shown = deploylock.unlock(opts, "app", "carol")
         assert shown["result"] is False and shown["state"] == "held"
         assert f"pid {pid}" in shown["comment"] and "force=True" in shown["comment"]
-        broken = ledger.unlock(opts, "app", "carol", force=True)
+        broken = deploylock.unlock(opts, "app", "carol", force=True)
         assert broken["result"] is True and "broken by force" in broken["comment"]
         # A new rollout takes a new lock while the old holder still runs...
-        lock = ledger.lock(opts, "app")
+        lock = deploylock.lock(opts, "app")
         lock.acquire("bob", "fleet.deploy app rev=v3")
         # ...and the old holder stops before its next batch.
         pipe.send("check")
@@ -249,10 +250,10 @@ def test_a_lock_kept_by_a_process_the_dead_holder_left_behind_is_stale_and_unloc
     proc, _, orphan = holder(opts, then="fork-and-exit")
     proc.join()
     try:
-        info = ledger.inspect(opts, "app")
+        info = deploylock.inspect(opts, "app")
         assert info["locked"] is True and info["state"] == "stale"
-        assert ledger.unlock(opts, "app", "carol")["result"] is True
-        lock = ledger.lock(opts, "app")
+        assert deploylock.unlock(opts, "app", "carol")["result"] is True
+        lock = deploylock.lock(opts, "app")
         lock.acquire("bob", "fleet.deploy app rev=v3")
         lock.release()
     finally:
@@ -264,7 +265,7 @@ def test_lock_wait_takes_the_lock_once_the_holder_is_gone(opts):
     waiter_parent, waiter_child = FORK.Pipe()
 
     def wait_for_lock():
-        lock = ledger.lock(opts, "app")
+        lock = deploylock.lock(opts, "app")
         record = lock.acquire("bob", "fleet.deploy app rev=v3", wait=600, poll=0.05)
         waiter_child.send(record["user"])
 
@@ -279,7 +280,7 @@ def test_lock_wait_takes_the_lock_once_the_holder_is_gone(opts):
 def test_a_name_that_would_leave_the_locks_folder_is_refused(opts):
     for name in ("../x", ".hidden", "a/b"):
         with pytest.raises(CommandExecutionError, match="not a deployment name"):
-            ledger.inspect(opts, name)
+            deploylock.inspect(opts, name)
 
 
 # ------------------------------------------- what a minion's return may record
