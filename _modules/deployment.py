@@ -22,6 +22,7 @@ import shlex
 import time
 
 import salt.utils.args
+import salt.utils.data
 from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,54 @@ def report():
         salt 'worker-7' deployment.report
     """
     return __utils__["saltfleet_report.tell_master"](__salt__, __opts__)
+
+
+def task_events(name, watch, seconds=60, stop=False):
+    """
+    What this host's Celery workers of deployment ``name`` did with their
+    tasks since watch ``watch`` began, per release: for each task name the
+    tasks succeeded, failed and retried and a histogram of run times, from
+    Celery's own task events (switched on for these nodes while the watch
+    listens, off after). The first call of a watch starts its listeners, for
+    ``seconds`` at most; ``stop=True`` ends them. Also each release's programs
+    (state and pid), and the nodes that went offline. A rollout's analysis
+    (``fleet.deploy`` with ``analyse`` steps) calls it; the broker must carry
+    events (RabbitMQ, Redis: kombu's filesystem transport does not).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'worker-7' deployment.task_events daily-fetcher watch=look seconds=60
+        salt 'worker-7' deployment.task_events daily-fetcher watch=look stop=True
+    """
+    p, manifest, uid = _installed(name)
+    events = "saltfleet_taskevents"
+    if salt.utils.data.is_true(stop):
+        return {"stopped": __utils__[f"{events}.stop"](p, str(watch))}
+    sup = "saltfleet_supervisor"
+    serving = __utils__[f"{sup}.serving"](p)
+    gens = __utils__[f"{sup}.generations"](p, uid, manifest.get("draining"))
+    releases = {g: (manifest.get("release") if g == serving else i.get("release")) for g, i in gens.items()}
+    apps = __utils__[f"{events}.nodes_by_release"](p, releases)
+    if apps and manifest.get("release") and not __utils__[f"{events}.listening"](p, str(watch)):
+        release = __utils__["saltfleet_paths.release"](p, manifest["release"])
+        venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
+        spec = _celery_spec(name, manifest)
+        __utils__[f"{events}.listen"](spec, p, str(watch), apps, release, venv, int(seconds), __opts__["id"])
+    counted, offline, problems = __utils__[f"{events}.counted"](p, str(watch), apps, _env(name))
+    programs = {}
+    for gen, release in releases.items():
+        sock = __utils__["saltfleet_paths.generation"](p, gen)["socket"]
+        if release and (gens[gen].get("state") == "RUNNING" or gens[gen].get("answering")):
+            try:
+                infos = __utils__[f"{sup}.process_info"](sock, uid)
+            except CommandExecutionError as exc:
+                problems.append(f"generation {gen}: {exc}")
+                continue
+            into = programs.setdefault(release, {})
+            into.update({__utils__[f"{sup}.proc_name"](i): {"state": i["statename"], "pid": i["pid"]} for i in infos})
+    return {"tasks": counted, "programs": programs, "offline": offline, "problems": problems}
 
 
 def restart(name, program=None):

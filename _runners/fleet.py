@@ -612,13 +612,17 @@ def _refuse(message, **fields):
     return _finish({**fields, "error": message, "retcode": 1})
 
 
-def _plan(what, name, batch, tgt, tgt_type):
+def _plan(what, name, batch, tgt, tgt_type, rollout=None):
     """
-    ({minion: release it serves}, batches, held back, {minion: its pillar
-    spec of ``name``}) of the hosts of ``name`` (those the master's own
-    pillar assigns it), the batches within the deployment's
-    ``min_consumers`` (the highest floor that pillar gives any of its hosts);
-    ValueError when there are no hosts or a floor cannot hold.
+    ({minion: release it serves}, actions, held back, {minion: its pillar
+    spec of ``name``}, analysis thresholds) of the hosts of ``name`` (those
+    the master's own pillar assigns it): the actions
+    (``saltfleet_steps.actions``: batches of ``batch``, or the steps of
+    ``rollout``, (steps, analysis) as given to ``fleet.deploy``, over
+    pillar's) with every batch within the deployment's ``min_consumers``
+    (the highest floor that pillar gives any of its hosts); the specs are
+    those of every host of ``name``, targeted or not. ValueError when there
+    are no hosts, the steps are wrong or a floor cannot hold.
     """
     assigned = __utils__["saltfleet_assigned.assignments"](_opts())
     serving, strays = __utils__[f"{ROLLOUT}.claimed"](_opts(), name, tgt, tgt_type, assigned)
@@ -626,7 +630,6 @@ def _plan(what, name, batch, tgt, tgt_type):
         _progress(f"{name}: {minion} says it runs {name}, but the master's pillar does not assign it there: left out")
     if not serving:
         raise ValueError(f"{what}: {__utils__['saltfleet_rollout.not_hosted'](_opts(), name, tgt, tgt_type)}")
-    plan = __utils__[f"{ROLLOUT}.batches"](sorted(serving), batch)
     # Every host of the deployment, targeted or not: its pillar sets the floors, its workers keep them.
     everywhere = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, "*", "glob", assigned)
     specs = assigned.specs(name, everywhere)
@@ -638,17 +641,45 @@ def _plan(what, name, batch, tgt, tgt_type):
             if queue in floors and row["status"] == "up" and assigned.assigns(row["minion"], row["deployment"]):
                 consumers.setdefault(row["minion"], {}).setdefault(queue, 0)
                 consumers[row["minion"]][queue] += 1
-    try:
-        plan, held = __utils__[f"{ROLLOUT}.within_floor"](plan, consumers, floors)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}; nothing was changed") from None
+
+    # Resolved here: the plan calls it back from a utils module, whose context packs no __utils__.
+    within_floor = __utils__[f"{ROLLOUT}.within_floor"]
+
+    def cut(plan):
+        try:
+            return within_floor(plan, consumers, floors)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}; nothing was changed") from None
+
+    steps, settings = _rollout_settings(name, specs, *rollout) if rollout is not None else (None, None)
+    plan, held = __utils__["saltfleet_steps.actions"](steps, sorted(serving), batch, cut)
     for row in held:
         _progress(
             f"{name}: batch {row['batch']} cut short: queue {row['queue']} keeps {row['floor']} "
             f"of its {row['consumers']} consumers (min_consumers)",
             "warn",
         )
-    return serving, plan, held, specs
+    return serving, plan, held, specs, settings
+
+
+def _rollout_settings(name, specs, steps, analysis):
+    """
+    (steps, analysis thresholds) of a rollout of ``name``: ``steps`` and
+    ``analysis`` given to the runner, else ``deployments:<name>:rollout`` of
+    the master's pillar (the same for every host); ValueError naming what is wrong.
+    """
+    given = __utils__["saltfleet_assigned.rollout"](name, specs)
+    if steps is not None:
+        given = {**given, "steps": steps}
+    if analysis is not None:
+        given = {
+            **given,
+            "analysis": {**(given.get("analysis") or {}), **analysis} if isinstance(analysis, dict) else analysis,
+        }
+    errors = []
+    if not __utils__["saltfleet_schema.check_rollout"](f"fleet.deploy {name}: rollout", given, errors):
+        raise ValueError("; ".join(errors))
+    return given.get("steps") or None, __utils__["saltfleet_schema.analysis_settings"](given.get("analysis"))
 
 
 def _hooks(name, specs, pre, post):
@@ -677,10 +708,15 @@ def _refused(kind, name, rev, why, /, **fields):
     return _refuse(why, **fields)
 
 
-def _roll(lock, kind, name, rev, plan, held, serving, fun, hooks, timeout):
+def _roll(lock, kind, name, rev, plan, held, serving, fun, hooks, timeout, analysis=None):
     """The rollout under ``lock`` (held), recorded in the ledger: its report."""
     journal = __utils__[f"{LEDGER}.journal"](_opts(), __jid__)
-    args = (kind, _user(), name, rev, plan, serving, fun, hooks, timeout, _progress)
+    watch = None
+    if analysis is not None:
+        settings, hosts = analysis
+        watch = __utils__["saltfleet_steps.watch"](_opts(), name, __jid__, hosts, settings, _progress, journal, lock)
+    start = {"kind": kind, "user": _user(), "deployment": name, "rev": rev}
+    args = (start, plan, serving, fun, hooks, timeout, _progress, watch)
     return _finish(_held(__utils__[f"{ROLLOUT}.roll"](_opts(), lock, journal, *args), held))
 
 
@@ -689,7 +725,20 @@ def _held(report, held):
     return {**report, "held back": held} if held else report
 
 
-def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_wait=0, timeout=30, pre=None, post=None):
+def deploy(
+    name,
+    rev=None,
+    batch=None,
+    tgt="*",
+    tgt_type="glob",
+    test=False,
+    lock_wait=0,
+    timeout=30,
+    pre=None,
+    post=None,
+    steps=None,
+    analysis=None,
+):
     """
     Deploy ``rev`` of deployment ``name`` to every minion that hosts it, batch
     by batch, each host through ``deployment.update_code`` (the state's own
@@ -718,10 +767,27 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
     master's cache, as ``fleet.queues`` shows them, on the hosts the master's
     pillar assigns their deployment.
 
+    Steps (``steps=``, else pillar ``deployments:<name>:rollout:steps``) make
+    it a canary rollout: ``{hosts: N}`` or ``{hosts: 'P%'}`` brings the new
+    release to that many hosts in all, ``{analyse: SECONDS}`` watches the
+    Celery tasks of the new release against the old one's (failure rate, p95
+    run time, crashed workers: thresholds in ``analysis=``, else pillar's
+    ``rollout:analysis``), ``{pause: true}`` waits for ``fleet.promote`` or
+    ``fleet.abort``. A failed analysis (or an abort) sends every host the
+    rollout changed back to the release it served; the report's ``analysis``
+    and ``fleet.history`` show the figures and the decision,
+    ``fleet.analysis`` the running one.
+
     batch
-        Hosts per batch: a number (``1``, the default) or a share (``20%``).
+        Hosts per batch: a number (``1``, the default without steps) or a
+        share (``20%``). With steps, a step's hosts go in one batch unless
+        ``batch`` is given.
     tgt, tgt_type
         Only the hosts of ``name`` among these minions (default: all).
+    steps
+        The rollout's steps, e.g. ``steps='[{hosts: 1}, {analyse: 120}, {hosts: "100%"}]'``.
+    analysis
+        Thresholds over pillar's, e.g. ``analysis='{max_failure_rate: 0.2, min_tasks: 50}'``.
     test
         ``True``: what each host would do (``state.single deployment.present
         NAME rev=REV test=True``); nothing changes, nothing is locked.
@@ -741,6 +807,7 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         salt-run fleet.deploy daily-fetcher rev=main batch=20% test=True
         salt-run fleet.deploy daily-fetcher rev=v2.3 tgt='worker-*' lock_wait=600
         salt-run fleet.deploy daily-fetcher rev=v2.3 post='python manage.py migrate'
+        salt-run fleet.deploy daily-fetcher rev=v2.3 steps='[{hosts: 1}, {analyse: 120}, {hosts: "100%"}]'
     """
     from salt.exceptions import CommandExecutionError
 
@@ -749,7 +816,9 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
         return _refuse(why) if test else _refused("fleet.deploy", name, None, why, outcome="refused")
     rev = str(rev)
     try:
-        serving, plan, held, specs = _plan(f"fleet.deploy {name}", name, batch, tgt, tgt_type)
+        serving, plan, held, specs, settings = _plan(
+            f"fleet.deploy {name}", name, batch, tgt, tgt_type, (steps, analysis)
+        )
         if test:
             return _finish(_held(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress), held))
         hooks = _hooks(name, specs, pre, post)
@@ -759,7 +828,10 @@ def deploy(name, rev=None, batch=1, tgt="*", tgt_type="glob", test=False, lock_w
             return _refuse(str(exc), deployment=name, rev=rev, outcome="refused")
         return _refused("fleet.deploy", name, rev, str(exc), deployment=name, rev=rev, outcome="refused")
     try:
-        return _roll(lock, "fleet.deploy", name, rev, plan, held, serving, "deployment.update_code", hooks, timeout)
+        canary = (settings, sorted(specs)) if any("batch" not in action for action in plan) else None
+        return _roll(
+            lock, "fleet.deploy", name, rev, plan, held, serving, "deployment.update_code", hooks, timeout, canary
+        )
     finally:
         lock.release()
 
@@ -786,14 +858,15 @@ def rollback(name, release=None, batch=1, tgt="*", tgt_type="glob", test=False, 
     what = f"fleet.rollback {name}"
     lock = None
     try:
-        serving, plan, held, _ = _plan(what, name, batch, tgt, tgt_type)
+        serving, plan, held, _, _ = _plan(what, name, batch, tgt, tgt_type)
         lock = None if test else _take(name, f"{what} batch={batch}", lock_wait)
         target = __utils__[f"{ROLLOUT}.rollback_target"](_opts(), name, sorted(serving), release, timeout, _progress)
         if test:
             moving = sorted(m for m in serving if serving[m] != target)
             count = __utils__["saltfleet_rollout.count"]
             summary = f"test: {len(moving)} of {count(len(serving), 'host')} would go back to {target[:12]}"
-            report = {"deployment": name, "release": target, "test": True, "batches": plan, "would switch": moving}
+            batches = [action["batch"] for action in plan]
+            report = {"deployment": name, "release": target, "test": True, "batches": batches, "would switch": moving}
             return _finish(_held({**report, "summary": summary, "retcode": 0}, held))
         return _roll(lock, "fleet.rollback", name, target, plan, held, serving, "deployment.rollback", {}, timeout)
     except (ValueError, CommandExecutionError) as exc:
@@ -829,6 +902,82 @@ def unlock(name, force=False):
     except CommandExecutionError as exc:
         return _refuse(f"fleet.unlock {name}: {exc}")
     return _finish({**result, "retcode": 0 if result["result"] else 1})
+
+
+def _tell(name, verdict):
+    from salt.exceptions import CommandExecutionError
+
+    try:
+        said = __utils__["saltfleet_deploylock.tell"](_opts(), name, verdict, _user())
+    except CommandExecutionError as exc:
+        return _refuse(f"fleet.{verdict} {name}: {exc}")
+    holder = __utils__["saltfleet_deploylock.describe"](said["holder"])
+    what = (
+        "goes on past its pause or analysis" if verdict == "promote" else "stops and sends every host it changed back"
+    )
+    return {"result": True, "comment": f"the rollout of {name} by {holder} {what} at its next look (within seconds)"}
+
+
+def promote(name):
+    """
+    Tell the running rollout of deployment ``name`` to go on: past its
+    pause (a ``pause`` step, or an inconclusive analysis), or past the
+    analysis it runs (that step counts as promoted). The rollout takes it
+    within a second or a window of its analysis, and the ledger names who
+    promoted it. An error when no rollout of ``name`` runs.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.promote daily-fetcher
+    """
+    return _tell(name, "promote")
+
+
+def abort(name):
+    """
+    Tell the running rollout of deployment ``name`` to stop and send every
+    host it changed back to the release it served before (the same
+    handover: nothing in flight is killed), at its next look: while it
+    pauses or analyses, or before its next batch. An error when no rollout
+    of ``name`` runs.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.abort daily-fetcher
+    """
+    return _tell(name, "abort")
+
+
+def analysis(name):
+    """
+    The running (or last) analysis of a rollout of deployment ``name``: for
+    the new release and the old ones, tasks succeeded, failed and retried,
+    failure rate and p50/p95 run time, overall and per task name; the
+    thresholds, the seconds elapsed of the step, and the decision so far
+    (``running``, ``passed``, ``failed``, ``inconclusive``) with why.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run fleet.analysis daily-fetcher
+        salt-run fleet.analysis daily-fetcher --out=json
+    """
+    from salt.exceptions import CommandExecutionError
+
+    try:
+        found = __utils__["saltfleet_steps.live"](_opts(), name)
+    except CommandExecutionError as exc:
+        return _refuse(f"fleet.analysis: {exc}")
+    if not found:
+        return _refuse(
+            f"fleet.analysis {name}: no rollout of {name} has run an analysis (an analyse step of fleet.deploy)"
+        )
+    return found
 
 
 def history(deployment=None, limit=20):

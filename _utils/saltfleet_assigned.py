@@ -110,22 +110,32 @@ def floors(name, specs):
     return dict(sorted(found.items()))
 
 
-def hooks(name, specs):
+def _one(name, key, specs, read, passed):
     """
-    {pre, post: [argv...]} of deployment ``name`` from its hosts' pillar
-    ``specs``: one set for the deployment, so hosts whose pillar differs are
-    a ValueError naming two of them.
+    What ``read`` finds in each host's pillar spec of ``name``: one value for
+    the deployment, so hosts whose pillar differs are a ValueError naming two
+    of them (``passed``: the runner's arguments that override it). None without hosts.
     """
-    read = _utils("saltfleet_rollout.hooks_in_pillar")
     seen = {}
     for minion, spec in sorted(specs.items()):
-        found = read({"deployments": {name: spec}}, name)
-        key = repr(found)
-        seen.setdefault(key, (minion, found))
+        found = read(spec)
+        seen.setdefault(repr(found), (minion, found))
     if len(seen) > 1:
         (one, _), (other, _) = list(seen.values())[:2]
         raise ValueError(
-            f"deployments:{name}:hooks: the master's pillar gives {one} and {other} different hooks; "
-            "give every host of the deployment the same ones, or pass pre=/post="
+            f"deployments:{name}:{key}: the master's pillar gives {one} and {other} different {key}; "
+            f"give every host of the deployment the same, or pass {passed}"
         )
-    return next(iter(seen.values()))[1] if seen else {"pre": [], "post": []}
+    return next(iter(seen.values()))[1] if seen else None
+
+
+def hooks(name, specs):
+    """{pre, post: [argv...]} of deployment ``name`` from its hosts' pillar ``specs`` (one set: ``_one``)."""
+    read = _utils("saltfleet_rollout.hooks_in_pillar")
+    found = _one(name, "hooks", specs, lambda spec: read({"deployments": {name: spec}}, name), "pre=/post=")
+    return found or {"pre": [], "post": []}
+
+
+def rollout(name, specs):
+    """``deployments:<name>:rollout`` ({steps, analysis}) of its hosts' pillar ``specs`` (one: ``_one``)."""
+    return _one(name, "rollout", specs, lambda spec: spec.get("rollout") or {}, "steps=/analysis=") or {}

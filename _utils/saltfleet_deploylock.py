@@ -9,6 +9,12 @@ holder process is gone (a process it forked kept the file open) is stale too,
 and ``fleet.unlock`` breaks it. Breaking a live holder's lock needs
 ``force=True``: the lock file is unlinked, so the next deploy takes a new one,
 and the old holder, which checks its lock before each batch, stops there.
+
+An operator's word to the rollout holding the lock (``fleet.promote``,
+``fleet.abort``) is a verdict in ``locks/<name>.verdict``, naming the
+holder's token: the holder takes it (``told``) at its next look, between
+batches, windows of an analysis and while it pauses; a verdict meant for
+an earlier holder counts for nothing.
 """
 
 import contextlib
@@ -53,6 +59,35 @@ def _paths(opts, name):
         raise CommandExecutionError(f"{name!r} is not a deployment name")
     base = _utils("saltfleet_ledger.folder")(opts) / "locks"
     return base / f"{name}.lock", base / f"{name}.json"
+
+
+def _verdict_path(opts, name):
+    return _paths(opts, name)[0].with_suffix(".verdict")
+
+
+VERDICTS = ("promote", "abort")
+
+
+def tell(opts, name, verdict, user):
+    """
+    Leave ``verdict`` (promote or abort) for the rollout of ``name`` that
+    holds the lock; its record. CommandExecutionError when no rollout of
+    ``name`` runs.
+    """
+    if verdict not in VERDICTS:
+        raise CommandExecutionError(f"{verdict!r} is no verdict: {' or '.join(VERDICTS)}")
+    info = inspect(opts, name)
+    if info["state"] != "held":
+        raise CommandExecutionError(
+            f"no rollout of {name} is running (its deploy lock is {info['state']}); `salt-run fleet.history {name}` "
+            "shows the last one"
+        )
+    token = (info["record"] or {}).get("token")
+    if not token:
+        raise CommandExecutionError(f"the rollout of {name} is starting (it left no record yet); ask again")
+    record = {"verdict": verdict, "user": user, "at": _utils("saltfleet_ledger.now")(), "token": token}
+    _utils("saltfleet_files.write_json")(_verdict_path(opts, name), record, 0o600)
+    return {**record, "holder": info["record"]}
 
 
 def _alive(pid):
@@ -120,6 +155,7 @@ class DeployLock:
     def __init__(self, opts, name):
         self.name = name
         self.lock, self.rec = _paths(opts, name)
+        self.verdict = _verdict_path(opts, name)
         # Resolved now, inside the loader's context: the methods may run outside it.
         self._read = _utils("saltfleet_files.read_json")
         self._write = _utils("saltfleet_files.write_json")
@@ -187,6 +223,16 @@ class DeployLock:
             f"the deploy lock of {self.name} was broken (`salt-run fleet.unlock {self.name} force=True`); "
             "stopping before the next batch"
         )
+
+    def told(self):
+        """The operator's verdict for this holder ({verdict, user, at}), taken once; None when there is none."""
+        said = self._read(self.verdict, None)
+        if said is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.verdict)
+        mine = isinstance(said, dict) and said.get("token") == (self.record or {}).get("token")
+        return said if mine and said.get("verdict") in VERDICTS else None
 
     def release(self):
         if self.fd is None:

@@ -11,7 +11,9 @@ torn by a crash is closed off by the next writer and skipped by readers. Lines:
   runner's jid as ``id``: ``start`` (who, deployment, rev, planned batches),
   ``batch`` (one per batch, with the jid of the job sent to its hosts),
   ``host`` (one per host as its return arrives: batch, minion, outcome,
-  release or reason) and ``end`` (outcome and every host's outcome). A
+  release or reason), ``analysis`` (each analyse step: the figures of the
+  new and old releases, thresholds, decision and why), ``pause``,
+  ``promote`` and ``abort`` (who), and ``end`` (outcome and every host's outcome). A
   rollout without its ``end`` was cut short (its runner died) unless it
   still holds the lock. Each of these lines is also fired on the master's
   event bus as it is written, tagged ``saltfleet/rollout/<id>/<event>`` with
@@ -288,6 +290,12 @@ def _rollout(rid, events, jobs, running):
         "rev": start.get("rev"),
         "jid": rid,
     }
+    analyses = [_without(e, ("type", "id", "event")) for e in events if e.get("event") == "analysis"]
+    if analyses:
+        item["analysis"] = analyses
+    said = [_without(e, ("type", "id")) for e in events if e.get("event") in ("pause", "promote", "abort")]
+    if said:
+        item["operator"] = said
     if end is not None:
         item.update(finished=end.get("at"), outcome=end.get("summary") or end.get("outcome"), hosts=end.get("hosts"))
         return item
@@ -304,6 +312,10 @@ def _rollout(rid, events, jobs, running):
     item["outcome"] = "running" if running else "interrupted: its runner stopped before the end"
     item["hosts"] = hosts
     return item
+
+
+def _without(entry, keys):
+    return {k: v for k, v in entry.items() if k not in keys}
 
 
 def _job(jid, lines):

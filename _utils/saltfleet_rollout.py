@@ -11,7 +11,10 @@ A host's outcome is one of:
 - ``no answer``: it did not return within the timeout (its minion is down or
   hung): never a success, and whether it switched is not known;
 - ``not touched``: the rollout stopped before its batch; ``release`` is what
-  the master last heard it serve.
+  the master last heard it serve;
+- ``rolled back``: it was deployed, and a failed analysis (or ``fleet.abort``)
+  sent it back to the release it served before (``release``); ``rollback
+  failed`` when that did not work (``reason``).
 
 A batch succeeds only when every host in it is ``deployed``; the rollout
 stops at the first batch that does not.
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 __virtualname__ = "saltfleet_rollout"
 
 DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
+ROLLED_BACK, ROLLBACK_FAILED = "rolled back", "rollback failed"
 REASON_MAX = 2000
 # How long a return event may run ahead of the master's job cache before it counts for nothing.
 STORED_WAIT = 5
@@ -363,82 +367,175 @@ def dry_outcome(data):
 # ---------------------------------------------------------------- a rollout
 
 
-def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, check):
-    """
-    Run ``fun`` with ``arg`` batch by batch over ``plan`` (lists of minion
-    ids), stopping at the first batch with a host that is not ``deployed``;
-    ``hooks`` {pre, post: [argv]} run through ``deployment.run`` on the
-    first host, ``pre`` before any host changes, ``post`` after the last
-    batch. ``serving``: {minion: release} before the rollout. ``emit`` takes
-    progress lines, ``journal`` ledger events (each batch as it is sent, each
-    host's outcome as it returns), ``check`` raises to stop.
-    Returns (hosts {minion: outcome}, hook results, why it stopped or None).
-    """
-    hosts = {m: {"outcome": NOT_TOUCHED, "release": serving.get(m)} for batch in plan for m in batch}
-    first = plan[0][0]
-    ran = {}
-    stopped = _hooks("pre", hooks.get("pre"), opts, name, first, timeout, emit, ran)
-    if stopped:
-        return hosts, ran, f"{stopped}; no host was changed"
-    for number, batch in enumerate(plan, 1):
-        try:
-            check()
-        except Exception as exc:  # pylint: disable=broad-except
-            return hosts, ran, str(exc)
-        emit(f"{name}: batch {number} of {len(plan)}: {', '.join(batch)}")
+def _batch(opts, name, number, total, batch, fun, arg, timeout, emit, journal, hosts):
+    """Send batch ``number`` of ``total``; each host's outcome into ``hosts``. Why it stopped the rollout, or None."""
+    emit(f"{name}: batch {number} of {total}: {', '.join(batch)}")
 
-        def returned(minion, data, n=number):
-            row = outcome(data)
-            what = row.get("release") if row["outcome"] == DEPLOYED else row.get("reason")
-            emit(f"{name}: {minion}: {row['outcome']}: {what}", OK if row["outcome"] == DEPLOYED else FAIL)
-            journal({"event": "host", "batch": n, "minion": minion, **row})
+    def returned(minion, data):
+        row = outcome(data)
+        what = row.get("release") if row["outcome"] == DEPLOYED else row.get("reason")
+        emit(f"{name}: {minion}: {row['outcome']}: {what}", OK if row["outcome"] == DEPLOYED else FAIL)
+        journal({"event": "host", "batch": number, "minion": minion, **row})
 
-        try:
-            _, returns = publish(
-                opts,
-                batch,
-                fun,
-                arg,
-                timeout=timeout,
-                on_jid=lambda jid, n=number, b=batch: journal({"event": "batch", "batch": n, "jid": jid, "hosts": b}),
-                on_return=returned,
-            )
-        except Exception as exc:  # pylint: disable=broad-except
-            # The master failed us mid-batch: what its hosts did is not known.
-            for minion in batch:
-                hosts[minion] = {"outcome": NO_ANSWER, "reason": str(exc)}
-            return hosts, ran, f"batch {number} of {len(plan)}: {exc}; the rollout stopped there"
+    try:
+        _, returns = publish(
+            opts,
+            batch,
+            fun,
+            arg,
+            timeout=timeout,
+            on_jid=lambda jid: journal({"event": "batch", "batch": number, "jid": jid, "hosts": batch}),
+            on_return=returned,
+        )
+    except Exception as exc:  # pylint: disable=broad-except
+        # The master failed us mid-batch: what its hosts did is not known.
         for minion in batch:
-            hosts[minion] = outcome(returns.get(minion))
-            if minion not in returns:
-                emit(f"{name}: {minion}: no answer within {timeout} s", FAIL)
-                journal({"event": "host", "batch": number, "minion": minion, **hosts[minion]})
-        bad = [m for m in batch if hosts[m]["outcome"] != DEPLOYED]
-        if bad:
-            return hosts, ran, f"batch {number} of {len(plan)} failed ({_words(bad, hosts)}); the rollout stopped there"
-    stopped = _hooks("post", hooks.get("post"), opts, name, first, timeout, emit, ran)
-    return hosts, ran, stopped
+            hosts[minion] = {"outcome": NO_ANSWER, "reason": str(exc)}
+        return f"batch {number} of {total}: {exc}; the rollout stopped there"
+    for minion in batch:
+        hosts[minion] = outcome(returns.get(minion))
+        if minion not in returns:
+            emit(f"{name}: {minion}: no answer within {timeout} s", FAIL)
+            journal({"event": "host", "batch": number, "minion": minion, **hosts[minion]})
+    bad = [m for m in batch if hosts[m]["outcome"] != DEPLOYED]
+    if bad:
+        return f"batch {number} of {total} failed ({_words(bad, hosts)}); the rollout stopped there"
+    return None
 
 
-def roll(opts, lock, journal, kind, user, name, rev, plan, serving, fun, hooks, timeout, emit):
+def revert(opts, name, hosts, serving, timeout, emit, journal):
     """
-    ``rollout`` under ``lock`` (held), its start, batches and end in the
-    ledger through ``journal``; the report.
+    Send every host this rollout changed (``deployed`` on another release
+    than the one it served before, in ``serving``) back to that release,
+    through ``deployment.rollback`` (the same handover: the old release
+    takes the queues again, nothing in flight is killed); all at once, one
+    job per release gone back to. Each host's row becomes ``rolled back`` or
+    ``rollback failed``.
     """
+    changed = {
+        m: serving[m]
+        for m, row in hosts.items()
+        if row["outcome"] == DEPLOYED and serving.get(m) and serving[m] != row.get("release")
+    }
+    by_release = {}
+    for minion, release in sorted(changed.items()):
+        by_release.setdefault(release, []).append(minion)
+    for release, minions in by_release.items():
+        emit(f"{name}: rolling {', '.join(minions)} back to {release[:12]}", WARN)
+        try:
+            _, returns = publish(opts, minions, "deployment.rollback", [name, release], timeout=timeout)
+        except Exception as exc:  # pylint: disable=broad-except
+            returns = {m: {"ret": f"ERROR: {exc}"} for m in minions}
+        for minion in minions:
+            row = outcome(returns.get(minion))
+            if row["outcome"] == DEPLOYED and row.get("release") == release:
+                hosts[minion] = {"outcome": ROLLED_BACK, "release": release}
+                emit(f"{name}: {minion}: rolled back: {release}", OK)
+            else:
+                why = (
+                    row.get("reason") or f"serves {row.get('release')}" if row["outcome"] != NO_ANSWER else "no answer"
+                )
+                hosts[minion] = {"outcome": ROLLBACK_FAILED, "reason": why, "release": row.get("release")}
+                emit(f"{name}: {minion}: rollback failed: {why}", FAIL)
+            journal({"event": "host", "rollback": True, "minion": minion, **hosts[minion]})
+    return hosts
+
+
+def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, lock, watch=None):
+    """
+    Run ``fun`` with ``arg`` over ``plan``'s actions (``saltfleet_steps.actions``:
+    batches of minion ids, analyses, pauses), stopping at the first batch
+    with a host that is not ``deployed``; ``hooks`` {pre, post: [argv]} run
+    through ``deployment.run`` on the first host, ``pre`` before any host
+    changes, ``post`` after the last action. A failed (or aborted) analysis
+    or pause sends the hosts changed back (``revert``). ``serving``:
+    {minion: release} before the rollout; ``emit`` takes progress lines,
+    ``journal`` ledger events; ``lock`` (held) is checked before each action
+    and asked for an operator's verdict; ``watch`` (``saltfleet_steps.Watch``)
+    runs the analyses. Returns (hosts {minion: outcome}, hook results,
+    analyses, why it stopped or None).
+    """
+    batches = [a["batch"] for a in plan if "batch" in a]
+    hosts = {m: {"outcome": NOT_TOUCHED, "release": serving.get(m)} for batch in batches for m in batch}
+    ran, analyses = {}, []
+    stopped = _hooks("pre", hooks.get("pre"), opts, name, batches[0][0], timeout, emit, ran)
+    if stopped:
+        return hosts, ran, analyses, f"{stopped}; no host was changed"
+    number, said = 0, None
+    for action in plan:
+        try:
+            lock.check()
+        except Exception as exc:  # pylint: disable=broad-except
+            return hosts, ran, analyses, str(exc)
+        # A promote waits for the next analysis or pause (it skips that step); an abort acts now.
+        said = lock.told() or said
+        if said and said["verdict"] == "abort":
+            journal({"event": "abort", "user": said["user"]})
+            revert(opts, name, hosts, serving, timeout, emit, journal)
+            return hosts, ran, analyses, f"aborted by {said['user']}; every host it changed was sent back"
+        if "batch" in action:
+            number += 1
+            stopped = _batch(opts, name, number, len(batches), action["batch"], fun, arg, timeout, emit, journal, hosts)
+            if stopped:
+                return hosts, ran, analyses, stopped
+            continue
+        why = _step(watch, action, hosts, analyses, said)
+        said = None
+        if why:
+            revert(opts, name, hosts, serving, timeout, emit, journal)
+            return hosts, ran, analyses, f"{why}; every host it changed was sent back"
+    stopped = _hooks("post", hooks.get("post"), opts, name, batches[0][0], timeout, emit, ran)
+    return hosts, ran, analyses, stopped
+
+
+def _step(watch, action, hosts, analyses, promoted):
+    """Run an analysis or a pause (skipped when ``promoted``); why the rollout rolls back (None: it goes on)."""
+    kind = "analysis" if "analyse" in action else "pause"
+    if promoted:
+        watch.journal({"event": "promote", "user": promoted["user"], "skipped": kind})
+        watch.emit(f"{watch.name}: {kind} skipped: promoted by {promoted['user']}", OK)
+        return None
+    if kind == "pause":
+        told = _utils("saltfleet_steps.pause")(watch, "a pause step")
+        return f"aborted by {told['user']}" if told["verdict"] == "abort" else None
+    changed = {m for m, row in hosts.items() if row["outcome"] == DEPLOYED}
+    new = {row["release"] for row in hosts.values() if row["outcome"] == DEPLOYED and row.get("release")}
+    record = _utils("saltfleet_steps.analyse")(watch, len(analyses) + 1, action["analyse"], new, changed)
+    analyses.append(record)
+    decision = record["decision"]
+    if decision == "inconclusive":
+        decision = {"pause": None, "pass": "passed", "fail": "failed"}[watch.settings["inconclusive"]]
+        if decision is None:
+            told = _utils("saltfleet_steps.pause")(watch, f"analysis {len(analyses)} is inconclusive: {record['why']}")
+            decision = "aborted" if told["verdict"] == "abort" else "promoted"
+    if decision in ("failed", "aborted"):
+        return f"analysis {len(analyses)} {decision}: {record['why']}"
+    return None
+
+
+def roll(opts, lock, journal, start, plan, serving, fun, hooks, timeout, emit, watch=None):
+    """
+    ``rollout`` of ``start`` ({kind, user, deployment, rev}) under ``lock``
+    (held), its start, batches, analyses and end in the ledger through
+    ``journal``; the report.
+    """
+    name, rev = start["deployment"], start["rev"]
     if lock.replaced:
         emit(
             f"{name}: the lock's last holder, {lock.describe(lock.replaced)}, died before its end (see fleet.history)",
             WARN,
         )
-    emit(f"{name}: {kind} {rev} to {count(len(serving), 'host')} in {count(len(plan), 'batch')}")
-    journal(
-        {"event": "start", "kind": kind, "user": user, "deployment": name, "rev": rev, "batches": plan}
-        | {"serving": serving}
+    batches = [a["batch"] for a in plan if "batch" in a]
+    steps = _utils("saltfleet_steps.describe")(plan) if len(plan) > len(batches) else None
+    emit(
+        f"{name}: {start['kind']} {rev} to {count(len(serving), 'host')} in "
+        + (f"steps: {steps}" if steps else count(len(batches), "batch"))
     )
-    hosts, ran, stopped = rollout(
-        opts, name, plan, serving, fun, [name, rev], hooks, timeout, emit, journal, lock.check
+    journal({"event": "start", **start, "batches": batches, "serving": serving} | ({"steps": plan} if steps else {}))
+    hosts, ran, analyses, stopped = rollout(
+        opts, name, plan, serving, fun, [name, rev], hooks, timeout, emit, journal, lock, watch
     )
-    out = report(name, rev, plan, hosts, stopped, ran)
+    out = report(name, rev, batches, hosts, stopped, ran, analyses)
     journal({"event": "end", "outcome": out["outcome"], "summary": out["summary"], "hosts": hosts})
     emit(f"{name}: {out['summary']}", FAIL if out["retcode"] else OK)
     return out
@@ -473,8 +570,12 @@ def _hooks(when, argvs, opts, name, host, timeout, emit, ran):
 
 
 def dry_run(opts, name, rev, plan, timeout, emit):
-    """What each host would do for ``rev`` (``state.single deployment.present NAME rev=REV test=True``)."""
-    hosts = [minion for batch in plan for minion in batch]
+    """
+    What each host would do for ``rev`` (``state.single deployment.present
+    NAME rev=REV test=True``), and the rollout's batches and steps (``plan``'s actions).
+    """
+    batches = [action["batch"] for action in plan if "batch" in action]
+    hosts = [minion for batch in batches for minion in batch]
     emit(f"{name}: asking {count(len(hosts), 'host')} what deploying {rev} would do (test=True: nothing changes)")
     _, returns = publish(opts, hosts, "state.single", ["deployment.present", name], {"rev": rev, "test": True}, timeout)
     rows = {minion: dry_outcome(returns.get(minion)) for minion in hosts}
@@ -483,7 +584,9 @@ def dry_run(opts, name, rev, plan, timeout, emit):
     summary = f"test: {changing} of {count(len(hosts), 'host')} would change"
     if bad:
         summary += "; the rollout would stop at " + ", ".join(f"{m} ({rows[m]['outcome']})" for m in bad)
-    report = {"deployment": name, "rev": rev, "test": True, "batches": plan, "hosts": rows, "summary": summary}
+    report = {"deployment": name, "rev": rev, "test": True, "batches": batches, "hosts": rows, "summary": summary}
+    if len(plan) > len(batches):
+        report["steps"] = _utils("saltfleet_steps.describe")(plan)
     return {**report, "retcode": 1 if bad else 0}
 
 
@@ -514,13 +617,16 @@ def rollback_target(opts, name, hosts, requested, timeout, emit):
 # ----------------------------------------------------------------- reports
 
 
-def report(name, rev, plan, hosts, stopped, hooks=None):
-    """The rollout's report: hosts by outcome, one line of summary, and a retcode (0 only when complete)."""
-    by = {DEPLOYED: {}, FAILED: {}, NO_ANSWER: [], NOT_TOUCHED: {}}
+def report(name, rev, plan, hosts, stopped, hooks=None, analyses=None):
+    """
+    The rollout's report: hosts by outcome, one line of summary, the analyses
+    (``saltfleet_steps.analyse``'s records), and a retcode (0 only when complete).
+    """
+    by = {DEPLOYED: {}, FAILED: {}, NO_ANSWER: [], NOT_TOUCHED: {}, ROLLED_BACK: {}}
     for minion, row in sorted(hosts.items()):
-        if row["outcome"] == DEPLOYED:
-            by[DEPLOYED][minion] = row.get("release")
-        elif row["outcome"] == FAILED:
+        if row["outcome"] in (DEPLOYED, ROLLED_BACK):
+            by[row["outcome"]][minion] = row.get("release")
+        elif row["outcome"] in (FAILED, ROLLBACK_FAILED):
             by[FAILED][minion] = {"reason": row.get("reason"), "still serves": row.get("release")}
         elif row["outcome"] == NO_ANSWER:
             by[NO_ANSWER].append(minion)
@@ -532,13 +638,15 @@ def report(name, rev, plan, hosts, stopped, hooks=None):
         summary = f"stopped: {stopped}; {done} of {count(total, 'host')} on {rev}"
     else:
         summary = f"complete: {count(total, 'host')} in {count(len(plan), 'batch')} on {rev}"
+    if by[ROLLED_BACK]:
+        summary += f"; {count(len(by[ROLLED_BACK]), 'host')} rolled back"
     shas = sorted({sha for sha in by[DEPLOYED].values() if sha})
     if len(shas) > 1:
         summary += f"; {rev} resolved to {len(shas)} commits ({', '.join(s[:12] for s in shas)}): it moved meanwhile"
     out = {
         "deployment": name,
         "rev": rev,
-        "outcome": "stopped" if stopped else "complete",
+        "outcome": ("rolled back" if by[ROLLED_BACK] else "stopped") if stopped else "complete",
         "summary": summary,
         "batches": plan,
         "deployed": by[DEPLOYED],
@@ -547,6 +655,10 @@ def report(name, rev, plan, hosts, stopped, hooks=None):
         "not touched": by[NOT_TOUCHED],
         "retcode": 1 if stopped else 0,
     }
+    if by[ROLLED_BACK]:
+        out["rolled back"] = by[ROLLED_BACK]
+    if analyses:
+        out["analysis"] = analyses
     if hooks:
         out["hooks"] = hooks
     return out

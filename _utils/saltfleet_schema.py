@@ -53,6 +53,8 @@ DEPLOYMENT_DEFAULTS = {
     "hooks": {},
     # {Celery queue: fewest consumers}: fleet.deploy keeps a batch from leaving fewer.
     "min_consumers": {},
+    # fleet.deploy's steps (hosts, analyse, pause) and its analysis' thresholds (check_rollout).
+    "rollout": {},
     # Commands run once per release, as the user in it, before it serves (saltfleet_build).
     "build": [],
     "build_timeout": 900,
@@ -321,6 +323,84 @@ def check_min_consumers(where, floors, errors):
     return len(errors) == before
 
 
+# A rollout's analysis: its thresholds, their defaults and bounds (fleet.deploy's analyse steps).
+ANALYSIS = {
+    # The new release fails above this share of failed tasks, whatever the old one does...
+    "max_failure_rate": (0.5, float, 0.0, 1.0),
+    # ...or above the old release's share by this much.
+    "failure_margin": (0.1, float, 0.0, 1.0),
+    # ...or when its 95th percentile of run time is above this many times the old one's.
+    "runtime_ratio": (2.0, float, 1.0, 1000.0),
+    # Fewer tasks of the new release in a step, and the step is inconclusive.
+    "min_tasks": (20, int, 1, 1_000_000),
+    # What an inconclusive step does: pause for fleet.promote/fleet.abort, pass or fail.
+    "inconclusive": ("pause", str, None, None),
+    # How sure a step must be that the new release fails to end it before its time (one-sided).
+    "confidence": (0.99, float, 0.5, 0.999999),
+    # Seconds between two looks at the hosts' counts.
+    "window": (5, int, 1, 300),
+}
+INCONCLUSIVE = ("pause", "pass", "fail")
+STEP_KINDS = ("hosts", "analyse", "pause")
+
+
+def analysis_settings(given=None):
+    """The analysis thresholds: ``given`` (checked) over the defaults."""
+    return {key: (given or {}).get(key, default) for key, (default, *_rest) in ANALYSIS.items()}
+
+
+def _check_share(where, value, errors):
+    """A number of hosts (1, '3') or a share of them ('25%')."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1]) if text.endswith("%") else int(text)
+    except ValueError:
+        number = None
+    if isinstance(value, bool) or number is None or not (0 < number <= 100 if text.endswith("%") else number >= 1):
+        errors.append(f"{where}: {value!r} is not a number of hosts (2) or a share of them ('25%')")
+
+
+def check_rollout(where, rollout, errors):
+    """
+    Append an error unless ``rollout`` is {steps: [{hosts: N|'P%'} | {analyse:
+    SECONDS} | {pause: true}, ...], analysis: {threshold: value}}.
+    """
+    if not _check_type(where, rollout, dict, errors):
+        return False
+    before = len(errors)
+    _check_keys(where, rollout, ("steps", "analysis"), errors)
+    steps = rollout.get("steps") or []
+    if _check_type(f"{where}:steps", steps, list, errors):
+        for n, step in enumerate(steps, 1):
+            at = f"{where}:steps:{n}"
+            if not isinstance(step, dict) or len(step) != 1 or next(iter(step)) not in STEP_KINDS:
+                errors.append(
+                    f"{at}: {step!r} is not a step: give one of {{hosts: N}}, {{analyse: SECONDS}}, {{pause: true}}"
+                )
+                continue
+            kind, value = next(iter(step.items()))
+            if kind == "hosts":
+                _check_share(f"{at}:hosts", value, errors)
+            elif kind == "analyse":
+                _check_int(f"{at}:analyse", value, 1, 86400, errors)
+            elif value is not True:
+                errors.append(f"{at}:pause: must be true (the rollout waits for fleet.promote or fleet.abort)")
+    analysis = rollout.get("analysis") or {}
+    if _check_type(f"{where}:analysis", analysis, dict, errors):
+        _check_keys(f"{where}:analysis", analysis, ANALYSIS, errors)
+        for key, value in analysis.items():
+            if key not in ANALYSIS:
+                continue
+            _, kind, low, high = ANALYSIS[key]
+            if key == "inconclusive":
+                _check_choice(f"{where}:analysis:{key}", value, INCONCLUSIVE, errors)
+            elif kind is int:
+                _check_int(f"{where}:analysis:{key}", value, low, high, errors)
+            elif _check_type(f"{where}:analysis:{key}", value, (int, float), errors) and not low <= value <= high:
+                errors.append(f"{where}:analysis:{key}: must be between {low} and {high}, got {value}")
+    return len(errors) == before
+
+
 def _check_tool(where, value, errors):
     if value is not None and _check_type(where, value, str, errors) and not ROOT_RE.match(value):
         errors.append(f"{where}: {value!r} must be an absolute path (root's, writable by root only)")
@@ -404,6 +484,7 @@ def validate_deployment(name, spec, host):
         cfg["build"] = [cfg["build"]]
     _check_int(f"{where}:build_timeout", cfg["build_timeout"], 1, 86400, errors)
     check_min_consumers(f"{where}:min_consumers", cfg["min_consumers"], errors)
+    check_rollout(f"{where}:rollout", cfg["rollout"], errors)
     _check_type(f"{where}:context", cfg["context"], dict, errors)
     if _check_type(f"{where}:programs", cfg["programs"], dict, errors):
         for prog, opts in cfg["programs"].items():

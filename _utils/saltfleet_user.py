@@ -216,12 +216,13 @@ def run(user, argv, home, cwd=None, env=None, timeout=3600):
 def spawn(user, argv, home, log, cwd=None, env=None):
     """
     Start ``argv`` as ``user`` in the background, detached (as :func:`run`
-    starts it), its output appended to ``log``, which it opens as the user.
+    starts it), its output appended to ``log``, which it opens as the user;
+    its pid (the shell that opens the log becomes ``argv``).
     """
     identity = _identity(user)
     script = 'log=$1; shift; exec "$@" >> "$log" 2>&1'
     with _entering(home, identity) as entering:
-        subprocess.Popen(
+        return subprocess.Popen(
             ["/bin/sh", "-c", script, "sh", str(log), *_in(cwd, argv)],
             cwd="/",
             env=environ(user, home, env),
@@ -233,7 +234,7 @@ def spawn(user, argv, home, log, cwd=None, env=None):
             close_fds=True,
             **entering,
             **identity,
-        )
+        ).pid
 
 
 def run_root(argv, env, timeout, cwd=None, daemon=False):

@@ -98,7 +98,7 @@ def test_hosts_whose_pillar_gives_different_hooks_are_refused_naming_them(fleet_
     assign(opts, {"w1": {"fetcher": {"hooks": {"pre": "migrate"}}}, "w2": {"fetcher": {"hooks": {"pre": "other"}}}})
     report = runners()["fleet.deploy"]("fetcher", rev="v2")
     assert report["retcode"] == 1
-    assert "deployments:fetcher:hooks: the master's pillar gives w1 and w2 different hooks" in report["error"]
+    assert "deployments:fetcher:hooks: the master's pillar gives w1 and w2 different hooks;" in report["error"]
     assert minions.jobs == []
 
 

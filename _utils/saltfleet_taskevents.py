@@ -1,0 +1,339 @@
+"""
+What a deployment's Celery workers on this host did with their tasks, from
+Celery's own events, for a rollout's analysis (``deployment.task_events``).
+
+A watch is one listener per app of the deployment: a process of the user's
+(in the serving release, with its venv and env, as Celery's control runs)
+that switches task events on for this host's nodes of the deployment, binds
+a queue of its own to the app's event exchange, and keeps counting until its
+deadline or until it is stopped, writing what it counted so far to a file in
+the deployment's log folder every half second. It switches the events off
+again when it ends.
+
+What it writes is the user's word, read as such: the file is read without
+following a link and bounded, every count checked for its type, only the
+nodes of this host's own generations are taken, each counted for the
+release root's records say that generation runs (so a draining generation's
+tasks count for the release it drains), and task names are cut, scrubbed of
+the env's values and capped in number. Run times are kept as a histogram of
+buckets growing by ``GROWTH`` from ``FLOOR`` seconds: mergeable across hosts,
+bounded whatever the number of tasks.
+
+Root keeps each listener's pid and start (its own record, in the
+deployment's state folder) to stop that process, and no other, later.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+
+import salt.loader.context
+
+__virtualname__ = "saltfleet_taskevents"
+
+OUTCOMES = ("succeeded", "failed", "retried")
+BUCKETS, FLOOR, GROWTH = 200, 1e-4, 1.1
+SNAPSHOT_MAX = 1 << 20
+NAME_MAX, NAMES_MAX = 200, 100
+OTHER = "(other)"
+COUNT_MAX = 10**9
+
+# What runs as the user: listen to the app's task events for this host's nodes, write what was counted.
+LISTEN = r"""
+import json, math, os, signal, socket, sys, time
+from celery.app.utils import find_app
+from celery.events import get_exchange
+from kombu import Queue
+request = json.loads(sys.argv[1])
+app = find_app(request["app"])
+nodes, out = set(request["nodes"]), request["out"]
+deadline = time.monotonic() + request["seconds"]
+counts, names, offline, stop = {}, {}, set(), []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+OUTCOME = {"task-succeeded": "succeeded", "task-failed": "failed", "task-retried": "retried"}
+
+def bucket(seconds):
+    low, growth, top = request["floor"], request["growth"], request["buckets"] - 1
+    return max(0, min(top, int(math.log(max(seconds, low) / low, growth))))
+
+def count(event):
+    node, kind = event.get("hostname"), event.get("type")
+    if node not in nodes:
+        return
+    if kind == "worker-offline":
+        offline.add(node)
+    elif kind == "task-received" and len(names) < 100000:
+        names[event.get("uuid")] = str(event.get("name"))
+    elif kind in OUTCOME:
+        outcome = OUTCOME[kind]
+        name = names.get(event.get("uuid")) if outcome == "retried" else names.pop(event.get("uuid"), None)
+        empty = {"succeeded": 0, "failed": 0, "retried": 0, "runtime": {}}
+        row = counts.setdefault(node, {}).setdefault(name or "", empty)
+        row[outcome] += 1
+        runtime = event.get("runtime")
+        if outcome == "succeeded" and isinstance(runtime, (int, float)):
+            key = str(bucket(runtime))
+            row["runtime"][key] = row["runtime"].get(key, 0) + 1
+
+def receive(body, message):
+    for event in body if isinstance(body, list) else [body]:
+        if isinstance(event, dict):
+            count(event)
+
+def write(done=False):
+    part = f"{out}.part"
+    with open(part, "w") as handle:
+        handle.write(json.dumps({"nodes": counts, "offline": sorted(offline), "done": done}))
+    os.replace(part, out)
+
+def switch(on):
+    try:
+        (app.control.enable_events if on else app.control.disable_events)(destination=sorted(nodes))
+    except Exception as exc:
+        print(f"switching task events {'on' if on else 'off'} failed: {exc!r}", flush=True)
+
+with app.connection_for_read() as conn:
+    exchange = get_exchange(conn, name=app.conf.event_exchange)
+    queue = Queue(request["queue"], exchange=exchange, routing_key="#", auto_delete=True, durable=False,
+                  expires=request["expires"], message_ttl=request["expires"])
+    with conn.Consumer(queue, callbacks=[receive], no_ack=True, accept=["json"]):
+        switch(True)
+        write()
+        print(f"listening to the task events of {sorted(nodes)} on {request['queue']}", flush=True)
+        written = switched = time.monotonic()
+        while time.monotonic() < deadline and not stop:
+            with __import__("contextlib").suppress(socket.timeout, TimeoutError):
+                conn.drain_events(timeout=0.25)
+            now = time.monotonic()
+            if now - written >= 0.5:
+                write()
+                written = now
+            if now - switched >= 5:
+                # A node that restarted since came back with its events off.
+                switch(True)
+                switched = now
+switch(False)
+write(done=True)
+print("task events switched off; done", flush=True)
+"""
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def _utils(name):
+    # Salt's utils loader packs no __utils__ into utils modules: the loader in context holds them.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)[name]
+
+
+def _token(text):
+    return hashlib.sha256(str(text).encode()).hexdigest()[:16]
+
+
+def _record_path(p, watch):
+    return p["state"] / f"watch.{_token(watch)}.json"
+
+
+def _snapshot_path(p, watch, app):
+    return p["logs"] / f"events.{_token(watch)}.{_token(app)}.json"
+
+
+def nodes_by_release(p, generations):
+    """
+    {app: {node: release}} of the Celery workers of ``generations``
+    ({gen: release}, root's records), from root's config of each generation.
+    """
+    found = {}
+    sections_of = _utils("saltfleet_supervisor_conf.sections_of")
+    for gen, release in generations.items():
+        conf = _utils("saltfleet_paths.generation")(p, gen)["conf"]
+        if not release or not conf.exists():
+            continue
+        for app, expected in _utils("saltfleet_celery.by_app")(
+            _utils("saltfleet_celery.workers_in")(sections_of(conf.read_text()))
+        ).items():
+            found.setdefault(app, {}).update(dict.fromkeys(expected, release))
+    return found
+
+
+def listening(p, watch):
+    """Whether the listeners of ``watch`` root started still run."""
+    record = _utils("saltfleet_files.read_json")(_record_path(p, watch), {})
+    alive = _utils("saltfleet_supervisor.alive")
+    return any(alive(r) for r in record.values()) if isinstance(record, dict) else False
+
+
+def listen(cfg, p, watch, apps, release, venv, seconds, queue_id):
+    """
+    Start a listener per app of ``apps`` ({app: {node: release}}) for
+    ``seconds``, as the user in ``release`` (the serving one) with ``venv``;
+    root records each one's pid and start.
+    """
+    env = {
+        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
+        "VIRTUAL_ENV": str(venv),
+        **{k: str(v) for k, v in cfg["env"].items()},
+    }
+    started = {}
+    for app, nodes in sorted(apps.items()):
+        request = {
+            "app": app,
+            "nodes": sorted(nodes),
+            "out": str(_snapshot_path(p, watch, app)),
+            "seconds": int(seconds),
+            "queue": f"saltfleet.events.{_token(watch)}.{_token(queue_id)}.{_token(app)}",
+            "expires": 60,
+            "buckets": BUCKETS,
+            "floor": FLOOR,
+            "growth": GROWTH,
+        }
+        log = _utils("saltfleet_paths.log")(p, "events", _token(watch))
+        pid = _utils("saltfleet_user.spawn")(
+            cfg["user"], [f"{venv}/bin/python", "-c", LISTEN, json.dumps(request)], p["home"], log, cwd=release, env=env
+        )
+        started[app] = {"pid": pid, "start": _utils("saltfleet_supervisor.process_start")(pid)}
+    _utils("saltfleet_files.write_json")(_record_path(p, watch), started, mode=0o600)
+    return started
+
+
+def stop(p, watch):
+    """Stop the listeners of ``watch`` that still run (each switches its events off); forget them."""
+    path = _record_path(p, watch)
+    record = _utils("saltfleet_files.read_json")(path, {})
+    stopped = 0
+    for started in record.values() if isinstance(record, dict) else ():
+        # The very process root started, never whatever took its pid since.
+        if _utils("saltfleet_supervisor.alive")(started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(started["pid"], signal.SIGTERM)
+                stopped += 1
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return stopped
+
+
+def _count(value):
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
+        return value
+    raise ValueError(f"a count that is no count: {str(value)[:40]!r}")
+
+
+def _row(value):
+    """A task's counts, checked: {succeeded, failed, retried, runtime: {bucket: count}}."""
+    if not isinstance(value, dict):
+        raise ValueError("a task's counts that are no mapping")
+    row = {outcome: _count(value.get(outcome, 0)) for outcome in OUTCOMES}
+    runtime = value.get("runtime") or {}
+    if not isinstance(runtime, dict) or len(runtime) > BUCKETS:
+        raise ValueError("run times that are no histogram")
+    row["runtime"] = {}
+    for key, number in runtime.items():
+        # A digit string as the listener writes JSON, an int once root has read it.
+        ok = (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+        if not (ok and 0 <= int(key) < BUCKETS):
+            raise ValueError(f"a run time bucket that is none: {str(key)[:20]!r}")
+        row["runtime"][int(key)] = _count(number)
+    return row
+
+
+def add(into, row):
+    """Add a task's counts ``row`` into ``into`` (both {succeeded, failed, retried, runtime})."""
+    for outcome in OUTCOMES:
+        into[outcome] = into.get(outcome, 0) + row[outcome]
+    runtime = into.setdefault("runtime", {})
+    for key, number in row["runtime"].items():
+        runtime[key] = runtime.get(key, 0) + number
+    return into
+
+
+def _task_name(name, secrets):
+    text = _utils("saltfleet_user.scrub")(str(name), secrets)
+    return text if len(text) <= NAME_MAX else text[: NAME_MAX - 3] + "..."
+
+
+def counted(p, watch, apps, secrets):
+    """
+    ({release: {task name: counts}}, [offline nodes], [problems]) of what the
+    listeners of ``watch`` counted so far, each snapshot read as the user's
+    word (see the module); a snapshot that is missing or malformed is a
+    problem, and counts for nothing.
+    """
+    releases, offline, problems = {}, [], []
+    for app, nodes in sorted(apps.items()):
+        path = _snapshot_path(p, watch, app)
+        try:
+            if not _utils("saltfleet_user.plain_path")(p["home"], path):
+                raise ValueError("a link on its path")
+            data = json.loads(_utils("saltfleet_files.read_users_file")(path, SNAPSHOT_MAX + 1))
+            if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+                raise ValueError("no mapping of nodes")
+            for node, tasks in data["nodes"].items():
+                if node not in nodes:
+                    continue
+                if not isinstance(tasks, dict):
+                    raise ValueError("a node's tasks that are no mapping")
+                into = releases.setdefault(nodes[node], {})
+                for name, row in tasks.items():
+                    key = _task_name(name, secrets) if len(into) < NAMES_MAX or name in into else OTHER
+                    add(into.setdefault(key, {}), _row(row))
+            said = data.get("offline") or []
+            offline += sorted(n for n in said if isinstance(n, str) and n in nodes) if isinstance(said, list) else []
+        except FileNotFoundError:
+            problems.append(f"app {app}: its listener has written nothing yet")
+        except (OSError, ValueError, RecursionError) as exc:
+            problems.append(f"app {app}: what its listener wrote is unreadable ({str(exc)[:200]})")
+    return releases, offline, problems
+
+
+def seconds_of(bucket):
+    """The run time a histogram bucket stands for: the geometric middle of its bounds."""
+    return FLOOR * GROWTH ** (int(bucket) + 0.5)
+
+
+def _program(value):
+    if not isinstance(value, dict) or not isinstance(value.get("state"), str) or len(value["state"]) > 20:
+        raise ValueError("a program that is no {state, pid}")
+    pid = value.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 1 << 31:
+        raise ValueError("a program's pid that is no pid")
+    return {"state": value["state"], "pid": pid}
+
+
+def _mapping(value, what, most):
+    if not isinstance(value, dict) or len(value) > most:
+        raise ValueError(f"{what} that are no mapping of at most {most}")
+    return value
+
+
+def reply(ret):
+    """
+    A host's return of ``deployment.task_events``, checked on the master: the
+    minion's word, so every release a SHA, every count a count, every name a
+    short string, the sizes bounded; ValueError (``bad data: ...``) otherwise.
+    """
+    sha = _utils("saltfleet_minion_data.sha")
+    try:
+        ret = _mapping(ret, "a return", 8)
+        tasks = {}
+        for release, rows in _mapping(ret.get("tasks") or {}, "releases", 64).items():
+            named = _mapping(rows, "task names", NAMES_MAX + 1)
+            if not all(isinstance(name, str) and len(name) <= NAME_MAX for name in named):
+                raise ValueError("a task name that is no short string")
+            tasks[sha(release, "release")] = {name: _row(row) for name, row in named.items()}
+        programs = {}
+        for release, rows in _mapping(ret.get("programs") or {}, "releases' programs", 64).items():
+            named = _mapping(rows, "programs", 1000)
+            programs[sha(release, "release")] = {str(name)[:NAME_MAX]: _program(row) for name, row in named.items()}
+        lists = {}
+        for key in ("offline", "problems"):
+            value = ret.get(key) or []
+            if not isinstance(value, list) or len(value) > 1000 or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{key} that are no list of words")
+            lists[key] = [v[:300] for v in value]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"bad data: {exc}") from None
+    return {"tasks": tasks, "programs": programs, **lists}
