@@ -323,6 +323,13 @@ def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_re
     return jid, returns
 
 
+def send(opts, hosts, fun, arg=(), kwarg=None):
+    """Publish ``fun`` to ``hosts`` and return at once: its jid (None when the master did not take it)."""
+    with salt.client.get_local_client(mopts=opts) as client:
+        pub = client.run_job(list(hosts), fun, list(arg), tgt_type="list", kwarg=kwarg)
+    return pub.get("jid") if isinstance(pub, dict) else None
+
+
 def _reason(text):
     text = str(text).strip()
     if text.startswith("ERROR: "):
@@ -423,7 +430,15 @@ def revert(opts, name, hosts, serving, timeout, emit, journal):
     for release, minions in by_release.items():
         emit(f"{name}: rolling {', '.join(minions)} back to {release[:12]}", WARN)
         try:
-            _, returns = publish(opts, minions, "deployment.rollback", [name, release], timeout=timeout)
+            # Recorded as a batch of the rollout: the hosts' returns show under it in fleet.history.
+            _, returns = publish(
+                opts,
+                minions,
+                "deployment.rollback",
+                [name, release],
+                timeout=timeout,
+                on_jid=lambda jid, m=minions: journal({"event": "batch", "rollback": True, "jid": jid, "hosts": m}),
+            )
         except Exception as exc:  # pylint: disable=broad-except
             returns = {m: {"ret": f"ERROR: {exc}"} for m in minions}
         for minion in minions:

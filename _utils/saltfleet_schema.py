@@ -338,7 +338,7 @@ ANALYSIS = {
     # How sure a step must be that the new release fails to end it before its time (one-sided).
     "confidence": (0.99, float, 0.5, 0.999999),
     # Seconds between two looks at the hosts' counts.
-    "window": (5, int, 1, 300),
+    "window": (3, int, 1, 300),
 }
 INCONCLUSIVE = ("pause", "pass", "fail")
 STEP_KINDS = ("hosts", "analyse", "pause")

@@ -35,6 +35,8 @@ LISTEN_SLACK = 60
 # Task names a ledger entry keeps per release (the busiest).
 LEDGER_TASKS = 20
 CRASHED_STATES = ("BACKOFF", "FATAL", "EXITED", "UNKNOWN")
+# Windows a step's record keeps for the page's lines.
+SERIES_MAX = 200
 
 
 def __virtual__():
@@ -220,7 +222,7 @@ def analyse(watch, number, seconds, new, changed):
     args = {"watch": key, "seconds": seconds + LISTEN_SLACK}
     timeout = max(10, 2 * settings["window"])
     started = time.monotonic()
-    record = {}
+    record, series = {}, []
     where = f"{len(changed)} changed of {len(watch.hosts)} hosts"
     watch.emit(f"{watch.name}: analysis {number}: watching the Celery tasks of {where} for {seconds} s")
     try:
@@ -249,7 +251,11 @@ def analyse(watch, number, seconds, new, changed):
                 **verdict,
                 "updated": _utils("saltfleet_ledger.now")(),
             }
+            series = [*series[-SERIES_MAX + 1 :], _point(record)]
+            record["series"] = series
             _utils("saltfleet_files.write_json")(_live_path(watch.opts, watch.name), record, 0o600)
+            # On the bus as the ledger's lines are (the fleet page follows it), not in the ledger: it holds the end.
+            _utils("saltfleet_ledger.announce")(watch.opts, _event(watch, record))
             level = {"failed": "fail", "passed": "ok", "inconclusive": "warn"}.get(verdict["decision"], "info")
             watch.emit(
                 _line(
@@ -264,13 +270,25 @@ def analyse(watch, number, seconds, new, changed):
                 max(0.0, started + (int(elapsed / settings["window"]) + 1) * settings["window"] - time.monotonic())
             )
     finally:
-        publish(watch.opts, watch.hosts, *call, {"watch": key, "stop": True}, timeout)
+        # Not waited for: a rollback goes at once; a listener left over ends at its own deadline anyway.
+        _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, *call, {"watch": key, "stop": True})
     watch.old_seen = _utils("saltfleet_analysis.merge")(watch.old_seen, old_tasks)
-    lean = {**record, "new": _lean(record["new"]), "old": _lean(record["old"])}
-    watch.journal(
-        {"event": "analysis", **{k: v for k, v in lean.items() if k not in ("deployment", "rollout", "updated")}}
-    )
-    return lean
+    lean = _event(watch, record)
+    watch.journal({k: v for k, v in lean.items() if k not in ("type", "id", "at")})
+    return {k: v for k, v in lean.items() if k not in ("type", "id", "at", "event")}
+
+
+def _point(record):
+    """One window of the step, for the page's lines: when, and each side's failure rate and p95 so far."""
+    sides = {side: {k: record[side][k] for k in ("failure_rate", "p95")} for side in ("new", "old")}
+    return {"at": record["updated"], "elapsed": record["elapsed"], **sides}
+
+
+def _event(watch, record):
+    """The step's record as a rollout line (``analysis``): figures lean (``_lean``), for the bus and the ledger."""
+    lean = {k: v for k, v in record.items() if k not in ("deployment", "rollout", "updated", "new", "old")}
+    line = {"type": "rollout", "id": watch.rid, "at": record["updated"], "event": "analysis"}
+    return {**line, **lean, "new": _lean(record["new"]), "old": _lean(record["old"])}
 
 
 def _copy(tasks):

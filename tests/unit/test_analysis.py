@@ -169,5 +169,5 @@ def test_a_hosts_counts_are_taken_only_as_counts():
         {"offline": "everyone"},
         ["not", "a", "mapping"],
     ):
-        with pytest.raises(ValueError, match="^bad data: "):
+        with pytest.raises(ValueError, match=r"^bad data: "):
             reply(bad)
