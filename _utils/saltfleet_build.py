@@ -11,17 +11,27 @@ never serves: the old release serves on. A checkout or virtualenv that failed
 is tried again by the next apply; build steps that failed are not, until the
 release or the steps change (the marker names the steps it ran). What a step
 printed comes back as its tail, the deployment's env values hidden.
+
+A build that ran out of room on the user's filesystem says so first, naming
+the deployment; its release is marked failed for lack of room (an empty
+marker when even the reason does not fit), and is built anew, steps and all,
+by the next apply, which removes it when it asks for another release.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import salt.loader.context
 from salt.exceptions import CommandExecutionError
 
+log = logging.getLogger(__name__)
+
 __virtualname__ = "saltfleet_build"
 
 TAIL_LINES = 20
+# What the user's tools print when their filesystem is full (ENOSPC's text in the C locale they run in).
+NO_ROOM = "no space left on device"
 
 
 def __virtual__():
@@ -77,13 +87,48 @@ def build(ctx, plan):
         _utils("saltfleet_user.remove")(user, home, markers["failed"])
         _utils("saltfleet_user.write")(user, home, markers["complete"], plan.digest)
     except Exception as exc:
-        if (release / ".git").is_dir():
-            digest = _utils("saltfleet_plan.build_digest")(want.build_steps) if steps_ran else None
-            _utils("saltfleet_user.remove")(user, home, markers["complete"])
-            _utils("saltfleet_user.write")(
-                user, home, markers["failed"], json.dumps({"reason": str(exc)[:2000], "build": digest})
-            )
+        # The user's word (their tools' output) decides only that the build is retried and how it reads.
+        full = NO_ROOM in str(exc).lower()
+        # A complete release whose new venv failed (a rebuild) is still whole: it stays complete, and serves on.
+        if want.build_release and (release / ".git").is_dir():
+            # Steps that failed are not run again; steps that had no room are, once there is.
+            digest = _utils("saltfleet_plan.build_digest")(want.build_steps) if steps_ran and not full else None
+            record = {"reason": str(exc)[:2000], "build": digest}
+            mark_failed(ctx, markers, {**record, "no_room": True} if full else record)
+        if full:
+            raise CommandExecutionError(no_room(ctx, plan, exc)) from None
         raise
+
+
+def mark_failed(ctx, markers, record):
+    """
+    Mark a release failed, as the user, with ``record`` (why). On a full disk
+    the record may not fit: the marker is then left empty, which takes no
+    block and reads as failed for lack of room. Whatever happens here, the
+    error that failed the build is the one reported.
+    """
+    user, home = ctx.user, ctx.p["home"]
+    write = _utils("saltfleet_user.write")
+    try:
+        _utils("saltfleet_user.remove")(user, home, markers["complete"])
+        write(user, home, markers["failed"], json.dumps(record))
+    except CommandExecutionError:
+        try:
+            write(user, home, markers["failed"], "")
+        except CommandExecutionError as exc:
+            log.warning("deployments:%s: the failed release could not be marked: %s", ctx.name, exc)
+
+
+def no_room(ctx, plan, exc):
+    """The error of a build that ran out of room: what an operator does first, then what failed."""
+    what = f"release {plan.release[:12]}" if plan.asked.build_release else f"virtualenv {plan.digest}"
+    serving = ctx.manifest.get("release")
+    then = f"release {serving[:12]} serves on" if serving else "nothing of it was started"
+    return (
+        f"deployments:{ctx.name}: no space left on device for {ctx.user}'s files in {ctx.p['home']} while "
+        f"building {what}; {then}. Free space there (or grow its filesystem) and apply again: the next "
+        f"apply removes what this one left half built and builds it anew.\n{exc}"
+    )
 
 
 def run_steps(ctx, release, venv, steps):

@@ -52,6 +52,11 @@ def _read(path):
         return None
 
 
+def is_sha(text):
+    """True when ``text`` is a full commit SHA (a release folder's name)."""
+    return SHA_RE.fullmatch(text) is not None
+
+
 def secrets_of(p):
     """Where git finds a deployment's deploy key and known_hosts (root's, 0600)."""
     return {"deploy_key": p["deploy_key"], "known_hosts": p["known_hosts"]}

@@ -30,7 +30,8 @@ the deployment user's, under ``<root>/home/<user>/`` (written only as that user)
     Projects-<name>                   link to the serving release (the seed's path)
     Projects-<name>.releases/<sha>/   one checkout per commit; in its .git/, the
                                       markers saltfleet-complete (built: its venv
-                                      digest) or saltfleet-failed (why it did not)
+                                      digest) or saltfleet-failed (why it did not;
+                                      empty when the disk had no room for why)
     Projects-<name>.venvs/<digest>/   one virtualenv per requirements digest
                                       (.saltfleet-complete once it is built)
     log/<name>/                       logs: <program>.g<gen>.log, supervisord.g<gen>.log,

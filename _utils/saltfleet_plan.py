@@ -119,6 +119,7 @@ class OnHost:
     idle: tuple = ()  # its groups that should run and do not
     ungranted: tuple = ()  # root's files of the deployment that others than its user may still read
     taken: tuple = ()  # generation numbers in use
+    unbuilt: tuple = ()  # releases (SHAs) a build left half done for lack of room: removed once one has room
 
 
 def on_host(ctx):
@@ -152,7 +153,22 @@ def on_host(ctx):
         idle=tuple(idle),
         ungranted=tuple(path for path in readable if not _utils("saltfleet_files.granted")(path, ctx.uid)),
         taken=tuple(sorted(set(gens) | set(known))),
+        unbuilt=_unbuilt(p),
     )
+
+
+def _unbuilt(p):
+    """The releases whose failed marker says the build ran out of room (the user's tree, read, never followed)."""
+    folder = p["releases"]
+    if not folder.is_dir() or folder.is_symlink():
+        return ()
+    shas = [entry.name for entry in folder.iterdir() if _utils("saltfleet_git.is_sha")(entry.name)]
+    return tuple(sorted(sha for sha in shas if _no_room(_failure(folder / sha))))
+
+
+def _no_room(record):
+    # Empty: the disk had no room even for the reason.
+    return record == {} or (isinstance(record, dict) and record.get("no_room") is True)
 
 
 def _read(path):
@@ -220,14 +236,24 @@ def build_digest(steps):
     return hashlib.sha256(json.dumps(list(steps)).encode()).hexdigest()[:16]
 
 
-def _failed_build(release, steps):
-    """Why ``steps`` failed on ``release`` before (its failed marker, the user's file: bounded), or None."""
+def _failure(release):
+    """
+    What the failed marker of ``release`` records (the user's file: bounded,
+    never through a link): a dict, {} when it is empty, None when there is none.
+    """
     marker = _utils("saltfleet_paths.markers")(release)["failed"]
     try:
-        record = json.loads(_utils("saltfleet_files.read_users_file")(marker, 8192))
+        text = _utils("saltfleet_files.read_users_file")(marker, 8192)
+        record = json.loads(text) if text.strip() else {}
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("build") != build_digest(steps) or not steps:
+    return record if isinstance(record, dict) else None
+
+
+def _failed_build(release, steps):
+    """Why ``steps`` failed on ``release`` before (its failed marker), or None."""
+    record = _failure(release)
+    if not record or record.get("build") != build_digest(steps) or not steps:
         return None
     return str(record.get("reason"))[:2000]
 
@@ -472,6 +498,8 @@ def retention(ctx, host, want, old_drains):
         for h in history
         if h["release"] not in spared and (p["releases"] / h["release"]).is_dir()
     ]
+    # What a build left half done for lack of room goes once an apply has room (the one it asks is built anew).
+    prune += [p["releases"] / sha for sha in host.unbuilt if sha != want.sha and sha not in spared]
     if p["venvs"].is_dir() and not p["venvs"].is_symlink():
         prune += sorted(v for v in p["venvs"].iterdir() if len(v.name) == 16 and v.name not in used and v.is_dir())
     # A release spared only while it drains stays in the history, so a later apply prunes it.

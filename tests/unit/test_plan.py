@@ -181,6 +181,21 @@ def test_retention_keeps_what_serves_and_drains_and_prunes_the_rest(root):
     assert c.p["releases"] / B in plan.prune and [h["release"] for h in plan.history] == [C]
 
 
+def test_a_release_left_half_built_for_lack_of_room_goes_once_another_is_asked(root):
+    manifest = {"rev": "main", "release": A, "venv": VENV, "generation": "1", "history": [{"release": A, "venv": VENV}]}
+    c = ctx(root, manifest)
+    for sha in (A, B, C):
+        (c.p["releases"] / sha).mkdir(parents=True)
+    (c.p["venvs"] / VENV).mkdir(parents=True)
+    # B had no room; C failed otherwise (kept for inspection, so not among the facts).
+    host = serving(c, unbuilt=(B,))
+    plan = plan_.decide(c, host, asked())
+    assert plan.prune == (c.p["releases"] / B,) and plan.changes == {"pruned": [str(c.p["releases"] / B)]}
+    # Asked again, it is built anew where it is, not pruned.
+    plan = plan_.decide(c, host, asked(sha=B, built=False))
+    assert c.p["releases"] / B not in plan.prune
+
+
 def test_an_interrupted_applys_generation_is_stopped(root):
     manifest = {"rev": "main", "release": A, "venv": VENV, "generation": "1"}
     c = ctx(root, manifest)
