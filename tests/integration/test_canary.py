@@ -301,9 +301,15 @@ def test_workers_that_crash_after_starting_are_caught_and_rolled_back(fleet):
     assert set(stream.outcomes()) <= {"SUCCESS", "FAILURE"}
 
 
-def test_no_traffic_is_inconclusive_and_the_rollout_pauses_until_promoted(fleet, salt_run_cli):
+@pytest.fixture
+def operator_cli(salt_master):
+    """A salt-run CLI of its own, for the operator's calls while the fleet's runs a rollout in a thread."""
+    return salt_master.salt_run_cli(timeout=120)
+
+
+def test_no_traffic_is_inconclusive_and_the_rollout_pauses_until_promoted(fleet, operator_cli):
     fleet.at("v2")
-    before = salt_run_cli.run("fleet.analysis", NAME).data.get("rollout")
+    before = operator_cli.run("fleet.analysis", NAME).data.get("rollout")
     done = {}
     thread = threading.Thread(target=lambda: done.update(zip(("code", "report"), fleet.canary("fivepct"), strict=True)))
     thread.start()
@@ -311,12 +317,12 @@ def test_no_traffic_is_inconclusive_and_the_rollout_pauses_until_promoted(fleet,
         deadline, live = time.monotonic() + 120, {}
         while time.monotonic() < deadline and not (live.get("paused") and live.get("rollout") != before):
             time.sleep(1)
-            live = salt_run_cli.run("fleet.analysis", NAME).data
+            live = operator_cli.run("fleet.analysis", NAME).data
         assert live.get("decision") == "inconclusive", live
         assert "fewer than min_tasks (20)" in live["why"], live
         assert thread.is_alive(), "the rollout waits"
         assert fleet.releases() == [fleet.places["shas"]["fivepct"], fleet.places["shas"]["v2"]]
-        told = salt_run_cli.run("fleet.promote", NAME)
+        told = operator_cli.run("fleet.promote", NAME)
         assert told.returncode == 0, told
     finally:
         thread.join(timeout=240)
@@ -333,7 +339,7 @@ def test_promote_and_abort_need_a_running_rollout(fleet):
     assert said["error"].startswith(f"fleet.abort {NAME}: no rollout of {NAME} is running"), said
 
 
-def test_a_pause_step_waits_and_an_abort_sends_the_changed_host_back(fleet, salt_run_cli):
+def test_a_pause_step_waits_and_an_abort_sends_the_changed_host_back(fleet, operator_cli):
     fleet.at("v2")
     shas = fleet.places["shas"]
     done = {}
@@ -345,7 +351,7 @@ def test_a_pause_step_waits_and_an_abort_sends_the_changed_host_back(fleet, salt
         while time.monotonic() < deadline and fleet.releases()[0] != shas["v1"]:
             time.sleep(1)
         assert fleet.releases() == [shas["v1"], shas["v2"]]
-        told = salt_run_cli.run("fleet.abort", NAME)
+        told = operator_cli.run("fleet.abort", NAME)
         assert told.returncode == 0, told
         assert "stops and sends every host it changed back" in told.data["comment"], told.data
     finally:

@@ -1,0 +1,135 @@
+"""
+fleet.deploy with steps as the runner decides them, Salt's runner loader and
+a stand-in client for the minions (no daemons; tests/integration/test_canary.py
+runs the same with real ones): what a failed analysis sends where, what an
+operator's abort does, the ledger's record, and refusals that change nothing.
+"""
+
+import pytest
+import salt.client
+
+from localfleet.config import saltfleet_utils
+from tests.unit.test_fleet_cli import fleet
+from tests.unit.test_hostile_minion_data import NEW, OLD, Bus, Minions, mine
+from tests.unit.test_inventory import add_minion, assign, cloud
+
+STEPS = [{"hosts": 1}, {"analyse": 30}, {"hosts": "100%"}]
+FAST = {"window": 1}
+
+
+def counts(succeeded, failed):
+    return {"sampleapp.fetch": {"succeeded": succeeded, "failed": failed, "retried": 0, "runtime": {"50": succeeded}}}
+
+
+def answer_with(new_counts, on_update=None):
+    """Each host as it answers: w1 deploys NEW (and counts ``new_counts`` for it), w2 serves OLD."""
+
+    def answer(minion, fun):
+        if fun == "deployment.update_code":
+            if on_update:
+                on_update()
+            return {"result": True, "changes": {}, "comment": "ok", "release": NEW}
+        if fun == "deployment.rollback":
+            return {"result": True, "changes": {}, "comment": "ok", "release": OLD}
+        if fun == "deployment.task_events":
+            tasks = {NEW: new_counts} if minion == "w1" else {OLD: counts(200, 0)}
+            return {"tasks": tasks, "programs": {}, "offline": [], "problems": []}
+        return None
+
+    return answer
+
+
+@pytest.fixture
+def canary(master_opts, monkeypatch):
+    for host in ("w1", "w2"):
+        grains = {**cloud(), "saltfleet_deployments": {"fetcher": {"rev": "v1", "release": OLD}}}
+        add_minion(master_opts, host, grains, mine(release=OLD), age=1)
+    assign(master_opts, {"w*": {"fetcher": {"repo": "x"}}})
+
+    def run(new_counts, on_update=None, **kwargs):
+        minions = Minions(answer_with(new_counts, on_update))
+        monkeypatch.setattr(salt.client, "get_local_client", minions)
+        loaded = fleet(master_opts)
+        loaded["fleet.deploy"].__globals__.update(__jid_event__=Bus(), __context__={}, __jid__="20260101000000000042")
+        return loaded["fleet.deploy"]("fetcher", rev="v2", **kwargs), minions, loaded
+
+    return run
+
+
+def jobs(minions, fun):
+    return [(tgt, arg) for tgt, f, arg in minions.jobs if f == fun]
+
+
+def test_a_failing_analysis_sends_the_changed_host_back_and_the_ledger_keeps_the_figures(canary):
+    report, minions, loaded = canary(counts(30, 20), steps=STEPS, analysis=FAST)
+    assert report["retcode"] == 1, report
+    assert report["outcome"] == "rolled back"
+    assert report["rolled back"] == {"w1": OLD}
+    assert report["not touched"] == {"w2": OLD}
+    assert jobs(minions, "deployment.update_code") == [(["w1"], ["fetcher", "v2"])], "w2 was never changed"
+    assert jobs(minions, "deployment.rollback") == [(["w1"], ["fetcher", OLD])]
+    [analysis] = report["analysis"]
+    assert analysis["decision"] == "failed" and analysis["early"] is True
+    assert (analysis["new"]["failed"], analysis["old"]["succeeded"]) == (20, 200)
+    [entry] = loaded["fleet.history"]("fetcher")
+    assert entry["analysis"][0]["why"] == analysis["why"]
+    assert entry["hosts"]["w1"] == {"outcome": "rolled back", "release": OLD}
+    assert loaded["fleet.analysis"]("fetcher")["decision"] == "failed"
+
+
+def test_a_passing_analysis_goes_on_to_every_host(canary):
+    report, minions, _ = canary(counts(100, 0), steps=[{"hosts": 1}, {"analyse": 1}], analysis=FAST)
+    assert report["retcode"] == 0, report
+    assert report["deployed"] == {"w1": NEW, "w2": NEW}
+    assert report["analysis"][0]["decision"] == "passed"
+    assert jobs(minions, "deployment.rollback") == []
+
+
+def test_an_abort_while_a_batch_runs_rolls_back_before_the_next_step(canary, master_opts):
+    # The operator's abort arrives while the first batch runs: the rollout takes it before its pause.
+    tell = saltfleet_utils().saltfleet_deploylock.tell
+    report, minions, loaded = canary(
+        counts(100, 0),
+        steps=[{"hosts": 1}, {"pause": True}],
+        on_update=lambda: tell(master_opts, "fetcher", "abort", "oncall"),
+    )
+    assert report["outcome"] == "rolled back", report
+    assert "aborted by oncall" in report["summary"]
+    assert jobs(minions, "deployment.rollback") == [(["w1"], ["fetcher", OLD])]
+    [entry] = loaded["fleet.history"]("fetcher")
+    assert entry["operator"][0]["event"] == "abort" and entry["operator"][0]["user"] == "oncall"
+
+
+def test_promote_and_abort_without_a_running_rollout_are_errors(canary):
+    _, _, loaded = canary(counts(100, 0), steps=[{"hosts": 1}, {"analyse": 1}], analysis=FAST)
+    loaded["fleet.promote"].__globals__.update(__context__={})
+    said = loaded["fleet.promote"]("fetcher")
+    assert said["retcode"] == 1
+    assert said["error"].startswith("fleet.promote fetcher: no rollout of fetcher is running (its deploy lock is free)")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"steps": [{"hosts": 0}]}, "rollout:steps:1:hosts: 0 is not a number of hosts"),
+        ({"steps": STEPS, "analysis": {"min_task": 5}}, "rollout:analysis:min_task: unknown key"),
+        ({"steps": "[{hosts: 1}"}, "rollout:steps: must be a list"),
+    ],
+)
+def test_wrong_steps_are_refused_naming_the_key_and_nothing_changes(canary, kwargs, error):
+    report, minions, _ = canary(counts(0, 0), **kwargs)
+    assert report["retcode"] == 1
+    assert error in report["error"], report
+    assert minions.jobs == []
+
+
+def test_hosts_whose_pillar_gives_different_rollouts_are_refused(canary, master_opts):
+    assign(master_opts, {"w1": {"fetcher": {"rollout": {"steps": STEPS}}}, "w2": {"fetcher": {"repo": "x"}}})
+    report, minions, _ = canary(counts(0, 0))
+    assert "deployments:fetcher:rollout: the master's pillar gives w1 and w2 different rollout;" in report["error"]
+    assert minions.jobs == []
+
+
+def test_a_dry_run_shows_the_steps(canary):
+    report, _, _ = canary(counts(0, 0), steps=STEPS, test=True)
+    assert report["steps"] == "1 host, analyse 30 s, 1 host", report
