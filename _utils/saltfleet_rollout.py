@@ -12,6 +12,9 @@ A host's outcome is one of:
   hung): never a success, and whether it switched is not known;
 - ``not touched``: the rollout stopped before its batch; ``release`` is what
   the master last heard it serve;
+- ``skipped``: it already served the commit the rollout goes to (``release``),
+  as the master last heard: a rollout run again after its runner died
+  resumes where it stopped;
 - ``rolled back``: it was deployed, and a failed analysis (or ``fleet.abort``)
   sent it back to the release it served before (``release``); ``rollback
   failed`` when that did not work (``reason``).
@@ -23,6 +26,7 @@ stops at the first batch that does not.
 import dataclasses
 import logging
 import math
+import re
 import shlex
 import time
 
@@ -38,7 +42,8 @@ log = logging.getLogger(__name__)
 __virtualname__ = "saltfleet_rollout"
 
 DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
-ROLLED_BACK, ROLLBACK_FAILED = "rolled back", "rollback failed"
+ROLLED_BACK, ROLLBACK_FAILED, SKIPPED = "rolled back", "rollback failed", "skipped"
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REASON_MAX = 2000
 # How long a return event may run ahead of the master's job cache before it counts for nothing.
 STORED_WAIT = 5
@@ -410,6 +415,26 @@ def _batch(opts, name, number, total, batch, fun, arg, timeout, emit, journal, h
     return None
 
 
+def _skip(name, number, batch, rev, serving, hosts, emit, journal):
+    """
+    The hosts of ``batch`` to send the job to: not those that already serve
+    the commit the rollout goes to (``rev`` when it is a SHA, else what the
+    hosts deployed so far in this rollout resolved it to), as the master last
+    heard (a rollout resumed after its runner died, a host deployed by hand):
+    each of those is ``skipped``.
+    """
+    target = {rev} if SHA_RE.match(str(rev)) else {r["release"] for r in hosts.values() if r["outcome"] == DEPLOYED}
+    sending = []
+    for minion in batch:
+        if len(target) == 1 and serving.get(minion) in target:
+            hosts[minion] = {"outcome": SKIPPED, "release": serving[minion]}
+            emit(f"{name}: {minion}: already serves {serving[minion][:12]}: skipped", OK)
+            journal({"event": "host", "batch": number, "minion": minion, **hosts[minion]})
+        else:
+            sending.append(minion)
+    return sending
+
+
 def revert(opts, name, hosts, serving, timeout, emit, journal):
     """
     Send every host this rollout changed (``deployed`` on another release
@@ -490,7 +515,10 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
             return hosts, ran, analyses, f"aborted by {said['user']}; every host it changed was sent back"
         if "batch" in action:
             number += 1
-            stopped = _batch(opts, name, number, len(batches), action["batch"], fun, arg, timeout, emit, journal, hosts)
+            sending = _skip(name, number, action["batch"], arg[1], serving, hosts, emit, journal)
+            stopped = sending and _batch(
+                opts, name, number, len(batches), sending, fun, arg, timeout, emit, journal, hosts
+            )
             if stopped:
                 return hosts, ran, analyses, stopped
             continue
@@ -513,8 +541,9 @@ def _step(watch, action, hosts, analyses, promoted):
     if kind == "pause":
         told = _utils("saltfleet_steps.pause")(watch, "a pause step")
         return f"aborted by {told['user']}" if told["verdict"] == "abort" else None
-    changed = {m for m, row in hosts.items() if row["outcome"] == DEPLOYED}
-    new = {row["release"] for row in hosts.values() if row["outcome"] == DEPLOYED and row.get("release")}
+    # The hosts on the new release: those this rollout deployed, and those it found on it already.
+    on_new = {m: row["release"] for m, row in hosts.items() if row["outcome"] in (DEPLOYED, SKIPPED)}
+    changed, new = set(on_new), {release for release in on_new.values() if release}
     record = _utils("saltfleet_steps.analyse")(watch, len(analyses) + 1, action["analyse"], new, changed)
     analyses.append(record)
     decision = record["decision"]
@@ -637,9 +666,9 @@ def report(name, rev, plan, hosts, stopped, hooks=None, analyses=None):
     The rollout's report: hosts by outcome, one line of summary, the analyses
     (``saltfleet_steps.analyse``'s records), and a retcode (0 only when complete).
     """
-    by = {DEPLOYED: {}, FAILED: {}, NO_ANSWER: [], NOT_TOUCHED: {}, ROLLED_BACK: {}}
+    by = {DEPLOYED: {}, FAILED: {}, NO_ANSWER: [], NOT_TOUCHED: {}, ROLLED_BACK: {}, SKIPPED: {}}
     for minion, row in sorted(hosts.items()):
-        if row["outcome"] in (DEPLOYED, ROLLED_BACK):
+        if row["outcome"] in (DEPLOYED, ROLLED_BACK, SKIPPED):
             by[row["outcome"]][minion] = row.get("release")
         elif row["outcome"] in (FAILED, ROLLBACK_FAILED):
             by[FAILED][minion] = {"reason": row.get("reason"), "still serves": row.get("release")}
@@ -648,13 +677,15 @@ def report(name, rev, plan, hosts, stopped, hooks=None, analyses=None):
         else:
             by[NOT_TOUCHED][minion] = row.get("release")
     total = len(hosts)
-    done = len(by[DEPLOYED])
+    done = len(by[DEPLOYED]) + len(by[SKIPPED])
     if stopped:
         summary = f"stopped: {stopped}; {done} of {count(total, 'host')} on {rev}"
     else:
         summary = f"complete: {count(total, 'host')} in {count(len(plan), 'batch')} on {rev}"
     if by[ROLLED_BACK]:
         summary += f"; {count(len(by[ROLLED_BACK]), 'host')} rolled back"
+    if by[SKIPPED]:
+        summary += f"; {count(len(by[SKIPPED]), 'host')} already on it, skipped"
     shas = sorted({sha for sha in by[DEPLOYED].values() if sha})
     if len(shas) > 1:
         summary += f"; {rev} resolved to {len(shas)} commits ({', '.join(s[:12] for s in shas)}): it moved meanwhile"
@@ -670,8 +701,9 @@ def report(name, rev, plan, hosts, stopped, hooks=None, analyses=None):
         "not touched": by[NOT_TOUCHED],
         "retcode": 1 if stopped else 0,
     }
-    if by[ROLLED_BACK]:
-        out["rolled back"] = by[ROLLED_BACK]
+    for kind in (ROLLED_BACK, SKIPPED):
+        if by[kind]:
+            out[kind] = by[kind]
     if analyses:
         out["analysis"] = analyses
     if hooks:

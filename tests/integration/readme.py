@@ -66,6 +66,9 @@ PLAN = {
     "salt-key -f worker-7": "reads a cloud instance's console and the master's system log; "
     "test_autosign.py checks that the console's fingerprint is the one salt-key -f shows",
     '{"event": "analysis"': "the shape of the lines the page reads, not commands",
+    "salt-run fleet.analysis NAME": "they act on a running canary rollout: test_canary.py runs each (fleet.analysis "
+    "while a rollout pauses and after it, fleet.promote on a paused one, fleet.abort on a pause step)",
+    "$ salt-run fleet.deploy daily-fetcher": "an example's transcript: test_canary.py runs the same rollout",
 }
 # What the README says a command's exit code is (by a part of the command), where it is not 0.
 EXIT_CODES = {}

@@ -1,8 +1,9 @@
 """
-fleet.deploy with steps as the runner decides them, Salt's runner loader and
-a stand-in client for the minions (no daemons; tests/integration/test_canary.py
-runs the same with real ones): what a failed analysis sends where, what an
-operator's abort does, the ledger's record, and refusals that change nothing.
+fleet.deploy as the runner decides it, Salt's runner loader and a stand-in
+client for the minions (no daemons; tests/integration/test_canary.py and
+test_rollout.py run the same with real ones): what a failed analysis sends
+where, what an operator's abort does, the ledger's record, refusals that
+change nothing, and hosts already on the commit skipped (a rollout resumed).
 """
 
 import pytest
@@ -46,12 +47,12 @@ def canary(master_opts, monkeypatch):
         add_minion(master_opts, host, grains, mine(release=OLD), age=1)
     assign(master_opts, {"w*": {"fetcher": {"repo": "x"}}})
 
-    def run(new_counts, on_update=None, **kwargs):
+    def run(new_counts, on_update=None, rev="v2", **kwargs):
         minions = Minions(answer_with(new_counts, on_update))
         monkeypatch.setattr(salt.client, "get_local_client", minions)
         loaded = fleet(master_opts)
         loaded["fleet.deploy"].__globals__.update(__jid_event__=Bus(), __context__={}, __jid__="20260101000000000042")
-        return loaded["fleet.deploy"]("fetcher", rev="v2", **kwargs), minions, loaded
+        return loaded["fleet.deploy"]("fetcher", rev=rev, **kwargs), minions, loaded
 
     return run
 
@@ -133,3 +134,25 @@ def test_hosts_whose_pillar_gives_different_rollouts_are_refused(canary, master_
 def test_a_dry_run_shows_the_steps(canary):
     report, _, _ = canary(counts(0, 0), steps=STEPS, test=True)
     assert report["steps"] == "1 host, analyse 30 s, 1 host", report
+
+
+def test_a_rollout_run_again_skips_the_hosts_already_on_the_commit(canary, master_opts):
+    # w2 was deployed by a rollout whose runner died: the master's cache says it serves NEW.
+    grains = {**cloud(), "saltfleet_deployments": {"fetcher": {"rev": "v2", "release": NEW}}}
+    add_minion(master_opts, "w2", grains, mine(release=NEW), age=1)
+    report, minions, _ = canary(counts(0, 0), batch=1)
+    assert report["retcode"] == 0, report
+    assert report["deployed"] == {"w1": NEW}
+    assert report["skipped"] == {"w2": NEW}
+    assert report["summary"].endswith("; 1 host already on it, skipped"), report
+    assert jobs(minions, "deployment.update_code") == [(["w1"], ["fetcher", "v2"])]
+
+
+def test_a_commit_every_host_serves_is_sent_to_none(canary, master_opts):
+    for host in ("w1", "w2"):
+        grains = {**cloud(), "saltfleet_deployments": {"fetcher": {"rev": NEW, "release": NEW}}}
+        add_minion(master_opts, host, grains, mine(release=NEW), age=1)
+    report, minions, _ = canary(counts(0, 0), rev=NEW)
+    assert report["retcode"] == 0, report
+    assert report["skipped"] == {"w1": NEW, "w2": NEW}
+    assert jobs(minions, "deployment.update_code") == []
