@@ -1120,8 +1120,9 @@ def overview(perms=None, limit=50):
     generations, ``min_consumers``), ``queues`` (``fleet.queues`` with each
     deployment's floor), ``rollouts`` (the running ones and the last, as the
     ledger has them), ``history`` (``fleet.history``, newest first, the last
-    ``limit``), ``capabilities`` (which of the page's verbs have a runner
-    function: ``fleet.promote`` and ``fleet.abort`` may not) and
+    ``limit``), ``capabilities`` (which of the page's verbs,
+    ``fleet.deploy``, ``rollback``, ``promote`` and ``abort``, this master's
+    runners have) and
     ``actions``: per deployment, which verbs ``perms`` (an eauth user's
     permissions, as salt-api's /login returns them) allow, by Salt's own ACL
     check of the call the page makes (``fleet.deploy NAME rev=...``).

@@ -34,7 +34,7 @@ Shapes (README, "The fleet page", has them for the page's readers):
     What the caller's eauth permissions allow, asked of Salt's own check
     (``CkMinions.runner_check``) with the call the page would make
     (``fleet.<verb>`` with the deployment as first positional argument);
-    ``promote``/``abort`` only where those runner functions exist.
+    a verb only where the master's runners have its function.
 """
 
 import salt.utils.minions

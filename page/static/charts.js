@@ -8,7 +8,7 @@ function finite(value) {
   return typeof value === "number" && Number.isFinite(value) ? value : null;
 }
 
-// Two bars, old and new, on one scale; the threshold (if any) as a line.
+// Two bars, old and new, on one scale; the threshold (if any) as a line, its value in the corner.
 export function pair(label, old, young, format, threshold = null) {
   const values = [finite(old), finite(young), finite(threshold)].filter((v) => v !== null);
   const top = Math.max(...values, 0) || 1;
@@ -28,11 +28,21 @@ export function pair(label, old, young, format, threshold = null) {
     { class: "chart", width: WIDTH, height: 2 * BAR + 22, viewBox: `0 0 ${WIDTH} ${2 * BAR + 22}`, role: "img" },
     s("title", {}, label),
     s("text", { x: 0, y: 10, class: "chart-title" }, label),
+    limit === null
+      ? null
+      : s("text", { x: WIDTH, y: 10, class: "chart-value threshold-value", "text-anchor": "end" }, `limit ${format(limit)}`),
     row(14, "old", finite(old), "bar-old"),
     row(16 + BAR, "new", finite(young), "bar-new"),
     limit === null
       ? null
-      : s("line", { x1: 40 + scale(limit), x2: 40 + scale(limit), y1: 12, y2: 18 + 2 * BAR, class: "threshold" }),
+      : s("line", {
+          x1: 40 + scale(limit),
+          x2: 40 + scale(limit),
+          y1: 12,
+          y2: 18 + 2 * BAR,
+          class: "threshold",
+          "data-value": limit,
+        }),
   );
 }
 

@@ -9,6 +9,10 @@ const SESSION = "saltfleet.session";
 const EAUTH = "saltfleet.eauth";
 const ROLLOUT_TAG = /^saltfleet\/rollout\/([^/]+)\/([^/]+)$/;
 const RUNNER_RET = /^salt\/run\/([^/]+)\/ret$/;
+// The runner functions the page starts, as their return events name them.
+const ACTED = /^runner\.fleet\.(deploy|rollback|promote|abort)$/;
+// Returns of those kept for a job the page has not heard the jid of yet.
+const EARLY_MAX = 20;
 const VIEWS = ["hosts", "deployments", "queues", "rollout", "history"];
 // The mine, which most of fleet.overview reads, changes at each heartbeat (60 s): no use asking more often.
 const REFRESH_EVERY = 60000;
@@ -21,6 +25,8 @@ const page = {
   overview: null,
   rollouts: new Map(),
   started: new Map(),
+  // A quick job's return can come on the bus before salt-api's answer that started it: {jid: return}.
+  early: new Map(),
   stream: null,
   timer: null,
   refreshing: null,
@@ -58,6 +64,7 @@ function signedOut(message) {
   page.api.token = null;
   page.overview = null;
   page.rollouts.clear();
+  page.early.clear();
   if (page.stream) page.stream.abort();
   page.stream = null;
   clearInterval(page.timer);
@@ -140,20 +147,34 @@ function onEvent(event) {
   }
   const ret = RUNNER_RET.exec(event.tag);
   if (ret && page.started.has(ret[1])) {
-    const what = page.started.get(ret[1]);
-    page.started.delete(ret[1]);
-    const result = event.data?.return;
-    const error = result && typeof result === "object" ? result.error : typeof result === "string" ? result : null;
-    if (error) {
-      say(`${what}: ${error}`, "error");
-      const known = page.rollouts.get(ret[1]);
-      if (known) {
-        known.note = String(error);
-        renderRollouts();
-      }
-    }
-    refresh();
+    finished(ret[1], event.data?.return);
+  } else if (ret && ACTED.test(String(event.data?.fun))) {
+    page.early.set(ret[1], event.data?.return);
+    for (const jid of page.early.keys()) if (page.early.size > EARLY_MAX) page.early.delete(jid);
   }
+}
+
+// A job the page started has returned: its error (or its comment) under the rollout it concerns, and in the status.
+function finished(jid, result) {
+  const { what, rollout } = page.started.get(jid);
+  page.started.delete(jid);
+  const error = result && typeof result === "object" ? result.error : typeof result === "string" ? result : null;
+  const comment = result && typeof result === "object" && typeof result.comment === "string" ? result.comment : null;
+  // The fleet runners' errors begin with the call they refuse.
+  const said = error === null || error === undefined ? null : String(error);
+  const message = said && !said.startsWith(what) ? `${what}: ${said}` : said;
+  // A deploy's rollout is its job; a promote's or an abort's is the rollout it was asked of.
+  const known = page.rollouts.get(rollout || jid);
+  if (known) {
+    known.note = message;
+    renderRollouts();
+  }
+  // After the refresh, whose own word would hide this one.
+  refresh().then(() => {
+    if (!page.session) return;
+    if (message) say(message, "error");
+    else if (comment) say(`${what}: ${comment}`);
+  });
 }
 
 async function follow() {
@@ -187,16 +208,22 @@ function confirmed(message) {
   });
 }
 
-async function act(fun, name, kwarg, message) {
+// Run ``fun`` for deployment ``name`` once the user confirms; ``rollout``: the id of the rollout it concerns, if any.
+async function act(fun, name, kwarg, message, rollout = null) {
   if (!(await confirmed(message))) {
     say("Nothing was changed.");
     return;
   }
   try {
     const job = await page.api.runnerAsync(fun, { arg: [name], kwarg });
-    page.started.set(job.jid, `${fun} ${name}`);
+    page.started.set(job.jid, { what: `${fun} ${name}`, rollout });
     say(`${fun} ${name} started (job ${job.jid}).`);
     show("rollout");
+    if (page.early.has(job.jid)) {
+      const result = page.early.get(job.jid);
+      page.early.delete(job.jid);
+      finished(job.jid, result);
+    }
   } catch (error) {
     // A 401 here is Salt's ACL refusing this call (the session still reads): nothing was changed.
     say(`${fun} ${name} refused: ${error.message}`, "error");
@@ -283,7 +310,14 @@ function pauseButtons(rollout) {
         {
           type: "button",
           "data-action": "promote",
-          onclick: () => act("fleet.promote", rollout.deployment, {}, `Promote ${rollout.deployment}: go on with the rollout?`),
+          onclick: () =>
+            act(
+              "fleet.promote",
+              rollout.deployment,
+              {},
+              `Promote ${rollout.deployment}: go on with the rollout past its pause?`,
+              rollout.id,
+            ),
         },
         "Promote",
       ),
@@ -297,7 +331,13 @@ function pauseButtons(rollout) {
           type: "button",
           "data-action": "abort",
           onclick: () =>
-            act("fleet.abort", rollout.deployment, {}, `Abort ${rollout.deployment}: every changed host goes back?`),
+            act(
+              "fleet.abort",
+              rollout.deployment,
+              {},
+              `Abort ${rollout.deployment}: stop the rollout and send every host it changed back?`,
+              rollout.id,
+            ),
         },
         "Abort",
       ),

@@ -231,7 +231,7 @@ def epoch_ms(stamp):
 
 
 def line_key(rid, line):
-    parts = (line.get(k) for k in ("event", "batch", "minion", "step", "at"))
+    parts = (line.get(k) for k in ("event", "batch", "minion", "step", "at", "jid", "elapsed"))
     return "|".join([rid, *("" if v is None else str(v) for v in parts)])
 
 
@@ -447,49 +447,186 @@ def test_a_wrong_password_is_refused_and_logging_out_revokes_the_token(browser, 
     assert events.status_code == 401
 
 
-def test_a_canary_analysis_in_the_documented_shape_shows_as_charts_and_promote_needs_its_runner(
-    browser, api_url, users, fleet, salt_run_cli
-):
-    rid = "20990101000000000001"
-    lines = [
-        {"event": "start", "kind": "fleet.deploy", "user": "canary", "deployment": "pg-a", "rev": "v3"}
-        | {"batches": [[fleet["minions"][0]], [fleet["minions"][1]]], "serving": {}},
-        {"event": "batch", "batch": 1, "jid": "1", "hosts": [fleet["minions"][0]]},
-        {"event": "host", "batch": 1, "minion": fleet["minions"][0], "outcome": "deployed", "release": "c" * 40},
-        {
-            "event": "analysis",
-            "step": 2,
-            "decision": "inconclusive",
-            "reason": f"12 tasks of the 50 needed {HOSTILE}",
-            "window": 120,
-            "old": {"release": "a" * 40, "tasks": 480, "failed": 120, "failure_rate": 0.25, "runtime_p50": 0.4},
-            "new": {"release": "c" * 40, "tasks": 12, "failed": 6, "failure_rate": 0.5, "runtime_p50": 0.7},
-            "thresholds": {"failure_rate": 0.3},
-            "series": [{"old": {"failure_rate": 0.2}, "new": {"failure_rate": 0.4}}] * 3,
-        },
-        {"event": "paused", "reason": "inconclusive: fleet.promote or fleet.abort"},
+NEW, OLD = "c" * 40, "a" * 40
+THRESHOLDS = {"max_failure_rate": 0.5, "failure_margin": 0.1, "runtime_ratio": 2.0, "min_tasks": 20}
+THRESHOLDS |= {"inconclusive": "pause", "confidence": 0.99, "window": 3}
+INCONCLUSIVE = f"12 tasks of the new release finished, fewer than min_tasks (20) {HOSTILE}"
+
+
+def figures(succeeded, failed, retried, p50, p95):
+    """A release's figures as an analysis line carries them, one task name (markup) among its tasks."""
+    row = {"succeeded": succeeded, "failed": failed, "retried": retried, "p50": p50, "p95": p95}
+    row["failure_rate"] = round(failed / (succeeded + failed), 4)
+    return {**row, "tasks": {HOSTILE: dict(row)}}
+
+
+def window(at, elapsed, decision, why, new, old):
+    """A window of analysis 1 (60 s) of pg-a's rollout, the series up to it, as saltfleet_steps fires it."""
+    point = {"new": {"failure_rate": new["failure_rate"], "p95": new["p95"]}}
+    point["old"] = {"failure_rate": old["failure_rate"], "p95": old["p95"]}
+    series = [{"at": f"2099-01-01T00:00:{n:02d}Z", "elapsed": n, **point} for n in range(3, int(elapsed) + 1, 20)]
+    return {
+        "event": "analysis",
+        "at": at,
+        "step": 1,
+        "seconds": 60,
+        "elapsed": elapsed,
+        "releases": {"new": [NEW], "old": [OLD]},
+        "decision": decision,
+        "why": why,
+        # The old release ran min_tasks: its 25 % and the margin, below max_failure_rate.
+        "limit": 0.35,
+        "thresholds": THRESHOLDS,
+        "notes": [],
+        "series": series,
+        "new": new,
+        "old": old,
+    }
+
+
+def canary_lines(minions):
+    """
+    (lines up to the first window, the rest): a rollout of pg-a in steps that
+    deployed its first host, analysed it (a running window, then
+    inconclusive at its full time) and paused for an operator, in the shapes
+    fleet.deploy fires them.
+    """
+    first, second = minions
+    start = {"event": "start", "at": "2099-01-01T00:00:00Z", "kind": "fleet.deploy", "user": "canary"}
+    start |= {"deployment": "pg-a", "rev": "v3", "batches": [[first], [second]], "serving": {first: OLD, second: OLD}}
+    start["steps"] = [{"batch": [first]}, {"analyse": 60}, {"batch": [second]}]
+    old = figures(360, 120, 4, 0.4, 0.5)
+    head = [
+        start,
+        {"event": "batch", "at": "2099-01-01T00:00:01Z", "batch": 1, "jid": "1", "hosts": [first]},
+        {"event": "host", "at": "2099-01-01T00:00:02Z", "batch": 1, "minion": first, "outcome": "deployed"}
+        | {"release": NEW},
+        window("2099-01-01T00:00:05Z", 3.0, "running", "3 of 60 s", figures(2, 1, 0, 0.6, 0.8), old),
     ]
-    login(browser, api_url, "operator", users[1]["operator"])
+    tail = [
+        window("2099-01-01T00:01:02Z", 60.1, "inconclusive", INCONCLUSIVE, figures(6, 6, 1, 0.7, 0.9), old),
+        {"event": "pause", "at": "2099-01-01T00:01:03Z", "why": f"analysis 1 is inconclusive: {INCONCLUSIVE}"},
+    ]
+    return head, tail
+
+
+def send_lines(salt_run_cli, rid, lines):
     for line in lines:
-        data = {"type": "rollout", "id": rid, "at": "2099-01-01T00:00:00Z", **line}
+        data = {"type": "rollout", "id": rid, **line}
         salt_run(salt_run_cli, "event.send", f"saltfleet/rollout/{rid}/{line['event']}", f"data={json.dumps(data)}")
-    view = show(browser, "rollout")
-    article = wait_for(
+
+
+def paused_rollout(browser, rid):
+    """The rollout's article once the page shows it paused."""
+    show(browser, "rollout")
+    state = wait_for(
         lambda: next(iter(find(browser, f'article[data-rollout="{rid}"] .rollout-state[data-state="paused"]')), None),
         30,
         "the paused rollout on the page",
-    ).find_element(By.XPATH, "./ancestor::article")
-    analysis = article.find_element(By.CSS_SELECTOR, "section.analysis")
-    assert analysis.find_element(By.CSS_SELECTOR, ".decision").text == "inconclusive"
-    assert analysis.find_element(By.CSS_SELECTOR, ".analysis-reason").text == f"12 tasks of the 50 needed {HOSTILE}"
-    assert len(analysis.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
+    )
+    return state.find_element(By.XPATH, "./ancestor::article")
+
+
+def charts(driver, section):
+    """{chart title: (its threshold's value or None, lines drawn)} of the analysis' charts."""
+    return {
+        title: (threshold, lines)
+        for title, threshold, lines in driver.execute_script(
+            "return [...arguments[0].querySelectorAll('svg.chart')].map(svg => [svg.querySelector('title').textContent,"
+            " svg.querySelector('line.threshold')?.getAttribute('data-value') ?? null,"
+            " svg.querySelectorAll('polyline').length])",
+            section,
+        )
+    }
+
+
+def test_a_canary_analysis_shows_each_window_then_its_decision_and_a_pause_offers_promote_to_an_operator_only(
+    browser, api_url, users, fleet, salt_master, salt_run_cli
+):
+    head, tail = canary_lines(fleet["minions"])
+
+    # The read-only user sees the analysis and the pause, and neither button.
+    login(browser, api_url, "viewer", users[1]["viewer"])
+    send_lines(salt_run_cli, "20990101000000000001", head + tail)
+    article = paused_rollout(browser, "20990101000000000001")
+    assert article.find_element(By.CSS_SELECTOR, "section.analysis .decision").text == "inconclusive"
+    assert find(browser, "[data-action]") == []
+
+    rid = "20990101000000000002"
+    login(browser, api_url, "operator", users[1]["operator"])
+    send_lines(salt_run_cli, rid, head)
+    show(browser, "rollout")
+    state = wait_for(
+        lambda: next(iter(find(browser, f'article[data-rollout="{rid}"] section.analysis .decision')), None),
+        30,
+        "the first window of the analysis on the page",
+    )
+    assert state.text == "running"
+    assert find(browser, f'article[data-rollout="{rid}"] .rollout-state')[0].text == "running: analysis 1, 3 of 60 s"
+    send_lines(salt_run_cli, rid, tail)
+    article = paused_rollout(browser, rid)
+    assert (
+        article.find_element(By.CSS_SELECTOR, ".rollout-state").text
+        == f"paused: analysis 1 is inconclusive: {INCONCLUSIVE}"
+    )
+
+    # The step's last window took the first one's place: one analysis, one line of it in the log.
+    [section] = article.find_elements(By.CSS_SELECTOR, "section.analysis")
+    assert section.find_element(By.CSS_SELECTOR, ".decision").text == "inconclusive"
+    assert section.find_element(By.CSS_SELECTOR, ".analysis-why").text == INCONCLUSIVE
+    [logged] = article.find_elements(By.CSS_SELECTOR, 'li[data-event="analysis"]')
+    assert logged.text.endswith(f"analysis 1: inconclusive: {INCONCLUSIVE}")
+    assert charts(browser, section) == {
+        "failure rate": ("0.35", 0),
+        "run time p50": (None, 0),
+        # The old release's p95 (0.5 s) times runtime_ratio (2).
+        "run time p95": ("1", 0),
+        "failure rate per window": (None, 2),
+        "p95 per window": (None, 2),
+    }
+    table = section.find_element(By.CSS_SELECTOR, "table.analysis-numbers")
+    assert [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")] == [
+        "",
+        f"old {OLD[:10]}",
+        f"new {NEW[:10]}",
+    ]
     numbers = {
         tr.find_element(By.TAG_NAME, "th").text: [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-        for tr in analysis.find_elements(By.CSS_SELECTOR, "tbody tr")
+        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")
     }
-    assert numbers["failure rate"] == ["25.0 %", "50.0 %"]
-    assert numbers["tasks"] == ["480", "12"]
-    assert find(view, "img") == []
-    # fleet.promote and fleet.abort do not exist (yet): no button, though the operator's ACL allows them.
-    assert find(article, '[data-action="promote"], [data-action="abort"]') == []
+    assert numbers == {
+        "tasks": ["480", "12"],
+        "failed": ["120", "6"],
+        "retried": ["4", "1"],
+        "failure rate": ["25.0 %", "50.0 %"],
+        "run time p50": ["400 ms", "700 ms"],
+        "run time p95": ["500 ms", "900 ms"],
+    }
+    section.find_element(By.CSS_SELECTOR, "details.analysis-tasks summary").click()
+    task = section.find_element(By.CSS_SELECTOR, "details.analysis-tasks tbody tr")
+    assert task.find_element(By.TAG_NAME, "th").text == HOSTILE
+    assert find(browser, "img") == []
+    no_alert(browser)
     screenshot(browser, "rollout-analysis")
+
+    # Abort asks first; cancelled, nothing is called. (The article is found again: a refresh draws it anew.)
+    before = ledger(salt_master)
+    article = paused_rollout(browser, rid)
+    article.find_element(By.CSS_SELECTOR, '[data-action="abort"]').click()
+    wait_for(browser.find_element(By.ID, "confirm").is_displayed, 10, "the confirmation")
+    assert "Abort pg-a" in browser.find_element(By.ID, "confirm-text").text
+    browser.find_element(By.ID, "confirm-no").click()
+    assert browser.find_element(By.ID, "status").text == "Nothing was changed."
+
+    # Promote, confirmed, calls fleet.promote pg-a: no rollout of pg-a holds its lock, and the page says so.
+    article = paused_rollout(browser, rid)
+    article.find_element(By.CSS_SELECTOR, '[data-action="promote"]').click()
+    wait_for(browser.find_element(By.ID, "confirm").is_displayed, 10, "the confirmation")
+    assert "Promote pg-a" in browser.find_element(By.ID, "confirm-text").text
+    browser.find_element(By.ID, "confirm-yes").click()
+    body = browser.find_element(By.TAG_NAME, "body")
+    wait_for(lambda: "no rollout of pg-a is running" in body.text, 60, "fleet.promote's error on the page")
+    note = browser.find_element(By.CSS_SELECTOR, f'article[data-rollout="{rid}"] .rollout-note').text
+    assert note.startswith("fleet.promote pg-a: no rollout of pg-a is running")
+    assert ledger(salt_master) == before
+    screenshot(browser, "rollout-promote-refused")

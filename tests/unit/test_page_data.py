@@ -169,16 +169,19 @@ def test_overview_reads_the_cache_and_the_ledger_in_one_call(master_opts):
     )
     runner = load_runner(master_opts)
     runner.__utils__ = utils
-    runner.__salt__ = {"fleet.deploy": None, "fleet.rollback": None}
+    # As Salt's runner loader lists the fleet runner's functions: the page's four verbs among them.
+    runner.__salt__ = {
+        f"fleet.{fun}": getattr(runner, fun) for fun in ("overview", "deploy", "rollback", "promote", "abort")
+    }
     runner.__user__ = "alice"
-    view = runner.overview(perms=[{"@runner": ["fleet.(overview|deploy)$"]}])
+    view = runner.overview(perms=[{"@runner": ["fleet.(overview|deploy|promote)$"]}])
     assert [h["id"] for h in view["hosts"]] == ["bare", "w1", "w2"]
     assert sorted(view["deployments"]["fetcher"]["hosts"]) == ["w1", "w2"]
     assert view["deployments"]["fetcher"]["drift"] is True
     assert view["deployments"]["fetcher"]["min_consumers"] == {"fetch": 1}
     assert view["queues"]["queues"]["fetch"]["floors"] == {"fetcher": 1}
-    assert view["actions"] == {"fetcher": {"deploy": True, "rollback": False, "promote": False, "abort": False}}
-    assert view["capabilities"] == {"deploy": True, "rollback": True, "promote": False, "abort": False}
+    assert view["actions"] == {"fetcher": {"deploy": True, "rollback": False, "promote": True, "abort": False}}
+    assert view["capabilities"] == {"deploy": True, "rollback": True, "promote": True, "abort": True}
     assert [r["id"] for r in view["rollouts"]] == ["20250101"]
     assert view["history"][0]["who"] == "alice"
     assert "SECRET" not in repr(view)
