@@ -787,7 +787,7 @@ def run(name, *command, timeout=3600, **kwargs):
     release = __utils__["saltfleet_paths.release"](p, manifest["release"])
     venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
     secrets = {k: str(v) for k, v in cfg["env"].items()}
-    env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv), **secrets}
+    env = __utils__["saltfleet_venv.environ"](venv, secrets)
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], list(command), p["home"], cwd=release, env=env, timeout=int(timeout)
     )

@@ -822,7 +822,13 @@ def deploy(
         if test:
             return _finish(_held(__utils__[f"{ROLLOUT}.dry_run"](_opts(), name, rev, plan, timeout, _progress), held))
         hooks = _hooks(name, specs, pre, post)
-        lock = _take(name, f"fleet.deploy {name} rev={rev} batch={batch}", lock_wait)
+        batches = [action["batch"] for action in plan if "batch" in action]
+        how = (
+            f"steps: {__utils__['saltfleet_steps.describe'](plan)}"
+            if len(plan) > len(batches)
+            else f"batch={batch or 1}"
+        )
+        lock = _take(name, f"fleet.deploy {name} rev={rev} {how}", lock_wait)
     except (ValueError, CommandExecutionError) as exc:
         if test:
             return _refuse(str(exc), deployment=name, rev=rev, outcome="refused")

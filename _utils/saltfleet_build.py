@@ -133,8 +133,7 @@ def no_room(ctx, plan, exc):
 
 def run_steps(ctx, release, venv, steps):
     """Each build step in ``release``, as the user, with the venv and env; at the first that fails, its tail."""
-    env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "VIRTUAL_ENV": str(venv)}
-    env.update({key: str(value) for key, value in ctx.cfg["env"].items()})
+    env = _utils("saltfleet_venv.environ")(venv, ctx.cfg["env"])
     timeout = ctx.cfg["build_timeout"]
     for step in steps:
         argv = ["/bin/sh", "-c", step] if isinstance(step, str) else [str(word) for word in step]

@@ -208,11 +208,7 @@ def nodes(program, spec):
 
 def ask(cfg, p, release, venv, app, request, timeout=CONTROL_TIMEOUT):
     """Ask an app's workers through Celery's control, as the deployment's user; the JSON they answered."""
-    env = {
-        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
-        "VIRTUAL_ENV": str(venv),
-        **{k: str(v) for k, v in cfg["env"].items()},
-    }
+    env = _utils("saltfleet_venv.environ")(venv, cfg["env"])
     proc = _utils("saltfleet_user.run")(
         cfg["user"],
         [f"{venv}/bin/python", "-c", CONTROL, json.dumps({"app": app, **request})],
@@ -290,11 +286,7 @@ def drain(cfg, p, release, venv, workers, sock, seconds):
         "socket": str(sock),
         "seconds": seconds,
     }
-    env = {
-        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
-        "VIRTUAL_ENV": str(venv),
-        **{k: str(v) for k, v in cfg["env"].items()},
-    }
+    env = _utils("saltfleet_venv.environ")(venv, cfg["env"])
     log = _utils("saltfleet_paths.log")(p, "drain", PurePosixPath(sock).stem)
     _utils("saltfleet_user.spawn")(
         cfg["user"],

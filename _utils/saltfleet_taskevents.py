@@ -173,11 +173,7 @@ def listen(cfg, p, watch, apps, release, venv, seconds, queue_id):
     ``seconds``, as the user in ``release`` (the serving one) with ``venv``;
     root records each one's pid and start.
     """
-    env = {
-        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
-        "VIRTUAL_ENV": str(venv),
-        **{k: str(v) for k, v in cfg["env"].items()},
-    }
+    env = _utils("saltfleet_venv.environ")(venv, cfg["env"])
     started = {}
     for app, nodes in sorted(apps.items()):
         request = {

@@ -37,6 +37,15 @@ def _utils(name):
     return loader.pack.get("__utils__", loader)[name]
 
 
+def environ(venv, env):
+    """What runs in a release with virtualenv ``venv``: its bin first on PATH, and the deployment's ``env``."""
+    return {
+        "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
+        "VIRTUAL_ENV": str(venv),
+        **{key: str(value) for key, value in env.items()},
+    }
+
+
 def digest(read, cfg, rebuild=0):
     """
     Digest of what a virtualenv is built from. ``read(relpath)`` returns

@@ -514,3 +514,54 @@ def test_a_queue_floor_cuts_batches_short_and_refuses_a_rollout_it_cannot_hold(f
     assert f"queue {shared} has 3 consumers up and a floor of 3" in refused["error"], refused
     assert refused["error"].endswith("nothing was changed"), refused
     assert fleet.releases(name) == [shas["v2"]] * 3
+
+
+def test_a_runner_killed_between_batches_and_inside_one_frees_the_lock_and_its_rollout_resumes(
+    fleet, places, salt_master
+):
+    name = "ro-killed"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+
+    def started(*args):
+        return subprocess.Popen(fleet.run_cli.cmdline("fleet.deploy", name, *args), stdout=subprocess.PIPE, text=True)
+
+    def last():
+        _, history, _ = fleet.salt_run("fleet.history", name, "limit=1")
+        return history[-1]
+
+    # Killed between two batches: while the rollout pauses after its first (SIGKILL: no handler runs).
+    runner = started("rev=v2", "steps=[{hosts: 1}, {pause: true}]")
+    try:
+        wait_for(lambda: (last().get("operator") or [{}])[-1].get("event") == "pause", 180, "the rollout's pause")
+    finally:
+        runner.kill()
+        runner.wait()
+    entry = last()
+    assert entry["outcome"] == "interrupted: its runner stopped before the end", entry
+    assert entry["hosts"][h1] == {"outcome": "deployed", "release": shas["v2"]}, entry
+    assert entry["hosts"][h2]["outcome"] == "not touched"
+
+    # Killed inside a batch: host two's apply is held at its build when the runner dies, and finishes by itself.
+    marker = fleet.fault(h2, "build")
+    try:
+        runner = started("rev=v2", "batch=1")
+        wait_for(
+            lambda: last().get("hosts", {}).get(h2, {}).get("outcome") == "sent, no return recorded", 180, "batch 2"
+        )
+        runner.kill()
+        runner.wait()
+    finally:
+        marker.unlink()
+    # The lock went with the runner's process: the next rollout takes it at once (no lock_wait), and resumes.
+    wait_for(lambda: fleet.releases()[1] == shas["v2"], 180, f"{h2}'s held job finishing without its runner")
+    entry = last()
+    assert entry["outcome"] == "interrupted: its runner stopped before the end", entry
+    assert entry["hosts"][h2] == {"outcome": "deployed", "release": shas["v2"]}, entry
+    code, report, progress = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=1")
+    assert code == 0, report
+    assert report["skipped"] == {h1: shas["v2"], h2: shas["v2"]}, report
+    assert report["deployed"] == {h3: shas["v2"]}
+    assert any("the lock's last holder" in line and "died before its end" in line for line in progress), progress
+    assert fleet.versions(name) == ["2", "2", "2"]
