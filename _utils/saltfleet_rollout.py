@@ -778,7 +778,7 @@ def status_report(name, expected, returns):
                     ("all programs" if p == "*" else p): reason or "no reason given" for p, reason in holds.items()
                 }
             if not bad:
-                up.setdefault(minion, []).append(f"{deployment} {row.summary}")
+                up.setdefault(minion, []).append(f"{deployment} {(row.release or '-')[:12]} {row.summary}")
     silent = sorted(set(expected) - set(returns))
     parts = [count(len(expected), "host")]
     parts += [f"{len(down)} with programs down"] if down else []

@@ -529,7 +529,7 @@ def test_a_runner_killed_between_batches_and_inside_one_frees_the_lock_and_its_r
 
     def last():
         _, history, _ = fleet.salt_run("fleet.history", name, "limit=1")
-        return history[-1]
+        return history[-1] if history else {}
 
     # Killed between two batches: while the rollout pauses after its first (SIGKILL: no handler runs).
     runner = started("rev=v2", "steps=[{hosts: 1}, {pause: true}]")
@@ -555,13 +555,51 @@ def test_a_runner_killed_between_batches_and_inside_one_frees_the_lock_and_its_r
     finally:
         marker.unlink()
     # The lock went with the runner's process: the next rollout takes it at once (no lock_wait), and resumes.
-    wait_for(lambda: fleet.releases()[1] == shas["v2"], 180, f"{h2}'s held job finishing without its runner")
-    entry = last()
+    wait_for(lambda: fleet.releases(name)[1] == shas["v2"], 180, f"{h2}'s held job finishing without its runner")
+    # The master's reactor records its return (fleet.record), under the rollout that sent the job.
+    deployed = {"outcome": "deployed", "release": shas["v2"]}
+    entry = wait_for(lambda: last() if last()["hosts"][h2] == deployed else None, 60, f"{h2}'s return in the ledger")
     assert entry["outcome"] == "interrupted: its runner stopped before the end", entry
-    assert entry["hosts"][h2] == {"outcome": "deployed", "release": shas["v2"]}, entry
     code, report, progress = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=1")
     assert code == 0, report
     assert report["skipped"] == {h1: shas["v2"], h2: shas["v2"]}, report
     assert report["deployed"] == {h3: shas["v2"]}
     assert any("the lock's last holder" in line and "died before its end" in line for line in progress), progress
+    assert fleet.versions(name) == ["2", "2", "2"]
+
+
+def test_a_host_lost_during_its_update_is_no_answer_and_the_next_rollout_brings_it_in_line(fleet, places):
+    name = "ro-lost"
+    shas = places["shas"]
+    h1, h2, h3 = fleet.ids
+    fleet.setup(name)
+    marker = fleet.fault(h2, "build")
+    runner = subprocess.Popen(
+        fleet.run_cli.cmdline("fleet.deploy", name, "rev=v2", "batch=1", "timeout=20"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lost = fleet.minions[1]
+    try:
+        # Host two's update_code is held at its build when its minion goes.
+        wait_for(lambda: fleet.salt("saltutil.is_running", "deployment.update_code", tgt=[h2]).data, 180, "h2's job")
+        lost.terminate()
+        out, _ = runner.communicate(timeout=300)
+        report = json.loads(out)
+        assert runner.returncode == 1, report
+        assert report["deployed"] == {h1: shas["v2"]}, report
+        assert report["no answer"] == [h2]
+        assert report["not touched"] == {h3: shas["v1"]}, "the rollout stopped at the lost host"
+    finally:
+        marker.unlink()
+        lost.start(start_timeout=120)
+    wait_for(lambda: fleet.salt("test.ping", tgt=[h2], _timeout=30).data is True, 120, f"{h2} answering again")
+    # Back, it says what it serves (whatever its killed job left: the handover switches whole or not at all).
+    serving = fleet.releases(name)[1]
+    assert serving in (shas["v1"], shas["v2"])
+    code, status, _ = fleet.salt_run("fleet.status", name, "timeout=30")
+    assert code == 0, status
+    assert status["up"][h2] == [f"{name} {serving[:12]} up: 1/1 RUNNING"], status
+    code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=1")
+    assert code == 0, report
     assert fleet.versions(name) == ["2", "2", "2"]

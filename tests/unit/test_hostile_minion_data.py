@@ -290,7 +290,7 @@ def test_ansible_inventory(fleet_with_one_hostile_host):
 def test_status(fleet_with_one_hostile_host):
     runners, evil, _ = fleet_with_one_hostile_host
     report = runners["fleet.status"]("fetcher")
-    assert f"fetcher {row()['summary']}" in report["up"][GOOD]
+    assert f"fetcher {row()['release'][:12]} {row()['summary']}" in report["up"][GOOD]
     assert GOOD not in report.get("errors", {})
     # The hostile host answers what its mine holds: a bad answer is its error, a bad row named as bad data.
     said = report.get("errors", {}).get(evil, "")
