@@ -45,7 +45,6 @@ its rev once for the whole rollout.
 import hashlib
 import logging
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 __virtualname__ = "saltfleet_revs"
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-SSH_RE = re.compile(r"^((ssh|git\+ssh|ssh\+git)://|[^/:]+@[^/:]+:)")
 
 
 def __virtual__():
@@ -84,29 +82,8 @@ def _wanted(deployments):
         rev = spec.get("rev", "HEAD")
         if not isinstance(rev, str) or SHA_RE.match(rev):
             continue
-        if SSH_RE.match(spec["repo"]) and not spec.get("deploy_key"):
-            continue  # root's own ssh identity is never offered: left to the hosts
         wanted[name] = {**spec, "rev": rev}
     return wanted
-
-
-def _resolve(name, spec, timeout):
-    """The commit the remote gives spec's rev now, or None (logged) when it cannot be asked in time."""
-    cfg = {
-        "name": name,
-        "repo": spec["repo"],
-        "deploy_key": spec.get("deploy_key"),
-        "known_hosts": spec.get("known_hosts"),
-    }
-    with tempfile.TemporaryDirectory(prefix="saltfleet-revs-") as tmp:
-        secrets = {key: Path(tmp) / key for key in ("deploy_key", "known_hosts")}
-        try:
-            __utils__["saltfleet_git.write_secrets"](cfg, secrets)
-            refs = __utils__["saltfleet_git.ls_remote"](cfg, secrets, timeout=timeout, home=tmp)
-            return __utils__["saltfleet_git.resolve_remote"](spec["rev"], refs)
-        except CommandExecutionError as exc:
-            log.warning("saltfleet_revs: %s: the minions resolve rev themselves: %s", name, exc)
-            return None
 
 
 def _fresh(folder, name, spec, asked, deadline):
@@ -124,7 +101,9 @@ def _fresh(folder, name, spec, asked, deadline):
             record = __utils__["saltfleet_files.read_json"](record_path, {}) or {}
             if record.get("started", 0) < asked:
                 record = {"started": time.time()}
-                record["sha"] = _resolve(name, spec, max(1.0, deadline - time.time()))
+                record["sha"] = __utils__["saltfleet_git.resolve_here"](
+                    name, spec, spec["rev"], max(1.0, deadline - time.time())
+                )
                 __utils__["saltfleet_files.write_json"](record_path, record, 0o600)
     except CommandExecutionError as exc:
         log.warning("saltfleet_revs: %s: the minions resolve rev themselves: %s", name, exc)

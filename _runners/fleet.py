@@ -708,14 +708,14 @@ def _refused(kind, name, rev, why, /, **fields):
     return _refuse(why, **fields)
 
 
-def _roll(lock, kind, name, rev, plan, held, serving, fun, hooks, timeout, analysis=None):
-    """The rollout under ``lock`` (held), recorded in the ledger: its report."""
+def _roll(lock, kind, name, rev, plan, held, serving, fun, hooks, timeout, analysis=None, sha=None):
+    """The rollout under ``lock`` (held), recorded in the ledger: its report. ``sha``: the commit ``rev`` is."""
     journal = __utils__[f"{LEDGER}.journal"](_opts(), __jid__)
     watch = None
     if analysis is not None:
         settings, hosts = analysis
         watch = __utils__["saltfleet_steps.watch"](_opts(), name, __jid__, hosts, settings, _progress, journal, lock)
-    start = {"kind": kind, "user": _user(), "deployment": name, "rev": rev}
+    start = {"kind": kind, "user": _user(), "deployment": name, "rev": rev} | ({"sha": sha} if sha else {})
     args = (start, plan, serving, fun, hooks, timeout, _progress, watch)
     return _finish(_held(__utils__[f"{ROLLOUT}.roll"](_opts(), lock, journal, *args), held))
 
@@ -835,9 +835,10 @@ def deploy(
         return _refused("fleet.deploy", name, rev, str(exc), deployment=name, rev=rev, outcome="refused")
     try:
         canary = (settings, sorted(specs)) if any("batch" not in action for action in plan) else None
-        return _roll(
-            lock, "fleet.deploy", name, rev, plan, held, serving, "deployment.update_code", hooks, timeout, canary
-        )
+        # The commit rev is now, asked as the hosts would: hosts already on it are skipped (a rollout resumed).
+        sha = __utils__["saltfleet_git.resolve_here"](name, next(iter(specs.values()), {}), rev)
+        fun = "deployment.update_code"
+        return _roll(lock, "fleet.deploy", name, rev, plan, held, serving, fun, hooks, timeout, canary, sha)
     finally:
         lock.release()
 

@@ -13,6 +13,7 @@ command line, with the pinned host keys and ``StrictHostKeyChecking=yes``.
 """
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -21,9 +22,13 @@ from pathlib import Path
 import salt.loader.context
 from salt.exceptions import CommandExecutionError
 
+log = logging.getLogger(__name__)
+
 __virtualname__ = "saltfleet_git"
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+# A repository reached over ssh: only ever with the deployment's own deploy key.
+SSH_RE = re.compile(r"^((ssh|git\+ssh|ssh\+git)://|[^/:]+@[^/:]+:)")
 # The transports the schema accepts, enforced by git itself too.
 ALLOWED_PROTOCOLS = "ssh:https:git:file"
 FETCH_TIMEOUT = 900
@@ -152,6 +157,30 @@ def resolve_remote(rev, refs):
         if ref in refs:
             return refs[ref]
     return None
+
+
+def resolve_here(name, spec, rev, timeout=20):
+    """
+    The commit ``rev`` of deployment ``name``'s repo (its pillar ``spec``)
+    is now, asked from here (the master) with the deployment's own deploy
+    key in a throwaway folder; None (logged) when it cannot be asked in time,
+    or must not be: root's own ssh identity is never offered for a repo
+    without a deploy key.
+    """
+    if is_sha(str(rev)):
+        return str(rev)
+    repo = spec.get("repo") if isinstance(spec, dict) else None
+    if not isinstance(repo, str) or (SSH_RE.match(repo) and not spec.get("deploy_key")):
+        return None
+    cfg = {"name": name, "repo": repo, "deploy_key": spec.get("deploy_key"), "known_hosts": spec.get("known_hosts")}
+    with tempfile.TemporaryDirectory(prefix="saltfleet-rev-") as tmp:
+        secrets = {key: Path(tmp) / key for key in ("deploy_key", "known_hosts")}
+        try:
+            write_secrets(cfg, secrets)
+            return resolve_remote(str(rev), ls_remote(cfg, secrets, timeout=timeout, home=tmp))
+        except CommandExecutionError as exc:
+            log.warning("saltfleet: %s: %s is left for the hosts to resolve: %s", name, rev, exc)
+            return None
 
 
 def has_commit(repo, sha, cfg, secrets):

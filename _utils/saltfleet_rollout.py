@@ -481,7 +481,7 @@ def revert(opts, name, hosts, serving, timeout, emit, journal):
     return hosts
 
 
-def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, lock, watch=None):
+def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, lock, watch=None, target=None):
     """
     Run ``fun`` with ``arg`` over ``plan``'s actions (``saltfleet_steps.actions``:
     batches of minion ids, analyses, pauses), stopping at the first batch
@@ -492,7 +492,8 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     {minion: release} before the rollout; ``emit`` takes progress lines,
     ``journal`` ledger events; ``lock`` (held) is checked before each action
     and asked for an operator's verdict; ``watch`` (``saltfleet_steps.Watch``)
-    runs the analyses. Returns (hosts {minion: outcome}, hook results,
+    runs the analyses; ``target``, the commit ``arg``'s rev is (when known),
+    makes hosts already on it ``skipped`` (``_skip``). Returns (hosts {minion: outcome}, hook results,
     analyses, why it stopped or None).
     """
     batches = [a["batch"] for a in plan if "batch" in a]
@@ -515,7 +516,7 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
             return hosts, ran, analyses, f"aborted by {said['user']}; every host it changed was sent back"
         if "batch" in action:
             number += 1
-            sending = _skip(name, number, action["batch"], arg[1], serving, hosts, emit, journal)
+            sending = _skip(name, number, action["batch"], target or arg[1], serving, hosts, emit, journal)
             stopped = sending and _batch(
                 opts, name, number, len(batches), sending, fun, arg, timeout, emit, journal, hosts
             )
@@ -561,7 +562,8 @@ def roll(opts, lock, journal, start, plan, serving, fun, hooks, timeout, emit, w
     """
     ``rollout`` of ``start`` ({kind, user, deployment, rev}) under ``lock``
     (held), its start, batches, analyses and end in the ledger through
-    ``journal``; the report.
+    ``journal``; the report. ``start``'s ``sha``, when the master resolved
+    the rev, is the commit hosts already serving are skipped for.
     """
     name, rev = start["deployment"], start["rev"]
     if lock.replaced:
@@ -577,7 +579,7 @@ def roll(opts, lock, journal, start, plan, serving, fun, hooks, timeout, emit, w
     )
     journal({"event": "start", **start, "batches": batches, "serving": serving} | ({"steps": plan} if steps else {}))
     hosts, ran, analyses, stopped = rollout(
-        opts, name, plan, serving, fun, [name, rev], hooks, timeout, emit, journal, lock, watch
+        opts, name, plan, serving, fun, [name, rev], hooks, timeout, emit, journal, lock, watch, start.get("sha")
     )
     out = report(name, rev, batches, hosts, stopped, ran, analyses)
     journal({"event": "end", "outcome": out["outcome"], "summary": out["summary"], "hosts": hosts})

@@ -603,3 +603,44 @@ def test_a_host_lost_during_its_update_is_no_answer_and_the_next_rollout_brings_
     code, report, _ = fleet.salt_run("fleet.deploy", name, "rev=v2", "batch=1")
     assert code == 0, report
     assert fleet.versions(name) == ["2", "2", "2"]
+
+
+def test_a_master_restarted_during_a_batch_ends_the_rollout_with_a_report_and_the_ledger_and_lock_say_the_truth(
+    fleet, places, salt_master
+):
+    name = "ro-master"
+    shas = places["shas"]
+    h1 = fleet.ids[0]
+    fleet.setup(name)
+    marker = fleet.fault(h1, "build")
+    runner = subprocess.Popen(
+        fleet.run_cli.cmdline("fleet.deploy", name, "rev=v2", "batch=1", "timeout=30"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: fleet.salt("saltutil.is_running", "deployment.update_code", tgt=[h1]).data, 180, "h1's job")
+        salt_master.terminate()
+        salt_master.start(start_timeout=120)
+    finally:
+        marker.unlink()
+    out, err = runner.communicate(timeout=600)
+    # One document and an exit code, never a traceback.
+    report = json.loads(out)
+    assert "Traceback" not in err, err
+    assert runner.returncode == (0 if report["outcome"] == "complete" else 1), report
+    for minion in fleet.ids:
+        wait_for(lambda m=minion: fleet.salt("test.ping", tgt=[m], _timeout=30).data is True, 180, f"{minion} back")
+    # What the ledger and the lock say afterwards is what the hosts serve.
+    _, history, _ = fleet.salt_run("fleet.history", name, "limit=1")
+    [entry] = history
+    assert entry["outcome"] == report["summary"], entry
+    serving = dict(zip(fleet.ids, fleet.releases(name), strict=True))
+    for minion, row in entry["hosts"].items():
+        if row["outcome"] in ("deployed", "not touched"):
+            assert serving[minion] == row["release"], (minion, row, serving)
+    _, lock, _ = fleet.salt_run("fleet.unlock", name)
+    assert lock["state"] == "free", lock
+    print(f"a master restarted during batch 1: {report['summary']}")
+    assert serving[h1] in (shas["v1"], shas["v2"])

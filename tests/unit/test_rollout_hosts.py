@@ -60,6 +60,8 @@ def targets(minions):
 
 def test_a_stray_is_no_host_and_the_hosts_pillar_gives_the_hooks(fleet_and_a_stray):
     opts, minions, runners = fleet_and_a_stray
+    for host in ("w1", "w2"):
+        add_minion(opts, host, grains(OLD), mine(release=OLD), age=1)
     assign(opts, {"w*": {"fetcher": {"repo": "x", "hooks": {"pre": "python manage.py migrate"}}}})
     loaded = runners()
     report = loaded["fleet.deploy"]("fetcher", rev="v2")
