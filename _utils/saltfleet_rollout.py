@@ -26,7 +26,6 @@ stops at the first batch that does not.
 import dataclasses
 import logging
 import math
-import re
 import shlex
 import time
 
@@ -43,7 +42,6 @@ __virtualname__ = "saltfleet_rollout"
 
 DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
 ROLLED_BACK, ROLLBACK_FAILED, SKIPPED = "rolled back", "rollback failed", "skipped"
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REASON_MAX = 2000
 # How long a return event may run ahead of the master's job cache before it counts for nothing.
 STORED_WAIT = 5
@@ -423,7 +421,8 @@ def _skip(name, number, batch, rev, serving, hosts, emit, journal):
     heard (a rollout resumed after its runner died, a host deployed by hand):
     each of those is ``skipped``.
     """
-    target = {rev} if SHA_RE.match(str(rev)) else {r["release"] for r in hosts.values() if r["outcome"] == DEPLOYED}
+    deployed = {r["release"] for r in hosts.values() if r["outcome"] == DEPLOYED}
+    target = {rev} if _utils("saltfleet_git.is_sha")(str(rev)) else deployed
     sending = []
     for minion in batch:
         if len(target) == 1 and serving.get(minion) in target:
@@ -473,7 +472,9 @@ def revert(opts, name, hosts, serving, timeout, emit, journal):
                 emit(f"{name}: {minion}: rolled back: {release}", OK)
             else:
                 why = (
-                    row.get("reason") or f"serves {row.get('release')}" if row["outcome"] != NO_ANSWER else "no answer"
+                    "no answer"
+                    if row["outcome"] == NO_ANSWER
+                    else (row.get("reason") or f"serves {row.get('release')}")
                 )
                 hosts[minion] = {"outcome": ROLLBACK_FAILED, "reason": why, "release": row.get("release")}
                 emit(f"{name}: {minion}: rollback failed: {why}", FAIL)
@@ -493,8 +494,8 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     ``journal`` ledger events; ``lock`` (held) is checked before each action
     and asked for an operator's verdict; ``watch`` (``saltfleet_steps.Watch``)
     runs the analyses; ``target``, the commit ``arg``'s rev is (when known),
-    makes hosts already on it ``skipped`` (``_skip``). Returns (hosts {minion: outcome}, hook results,
-    analyses, why it stopped or None).
+    makes hosts already on it ``skipped`` (``_skip``). Returns (hosts
+    {minion: outcome}, hook results, analyses, why it stopped or None).
     """
     batches = [a["batch"] for a in plan if "batch" in a]
     hosts = {m: {"outcome": NOT_TOUCHED, "release": serving.get(m)} for batch in batches for m in batch}
