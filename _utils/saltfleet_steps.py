@@ -25,6 +25,7 @@ import math
 import time
 
 import salt.loader.context
+from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_steps"
 
@@ -134,20 +135,23 @@ def _live_path(opts, name):
 
 def live(opts, name):
     """The running (or last) analysis of deployment ``name``, as its rollout last wrote it; None when there was none."""
-    _utils("saltfleet_deploylock.lock")(opts, name)  # the name is a file name: checked as the lock's is
+    errors = []
+    # The name becomes a file name: a deployment's name alone.
+    if not _utils("saltfleet_schema.check_name")("fleet.analysis", name, errors):
+        raise CommandExecutionError(errors[0])
     return _utils("saltfleet_files.read_json")(_live_path(opts, name), None)
 
 
 def _fold(watch, returns, new, changed):
     """
-    (new release's counts, old releases' counts, crashes, notes) from the hosts'
-    ``task_events`` returns. The new release's counts come from the hosts
+    (new release's counts, old releases' counts, the old releases, crashes,
+    notes) from the hosts' ``task_events`` returns. The new release's counts come from the hosts
     this rollout changed alone; a host's return that is no such report is a
     note, and counts for nothing.
     """
     merge = _utils("saltfleet_analysis.merge")
     read = _utils("saltfleet_taskevents.reply")
-    new_tasks, old_tasks, crashed, notes = {}, {}, [], []
+    new_tasks, old_tasks, olds, crashed, notes = {}, {}, set(), [], []
     for minion in watch.hosts:
         data = returns.get(minion)
         if data is None:
@@ -164,11 +168,12 @@ def _fold(watch, returns, new, changed):
                 merge(new_tasks, tasks)
             elif release not in new:
                 merge(old_tasks, tasks)
+                olds.add(release)
         if minion in changed:
             crashed += [f"{minion}: node {n} went offline" for n in said["offline"]]
             for release in new & set(said["programs"]):
                 crashed += _crashes(watch, minion, said["programs"][release])
-    return new_tasks, old_tasks, crashed, notes
+    return new_tasks, old_tasks, olds, crashed, notes
 
 
 def _crashes(watch, minion, programs):
@@ -229,7 +234,7 @@ def analyse(watch, number, seconds, new, changed):
         while True:
             _, returns = publish(watch.opts, watch.hosts, *call, args, timeout)
             elapsed = time.monotonic() - started
-            new_tasks, old_tasks, crashed, notes = _fold(watch, returns, new, changed)
+            new_tasks, old_tasks, olds, crashed, notes = _fold(watch, returns, new, changed)
             old_all = _utils("saltfleet_analysis.merge")(_copy(watch.old_seen), old_tasks)
             figures = {"new": summary(new_tasks), "old": summary(old_all)}
             verdict = judge(figures["new"], figures["old"], crashed, elapsed, seconds, settings)
@@ -243,7 +248,7 @@ def analyse(watch, number, seconds, new, changed):
                 "step": number,
                 "seconds": seconds,
                 "elapsed": round(elapsed, 1),
-                "releases": {"new": sorted(new), "old": sorted(_olds(returns, new))},
+                "releases": {"new": sorted(new), "old": sorted(olds)},
                 "new": figures["new"],
                 "old": figures["old"],
                 "thresholds": settings,
@@ -293,18 +298,6 @@ def _event(watch, record):
 
 def _copy(tasks):
     return {name: {**row, "runtime": dict(row.get("runtime", {}))} for name, row in tasks.items()}
-
-
-def _olds(returns, new):
-    """The SHAs of releases other than ``new`` the hosts reported tasks of (for the report; checked by ``reply``)."""
-    read = _utils("saltfleet_taskevents.reply")
-    found = set()
-    for data in returns.values():
-        try:
-            found |= set(read(data.get("ret") if isinstance(data, dict) else data)["tasks"]) - set(new)
-        except ValueError:
-            continue
-    return found
 
 
 def pause(watch, why):
