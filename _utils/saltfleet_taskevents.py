@@ -309,13 +309,19 @@ def _mapping(value, what, most):
     return value
 
 
+def _release(value):
+    # A host counts for releases it names: a release that is none (None) is no SHA here.
+    if value is None:
+        raise ValueError("a release that is None, no commit SHA")
+    return _utils("saltfleet_minion_data.sha")(value, "release")
+
+
 def reply(ret):
     """
     A host's return of ``deployment.task_events``, checked on the master: the
     minion's word, so every release a SHA, every count a count, every name a
     short string, the sizes bounded; ValueError (``bad data: ...``) otherwise.
     """
-    sha = _utils("saltfleet_minion_data.sha")
     try:
         ret = _mapping(ret, "a return", 8)
         tasks = {}
@@ -323,11 +329,11 @@ def reply(ret):
             named = _mapping(rows, "task names", NAMES_MAX + 1)
             if not all(isinstance(name, str) and len(name) <= NAME_MAX for name in named):
                 raise ValueError("a task name that is no short string")
-            tasks[sha(release, "release")] = {name: _row(row) for name, row in named.items()}
+            tasks[_release(release)] = {name: _row(row) for name, row in named.items()}
         programs = {}
         for release, rows in _mapping(ret.get("programs") or {}, "releases' programs", 64).items():
             named = _mapping(rows, "programs", 1000)
-            programs[sha(release, "release")] = {str(name)[:NAME_MAX]: _program(row) for name, row in named.items()}
+            programs[_release(release)] = {str(name)[:NAME_MAX]: _program(row) for name, row in named.items()}
         lists = {}
         for key in ("offline", "problems"):
             value = ret.get(key) or []
