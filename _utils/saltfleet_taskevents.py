@@ -219,7 +219,8 @@ def stop(p, watch):
 def _count(value):
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
         return value
-    raise ValueError(f"a count that is no count: {str(value)[:40]!r}")
+    # Its kind, never its text: what the user's side wrote there may be one of the env's values.
+    raise ValueError(f"a count that is no count from 0 to {COUNT_MAX} (a {type(value).__name__})")
 
 
 def _row(value):
@@ -233,9 +234,11 @@ def _row(value):
     row["runtime"] = {}
     for key, number in runtime.items():
         # A digit string as the listener writes JSON, an int once root has read it.
-        ok = (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+        ok = (isinstance(key, int) and not isinstance(key, bool)) or (
+            isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 3
+        )
         if not (ok and 0 <= int(key) < BUCKETS):
-            raise ValueError(f"a run time bucket that is none: {str(key)[:20]!r}")
+            raise ValueError(f"a run time bucket that is no number from 0 to {BUCKETS - 1} (a {type(key).__name__})")
         row["runtime"][int(key)] = _count(number)
     return row
 
@@ -255,38 +258,56 @@ def _task_name(name, secrets):
     return text if len(text) <= NAME_MAX else text[: NAME_MAX - 3] + "..."
 
 
+def _snapshot(p, watch, app, nodes):
+    """
+    ([(release, task name, counts)], {offline nodes}) of the snapshot of
+    ``app``'s listener, every row checked: OSError or ValueError when any is
+    not what a listener writes (the snapshot then counts for nothing).
+    """
+    path = _snapshot_path(p, watch, app)
+    if not _utils("saltfleet_user.plain_path")(p["home"], path):
+        raise ValueError("a link on its path")
+    data = json.loads(_utils("saltfleet_files.read_users_file")(path, SNAPSHOT_MAX + 1))
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+        raise ValueError("no mapping of nodes")
+    rows = []
+    for node, tasks in data["nodes"].items():
+        if node not in nodes:
+            continue
+        if not isinstance(tasks, dict):
+            raise ValueError("a node's tasks that are no mapping")
+        rows += [(nodes[node], name, _row(row)) for name, row in tasks.items()]
+    said = data.get("offline") or []
+    return rows, {n for n in said if isinstance(n, str) and n in nodes} if isinstance(said, list) else set()
+
+
 def counted(p, watch, apps, secrets):
     """
     ({release: {task name: counts}}, [offline nodes], [problems]) of what the
     listeners of ``watch`` counted so far, each snapshot read as the user's
     word (see the module); a snapshot that is missing or malformed is a
-    problem, and counts for nothing.
+    problem, and counts for nothing. Counts added up stop at ``COUNT_MAX``.
     """
-    releases, offline, problems = {}, [], []
+    releases, offline, problems = {}, set(), []
     for app, nodes in sorted(apps.items()):
-        path = _snapshot_path(p, watch, app)
         try:
-            if not _utils("saltfleet_user.plain_path")(p["home"], path):
-                raise ValueError("a link on its path")
-            data = json.loads(_utils("saltfleet_files.read_users_file")(path, SNAPSHOT_MAX + 1))
-            if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
-                raise ValueError("no mapping of nodes")
-            for node, tasks in data["nodes"].items():
-                if node not in nodes:
-                    continue
-                if not isinstance(tasks, dict):
-                    raise ValueError("a node's tasks that are no mapping")
-                into = releases.setdefault(nodes[node], {})
-                for name, row in tasks.items():
-                    key = _task_name(name, secrets) if len(into) < NAMES_MAX or name in into else OTHER
-                    add(into.setdefault(key, {}), _row(row))
-            said = data.get("offline") or []
-            offline += sorted(n for n in said if isinstance(n, str) and n in nodes) if isinstance(said, list) else []
+            rows, said = _snapshot(p, watch, app, nodes)
         except FileNotFoundError:
             problems.append(f"app {app}: its listener has written nothing yet")
+            continue
         except (OSError, ValueError, RecursionError) as exc:
             problems.append(f"app {app}: what its listener wrote is unreadable ({str(exc)[:200]})")
-    return releases, offline, problems
+            continue
+        for release, name, row in rows:
+            into = releases.setdefault(release, {})
+            key = _task_name(name, secrets) if len(into) < NAMES_MAX or name in into else OTHER
+            add(into.setdefault(key, {}), row)
+        offline |= said
+    for tasks in releases.values():
+        for row in tasks.values():
+            row.update({outcome: min(row[outcome], COUNT_MAX) for outcome in OUTCOMES})
+            row["runtime"] = {key: min(number, COUNT_MAX) for key, number in row["runtime"].items()}
+    return releases, sorted(offline), problems
 
 
 def seconds_of(bucket):
