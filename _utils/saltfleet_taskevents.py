@@ -253,6 +253,11 @@ def add(into, row):
     return into
 
 
+def named(into, name):
+    """What ``name`` is counted under in ``into`` ({task: counts}): itself, or OTHER once NAMES_MAX names are in."""
+    return name if len(into) < NAMES_MAX or name in into else OTHER
+
+
 def _task_name(name, secrets):
     text = _utils("saltfleet_user.scrub")(str(name), secrets)
     return text if len(text) <= NAME_MAX else text[: NAME_MAX - 3] + "..."
@@ -300,7 +305,7 @@ def counted(p, watch, apps, secrets):
             continue
         for release, name, row in rows:
             into = releases.setdefault(release, {})
-            key = _task_name(name, secrets) if len(into) < NAMES_MAX or name in into else OTHER
+            key = OTHER if named(into, name) == OTHER else _task_name(name, secrets)
             add(into.setdefault(key, {}), row)
         offline |= said
     for tasks in releases.values():

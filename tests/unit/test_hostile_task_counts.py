@@ -112,3 +112,20 @@ def test_one_hosts_hostile_counts_are_a_note_and_the_good_hosts_decide(master_op
     # The live record fleet.analysis shows was written whole.
     live = json.loads((Path(master_opts["cachedir"]) / "saltfleet" / "analysis" / "fetcher.json").read_text())
     assert live["decision"] == "passed"
+
+
+def test_one_hosts_many_task_names_keep_the_fleets_figures_small(master_opts, monkeypatch):
+    """
+    The most a host's return may hold: 64 releases of 101 task names, each
+    with every run time bucket. The old side adds up every host's names, so
+    one host's made-up names made each window's record (fleet.analysis) tens
+    of MB: the fleet's figures keep as many task names as a host's do.
+    """
+    row = {"succeeded": 10**9, "failed": 0, "retried": 0, "runtime": {bucket: 1 for bucket in range(200)}}
+    hostile = {"tasks": {f"{n:040x}": {f"t{n}.{i}": row for i in range(101)} for n in range(64)}}
+    report = canary(master_opts, monkeypatch, hostile)
+    [step] = report["analysis"]
+    assert step["decision"] == "passed", step
+    live = Path(master_opts["cachedir"]) / "saltfleet" / "analysis" / "fetcher.json"
+    assert live.stat().st_size < 1 << 20, f"fleet.analysis holds {live.stat().st_size >> 20} MB"
+    assert len(json.loads(live.read_text())["old"]["tasks"]) <= 101
