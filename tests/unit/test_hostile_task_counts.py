@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import salt.client
+import salt.loader
 
 from tests.unit.test_fleet_cli import fleet
 from tests.unit.test_hostile_minion_data import Bus, Minions, grains, mine
@@ -129,3 +130,36 @@ def test_one_hosts_many_task_names_keep_the_fleets_figures_small(master_opts, mo
     live = Path(master_opts["cachedir"]) / "saltfleet" / "analysis" / "fetcher.json"
     assert live.stat().st_size < 1 << 20, f"fleet.analysis holds {live.stat().st_size >> 20} MB"
     assert len(json.loads(live.read_text())["old"]["tasks"]) <= 101
+
+
+# ------------------------------------------------------------- operators' words
+
+
+def test_a_verdict_left_for_an_earlier_rollout_is_not_taken_by_the_next(master_opts):
+    loader = salt.loader.utils(master_opts)
+    lock, tell = loader["saltfleet_deploylock.lock"], loader["saltfleet_deploylock.tell"]
+    first = lock(master_opts, "fetcher")
+    first.acquire("op", "fleet.deploy fetcher")
+    tell(master_opts, "fetcher", "abort", "alice")
+    first.release()
+    second = lock(master_opts, "fetcher")
+    second.acquire("op", "fleet.deploy fetcher")
+    try:
+        assert second.told() is None, "an abort meant for the rollout before was taken by this one"
+        # A verdict with no holder's token (as a hand-made file) names no holder.
+        (Path(master_opts["cachedir"]) / "saltfleet" / "locks" / "fetcher.verdict").write_text('{"verdict": "abort"}')
+        assert second.told() is None
+        tell(master_opts, "fetcher", "promote", "bob")
+        assert second.told()["user"] == "bob"
+    finally:
+        second.release()
+
+
+@pytest.mark.parametrize("name", ["../fetcher", "../../../tmp/x", "a/b", ".hidden", "", "x\0y"])
+@pytest.mark.parametrize("command", ["fleet.analysis", "fleet.promote", "fleet.abort"])
+def test_a_deployment_name_is_never_a_path(master_opts, command, name):
+    before = sorted(Path(master_opts["cachedir"]).parent.rglob("*"))
+    said = fleet(master_opts)[command](name)
+    assert said.get("retcode") == 1 and "is not a deployment name" in said["error"], said
+    created = set(Path(master_opts["cachedir"]).parent.rglob("*")) - set(before)
+    assert not [p for p in created if p.is_file() and p.suffix in (".json", ".verdict", ".lock")], created
