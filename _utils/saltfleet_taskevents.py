@@ -14,8 +14,10 @@ What it writes is the user's word, read as such: the file is read without
 following a link and bounded, every count checked for its type, only the
 nodes of this host's own generations are taken, each counted for the
 release root's records say that generation runs (so a draining generation's
-tasks count for the release it drains), and task names are cut, scrubbed of
-the env's values and capped in number. Run times are kept as a histogram of
+tasks count for the release it drains), and task names are scrubbed of the
+env's values, made one printable line (an operator's terminal shows them),
+cut and capped in number. A snapshot with anything wrong counts for nothing.
+Run times are kept as a histogram of
 buckets growing by ``GROWTH`` from ``FLOOR`` seconds: mergeable across hosts,
 bounded whatever the number of tasks.
 
@@ -258,8 +260,14 @@ def named(into, name):
     return name if len(into) < NAMES_MAX or name in into else OTHER
 
 
+def _printable(text):
+    """``text`` on one line of printable characters: any other (a line break, an escape) as its Python escape."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _task_name(name, secrets):
-    text = _utils("saltfleet_user.scrub")(str(name), secrets)
+    # Hidden first (a value is found as written), then printable, then cut.
+    text = _printable(_utils("saltfleet_user.scrub")(str(name), secrets))
     return text if len(text) <= NAME_MAX else text[: NAME_MAX - 3] + "..."
 
 
@@ -342,30 +350,36 @@ def _release(value):
     return _utils("saltfleet_minion_data.sha")(value, "release")
 
 
+def _word(value, what):
+    if not isinstance(value, str) or len(value) > NAME_MAX or not value.isprintable():
+        raise ValueError(f"{what} that is no short line of printable text")
+    return value
+
+
 def reply(ret):
     """
     A host's return of ``deployment.task_events``, checked on the master: the
     minion's word, so every release a SHA, every count a count, every name a
-    short string, the sizes bounded; ValueError (``bad data: ...``) otherwise.
+    short line of printable text (an operator's terminal shows them), the
+    sizes bounded; ValueError (``bad data: ...``) otherwise. Its problems
+    are kept as printable lines.
     """
     try:
         ret = _mapping(ret, "a return", 8)
         tasks = {}
         for release, rows in _mapping(ret.get("tasks") or {}, "releases", 64).items():
             named = _mapping(rows, "task names", NAMES_MAX + 1)
-            if not all(isinstance(name, str) and len(name) <= NAME_MAX for name in named):
-                raise ValueError("a task name that is no short string")
-            tasks[_release(release)] = {name: _row(row) for name, row in named.items()}
+            tasks[_release(release)] = {_word(name, "a task name"): _row(row) for name, row in named.items()}
         programs = {}
         for release, rows in _mapping(ret.get("programs") or {}, "releases' programs", 64).items():
             named = _mapping(rows, "programs", 1000)
-            programs[_release(release)] = {str(name)[:NAME_MAX]: _program(row) for name, row in named.items()}
+            programs[_release(release)] = {_word(name, "a program"): _program(row) for name, row in named.items()}
         lists = {}
         for key in ("offline", "problems"):
             value = ret.get(key) or []
             if not isinstance(value, list) or len(value) > 1000 or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{key} that are no list of words")
-            lists[key] = [v[:300] for v in value]
+            lists[key] = [_word(v, "an offline node") if key == "offline" else _printable(v[:300]) for v in value]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"bad data: {exc}") from None
     return {"tasks": tasks, "programs": programs, **lists}

@@ -116,6 +116,17 @@ def test_a_secret_in_a_task_name_comes_back_hidden(deployed):
     assert sum(row["succeeded"] for row in counted.values()) == len(names)
 
 
+def test_a_task_name_reaches_the_master_as_one_printable_line(deployed):
+    """Task names go to an operator's terminal (fleet.analysis, fleet.history): no escape, no line break gets there."""
+    names = ["\x1b[2J\x1b]0;root@master\x07app.fetch", "app.fetch\nfleet.deploy: complete", "app.\u202eexe.txt"]
+    attack = f"write({{'nodes': {{node: {{n: row(succeeded=1) for n in {names!r}}}}}}})"
+    ret = look(deployed, hostile_listener(deployed, attack))
+    [counted] = ret["tasks"].values()
+    assert all(name.isprintable() for name in counted), sorted(counted)
+    assert "\\x1b[2J\\x1b]0;root@master\\x07app.fetch" in counted, sorted(counted)
+    deployed.sf.saltfleet_taskevents.reply(ret)
+
+
 # ---------------------------------------------------------- malformed snapshots
 
 

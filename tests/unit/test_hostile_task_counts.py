@@ -94,6 +94,10 @@ HOSTILE = [
     ("a program's state that is huge", {"programs": {NEW: {"worker": {"state": "R" * 10**6, "pid": 1}}}}),
     ("offline that is a mapping", {"offline": {"node": 1}}),
     ("problems that are numbers", {"problems": [1, 2]}),
+    ("a task name that clears the screen", {"tasks": {NEW: {"\x1b[2J\x1b[Happ.fetch": counts()}}}),
+    ("a task name of two lines", {"tasks": {OLD: {"app.fetch\nfleet.deploy complete": counts()}}}),
+    ("a program that sets the title", {"programs": {NEW: {"\x1b]0;root@master\x07": {"state": "RUNNING", "pid": 1}}}}),
+    ("a node offline that rings", {"offline": ["node\x07"]}),
     ("a list", ["not", "a", "report"]),
     ("a string", "ERROR: deployment.task_events failed"),
     ("nothing", None),
@@ -163,3 +167,11 @@ def test_a_deployment_name_is_never_a_path(master_opts, command, name):
     assert said.get("retcode") == 1 and "is not a deployment name" in said["error"], said
     created = set(Path(master_opts["cachedir"]).parent.rglob("*")) - set(before)
     assert not [p for p in created if p.is_file() and p.suffix in (".json", ".verdict", ".lock")], created
+
+
+def test_a_hosts_problems_reach_the_record_on_one_printable_line(master_opts, monkeypatch):
+    hostile = {**good_events(), "problems": ["app x: \x1b[2J\x1b]0;owned\x07gone\nfleet.deploy: complete"]}
+    report = canary(master_opts, monkeypatch, hostile)
+    [step] = report["analysis"]
+    [note] = [n for n in step["notes"] if n.startswith(f"{EVIL}: ")]
+    assert note.isprintable() and "gone" in note, note
