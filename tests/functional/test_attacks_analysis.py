@@ -130,6 +130,29 @@ def test_a_task_name_reaches_the_master_as_one_printable_line(deployed):
 # ---------------------------------------------------------- malformed snapshots
 
 
+@pytest.mark.parametrize(
+    "attack",
+    [
+        'write("[" * 200000 + "]" * 200000)',
+        'write({"nodes": {node: {f"app.t{n}": row(succeeded=1) for n in range(40000)}}})',
+        'write(\'{"nodes": {"\' + node + \'": {"app.fetch": {"succeeded": NaN, "failed": 0, "retried": 0}}}}\')',
+        'write({"nodes": {node: {"app.fetch": row(succeeded=True)}}})',
+        'write({"nodes": {node: {"app.fetch": row(succeeded=1, runtime={"\u00b2": 1})}}})',
+    ],
+    ids=["nested 200000 deep", "over a MiB", "NaN", "a bool", "a superscript bucket"],
+)
+def test_a_snapshot_no_listener_writes_is_a_problem(deployed, attack):
+    ret = look(deployed, hostile_listener(deployed, attack))
+    assert ret["tasks"] == {}, ret["tasks"]
+    assert any(p.startswith("app app: what its listener wrote is unreadable") for p in ret["problems"]), ret
+
+
+def test_a_snapshot_naming_nodes_not_of_this_deployment_on_this_host_counts_them_not(deployed):
+    attack = 'write({"nodes": {"o.g1@" + node.split("@")[1]: {"app.fetch": row(succeeded=9)}, "w.g1@elsewhere": {}}})'
+    ret = look(deployed, hostile_listener(deployed, attack))
+    assert ret["tasks"] == {} and ret["problems"] == [], ret
+
+
 def test_a_malformed_snapshot_counts_for_nothing(deployed):
     """Counts written before the row that is wrong are no more the listener's word than the rest."""
     attack = (
