@@ -326,7 +326,10 @@ def task_events(name, watch, seconds=60, stop=False):
         venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
         spec = _celery_spec(name, manifest)
         __utils__[f"{events}.listen"](spec, p, str(watch), apps, release, venv, int(seconds), __opts__["id"])
-    counted, offline, problems = __utils__[f"{events}.counted"](p, str(watch), apps, _env(name))
+    secrets = _env(name)
+    counted, offline, problems = __utils__[f"{events}.counted"](p, str(watch), apps, secrets)
+    # What supervisord answers (the user's side: names, refusals quoting it) goes to the master without the env.
+    scrub = __utils__["saltfleet_user.scrub"]
     programs = {}
     for gen, release in releases.items():
         sock = __utils__["saltfleet_paths.generation"](p, gen)["socket"]
@@ -334,10 +337,15 @@ def task_events(name, watch, seconds=60, stop=False):
             try:
                 infos = __utils__[f"{sup}.process_info"](sock, uid)
             except CommandExecutionError as exc:
-                problems.append(f"generation {gen}: {exc}")
+                problems.append(scrub(f"generation {gen}: {exc}", secrets))
                 continue
             into = programs.setdefault(release, {})
-            into.update({__utils__[f"{sup}.proc_name"](i): {"state": i["statename"], "pid": i["pid"]} for i in infos})
+            into.update(
+                {
+                    scrub(__utils__[f"{sup}.proc_name"](i), secrets): {"state": i["statename"], "pid": i["pid"]}
+                    for i in infos
+                }
+            )
     return {"tasks": counted, "programs": programs, "offline": offline, "problems": problems}
 
 

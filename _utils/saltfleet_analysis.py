@@ -92,9 +92,13 @@ def _figures(row):
 
 
 def merge(into, tasks):
-    """Add ``tasks`` ({task: counts}) into ``into``, in place."""
+    """
+    Add ``tasks`` ({task: counts}) into ``into``, in place; as on a host, names
+    past the first hundred add up as one (every host's names meet here).
+    """
+    named = _utils("saltfleet_taskevents.named")
     for name, row in tasks.items():
-        _utils("saltfleet_taskevents.add")(into.setdefault(name, {}), {"runtime": {}, **row})
+        _utils("saltfleet_taskevents.add")(into.setdefault(named(into, name), {}), {"runtime": {}, **row})
     return into
 
 

@@ -14,8 +14,10 @@ What it writes is the user's word, read as such: the file is read without
 following a link and bounded, every count checked for its type, only the
 nodes of this host's own generations are taken, each counted for the
 release root's records say that generation runs (so a draining generation's
-tasks count for the release it drains), and task names are cut, scrubbed of
-the env's values and capped in number. Run times are kept as a histogram of
+tasks count for the release it drains), and task names are scrubbed of the
+env's values, made one printable line (an operator's terminal shows them),
+cut and capped in number. A snapshot with anything wrong counts for nothing.
+Run times are kept as a histogram of
 buckets growing by ``GROWTH`` from ``FLOOR`` seconds: mergeable across hosts,
 bounded whatever the number of tasks.
 
@@ -215,7 +217,8 @@ def stop(p, watch):
 def _count(value):
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
         return value
-    raise ValueError(f"a count that is no count: {str(value)[:40]!r}")
+    # Its kind, never its text: what the user's side wrote there may be one of the env's values.
+    raise ValueError(f"a count that is no count from 0 to {COUNT_MAX} (a {type(value).__name__})")
 
 
 def _row(value):
@@ -229,9 +232,11 @@ def _row(value):
     row["runtime"] = {}
     for key, number in runtime.items():
         # A digit string as the listener writes JSON, an int once root has read it.
-        ok = (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+        ok = (isinstance(key, int) and not isinstance(key, bool)) or (
+            isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 3
+        )
         if not (ok and 0 <= int(key) < BUCKETS):
-            raise ValueError(f"a run time bucket that is none: {str(key)[:20]!r}")
+            raise ValueError(f"a run time bucket that is no number from 0 to {BUCKETS - 1} (a {type(key).__name__})")
         row["runtime"][int(key)] = _count(number)
     return row
 
@@ -246,9 +251,43 @@ def add(into, row):
     return into
 
 
+def named(into, name):
+    """What ``name`` is counted under in ``into`` ({task: counts}): itself, or OTHER once NAMES_MAX names are in."""
+    return name if len(into) < NAMES_MAX or name in into else OTHER
+
+
+def _printable(text):
+    """``text`` on one line of printable characters: any other (a line break, an escape) as its Python escape."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _task_name(name, secrets):
-    text = _utils("saltfleet_user.scrub")(str(name), secrets)
+    # Hidden first (a value is found as written), then printable, then cut.
+    text = _printable(_utils("saltfleet_user.scrub")(str(name), secrets))
     return text if len(text) <= NAME_MAX else text[: NAME_MAX - 3] + "..."
+
+
+def _snapshot(p, watch, app, nodes):
+    """
+    ([(release, task name, counts)], {offline nodes}) of the snapshot of
+    ``app``'s listener, every row checked: OSError or ValueError when any is
+    not what a listener writes (the snapshot then counts for nothing).
+    """
+    path = _snapshot_path(p, watch, app)
+    if not _utils("saltfleet_user.plain_path")(p["home"], path):
+        raise ValueError("a link on its path")
+    data = json.loads(_utils("saltfleet_files.read_users_file")(path, SNAPSHOT_MAX + 1))
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+        raise ValueError("no mapping of nodes")
+    rows = []
+    for node, tasks in data["nodes"].items():
+        if node not in nodes:
+            continue
+        if not isinstance(tasks, dict):
+            raise ValueError("a node's tasks that are no mapping")
+        rows += [(nodes[node], name, _row(row)) for name, row in tasks.items()]
+    said = data.get("offline") or []
+    return rows, {n for n in said if isinstance(n, str) and n in nodes} if isinstance(said, list) else set()
 
 
 def counted(p, watch, apps, secrets):
@@ -256,33 +295,28 @@ def counted(p, watch, apps, secrets):
     ({release: {task name: counts}}, [offline nodes], [problems]) of what the
     listeners of ``watch`` counted so far, each snapshot read as the user's
     word (see the module); a snapshot that is missing or malformed is a
-    problem, and counts for nothing.
+    problem, and counts for nothing. Counts added up stop at ``COUNT_MAX``.
     """
-    releases, offline, problems = {}, [], []
+    releases, offline, problems = {}, set(), []
     for app, nodes in sorted(apps.items()):
-        path = _snapshot_path(p, watch, app)
         try:
-            if not _utils("saltfleet_user.plain_path")(p["home"], path):
-                raise ValueError("a link on its path")
-            data = json.loads(_utils("saltfleet_files.read_users_file")(path, SNAPSHOT_MAX + 1))
-            if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
-                raise ValueError("no mapping of nodes")
-            for node, tasks in data["nodes"].items():
-                if node not in nodes:
-                    continue
-                if not isinstance(tasks, dict):
-                    raise ValueError("a node's tasks that are no mapping")
-                into = releases.setdefault(nodes[node], {})
-                for name, row in tasks.items():
-                    key = _task_name(name, secrets) if len(into) < NAMES_MAX or name in into else OTHER
-                    add(into.setdefault(key, {}), _row(row))
-            said = data.get("offline") or []
-            offline += sorted(n for n in said if isinstance(n, str) and n in nodes) if isinstance(said, list) else []
+            rows, said = _snapshot(p, watch, app, nodes)
         except FileNotFoundError:
             problems.append(f"app {app}: its listener has written nothing yet")
+            continue
         except (OSError, ValueError, RecursionError) as exc:
             problems.append(f"app {app}: what its listener wrote is unreadable ({str(exc)[:200]})")
-    return releases, offline, problems
+            continue
+        for release, name, row in rows:
+            into = releases.setdefault(release, {})
+            key = OTHER if named(into, name) == OTHER else _task_name(name, secrets)
+            add(into.setdefault(key, {}), row)
+        offline |= said
+    for tasks in releases.values():
+        for row in tasks.values():
+            row.update({outcome: min(row[outcome], COUNT_MAX) for outcome in OUTCOMES})
+            row["runtime"] = {key: min(number, COUNT_MAX) for key, number in row["runtime"].items()}
+    return releases, sorted(offline), problems
 
 
 def seconds_of(bucket):
@@ -305,31 +339,43 @@ def _mapping(value, what, most):
     return value
 
 
+def _release(value):
+    # A host counts for releases it names: a release that is none (None) is no SHA here.
+    if value is None:
+        raise ValueError("a release that is None, no commit SHA")
+    return _utils("saltfleet_minion_data.sha")(value, "release")
+
+
+def _word(value, what):
+    if not isinstance(value, str) or len(value) > NAME_MAX or not value.isprintable():
+        raise ValueError(f"{what} that is no short line of printable text")
+    return value
+
+
 def reply(ret):
     """
     A host's return of ``deployment.task_events``, checked on the master: the
     minion's word, so every release a SHA, every count a count, every name a
-    short string, the sizes bounded; ValueError (``bad data: ...``) otherwise.
+    short line of printable text (an operator's terminal shows them), the
+    sizes bounded; ValueError (``bad data: ...``) otherwise. Its problems
+    are kept as printable lines.
     """
-    sha = _utils("saltfleet_minion_data.sha")
     try:
         ret = _mapping(ret, "a return", 8)
         tasks = {}
         for release, rows in _mapping(ret.get("tasks") or {}, "releases", 64).items():
             named = _mapping(rows, "task names", NAMES_MAX + 1)
-            if not all(isinstance(name, str) and len(name) <= NAME_MAX for name in named):
-                raise ValueError("a task name that is no short string")
-            tasks[sha(release, "release")] = {name: _row(row) for name, row in named.items()}
+            tasks[_release(release)] = {_word(name, "a task name"): _row(row) for name, row in named.items()}
         programs = {}
         for release, rows in _mapping(ret.get("programs") or {}, "releases' programs", 64).items():
             named = _mapping(rows, "programs", 1000)
-            programs[sha(release, "release")] = {str(name)[:NAME_MAX]: _program(row) for name, row in named.items()}
+            programs[_release(release)] = {_word(name, "a program"): _program(row) for name, row in named.items()}
         lists = {}
         for key in ("offline", "problems"):
             value = ret.get(key) or []
             if not isinstance(value, list) or len(value) > 1000 or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{key} that are no list of words")
-            lists[key] = [v[:300] for v in value]
+            lists[key] = [_word(v, "an offline node") if key == "offline" else _printable(v[:300]) for v in value]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"bad data: {exc}") from None
     return {"tasks": tasks, "programs": programs, **lists}
