@@ -135,10 +135,9 @@ def _live_path(opts, name):
 
 def live(opts, name):
     """The running (or last) analysis of deployment ``name``, as its rollout last wrote it; None when there was none."""
-    errors = []
     # The name becomes a file name: a deployment's name alone.
-    if not _utils("saltfleet_schema.check_name")("fleet.analysis", name, errors):
-        raise CommandExecutionError(errors[0])
+    if not _utils("saltfleet_schema.check_name")("fleet.analysis", name, []):
+        raise CommandExecutionError(f"{name!r} is not a deployment name")
     return _utils("saltfleet_files.read_json")(_live_path(opts, name), None)
 
 
