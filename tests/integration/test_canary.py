@@ -34,7 +34,8 @@ HOSTS = 2
 # The stream: a task every STREAM_GAP s, each running TASK_SECONDS in a good release.
 STREAM_GAP, TASK_SECONDS = 0.05, 0.02
 # The steps of every canary rollout here, and thresholds that judge them within a test's time.
-STEPS = '[{hosts: 1}, {analyse: 25}, {hosts: "100%"}]'
+ANALYSE = 15
+STEPS = f'[{{hosts: 1}}, {{analyse: {ANALYSE}}}, {{hosts: "100%"}}]'
 ANALYSIS = "{window: 2, min_tasks: 20}"
 FETCH_BODY = '    record = {\n        "task": self.request.id,'
 RELEASES = {
@@ -240,7 +241,7 @@ def test_a_release_failing_forty_percent_of_its_tasks_is_rolled_back_before_its_
     assert code == 1
     [analysis] = report["analysis"]
     assert analysis["decision"] == "failed", analysis
-    assert analysis["elapsed"] < 25, "it failed beyond doubt before the step's full time"
+    assert analysis["elapsed"] < ANALYSE, "it failed beyond doubt before the step's full time"
     assert analysis["new"]["failed"] > 0 and analysis["old"]["failed"] == 0, analysis
     assert analysis["new"]["tasks"]["sampleapp.fetch"]["failure_rate"] > 0.2, analysis
     assert analysis["releases"] == {"new": [fleet.places["shas"]["flaky"]], "old": [fleet.places["shas"]["v2"]]}
@@ -262,7 +263,7 @@ def test_a_good_release_passes_every_step(fleet):
     assert report["outcome"] == "complete"
     [analysis] = report["analysis"]
     assert analysis["decision"] == "passed", analysis
-    assert analysis["elapsed"] >= 25
+    assert analysis["elapsed"] >= ANALYSE
     assert fleet.releases() == [fleet.places["shas"]["v1"]] * HOSTS
     assert set(stream.outcomes()) == {"SUCCESS"}
     code, live = fleet.salt_run("fleet.analysis", NAME)
