@@ -217,10 +217,13 @@ class CanaryFleet:
         """The parts a window's CPU is told by (bench.cpu): each claims its processes by pid and command line."""
         mine, base, rabbit = os.getpid(), str(self.base), str(self.broker_base)
         return {
+            # Each under this fleet's folder (its venv, its logs), whoever else runs a deployment of that name.
             # The listeners' argument names the workers too: they come first.
-            "listeners": lambda pid, argv: any(f"/log/{NAME}/events." in a for a in argv),
-            # A worker's title or its -n names its node (the pool's processes too).
-            "workers": lambda pid, argv: any(self.node(mid) in a for a in argv for mid in HOSTS),
+            "listeners": lambda pid, argv: any(base in a and f"/log/{NAME}/events." in a for a in argv),
+            # A worker's -n names its node (the pool's processes too).
+            "workers": lambda pid, argv: (
+                any(base in a for a in argv) and any(self.node(mid) in a for a in argv for mid in HOSTS)
+            ),
             "rabbitmq": lambda pid, argv: any(rabbit in a for a in argv),
             "salt": lambda pid, argv: any(base in a for a in argv),
             "bench": lambda pid, argv: pid == mine,
@@ -390,18 +393,20 @@ class Throughput:
     def windows(self, pairs, seconds, task_seconds):
         """
         ``pairs`` of windows of ``seconds``: without, then with an analysis
-        watching; the backlog sized from a warm-up's rate. Returns each
-        window: {watched, start, end, cores: {part: cores it used}}.
+        watching; before each pair, the backlog topped up to twice what the
+        workers took in the busiest pair yet (or in a warm-up's time).
+        Returns each window: {watched, start, end, cores: {part: cores it used}}.
         """
         rate = self.rate(200, task_seconds)
-        # Each pair: two windows, a settle before each, the listeners' start and end (~10 s); a third more.
-        total = pairs * (2 * (seconds + SETTLE) + 10) + SETTLE
-        count = math.ceil(rate * total * 1.3) + 200
-        self.log(f"    warm-up: {rate:.0f} tasks/s; a backlog of {count} tasks of {task_seconds * 1000:.0f} ms")
-        self.fill(count, task_seconds)
-        time.sleep(SETTLE)
+        # A pair: two windows, a settle before each, the listeners' start and end (~10 s).
+        need = math.ceil(2 * rate * (2 * (seconds + SETTLE) + 10))
+        self.log(f"    warm-up: {rate:.0f} tasks/s; tasks of {task_seconds * 1000:.0f} ms, {need}+ kept waiting")
         found = []
         for pair in range(pairs):
+            left = self.backlog()
+            if left < need:
+                self.fill(need - left, task_seconds)
+                left = need
             found.append(self._window(seconds))
             watch = f"bench-{pair}"
             self.fleet.start_watch(watch, seconds + 60)
@@ -409,10 +414,12 @@ class Throughput:
                 found.append(self._window(seconds, watch))
             finally:
                 self.fleet.stop_watch(watch)
-        left = self.backlog()
+            after = self.backlog()
+            if not after:
+                self.purge()
+                raise BenchError(f"the backlog ran dry in pair {pair + 1}: the workers were not kept busy")
+            need = max(need, 2 * (left - after))
         self.purge()
-        if not left:
-            raise BenchError("the backlog ran dry before the last window ended: the workers were not kept busy")
         return found
 
     def _window(self, seconds, watch=None):
@@ -472,7 +479,8 @@ def rollback_run(fleet, app, shas):
     sent = bus.first(lambda d: d.get("event") == "batch" and d.get("rollback"))
     returned = bus.first(lambda d: d.get("event") == "host" and d.get("rollback"))
     watching = bus.first(lambda d: "analysis 1: watching" in str(d.get("message", "")))
-    if None in (decided, sent, returned, watching):
+    counting = bus.first(lambda d: d.get("event") == "analysis" and _finished(d["new"]) + _finished(d["old"]) > 0)
+    if None in (decided, sent, returned, watching, counting):
         raise BenchError(f"the master's bus lacks the analysis's or the rollback's lines: {bus.events[-20:]}")
     [analysis] = report["analysis"]
     began = max(judged["at"], watching)
@@ -483,12 +491,18 @@ def rollback_run(fleet, app, shas):
         "decide": decided - began,
         "send": sent - decided,
         "serve": served - sent,
-        # Beside them: deployment.rollback's return, after the old release serves again.
+        # Beside them: the first window with counts (the listeners had started), after the analysis began;
+        # deployment.rollback's return, after the rollback was sent.
+        "counting": counting - watching,
         "returned": returned - sent,
         "judged": {**judged, "at": round(judged["at"] - started, 2)},
         "decided_on": {k: analysis["new"][k] for k in ("succeeded", "failed")},
         "decided_elapsed": analysis["elapsed"],
     }
+
+
+def _finished(figures):
+    return figures["succeeded"] + figures["failed"]
 
 
 def serving_again(fleet, records, minion, judged):
@@ -575,8 +589,9 @@ def measure(bench, plan):
         for n in range(plan["rollbacks"]):
             bench.step(f"canary: rollout {n + 1} of {plan['rollbacks']} of a release failing 4 inputs in 10, a stream")
             got = rollback_run(fleet, app, shas)
-            for part in ("total", "wait", "decide", "send", "serve", "returned"):
+            for part in ("total", "wait", "decide", "send", "serve", "counting", "returned"):
                 bench.record(f"canary_rollback_{part}", got[part])
+            bench.times.setdefault("canary_rollback_judged_tasks", []).append(got["judged"]["tasks"])
             said = f"the analysis decided on {got['decided_on']} at {got['decided_elapsed']} s"
             bench.log(f"    judged at {got['judged']}; {said}")
     finally:

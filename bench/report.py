@@ -216,7 +216,7 @@ def build_rows(times, plan):
         )
     rows.extend(_page_rows(m))
     rows.extend(_handover_rows(m, plan))
-    rows.extend(_canary_rows(m, runs, plan))
+    rows.extend(_canary_rows(m, runs, plan, times))
     return rows
 
 
@@ -295,7 +295,7 @@ def _handover_rows(m, plan):
     ]
 
 
-def _canary_rows(m, runs, plan):
+def _canary_rows(m, runs, plan, times):
     """
     Canary rollouts: the fleet's throughput while an analysis watches it against
     none (windows alternating), and the time to roll a bad release back.
@@ -335,7 +335,8 @@ def _canary_rows(m, runs, plan):
     if total is not None:
         parts = (
             f"parts: judged -> the analysis began {_s(m.get('canary_rollback_wait'))} (the canary host's "
-            f"deployment.update_code had not returned), -> it decided {_s(m.get('canary_rollback_decide'))}, "
+            f"deployment.update_code had not returned), -> it decided {_s(m.get('canary_rollback_decide'))} "
+            f"(its first window with counts {_s(m.get('canary_rollback_counting'))} after it began), "
             f"-> rollback sent {_s(m.get('canary_rollback_send'))}, -> old release serving on the changed host "
             f"{_s(m.get('canary_rollback_serve'))} (deployment.rollback returned "
             f"{_s(m.get('canary_rollback_returned'))} after it was sent)"
@@ -350,10 +351,16 @@ def _canary_rows(m, runs, plan):
                 total <= 10.0,
                 f"{parts}; median of {runs['canary_rollback_total']} rollout(s) of steps [hosts 1, analyse 30, "
                 "100%], window 3 s, default thresholds, a task every 50 ms; judged: the new release's completions "
-                "walked in time order until the 99% one-sided Wilson lower bound of its failure rate passes the limit",
+                "walked in time order until the 99% one-sided Wilson lower bound of its failure rate passes the limit "
+                f"(as saltfleet_analysis.judge decides; after {_judged(times)} of its tasks)",
             )
         )
     return rows
+
+
+def _judged(times):
+    counts = times.get("canary_rollback_judged_tasks") or []
+    return ", ".join(map(str, counts)) or "-"
 
 
 def _cores(m, label, watched, plain):
