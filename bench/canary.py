@@ -18,9 +18,9 @@ Celery's events), as tests/integration/test_canary.py runs them.
   new release had served enough failing tasks to be judged (the first of its
   completions after which the one-sided Wilson lower bound of its failure
   rate is above the limit, as saltfleet_analysis.judge decides), and the
-  first task the old release started on the changed host after that moment;
-  between the two, from the master's event bus, when the analysis decided
-  and when the rollback went out.
+  first task the old release started after it on the changed host, in a
+  worker the rollback started; between the two, from the master's event
+  bus, when the analysis began, when it decided and when the rollback went out.
 """
 
 import datetime
