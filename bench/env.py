@@ -90,7 +90,7 @@ class Workspace:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _git(*args, cwd=None):
+def git(*args, cwd=None):
     env = dict(
         environ(),
         GIT_AUTHOR_NAME="saltfleet bench",
@@ -105,18 +105,18 @@ def make_sample_repo(base):
     """A bare repo of the sample app with tags v1..vN (VERSION differs, requirements do not); (path, {tag: sha})."""
     work = base / "sample-app"
     shutil.copytree(SAMPLE_APP, work, ignore=shutil.ignore_patterns("__pycache__"))
-    _git("init", "-q", "--initial-branch=master", cwd=work)
+    git("init", "-q", "--initial-branch=master", cwd=work)
     app = work / "sampleapp.py"
     source = app.read_text()
     shas = {}
     for n in range(1, REVISIONS + 1):
         app.write_text(source.replace('VERSION = "1"', f'VERSION = "{n}"'))
-        _git("add", "-A", cwd=work)
-        _git("commit", "-q", "-m", f"sample app v{n}", cwd=work)
-        _git("tag", f"v{n}", cwd=work)
-        shas[f"v{n}"] = _git("rev-parse", "HEAD", cwd=work)
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "-m", f"sample app v{n}", cwd=work)
+        git("tag", f"v{n}", cwd=work)
+        shas[f"v{n}"] = git("rev-parse", "HEAD", cwd=work)
     bare = base / "sample-app.git"
-    _git("clone", "-q", "--bare", str(work), str(bare))
+    git("clone", "-q", "--bare", str(work), str(bare))
     return bare, shas
 
 

@@ -11,14 +11,16 @@ from bench.env import median
 HEADER = ("scenario", "baseline medians", "saltfleet", "ratio", "target", "met")
 
 
-def _s(value):
-    """Seconds; an int is a count."""
+def _s(value, unit="s"):
+    """Seconds (or ``unit``); an int is a count."""
     if isinstance(value, int):
         return str(value)
-    return "-" if value is None else f"{value:.2f} s"
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if unit == "s" else f"{value:.1f} {unit}"
 
 
-def _row(scenario, baselines, ours, ratio=None, target="-", met=None, note=""):
+def _row(scenario, baselines, ours, ratio=None, target="-", met=None, note="", unit="s"):
     return {
         "scenario": scenario,
         "baselines": baselines,
@@ -27,6 +29,7 @@ def _row(scenario, baselines, ours, ratio=None, target="-", met=None, note=""):
         "target": target,
         "met": met,
         "note": note,
+        "unit": unit,
     }
 
 
@@ -213,6 +216,7 @@ def build_rows(times, plan):
         )
     rows.extend(_page_rows(m))
     rows.extend(_handover_rows(m, plan))
+    rows.extend(_canary_rows(m, runs, plan, times))
     return rows
 
 
@@ -291,6 +295,91 @@ def _handover_rows(m, plan):
     ]
 
 
+def _canary_rows(m, runs, plan, times):
+    """
+    Canary rollouts: the fleet's throughput while an analysis watches it against
+    none (windows alternating), and the time to roll a bad release back.
+    """
+    rows = []
+    seconds = (plan.get("canary") or {}).get("seconds")
+    for label, what in (("stream", "tasks of 20 ms"), ("zero", "tasks of no work (Celery's overhead alone)")):
+        plain, watched = m.get(f"canary_tput_{label}_plain"), m.get(f"canary_tput_{label}_watched")
+        if watched is None:
+            continue
+        # The median of each pair's ratio (a watched window against the one before it), not of the medians.
+        ratio = m.get(f"canary_tput_{label}_ratio")
+        checked = label == "stream"
+        note = (
+            f"{runs[f'canary_tput_{label}_watched']} pairs of windows of {seconds} s, none then watched; ratio: the "
+            "median of the pairs' ratios, throughputs: medians; 2 hosts x 2 Celery workers saturated by a backlog, "
+            "RabbitMQ; watched: the listeners of deployment.task_events running (task events on), both hosts asked "
+            "for their counts every 3 s through saltfleet_rollout.publish as fleet.deploy's analyse step asks them"
+        )
+        cores = _cores(m, label, watched, plain)
+        note = "; ".join(
+            filter(None, [note if checked else "the same windows and analysis, tasks that do nothing", cores])
+        )
+        rows.append(
+            _row(
+                f"task throughput while an analysis watches, {what}",
+                [("no analysis", plain)],
+                watched,
+                ratio,
+                ">= 0.95 x no analysis" if checked else "-",
+                (ratio is not None and ratio >= 0.95) if checked else None,
+                note,
+                unit="tasks/s",
+            )
+        )
+    total = m.get("canary_rollback_total")
+    if total is not None:
+        parts = (
+            f"parts: judged -> the analysis began {_s(m.get('canary_rollback_wait'))} (the canary host's "
+            f"deployment.update_code had not returned), -> it decided {_s(m.get('canary_rollback_decide'))} "
+            f"(its first window with counts {_s(m.get('canary_rollback_counting'))} after it began), "
+            f"-> rollback sent {_s(m.get('canary_rollback_send'))}, -> old release serving on the changed host "
+            f"{_s(m.get('canary_rollback_serve'))} (deployment.rollback returned "
+            f"{_s(m.get('canary_rollback_returned'))} after it was sent)"
+        )
+        rows.append(
+            _row(
+                "time to roll back a release failing 40% of its tasks (judged -> old release serving)",
+                [],
+                total,
+                None,
+                "<= 10 s",
+                total <= 10.0,
+                f"{parts}; median of {runs['canary_rollback_total']} rollout(s) of steps [hosts 1, analyse 30, "
+                "100%], window 3 s, default thresholds, a task every 50 ms; judged: the new release's completions "
+                "walked in time order until the 99% one-sided Wilson lower bound of its failure rate passes the limit "
+                f"(as saltfleet_analysis.judge decides; after {_judged(times)} of its tasks)",
+            )
+        )
+    return rows
+
+
+def _judged(times):
+    counts = times.get("canary_rollback_judged_tasks") or []
+    return ", ".join(map(str, counts)) or "-"
+
+
+def _cores(m, label, watched, plain):
+    """Where the CPU went, no analysis -> watched: cores each part used (medians), and the workers' CPU per task."""
+    parts = ("workers", "listeners", "rabbitmq", "salt", "bench", "others", "idle")
+    said = []
+    for part in parts:
+        before, after = m.get(f"canary_cores_{label}_plain_{part}"), m.get(f"canary_cores_{label}_watched_{part}")
+        if before is not None and after is not None:
+            said.append(f"{part} {before:.2f} -> {after:.2f}")
+    if not said:
+        return ""
+    text = f"cores used, no analysis -> watched: {', '.join(said)}"
+    busy = (m.get(f"canary_cores_{label}_plain_workers"), m.get(f"canary_cores_{label}_watched_workers"))
+    if None not in busy and plain and watched:
+        text += f"; workers' CPU per task {busy[0] / plain * 1000:.1f} -> {busy[1] / watched * 1000:.1f} ms"
+    return text
+
+
 def _ms(value):
     return "-" if value is None else f"{value * 1000:.0f} ms"
 
@@ -308,12 +397,13 @@ def _fmt_met(met):
 def format_table(rows):
     lines = []
     for row in rows:
-        baselines = ", ".join(f"{name} {_s(v)}" for name, v in row["baselines"] if v is not None) or "-"
+        unit = row.get("unit", "s")
+        baselines = ", ".join(f"{name} {_s(v, unit)}" for name, v in row["baselines"] if v is not None) or "-"
         lines.append(
             [
                 row["scenario"],
                 baselines,
-                _s(row["saltfleet"]),
+                _s(row["saltfleet"], unit),
                 _fmt_ratio(row["ratio"]),
                 row["target"],
                 _fmt_met(row["met"]),

@@ -5,7 +5,7 @@ import time
 
 import yaml
 
-from bench import handover
+from bench import canary, handover
 from bench.env import BIN, BenchError, Workspace, median, run, stop_supervisords, timed
 from bench.fleet import Fleet
 from bench.local import BuiltinsHost, LocalHost, SaltfleetHost, deployment_names, raw_floor
@@ -29,6 +29,9 @@ MODES = {
         "fanout": (1, 10, 25, 50),
         "sf_noop_1": True,
         "handover_tasks": 300,
+        # pairs of windows of seconds (without, with an analysis) for the stream's tasks and for tasks of
+        # no work; canary rollouts rolled back.
+        "canary": {"pairs": 6, "zero_pairs": 4, "seconds": 6, "rollbacks": 3},
     },
     # Every target but fan-out and built-ins, in under 5 minutes on 2 cores.
     "quick": {
@@ -39,6 +42,7 @@ MODES = {
         "fanout": (),
         "sf_noop_1": False,
         "handover_tasks": 300,
+        "canary": {"pairs": 3, "zero_pairs": 0, "seconds": 5, "rollbacks": 1},
     },
     # One run of every code path (the test suite's smoke test).
     "smoke": {
@@ -49,6 +53,8 @@ MODES = {
         "fanout": (1,),
         "sf_noop_1": False,
         "handover_tasks": 100,
+        # None: two minions, RabbitMQ and rollouts take minutes, not the seconds a smoke run has.
+        "canary": None,
     },
 }
 
@@ -112,6 +118,7 @@ class Bench:
             "built-ins": bool(self.plan["builtins"]),
             "fan-out": bool(self.plan["fanout"]),
             "handover": bool(self.plan["handover_tasks"]),
+            "canary": bool(self.plan["canary"]),
         }
         self.ws = Workspace(keep=self.keep)
         try:
@@ -132,6 +139,7 @@ class Bench:
             "built-ins": self.builtins,
             "fan-out": self.fanout,
             "handover": self.handover,
+            "canary": self.canary,
         }
 
     def warm_up(self):
@@ -324,6 +332,14 @@ class Bench:
                 stop_supervisords(host.root)
             if broker is not None:
                 broker.stop()
+
+    def canary(self):
+        """
+        Canary rollouts on two hosts that run tasks: the fleet's throughput while
+        an analysis watches it against none, and the time a bad release takes to
+        be rolled back once it could be judged.
+        """
+        canary.measure(self, self.plan["canary"])
 
 
 def settle(seconds=SETTLE):
