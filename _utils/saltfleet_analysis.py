@@ -13,9 +13,11 @@ A step decides, with the thresholds of ``saltfleet_schema.ANALYSIS``:
 
 - **failed** at once when a program of the new release crashed (its pid
   changed, it left RUNNING) or one of its nodes went offline;
-- **failed** before its time when the new release fails beyond doubt: the
-  one-sided Wilson score lower bound of its failure rate, at ``confidence``,
-  is above the limit: ``max_failure_rate``, or the old release's rate plus
+- **failed** before its time when the new release fails beyond doubt: an
+  exact one-sided binomial test at ``confidence``, i.e. so many failures in
+  so many tasks would happen with a chance under 1 - confidence if its true
+  failure rate were the limit (equivalently, the Clopper-Pearson lower bound
+  of its rate is above the limit): ``max_failure_rate``, or the old release's rate plus
   ``failure_margin`` when the old release ran ``min_tasks`` or more, whichever
   is lower;
 - at its full time: **inconclusive** with fewer than ``min_tasks`` tasks of
@@ -24,7 +26,7 @@ A step decides, with the thresholds of ``saltfleet_schema.ANALYSIS``:
   old release's (both with ``min_tasks`` successes); else **passed**.
 """
 
-import statistics
+import math
 
 import salt.loader.context
 
@@ -43,16 +45,56 @@ def _utils(name):
     return loader.pack.get("__utils__", loader)[name]
 
 
-def wilson(failed, total, confidence):
-    """(low, high): the Wilson score bounds of a rate of ``failed`` in ``total``, each one-sided at ``confidence``."""
-    if not total:
-        return 0.0, 1.0
-    z = statistics.NormalDist().inv_cdf(confidence)
-    rate = failed / total
-    centre = rate + z * z / (2 * total)
-    spread = z * ((rate * (1 - rate) + z * z / (4 * total)) / total) ** 0.5
-    scale = 1 + z * z / total
-    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+def _continued_fraction(a, b, x):
+    """The continued fraction of the incomplete beta function (Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 10000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return result
+
+
+def _beta(a, b, x):
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _continued_fraction(a, b, x) / a
+    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
+
+
+def at_least(failed, total, rate):
+    """P(X >= failed) for X binomial(total, rate): how likely so many failures are if the true rate were ``rate``."""
+    return 1.0 if failed <= 0 else _beta(failed, total - failed + 1, rate)
+
+
+def lower_bound(failed, total, confidence):
+    """
+    The exact one-sided (Clopper-Pearson) lower bound of a failure rate at
+    ``confidence``: the lowest rate under which ``failed`` of ``total`` or
+    more would happen with a chance of 1 - confidence or more.
+    """
+    if failed <= 0 or total <= 0:
+        return 0.0
+    low, high = 0.0, failed / total
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if at_least(failed, total, middle) < 1 - confidence else (low, middle)
+    return low
 
 
 def quantile(histogram, share):
@@ -121,8 +163,9 @@ def judge(new, old, crashed, elapsed, seconds, settings):
     rate = new["failure_rate"] or 0.0
     if crashed:
         return {"decision": FAILED, "why": f"the new release's workers crashed: {'; '.join(crashed)}", "limit": ceiling}
-    low, _ = wilson(new["failed"], finished, settings["confidence"])
-    if finished and low > ceiling:
+    # Beyond doubt: so many failures would be rarer than 1 - confidence if the true rate were the limit.
+    if finished and at_least(new["failed"], finished, ceiling) < 1 - settings["confidence"]:
+        low = lower_bound(new["failed"], finished, settings["confidence"])
         why = (
             f"{new['failed']} of {finished} tasks failed ({rate:.1%}): at {settings['confidence']:.0%} confidence "
             f"the failure rate is at least {low:.1%}, above the limit of {ceiling:.1%}"

@@ -37,6 +37,8 @@ READY_TIMEOUT = 90
 CONTROL_TIMEOUT = 60
 # How long a status question waits for the nodes' replies (it ends as soon as each one answered).
 ANSWER_WAIT = 5
+# ...and for a draining generation's: its nodes may be on their way out, and a count missing says so.
+DRAINING_WAIT = 1.5
 
 # What runs as the user: load the app as `celery -A` does, ask its workers, print JSON.
 CONTROL = r"""
@@ -327,10 +329,10 @@ def serving(cfg, p, release, venv, workers):
 
 
 def active(cfg, p, release, venv, workers):
-    """{node: tasks in hand} of a generation's nodes that answered with a count."""
+    """{node: tasks in hand} of a draining generation's nodes that answered with a count (DRAINING_WAIT)."""
     found = {}
     for app, expected in by_app(workers).items():
-        request = {"ask": "active", "nodes": sorted(expected), "wait": ANSWER_WAIT}
+        request = {"ask": "active", "nodes": sorted(expected), "wait": DRAINING_WAIT}
         for node, said in ask(cfg, p, release, venv, app, request).items():
             if _count(said) is not None:
                 found[node] = said

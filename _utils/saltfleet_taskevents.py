@@ -47,7 +47,7 @@ LISTEN = r"""
 import json, math, os, signal, socket, sys, time
 from celery.app.utils import find_app
 from celery.events import get_exchange
-from kombu import Queue
+from kombu import Queue, binding
 request = json.loads(sys.argv[1])
 app = find_app(request["app"])
 nodes, out = set(request["nodes"]), request["out"]
@@ -98,8 +98,10 @@ def switch(on):
 
 with app.connection_for_read() as conn:
     exchange = get_exchange(conn, name=app.conf.event_exchange)
-    queue = Queue(request["queue"], exchange=exchange, routing_key="#", auto_delete=True, durable=False,
-                  expires=request["expires"], message_ttl=request["expires"])
+    # Only the events counted: task-started and the heartbeats never reach this queue.
+    keys = ("task.received", "task.succeeded", "task.failed", "task.retried", "worker.offline")
+    queue = Queue(request["queue"], bindings=[binding(exchange, routing_key=key) for key in keys], auto_delete=True,
+                  durable=False, expires=request["expires"], message_ttl=request["expires"])
     with conn.Consumer(queue, callbacks=[receive], no_ack=True, accept=["json"]):
         switch(True)
         write()

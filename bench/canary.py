@@ -16,8 +16,8 @@ Celery's events), as tests/integration/test_canary.py runs them.
   rest) of a release whose tasks raise for 4 inputs in 10, a stream of tasks
   running through it. Afterwards, from the execution records: the moment the
   new release had served enough failing tasks to be judged (the first of its
-  completions after which the one-sided Wilson lower bound of its failure
-  rate is above the limit, as saltfleet_analysis.judge decides), and the
+  completions after which the exact one-sided binomial lower bound of its
+  failure rate is above the limit, as saltfleet_analysis.judge decides), and the
   first task the old release started after it on the changed host, in a
   worker the rollback started; between the two, from the master's event
   bus, when the analysis began, when it decided and when the rollback went out.
@@ -519,8 +519,8 @@ def serving_again(fleet, records, minion, judged):
 
 def judged_at(records, inputs, since):
     """
-    The first completion of the flaky release after which the one-sided
-    Wilson lower bound of its failure rate (its tasks so far, failed by its
+    The first completion of the flaky release after which the exact one-sided
+    binomial lower bound of its failure rate (its tasks so far, failed by its
     own rule) is above the limit against the old release (its tasks completed
     since ``since``), at the analysis's default confidence: {at, tasks, failed,
     low, limit}; None when it never is.
@@ -535,7 +535,7 @@ def judged_at(records, inputs, since):
         # The old release fails none of its tasks.
         figures = {"succeeded": done, "failed": 0, "failure_rate": 0.0 if done else None}
         limit = sf.saltfleet_analysis.limit(figures, settings)
-        low, _ = sf.saltfleet_analysis.wilson(failed, n, settings["confidence"])
+        low = sf.saltfleet_analysis.lower_bound(failed, n, settings["confidence"])
         if low > limit:
             return {"at": record["end"], "tasks": n, "failed": failed, "low": low, "limit": limit}
     return None

@@ -351,7 +351,7 @@ def _canary_rows(m, runs, plan, times):
                 total <= 10.0,
                 f"{parts}; median of {runs['canary_rollback_total']} rollout(s) of steps [hosts 1, analyse 30, "
                 "100%], window 3 s, default thresholds, a task every 50 ms; judged: the new release's completions "
-                "walked in time order until the 99% one-sided Wilson lower bound of its failure rate passes the limit "
+                "walked in time order until the 99% exact one-sided lower bound of its failure rate passes the limit "
                 f"(as saltfleet_analysis.judge decides; after {_judged(times)} of its tasks)",
             )
         )
