@@ -98,8 +98,8 @@ def switch(on):
 
 with app.connection_for_read() as conn:
     exchange = get_exchange(conn, name=app.conf.event_exchange)
-    # Only the events counted: task-started and the heartbeats never reach this queue.
-    keys = ("task.received", "task.succeeded", "task.failed", "task.retried", "worker.offline")
+    # Only the events counted (task.multi: a worker's buffered task events, in one message), never the heartbeats.
+    keys = ("task.multi", "task.received", "task.succeeded", "task.failed", "task.retried", "worker.offline")
     queue = Queue(request["queue"], bindings=[binding(exchange, routing_key=key) for key in keys], auto_delete=True,
                   durable=False, expires=request["expires"], message_ttl=request["expires"])
     with conn.Consumer(queue, callbacks=[receive], no_ack=True, accept=["json"]):
