@@ -357,7 +357,9 @@ def test_history_lists_the_rollouts_and_rollback_brings_every_host_back(fleet, p
     code, report, _ = fleet.salt_run("fleet.rollback", name)
     assert code == 0, report
     assert report["rev"] == shas["v2"]
-    assert report["deployed"] == dict.fromkeys(fleet.ids, shas["v2"])
+    # Hosts two and three never left v2: skipped, not sent a job.
+    assert report["deployed"] == {h1: shas["v2"]}, report
+    assert report["skipped"] == {h2: shas["v2"], h3: shas["v2"]}
     assert fleet.versions(name) == ["2", "2", "2"]
     # And once more: every host back to the release before, v1, and its code runs.
     code, report, _ = fleet.salt_run("fleet.rollback", name, "batch=100%")
