@@ -46,10 +46,11 @@ system-packages:
 	fi
 
 # Unit and functional tests need no daemons: four at a time. Integration
-# modules two at a time, each keeping its tests on one worker (their daemons start once).
+# modules three at a time (they mostly wait on daemons and workers), each
+# keeping its tests on one worker (their daemons start once).
 test: venv system-packages
 	$(BIN)/pytest -n 4 tests/unit tests/functional $(PYTEST_ARGS)
-	$(BIN)/pytest -n 2 --dist loadscope tests/integration $(PYTEST_ARGS)
+	$(BIN)/pytest -n 3 --dist loadscope tests/integration $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
