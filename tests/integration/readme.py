@@ -71,7 +71,12 @@ PLAN = {
     "$ salt-run fleet.deploy daily-fetcher": "an example's transcript: test_canary.py runs the same rollout",
 }
 # What the README says a command's exit code is (by a part of the command), where it is not 0.
-EXIT_CODES = {}
+EXIT_CODES = {
+    # The README: an error when no rollout of NAME runs (or ran an analysis).
+    "fleet.promote sample-fetcher": 1,
+    "fleet.abort sample-fetcher": 1,
+    "fleet.analysis sample-fetcher": 1,
+}
 # What a command's output must show (a regular expression), where its exit code alone does not tell.
 SHOWS = {
     "ansible all -i localfleet/ansible_inventory.py --list-hosts": r"demo-worker-1",

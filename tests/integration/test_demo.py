@@ -309,6 +309,10 @@ FLEET_ARGS = {
     "rollback": "sample-fetcher",
     "admit": "demo-worker-9 i-0123456789abcdef0 not-a-key",
     "record": "20200101000000000000 demo-worker-1 deployment.update_code",
+    # No rollout of the demo runs or ran an analysis: each says so, exit 1 (readme.EXIT_CODES).
+    "promote": "sample-fetcher",
+    "abort": "sample-fetcher",
+    "analysis": "sample-fetcher",
 }
 # What deployment.status says of each deployment of the demo as `make demo` leaves it: state, rev, pinned, held.
 MADE = ("up", "main", None, {})
