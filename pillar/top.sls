@@ -9,7 +9,6 @@ base:
   # saltfleet_demo; a real master's does not, so these never apply there.
   'demo-worker-*':
     - demo
-  'demo-worker-1':
     - demo.sample-fetcher
   'demo-worker-2':
     - demo.sample-reporter
