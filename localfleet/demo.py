@@ -476,21 +476,25 @@ def _up(workers, background):
 
 
 def provision(demo_master, workers):
-    """The instances, made or started with salt-cloud as needed, each minion answering."""
+    """
+    The instances, made or started with salt-cloud as needed, each minion
+    answering: ``workers``, and any other the user made (`make demo-down`
+    stopped it too; the master, which holds its key, targets it with the rest).
+    """
     existing = instances()
     missing = [w for w in workers if w not in existing]
-    stopped = [w for w in workers if existing.get(w) == "stopped"]
-    for name in workers:
-        if existing.get(name) == "running":
+    stopped = [name for name, state in existing.items() if state == "stopped"]
+    for name, state in existing.items():
+        if state == "running":
             print(f"{name} exists and runs")
     if stopped:
         run(["salt-cloud", *CONFIG_ARG.split(), "-y", "-a", "start", *stopped])
     if missing:
         run(["salt-cloud", *CONFIG_ARG.split(), "-p", PROFILE, *missing])
     after = instances()
-    if any(after.get(w) != "running" for w in workers):
+    if any(state != "running" for state in after.values()) or any(w not in after for w in workers):
         raise DemoError(f"instances not running after salt-cloud: {after}; see .demo/var/log/salt/cloud")
-    demo_master.wait_for_minions(workers, timeout=90)
+    demo_master.wait_for_minions(sorted(after), timeout=90)
 
 
 def print_next_steps(elapsed):
