@@ -365,6 +365,11 @@ def typed(checkout, demo_up):
     runner = readme.Runner(activated(checkout), cwd=checkout)
     yield runner
     back_to_pillar(runner)
+    without_demo_worker_3(runner, checkout)
+
+
+def without_demo_worker_3(runner, checkout):
+    """The host the README provisions gone again: the tests after see the demo's own workers alone."""
     if "demo-worker-3" in query(checkout, "demo.instances()"):
         runner.shell("salt-cloud -c .demo/etc/salt -y -d demo-worker-3")
 
@@ -389,17 +394,20 @@ def as_made(runner):
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"README-line-{b.line}" for b in RUNNABLE])
-def test_every_readme_command_runs_against_the_demo_as_written(block, demo_running, typed, record_property):
+def test_every_readme_command_runs_against_the_demo_as_written(block, checkout, demo_running, typed, record_property):
     """Each block from the demo as `make demo` left it, its commands in order; every failure listed."""
     as_made(typed)
     started, ran, wrong = time.monotonic(), 0, []
-    for line, commands in readme.plan(block)[1]:
-        for command in [] if isinstance(commands, str) else commands:
-            proc = typed.run(command)
-            ran += 1
-            why = readme.judge(command, proc)
-            if why:
-                wrong.append(f"README line {block.line}: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
+    try:
+        for line, commands in readme.plan(block)[1]:
+            for command in [] if isinstance(commands, str) else commands:
+                proc = typed.run(command)
+                ran += 1
+                why = readme.judge(command, proc)
+                if why:
+                    wrong.append(f"README line {block.line}: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
+    finally:
+        without_demo_worker_3(typed, checkout)
     record_property("report", f"{ran} commands of README line {block.line} in {time.monotonic() - started:.0f} s")
     assert not wrong, f"{len(wrong)} of {ran} commands:\n\n" + "\n\n".join(wrong)
 
