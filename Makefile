@@ -14,8 +14,8 @@ export UV_PYTHON_DOWNLOADS := never
 
 # Debian packages the tests drive: ss (iproute2) shows what the demo listens on,
 # ansible-inventory (ansible-core) reads the fleet through the inventory script,
-# rabbitmq-server is the broker of the Celery tests (a private node:
-# localfleet/rabbitmq.py), chromium and chromium-driver show the fleet page.
+# rabbitmq-server is the broker of the Celery tests and of the demo (a private
+# node: localfleet/rabbitmq.py), chromium and chromium-driver show the fleet page.
 DEBIAN_PACKAGES := iproute2:/usr/bin/ss ansible-core:/usr/bin/ansible-inventory \
 	rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server \
 	chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver
@@ -39,10 +39,10 @@ system-packages:
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian packages the tests need:$$missing"; \
+		echo "installing Debian packages the tests and the demo need:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else \
-		echo "make test needs Debian packages that are missing; run: sudo apt-get install$$missing" >&2; exit 1; \
+		echo "the tests and the demo need Debian packages that are missing; run: sudo apt-get install$$missing" >&2; exit 1; \
 	fi
 
 # Unit and functional tests need no daemons: four at a time. Integration
@@ -58,7 +58,7 @@ lint: venv
 	$(BIN)/yamllint -s .
 	find salt pillar -name '*.sls' -print0 | xargs -0 $(BIN)/salt-lint
 
-demo: venv
+demo: venv system-packages
 	$(BIN)/python -m localfleet up
 
 demo-down: venv

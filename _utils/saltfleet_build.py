@@ -79,8 +79,7 @@ def build(ctx, plan):
         _utils("saltfleet_files.fault_point")(p["root"], "build")
         if want.build_venv:
             _utils("saltfleet_venv.build")(ctx.cfg, ctx.settings, ctx.tools["uv"], home, venv, release)
-        # ~/Projects-<name>/venv, as the seed's users know it.
-        _utils("saltfleet_user.relink")(user, home, release / "venv", Path("..") / ".." / p["venvs"].name / plan.digest)
+        link_venv(ctx, plan.release, plan.digest)
         if want.build_release and want.build_steps:
             steps_ran = True
             run_steps(ctx, release, venv, want.build_steps)
@@ -129,6 +128,16 @@ def no_room(ctx, plan, exc):
         f"building {what}; {then}. Free space there (or grow its filesystem) and apply again: the next "
         f"apply removes what this one left half built and builds it anew.\n{exc}"
     )
+
+
+def link_venv(ctx, sha, digest):
+    """
+    ~/Projects-<name>/venv, as the seed's users know it: release ``sha``'s
+    link to the venv it runs with (relative, as the user).
+    """
+    p = ctx.p
+    release = _utils("saltfleet_paths.release")(p, sha)
+    _utils("saltfleet_user.relink")(ctx.user, p["home"], release / "venv", Path("..") / ".." / p["venvs"].name / digest)
 
 
 def run_steps(ctx, release, venv, steps):

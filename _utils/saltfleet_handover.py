@@ -120,6 +120,11 @@ def serve(ctx, plan, outcome, drains):
         draining=drains,
     )
     _utils("saltfleet_supervisor.link_serving")(ctx.p, plan.gen)
+    built = plan.asked.build_release or plan.asked.build_venv
+    if not built and ("release" in plan.changes or "virtualenv" in plan.changes):
+        # A kept release serves again, perhaps with another venv than it was built
+        # with (a venv rebuilt since, and the old one pruned): its link follows.
+        _utils("saltfleet_build.link_venv")(ctx, plan.release, plan.digest)
     project = Path(ctx.p["releases"].name) / plan.release
     _utils("saltfleet_user.relink")(ctx.user, ctx.p["home"], ctx.p["project"], project)
     for key in ("release", "virtualenv", "env"):

@@ -4,7 +4,11 @@
 Everything lives under .demo/ (git-ignored): the master's config, keys, cache
 and logs (.demo/etc/salt, .demo/var), the instances salt-cloud's local driver
 creates (.demo/minions/<name>, each its own minion root_dir), the sample app's
-git repository (.demo/sample-app.git) and its broker folder (.demo/broker).
+git repository (.demo/sample-app.git), its Celery broker (a private RabbitMQ
+node in .demo/rabbitmq: localfleet/rabbitmq.py) and its data folder (results
+and execution records, .demo/sample-data). The broker's URL holds its
+password: the master's config (0600) hands it to the deployments' pillar,
+and the commands the demo prints read it from .demo/rabbitmq/url.
 The daemons know .demo/ by a short link to it under the system's temporary
 directory (``daemons.short_alias``; `make demo-down` removes it): Salt puts
 every path of a daemon, its unix sockets' too, under its root_dir, and a
@@ -13,10 +17,13 @@ The master listens on 127.0.0.1 only, on ports chosen free at the first run.
 """
 
 import getpass
+import json
 import os
 import shlex
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import yaml
 
@@ -24,6 +31,7 @@ from localfleet import api, procs
 from localfleet import daemons as local
 from localfleet.config import REPO, stop_deployments
 from localfleet.daemons import UV_CACHE, FleetError, Master, command, environ, free_ports, port_free, short_alias
+from localfleet.rabbitmq import RabbitMQ
 from localfleet.sampleapp import SAMPLE_APP
 
 DEMO = REPO / ".demo"
@@ -33,8 +41,12 @@ APP_SOURCE = SAMPLE_APP
 APP_REPO = DEMO / "sample-app.git"
 APP_BRANCH = "main"
 SECOND_REVISION = "v2"
-BROKER = DEMO / "broker"
+BROKER_DIR = DEMO / "rabbitmq"
+APP_DATA = DEMO / "sample-data"
 WORKERS = ("demo-worker-1", "demo-worker-2")
+# Where the beat (a program of sample-reporter) runs, and the queues it sends sample-fetcher a task on.
+BEAT_HOST = "demo-worker-2"
+BEAT_QUEUES = ("sample-fetcher.instagram", "sample-fetcher.twitter")
 PROFILE = "local-worker"
 # What the user types from the repository (the commands the demo prints).
 CONFIG_ARG = f"-c {ETC.relative_to(REPO)}"
@@ -173,7 +185,7 @@ def _ports(running):
     return tuple(free_ports(2))
 
 
-def master(running):
+def master(running, broker_url):
     """The demo's salt-master: .demo/ is its root_dir, its config .demo/etc/salt/master."""
     user = getpass.getuser()
     settings = {
@@ -188,16 +200,18 @@ def master(running):
             "user": user,
             "app_repo": str(APP_REPO),
             "app_rev": APP_BRANCH,
-            "broker": str(BROKER),
+            "app_data": str(APP_DATA),
+            # A secret (its password): the config is the demo user's alone (write_config).
+            "broker_url": broker_url,
             "uv_cache": str(UV_CACHE),
         },
     }
     return Master(DEMO, settings, ports=_ports(running), root_dir=short_alias(DEMO))
 
 
-def write_config(running):
+def write_config(running, broker_url):
     """The demo master's config, salt-cloud's config and the local provider/profile, under .demo/etc/salt."""
-    demo_master = master(running)
+    demo_master = master(running, broker_url)
     # Under the master's root_dir as the daemons know it (Salt puts any other path under it).
     root = short_alias(DEMO)
     cloud = {
@@ -209,6 +223,11 @@ def write_config(running):
     provider["local"]["sandbox_dir"] = str(instances_dir())
     profiles = yaml.safe_load((REPO / "cloud.profiles.d" / "local.conf").read_text())
     header = "# Written by `make demo` (localfleet/demo.py); rewritten at every run.\n"
+    # Readable by the demo's user alone before the broker's URL goes in.
+    config = ETC / "master"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.touch(mode=0o600)
+    config.chmod(0o600)
     demo_master.write(header)
     files = {
         ETC / "cloud": cloud,
@@ -248,6 +267,29 @@ def start_master(demo_master, timeout=60):
     print(f"salt-master runs (pid {demo_master.pid()}), on {where}")
 
 
+# ------------------------------------------------------------------ broker
+
+
+def broker():
+    """The demo's RabbitMQ node (.demo/rabbitmq), run as the demo's user: its settings kept between runs."""
+    return RabbitMQ(BROKER_DIR, user=None)
+
+
+def known_broker():
+    """The demo's RabbitMQ node when a run made one, else None (nothing to find or stop)."""
+    return broker() if (BROKER_DIR / "node.json").exists() else None
+
+
+def start_broker(node):
+    """Start the node, or find it running; what to print once it answers."""
+    where = f"127.0.0.1:{node.port}"
+    if node.pid():
+        node.start()
+        return f"rabbitmq-server already runs (pid {node.pid()}), on {where}"
+    node.start()
+    return f"rabbitmq-server runs (pid {node.pid()}), on {where}; log {node.log.relative_to(REPO)}"
+
+
 # ------------------------------------------------------------------ instances
 
 
@@ -261,10 +303,16 @@ def _sandboxes():
 
 
 def daemons():
-    """{pid: what} of the demo's daemons, from their pidfiles: the master, each minion, each supervisord."""
+    """
+    {pid: what} of the demo's daemons, from their pidfiles: the master, the
+    broker and its epmd, each minion, each supervisord.
+    """
     found = {}
     if master_pid():
         found[master_pid()] = "salt-master"
+    node = known_broker()
+    if node is not None:
+        found.update({pid: what for pid, what in ((node.pid(), "rabbitmq-server"), (node.epmd_pid(), "epmd")) if pid})
     for sandbox in _sandboxes():
         minion = local.minion_pid(sandbox)
         if minion:
@@ -300,10 +348,14 @@ TASK_CODE = (
 
 
 def task_command():
-    """A shell line that sends the sample task to the fetcher's queue and prints the worker's answer."""
+    """
+    A shell line that sends the sample task to the fetchers' queue and prints
+    the answer of whichever worker took it. The broker's URL is read from its
+    file as the line runs: no command line holds it.
+    """
     project = _fetcher_project().relative_to(REPO)
-    broker = BROKER.relative_to(REPO)
-    return f'(cd {project} && SAMPLEAPP_DATA={REPO / broker} venv/bin/python -c "{TASK_CODE}")'
+    env = f"SAMPLEAPP_DATA={APP_DATA} SAMPLEAPP_BROKER=$(cat {BROKER_DIR / 'url'})"
+    return f'(cd {project} && {env} venv/bin/python -c "{TASK_CODE}")'
 
 
 def send_task(timeout=180):
@@ -314,43 +366,88 @@ def send_task(timeout=180):
         raise DemoError(f"the sample task failed (exit {proc.returncode}); see {_fetcher_project().parent / 'log'}")
 
 
+def executions_by_host(since):
+    """
+    {host: executions} of the sample app recorded since ``since`` (epoch
+    seconds), by the host part of their Celery node (the fetchers' node_host).
+    """
+    found = {}
+    for entry in os.scandir(APP_DATA / "executions"):
+        # <task>.<pid>.<time_ns>.json: the time is in the name, so old records stay unread.
+        parts = entry.name.split(".")
+        if len(parts) != 4 or parts[3] != "json" or not parts[2].isdigit() or int(parts[2]) < since * 1e9:
+            continue
+        try:
+            node = json.loads(Path(entry.path).read_text())["node"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        host = node.rpartition("@")[2]
+        found[host] = found.get(host, 0) + 1
+    return found
+
+
+def watch_traffic(hosts, seconds=5, timeout=60):
+    """
+    Until the beat's fetches run on every one of ``hosts`` (at least one each
+    within ``seconds``): {host: executions in those seconds}; a DemoError
+    naming the logs when they do not within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        started = time.time()
+        time.sleep(seconds)
+        counts = executions_by_host(started)
+        if all(counts.get(host) for host in hosts):
+            return counts
+        if time.monotonic() > deadline:
+            raise DemoError(
+                f"in {seconds} s the fetchers ran {counts or 'nothing'}, not a task on each of {', '.join(hosts)}; "
+                f"see the beat's and the fetchers' logs in .demo/minions/<name>/home/{getpass.getuser()}/log/"
+            )
+
+
+def canary_command():
+    """The printed rollout of the second revision with a canary: one host, 30 s of analysis, then the rest."""
+    steps = '[{hosts: 1}, {analyse: 30}, {hosts: "100%"}]'
+    return f"salt-run {CONFIG_ARG} fleet.deploy sample-fetcher rev={SECOND_REVISION} steps='{steps}'"
+
+
 # ------------------------------------------------------------------ up / down
 
 
 def up(workers=WORKERS):
+    with ThreadPoolExecutor(max_workers=1) as background:
+        return _up(workers, background)
+
+
+def _up(workers, background):
     started = time.monotonic()
-    progress = Progress(10)
+    progress = Progress(12)
     salt = ["salt", *CONFIG_ARG.split()]
 
     progress("sample app: examples/sample-app committed into .demo/sample-app.git (the deployments' repo)")
     sha = publish_sample_app()
-    BROKER.mkdir(parents=True, exist_ok=True)
+    APP_DATA.mkdir(parents=True, exist_ok=True)
     print(f"{APP_REPO.relative_to(REPO)} {APP_BRANCH} = {sha}")
 
+    progress(f"the Celery broker: a private RabbitMQ node on 127.0.0.1, all of it in {BROKER_DIR.relative_to(REPO)}")
+    node = broker()
+    node.choose_ports()
+    print(f"node {node.node}, AMQP on 127.0.0.1:{node.port}: starting beside the steps below", flush=True)
+    broker_up = background.submit(start_broker, node)
+
     progress("salt-master on 127.0.0.1 with its config under .demo/etc/salt")
-    demo_master = write_config(running=bool(master_pid()))
+    demo_master = write_config(running=bool(master_pid()), broker_url=node.url())
     start_master(demo_master)
 
     progress(f"salt-cloud: {', '.join(workers)} from profile {PROFILE} (local driver: a sandbox and a minion each)")
-    existing = instances()
-    missing = [w for w in workers if w not in existing]
-    stopped = [w for w in workers if existing.get(w) == "stopped"]
-    for name in workers:
-        if existing.get(name) == "running":
-            print(f"{name} exists and runs")
-    if stopped:
-        run(["salt-cloud", *CONFIG_ARG.split(), "-y", "-a", "start", *stopped])
-    if missing:
-        run(["salt-cloud", *CONFIG_ARG.split(), "-p", PROFILE, *missing])
-    after = instances()
-    if any(after.get(w) != "running" for w in workers):
-        raise DemoError(f"instances not running after salt-cloud: {after}; see .demo/var/log/salt/cloud")
-    demo_master.wait_for_minions(workers, timeout=90)
+    provision(demo_master, workers)
 
     progress("sync saltfleet's grains, modules and states to the minions")
     run([*salt, "-t", "120", "*", "saltutil.sync_all", "--out=txt"])
 
     progress("deploy: state.apply converges every worker to its pillar (pillar/top.sls)")
+    print(broker_up.result(), flush=True)
     run([*salt, "-t", "600", "*", "state.apply", "--state-output=terse", "--state-verbose=False"])
 
     progress("an ad-hoc command on every worker")
@@ -362,13 +459,45 @@ def up(workers=WORKERS):
     progress("the fleet, from the master's cache")
     run(["salt-run", *CONFIG_ARG.split(), "-l", "error", "fleet.inventory"])
 
-    progress("a task through the fleet: sampleapp.fetch on queue sample-fetcher.instagram (demo-worker-1)")
+    progress("a task through the fleet: sampleapp.fetch on queue sample-fetcher.instagram (either fetcher host)")
     send_task()
+
+    queues = ", ".join(BEAT_QUEUES)
+    progress(f"steady traffic: the beat (sample-reporter on {BEAT_HOST}) sends a fetch a second to {queues}")
+    counts = watch_traffic(workers)
+    ran = ", ".join(f"{host} {counts[host]}" for host in workers)
+    print(f"fetches run in 5 s: {ran} (records in {(APP_DATA / 'executions').relative_to(REPO)})")
 
     progress("every deployment's programs across the fleet, asked of the hosts")
     run(["salt-run", *CONFIG_ARG.split(), "fleet.status"])
 
-    elapsed = time.monotonic() - started
+    print_next_steps(time.monotonic() - started)
+    api.up(demo_master)
+
+
+def provision(demo_master, workers):
+    """
+    The instances, made or started with salt-cloud as needed, each minion
+    answering: ``workers``, and any other the user made (`make demo-down`
+    stopped it too; the master, which holds its key, targets it with the rest).
+    """
+    existing = instances()
+    missing = [w for w in workers if w not in existing]
+    stopped = [name for name, state in existing.items() if state == "stopped"]
+    for name, state in existing.items():
+        if state == "running":
+            print(f"{name} exists and runs")
+    if stopped:
+        run(["salt-cloud", *CONFIG_ARG.split(), "-y", "-a", "start", *stopped])
+    if missing:
+        run(["salt-cloud", *CONFIG_ARG.split(), "-p", PROFILE, *missing])
+    after = instances()
+    if any(state != "running" for state in after.values()) or any(w not in after for w in workers):
+        raise DemoError(f"instances not running after salt-cloud: {after}; see .demo/var/log/salt/cloud")
+    demo_master.wait_for_minions(sorted(after), timeout=90)
+
+
+def print_next_steps(elapsed):
     print(
         f"""
 The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's commands
@@ -381,6 +510,7 @@ The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's comm
     salt-run {CONFIG_ARG} fleet.inventory
     salt-run {CONFIG_ARG} fleet.status
     salt-run {CONFIG_ARG} fleet.deploy sample-fetcher rev={SECOND_REVISION}   # the app's second revision, host by host
+    {canary_command()}   # a canary
     salt-run {CONFIG_ARG} fleet.history
     salt-run {CONFIG_ARG} fleet.ansible_inventory --out=json
     salt-cloud {CONFIG_ARG} -Q
@@ -388,7 +518,7 @@ The demo fleet runs ({elapsed:.0f} s). Drive it from {REPO} with the venv's comm
     salt-cloud {CONFIG_ARG} -y -d demo-worker-3
     SALT_CONFIG_DIR=.demo/etc/salt localfleet/ansible_inventory.py --list   # an Ansible inventory script
 
-Send the fetchers a task:
+Send the fetchers a task (the beat sends them {len(BEAT_QUEUES)} a second already):
     {task_command()}
 
 Logs: .demo/var/log/salt/ (master, cloud), .demo/minions/<name>/var/log/salt/minion,
@@ -398,7 +528,6 @@ in .demo/minions/<name>/var/lib/saltfleet/deployments/.
 Stop every process of the demo: make demo-down    (make clean also removes .demo/)
 """
     )
-    api.up(demo_master)
 
 
 def down(timeout=120):
@@ -429,6 +558,10 @@ def down(timeout=120):
     if pid:
         print(f"==> stopping salt-master (pid {pid})", flush=True)
         procs.stop([pid], timeout=30)
+    node = known_broker()
+    if node is not None and (node.pid() or node.epmd_pid()):
+        print(f"==> stopping rabbitmq-server (pid {node.pid()}) and its epmd", flush=True)
+        node.stop()
     # What the daemons started and still runs (a job in flight, a program whose
     # supervisord died): stop it too, and say so.
     leftovers = {**procs.still_running(started_by_demo), **procs.still_running(processes())}

@@ -29,7 +29,18 @@ def pid_from_file(pidfile, marker):
         pid = int(Path(pidfile).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if alive(pid) and any(marker in arg for arg in _cmdline(pid)) else None
+    return pid if runs(pid, marker) else None
+
+
+def runs(pid, marker):
+    """True when pid is alive and its command line holds marker (a recycled pid does not)."""
+    return alive(pid) and any(marker in arg for arg in _cmdline(pid))
+
+
+def parent(pid):
+    """The parent pid of a live pid, else None."""
+    stat = _stat(pid)
+    return stat[0] if stat else None
 
 
 def _stat(pid):

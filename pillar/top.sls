@@ -9,7 +9,9 @@ base:
   # saltfleet_demo; a real master's does not, so these never apply there.
   'demo-worker-*':
     - demo
-  'demo-worker-1':
+  # The two workers `make demo` makes (a demo-worker-3 of the README's runs nothing).
+  'demo-worker-1,demo-worker-2':
+    - match: list
     - demo.sample-fetcher
   'demo-worker-2':
     - demo.sample-reporter

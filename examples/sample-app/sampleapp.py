@@ -9,6 +9,14 @@ tasks. SAMPLEAPP_BROKER, when set, is a broker URL instead (RabbitMQ:
 Each execution of a task leaves a record in SAMPLEAPP_DATA/executions/ (one
 JSON file per execution: task id, node, pid, version, start and end), so a
 caller can tell which worker ran a task, and that none ran twice.
+
+With a broker URL its workers send task events (what a monitor such as a
+canary analysis reads). SAMPLEAPP_BEAT_QUEUES (queue names, comma-separated)
+gives ``celery beat`` a schedule: ``fetch`` of each queue's platform (the
+name's last dot-separated part) sent to that queue every
+SAMPLEAPP_BEAT_SECONDS (1 by default), a steady stream of quick tasks. The
+schedule is kept in memory (nothing written) and a fetch no worker took
+within a few seconds expires.
 """
 
 import json
@@ -72,7 +80,7 @@ app.conf.update(
 )
 if BROKER:
     _folders("results", "executions")
-    app.conf.broker_url = BROKER
+    app.conf.update(broker_url=BROKER, worker_send_task_events=True)
 else:
     _folders("queue", "control", "results", "processed", "executions")
     app.conf.update(
@@ -91,6 +99,20 @@ else:
             "polling_interval": 0.1,
         },
     )
+
+BEAT_QUEUES = [queue.strip() for queue in os.environ.get("SAMPLEAPP_BEAT_QUEUES", "").split(",") if queue.strip()]
+if BEAT_QUEUES:
+    _every = float(os.environ.get("SAMPLEAPP_BEAT_SECONDS", "1"))
+    app.conf.beat_scheduler = "celery.beat:Scheduler"
+    app.conf.beat_schedule = {
+        f"fetch to {queue}": {
+            "task": "sampleapp.fetch",
+            "schedule": _every,
+            "args": [queue.rpartition(".")[2]],
+            "options": {"queue": queue, "expires": max(5.0, 5 * _every), "ignore_result": True},
+        }
+        for queue in BEAT_QUEUES
+    }
 
 
 def _record(path, record):

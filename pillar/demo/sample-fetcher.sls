@@ -1,5 +1,5 @@
-# The sample Celery app as a fetcher: one worker per platform queue, from the
-# template deployments/sample-fetcher/files/supervisord.conf.jinja.
+# The sample Celery app as a fetcher on every demo worker: one worker per
+# platform queue, from the template deployments/sample-fetcher/files/supervisord.conf.jinja.
 {%- set demo = opts['saltfleet_demo'] %}
 deployments:
   sample-fetcher:
@@ -7,7 +7,10 @@ deployments:
     rev: {{ demo.app_rev | json }}
     requirements: requirements.txt
     env:
-      # The broker and result store are folders: no server to run.
-      SAMPLEAPP_DATA: {{ demo.broker | json }}
+      # The demo's private RabbitMQ; results and execution records in a folder.
+      SAMPLEAPP_BROKER: {{ demo.broker_url | json }}
+      SAMPLEAPP_DATA: {{ demo.app_data | json }}
     context:
       platforms: [instagram, twitter]
+      # The sandboxes share this machine's hostname: the minion id tells their Celery nodes apart.
+      node_host: {{ opts['id'] | json }}

@@ -1,5 +1,6 @@
 """The operator verbs (`salt TARGET deployment.FUNC`) through the loaders: outcomes and clear errors."""
 
+import json
 import threading
 
 import pytest
@@ -206,6 +207,19 @@ def test_update_virtualenv_builds_a_new_one_and_hands_over_to_it(host, tiny, out
     pruned = host.apply(host.pillar({"tiny": env_app(tiny, out)}))["saltfleet-deployment-tiny"]["changes"]
     assert pruned == {"pruned": [str(p["venvs"] / old) for old in before]}
     assert host.apply(host.pillar({"tiny": env_app(tiny, out)}))["saltfleet-deployment-tiny"]["changes"] == {}
+
+
+def test_a_release_rolled_back_to_after_a_new_virtualenv_names_the_venv_it_runs_with(host, tiny, out):
+    """~/Projects-NAME/venv, as users and their scripts know it, is the serving venv after any handover."""
+    for rev in ("v1", "v2"):
+        host.apply(host.pillar({"tiny": env_app(tiny, out, rev=rev)}))
+    mod = host.loaders.modules.deployment
+    assert mod.update_virtualenv("tiny")["result"] is True
+    assert mod.rollback("tiny")["release"] == tiny["shas"]["v1"]
+    p = host.paths("tiny")
+    serving = json.loads(p["manifest"].read_text())["venv"]
+    assert (p["project"] / "venv").resolve() == (p["venvs"] / serving).resolve()
+    assert (p["project"] / "venv" / "bin" / "python").exists()
 
 
 def test_a_hold_survives_state_apply_until_unhold(host, tiny, out):

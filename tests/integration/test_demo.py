@@ -13,6 +13,7 @@ demo running starts it again when a test before it stopped it
 """
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -152,15 +153,46 @@ def test_make_demo_brings_the_fleet_up(checkout, demo_up):
     assert [int(s) for s, _ in steps] == list(range(1, int(steps[0][1]) + 1))
     table = out[re.search(r"^\$ salt-run -c \.demo/etc/salt .*fleet\.inventory$", out, re.M).end() :]
     assert re.search(r"^demo-worker-1\s+up\s+local\s.*sample-fetcher main@\w{8} 2/2 RUNNING", table, re.M), table
-    assert re.search(r"^demo-worker-2\s+up\s+local\s.*sample-reporter main@\w{8} 1/1 RUNNING", table, re.M), table
-    # A worker really consumed a task.
+    # Two deployments on one host: the second on a line of its own (each may end with its queues).
+    worker_2 = r"^demo-worker-2\s+up\s+local\s.*sample-fetcher main@\w{8} 2/2 RUNNING.*\n"
+    worker_2 += r"\s+sample-reporter main@\w{8} 2/2 RUNNING"
+    assert re.search(worker_2, table, re.M), table
+    # A worker really consumed a task, and the beat's tasks ran on both hosts.
     assert "{'platform': 'instagram', 'version': '1'" in out
+    assert re.search(r"^fetches run in 5 s: demo-worker-1 [1-9]\d*, demo-worker-2 [1-9]\d*", out, re.M), out[-3000:]
     assert re.search(r"^The demo fleet runs \(\d+ s\)\.", out, re.M), out[-3000:]
     # Its logs are where the demo says, inside the clone.
     assert (checkout / ".demo" / "var" / "log" / "salt" / "master").stat().st_size
     assert (checkout / ".demo" / "var" / "log" / "salt" / "cloud").is_file()
     assert "make demo-down" in out
     assert printed_commands(out)
+    canary = "fleet.deploy sample-fetcher rev=v2 steps='[{hosts: 1}, {analyse: 30}, {hosts: \"100%\"}]'"
+    uncommented = [c.split("  #")[0].strip() for c in printed_commands(out)]
+    assert f"salt-run -c .demo/etc/salt {canary}" in uncommented, out[-3000:]
+
+
+def test_the_beat_keeps_both_fetcher_hosts_busy_through_the_broker(checkout, demo_running):
+    """Tasks reach sample-fetcher on both hosts all the time, through RabbitMQ, whose URL no command line shows."""
+    since = time.time()
+    time.sleep(6)
+    counts = query(checkout, f"demo.executions_by_host({since})")
+    assert counts.get("demo-worker-1", 0) >= 2 and counts.get("demo-worker-2", 0) >= 2, counts
+    url = (checkout / ".demo" / "rabbitmq" / "url").read_text().strip()
+    assert url.startswith("amqp://") and (checkout / ".demo" / "rabbitmq" / "url").stat().st_mode & 0o077 == 0
+    assert (checkout / ".demo" / "etc" / "salt" / "master").stat().st_mode & 0o077 == 0
+    password = url.split("@", 1)[0].rsplit(":", 1)[1]
+    assert len(password) >= 16
+    assert {pid: cmd for pid, cmd in command_lines().items() if password in cmd} == {}
+
+
+def command_lines():
+    """{pid: command line} of every process of this machine."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return found
 
 
 def test_sockets_live_at_short_paths_whatever_the_checkouts_path(checkout, demo_running):
@@ -174,7 +206,7 @@ def test_sockets_live_at_short_paths_whatever_the_checkouts_path(checkout, demo_
     assert sum("/minions/demo-worker-" in s and "minion_event_" in s for s in sockets) >= 2, sockets
     # (supervisord binds "<socket>.<pid>" and renames it: the kernel reports the name it bound)
     supervisords = [s for s in sockets if re.search(r"/var/lib/saltfleet/deployments/[^/]+/run/\d+\.sock\.\d+$", s)]
-    assert len(supervisords) == 2, sockets
+    assert len(supervisords) == 3, sockets
     assert all(len(s.encode()) <= 107 for s in sockets)
 
 
@@ -225,7 +257,7 @@ def test_ansible_inventory_script_needs_no_venv_on_path(checkout, demo_running):
     proc = shell(checkout, command.strip(), without_venv())
     assert proc.returncode == 0, proc.stderr
     inventory = json.loads(proc.stdout)
-    assert inventory["deployment_sample_fetcher"]["hosts"] == ["demo-worker-1"]
+    assert sorted(inventory["deployment_sample_fetcher"]["hosts"]) == ["demo-worker-1", "demo-worker-2"]
     assert inventory["deployment_sample_reporter"]["hosts"] == ["demo-worker-2"]
     assert sorted(inventory["salt_up"]["hosts"]) == ["demo-worker-1", "demo-worker-2"]
     assert inventory["_meta"]["hostvars"]["demo-worker-1"]["ansible_host"] == "127.0.0.1"
@@ -246,7 +278,7 @@ def test_ansible_reads_the_fleet_through_the_inventory_script(checkout, demo_run
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     groups = inventory_groups(proc.stdout)
-    assert groups.get("deployment_sample_fetcher") == ["demo-worker-1"], proc.stdout
+    assert sorted(groups.get("deployment_sample_fetcher", [])) == ["demo-worker-1", "demo-worker-2"], proc.stdout
     assert groups.get("deployment_sample_reporter") == ["demo-worker-2"], proc.stdout
     assert sorted(groups.get("provider_local", [])) == ["demo-worker-1", "demo-worker-2"], proc.stdout
 
@@ -266,10 +298,13 @@ def test_listens_on_loopback_only(checkout, demo_running):
         owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
         if owners & pids:
             netid, local = line.split()[0], line.split()[4]
-            assert local.startswith("127.0.0.1:"), line
+            # epmd (the broker's, on a private port) always adds the IPv6 loopback to the address it is given.
+            loopback = ("127.0.0.1:", "[::1]:") if '(("epmd",' in line else ("127.0.0.1:",)
+            assert local.startswith(loopback), line
             mine.append((netid, int(local.rsplit(":", 1)[1])))
-    # The check saw the demo's sockets: at least the master's two ports.
-    assert {("tcp", master["publish_port"]), ("tcp", master["ret_port"])} <= set(mine), listening
+    # The check saw the demo's sockets: at least the master's two ports and the broker's AMQP port.
+    broker = query(checkout, "demo.broker().port")
+    assert {("tcp", master["publish_port"]), ("tcp", master["ret_port"]), ("tcp", broker)} <= set(mine), listening
 
 
 def test_second_make_demo_converges_without_duplicates(checkout, demo_running):
@@ -280,7 +315,7 @@ def test_second_make_demo_converges_without_duplicates(checkout, demo_running):
     assert "$ salt-cloud -c .demo/etc/salt -p" not in proc.stdout
     after = demo_processes(checkout)
     # The same long-running processes: nothing restarted, nothing doubled.
-    daemons = re.compile(r"salt-master .*MainProcess|salt-minion .*MinionProcessManager|supervisord -c")
+    daemons = re.compile(r"salt-master .*MainProcess|salt-minion .*MinionProcessManager|supervisord -c|beam\.smp")
     assert {p: c for p, c in after.items() if daemons.search(c)} == {
         p: c for p, c in before.items() if daemons.search(c)
     }
@@ -316,14 +351,16 @@ FLEET_ARGS = {
 }
 # What deployment.status says of each deployment of the demo as `make demo` leaves it: state, rev, pinned, held.
 MADE = ("up", "main", None, {})
+# sample-fetcher on both workers, sample-reporter on demo-worker-2.
+DEPLOYED = 3
 # A progress line: its time, two spaces, the step.
 STEP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{6})  (sample-fetcher: .*)$")
 
 
 def back_to_pillar(runner):
     """sample-fetcher follows pillar's rev again, and serves it: the demo as the tests after expect it."""
-    runner.shell(f"{SALT} demo-worker-1 deployment.unpin sample-fetcher")
-    runner.shell(f"{SALT} demo-worker-1 state.apply")
+    runner.shell(f"{SALT} '*' deployment.unpin sample-fetcher")
+    runner.shell(f"{SALT} '*' state.apply")
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +369,11 @@ def typed(checkout, demo_up):
     runner = readme.Runner(activated(checkout), cwd=checkout)
     yield runner
     back_to_pillar(runner)
+    without_demo_worker_3(runner, checkout)
+
+
+def without_demo_worker_3(runner, checkout):
+    """The host the README provisions gone again: the tests after see the demo's own workers alone."""
     if "demo-worker-3" in query(checkout, "demo.instances()"):
         runner.shell("salt-cloud -c .demo/etc/salt -y -d demo-worker-3")
 
@@ -341,30 +383,35 @@ def tail(proc):
 
 
 def as_made(runner):
-    """The demo as `make demo` leaves it, made so if not: both deployments up on pillar's rev, none pinned or held."""
+    """The demo as `make demo` leaves it, made so if not: every deployment up on pillar's rev, none pinned or held."""
     ret = runner.shell(f"{SALT} '*' deployment.status --out=json --static")
     try:
         rows = [row for host in json.loads(ret.stdout).values() for row in host.values()]
     except (ValueError, AttributeError):
         rows = []
-    if len(rows) != 2 or any((r.get("state"), r.get("rev"), r.get("pinned"), r.get("held")) != MADE for r in rows):
-        runner.shell(f"{SALT} demo-worker-1 deployment.unhold sample-fetcher")
-        runner.shell(f"{SALT} demo-worker-1 deployment.unpin sample-fetcher")
+    if len(rows) != DEPLOYED or any(
+        (r.get("state"), r.get("rev"), r.get("pinned"), r.get("held")) != MADE for r in rows
+    ):
+        runner.shell(f"{SALT} '*' deployment.unhold sample-fetcher")
+        runner.shell(f"{SALT} '*' deployment.unpin sample-fetcher")
         runner.shell(f"{SALT} -t 600 '*' state.apply")
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"README-line-{b.line}" for b in RUNNABLE])
-def test_every_readme_command_runs_against_the_demo_as_written(block, demo_running, typed, record_property):
+def test_every_readme_command_runs_against_the_demo_as_written(block, checkout, demo_running, typed, record_property):
     """Each block from the demo as `make demo` left it, its commands in order; every failure listed."""
     as_made(typed)
     started, ran, wrong = time.monotonic(), 0, []
-    for line, commands in readme.plan(block)[1]:
-        for command in [] if isinstance(commands, str) else commands:
-            proc = typed.run(command)
-            ran += 1
-            why = readme.judge(command, proc)
-            if why:
-                wrong.append(f"README line {block.line}: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
+    try:
+        for line, commands in readme.plan(block)[1]:
+            for command in [] if isinstance(commands, str) else commands:
+                proc = typed.run(command)
+                ran += 1
+                why = readme.judge(command, proc)
+                if why:
+                    wrong.append(f"README line {block.line}: {line}\n  $ {command}\n  {why}\n{tail(proc)}")
+    finally:
+        without_demo_worker_3(typed, checkout)
     record_property("report", f"{ran} commands of README line {block.line} in {time.monotonic() - started:.0f} s")
     assert not wrong, f"{len(wrong)} of {ran} commands:\n\n" + "\n\n".join(wrong)
 
@@ -417,26 +464,26 @@ def test_a_rollout_prints_one_line_a_step_and_every_step_reaches_the_event_bus(d
         human = typed.run(f"{SALT_RUN} fleet.deploy sample-fetcher rev=v2")
         assert human.returncode == 0, tail(human)
         steps = [STEP.match(line)[2] for line in human.stdout.splitlines() if STEP.match(line)]
-        assert steps[:2] == [
-            "sample-fetcher: fleet.deploy v2 to 1 host in 1 batch",
-            "sample-fetcher: batch 1 of 1: demo-worker-1",
-        ]
-        assert steps[2].startswith("sample-fetcher: demo-worker-1: deployed: ") and len(steps) == 4, human.stdout
-        assert steps[3] == "sample-fetcher: complete: 1 host in 1 batch on v2"
+        assert len(steps) == 6, human.stdout
+        assert steps[0] == "sample-fetcher: fleet.deploy v2 to 2 hosts in 2 batches"
+        for batch, host in enumerate(("demo-worker-1", "demo-worker-2")):
+            assert steps[1 + 2 * batch] == f"sample-fetcher: batch {batch + 1} of 2: {host}", human.stdout
+            assert steps[2 + 2 * batch].startswith(f"sample-fetcher: {host}: deployed: "), human.stdout
+        assert steps[5] == "sample-fetcher: complete: 2 hosts in 2 batches on v2"
         assert "_stamp" not in human.stdout and "suffix:" not in human.stdout, human.stdout
         machine = typed.run(f"{SALT_RUN} fleet.deploy sample-fetcher rev=main --out=json")
         assert machine.returncode == 0, tail(machine)
-        assert json.loads(machine.stdout)["summary"] == "complete: 1 host in 1 batch on main"
-        assert "sample-fetcher: batch 1 of 1" not in machine.stdout + machine.stderr
+        assert json.loads(machine.stdout)["summary"] == "complete: 2 hosts in 2 batches on main"
+        assert "sample-fetcher: batch 1 of 2" not in machine.stdout + machine.stderr
         # Both runs' steps are on the bus, the one that printed none too.
         deadline = time.monotonic() + 10
-        while len(bus) < 8 and time.monotonic() < deadline:
+        while len(bus) < 12 and time.monotonic() < deadline:
             time.sleep(0.2)
         by_run = {}
         for event in bus:
             by_run.setdefault(event["tag"].split("/")[2], []).append(event["data"]["message"])
         assert steps in by_run.values(), by_run
-        assert [m for m in by_run.values() if m[-1] == "sample-fetcher: complete: 1 host in 1 batch on main"], by_run
+        assert [m for m in by_run.values() if m[-1] == "sample-fetcher: complete: 2 hosts in 2 batches on main"], by_run
     finally:
         back_to_pillar(typed)
 
@@ -514,18 +561,19 @@ def test_the_printed_fleet_deploy_rolls_the_second_revision_out(checkout, demo_r
     """The rollout the demo prints, typed into another shell: every fetcher then answers with version 2."""
     printed = demo_running.stdout
     assert "fleet.status" in printed.split("The demo fleet runs")[0], "make demo ends by printing fleet.status"
-    line = next(c for c in printed_commands(printed) if "fleet.deploy" in c).split("#", 1)[0].strip()
+    line = next(c for c in printed_commands(printed) if "fleet.deploy" in c and "steps=" not in c)
+    line = line.split("#", 1)[0].strip()
     env = activated(checkout)
     try:
         proc = shell(checkout, line, env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "demo-worker-1" in proc.stdout
+        assert "complete: 2 hosts in 2 batches on v2" in proc.stdout, proc.stdout
         task = shell(checkout, query(checkout, "demo.task_command()"), env)
         assert task.returncode == 0, task.stderr
         assert "'version': '2'" in task.stdout
     finally:
         # Back to the branch pillar names, for the tests after this one.
-        salt = ["salt", "-c", ".demo/etc/salt", "demo-worker-1"]
+        salt = ["salt", "-c", ".demo/etc/salt", "'*'"]
         shell(checkout, " ".join([*salt, "deployment.unpin", "sample-fetcher"]), env)
         shell(checkout, " ".join([*salt, "state.apply"]), env)
 
