@@ -328,6 +328,9 @@ def task_events(name, watch, seconds=60, stop=False):
         __utils__[f"{events}.listen"](spec, p, str(watch), apps, release, venv, int(seconds), __opts__["id"])
     secrets = _env(name)
     counted, offline, problems = __utils__[f"{events}.counted"](p, str(watch), apps, secrets)
+    # A draining generation's workers go offline once their tasks are done: only the serving one's going is news.
+    now_serving = __utils__[f"{events}.nodes_by_release"](p, {serving: releases.get(serving)})
+    offline = [node for node in offline if any(node in nodes for nodes in now_serving.values())]
     # What supervisord answers (the user's side: names, refusals quoting it) goes to the master without the env.
     scrub = __utils__["saltfleet_user.scrub"]
     programs = {}

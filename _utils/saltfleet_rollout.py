@@ -504,7 +504,7 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     if stopped:
         return hosts, ran, analyses, f"{stopped}; no host was changed"
     number, said = 0, None
-    for action in plan:
+    for place, action in enumerate(plan):
         try:
             lock.check()
         except Exception as exc:  # pylint: disable=broad-except
@@ -518,13 +518,18 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
         if "batch" in action:
             number += 1
             sending = _skip(name, number, action["batch"], target or arg[1], serving, hosts, emit, journal)
+            ahead = plan[place + 1] if place + 1 < len(plan) else {}
+            if sending and "analyse" in ahead:
+                _utils("saltfleet_steps.listen_ahead")(watch, place + 1, ahead["analyse"], timeout)
             stopped = sending and _batch(
                 opts, name, number, len(batches), sending, fun, arg, timeout, emit, journal, hosts
             )
             if stopped:
+                if sending and "analyse" in ahead:
+                    _utils("saltfleet_steps.stop_listening")(watch, place + 1)
                 return hosts, ran, analyses, stopped
             continue
-        why = _step(watch, action, hosts, analyses, said)
+        why = _step(watch, action, place, hosts, analyses, said)
         said = None
         if why:
             revert(opts, name, hosts, serving, timeout, emit, journal)
@@ -533,10 +538,16 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     return hosts, ran, analyses, stopped
 
 
-def _step(watch, action, hosts, analyses, promoted):
-    """Run an analysis or a pause (skipped when ``promoted``); why the rollout rolls back (None: it goes on)."""
+def _step(watch, action, place, hosts, analyses, promoted):
+    """
+    Run the analysis or pause at ``place`` (skipped when ``promoted``); why
+    the rollout rolls back (None: it goes on).
+    """
     kind = "analysis" if "analyse" in action else "pause"
     if promoted:
+        if kind == "analysis":
+            # Its listeners may have started with the batch before it.
+            _utils("saltfleet_steps.stop_listening")(watch, place)
         watch.journal({"event": "promote", "user": promoted["user"], "skipped": kind})
         watch.emit(f"{watch.name}: {kind} skipped: promoted by {promoted['user']}", OK)
         return None
@@ -546,7 +557,7 @@ def _step(watch, action, hosts, analyses, promoted):
     # The hosts on the new release: those this rollout deployed, and those it found on it already.
     on_new = {m: row["release"] for m, row in hosts.items() if row["outcome"] in (DEPLOYED, SKIPPED)}
     changed, new = set(on_new), {release for release in on_new.values() if release}
-    record = _utils("saltfleet_steps.analyse")(watch, len(analyses) + 1, action["analyse"], new, changed)
+    record = _utils("saltfleet_steps.analyse")(watch, len(analyses) + 1, place, action["analyse"], new, changed)
     analyses.append(record)
     decision = record["decision"]
     if decision == "inconclusive":

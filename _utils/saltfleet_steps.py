@@ -208,22 +208,45 @@ def _line(name, number, seconds, elapsed, new, old, verdict, releases):
     return head + body + (f": {verdict['decision']}: {verdict['why']}" if verdict["decision"] != "running" else "")
 
 
-def analyse(watch, number, seconds, new, changed):
+def _key(watch, place):
+    """The watch key of the analysis at ``place`` (its index in the rollout's actions): one per step."""
+    return f"{watch.rid}-{place}"
+
+
+def listen_ahead(watch, place, seconds, timeout):
     """
-    Run analysis ``number`` for ``seconds`` over the hosts' task events:
-    ``new`` the SHAs this rollout deploys, ``changed`` the hosts it changed.
-    Returns the step's record: decision (passed, failed, inconclusive, or
-    promoted/aborted by an operator), why, the figures of each side, the
-    thresholds.
+    Start the listeners of the analysis at ``place`` (``seconds`` long) on
+    every host before the batch it follows goes out (``timeout``: that
+    batch's), not waiting for them: the new release's first tasks count
+    (a listener takes on the nodes of a generation that starts after it),
+    and the analysis has numbers as soon as the batch returns. When this did
+    not reach a host, the analysis's first window starts its listener.
+    """
+    args = {"watch": _key(watch, place), "seconds": seconds + timeout + LISTEN_SLACK}
+    _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
+
+
+def stop_listening(watch, place):
+    """End the listeners of the analysis at ``place``, not waiting (a listener left over ends at its deadline)."""
+    args = {"watch": _key(watch, place), "stop": True}
+    _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
+
+
+def analyse(watch, number, place, seconds, new, changed):
+    """
+    Run analysis ``number`` (at ``place`` in the rollout's actions) for
+    ``seconds`` over the hosts' task events: ``new`` the SHAs this rollout
+    deploys, ``changed`` the hosts it changed. Returns the step's record:
+    decision (passed, failed, inconclusive, or promoted/aborted by an
+    operator), why, the figures of each side, the thresholds.
     """
     settings = watch.settings
-    key = f"{watch.rid}-{number}"
     watch.pids = {}
     judge = _utils("saltfleet_analysis.judge")
     summary = _utils("saltfleet_analysis.summary")
     publish = _utils("saltfleet_rollout.publish")
     call = ["deployment.task_events", [watch.name]]
-    args = {"watch": key, "seconds": seconds + LISTEN_SLACK}
+    args = {"watch": _key(watch, place), "seconds": seconds + LISTEN_SLACK}
     timeout = max(10, 2 * settings["window"])
     started = time.monotonic()
     record, series = {}, []
@@ -274,8 +297,8 @@ def analyse(watch, number, seconds, new, changed):
                 max(0.0, started + (int(elapsed / settings["window"]) + 1) * settings["window"] - time.monotonic())
             )
     finally:
-        # Not waited for: a rollback goes at once; a listener left over ends at its own deadline anyway.
-        _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, *call, {"watch": key, "stop": True})
+        # Not waited for: a rollback goes at once.
+        stop_listening(watch, place)
     watch.old_seen = _utils("saltfleet_analysis.merge")(watch.old_seen, old_tasks)
     lean = _event(watch, record)
     watch.journal({k: v for k, v in lean.items() if k not in ("type", "id", "at")})

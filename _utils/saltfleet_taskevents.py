@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 
 import salt.loader.context
@@ -51,6 +52,8 @@ from kombu import Queue, binding
 request = json.loads(sys.argv[1])
 app = find_app(request["app"])
 nodes, out = set(request["nodes"]), request["out"]
+# A later generation's nodes (a handover while the watch runs): NAME.g<number>@HOST of a stem [NAME.g, @HOST].
+stems = [tuple(stem) for stem in request["stems"]]
 deadline = time.monotonic() + request["seconds"]
 counts, names, offline, stop = {}, {}, set(), []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -60,10 +63,20 @@ def bucket(seconds):
     low, growth, top = request["floor"], request["growth"], request["buckets"] - 1
     return max(0, min(top, int(math.log(max(seconds, low) / low, growth))))
 
+def ours(node):
+    return isinstance(node, str) and any(
+        node.startswith(head) and node.endswith(tail) and node[len(head) : len(node) - len(tail)].isdigit()
+        for head, tail in stems
+    )
+
 def count(event):
     node, kind = event.get("hostname"), event.get("type")
     if node not in nodes:
-        return
+        if not ours(node) or len(nodes) >= 1000:
+            return
+        # A new generation's worker: its task events go on as it comes online.
+        nodes.add(node)
+        switch(True, [node])
     if kind == "worker-offline":
         offline.add(node)
     elif kind == "task-received" and len(names) < 100000:
@@ -79,7 +92,15 @@ def count(event):
             key = str(bucket(runtime))
             row["runtime"][key] = row["runtime"].get(key, 0) + 1
 
-def receive(body, message):
+def receive(message):
+    # Celery names the sending node in each event message's headers: another host's events are never decoded.
+    sender = (message.headers or {}).get("hostname")
+    if sender is not None and sender not in nodes and not ours(sender):
+        return
+    try:
+        body = message.decode()
+    except Exception:
+        return
     for event in body if isinstance(body, list) else [body]:
         if isinstance(event, dict):
             count(event)
@@ -90,19 +111,20 @@ def write(done=False):
         handle.write(json.dumps({"nodes": counts, "offline": sorted(offline), "done": done}))
     os.replace(part, out)
 
-def switch(on):
+def switch(on, which=None):
     try:
-        (app.control.enable_events if on else app.control.disable_events)(destination=sorted(nodes))
+        (app.control.enable_events if on else app.control.disable_events)(destination=sorted(which or nodes))
     except Exception as exc:
         print(f"switching task events {'on' if on else 'off'} failed: {exc!r}", flush=True)
 
 with app.connection_for_read() as conn:
     exchange = get_exchange(conn, name=app.conf.event_exchange)
     # Only the events counted (task.multi: a worker's buffered task events, in one message), never the heartbeats.
-    keys = ("task.multi", "task.received", "task.succeeded", "task.failed", "task.retried", "worker.offline")
+    keys = ("task.multi", "task.received", "task.succeeded", "task.failed", "task.retried")
+    keys += ("worker.online", "worker.offline")
     queue = Queue(request["queue"], bindings=[binding(exchange, routing_key=key) for key in keys], auto_delete=True,
                   durable=False, expires=request["expires"], message_ttl=request["expires"])
-    with conn.Consumer(queue, callbacks=[receive], no_ack=True, accept=["json"]):
+    with conn.Consumer(queue, on_message=receive, no_ack=True, accept=["json"]):
         switch(True)
         write()
         print(f"listening to the task events of {sorted(nodes)} on {request['queue']}", flush=True)
@@ -164,6 +186,21 @@ def nodes_by_release(p, generations):
     return found
 
 
+def stems(nodes):
+    """
+    The [head, tail] of each node name saltfleet gave a generation
+    (``NAME.g<gen>@HOST``, ``saltfleet_celery.per_generation``): a listener
+    also counts the nodes of a generation that starts after it (a handover
+    while it watches); root maps each to its release when it reads.
+    """
+    found = set()
+    for node in nodes:
+        match = re.fullmatch(r"(.*\.g)\d+(@.*)", node)
+        if match:
+            found.add(match.groups())
+    return sorted(found)
+
+
 def listening(p, watch):
     """Whether the listeners of ``watch`` root started still run."""
     record = _utils("saltfleet_files.read_json")(_record_path(p, watch), {})
@@ -183,6 +220,7 @@ def listen(cfg, p, watch, apps, release, venv, seconds, queue_id):
         request = {
             "app": app,
             "nodes": sorted(nodes),
+            "stems": stems(nodes),
             "out": str(_snapshot_path(p, watch, app)),
             "seconds": int(seconds),
             "queue": f"saltfleet.events.{_token(watch)}.{_token(queue_id)}.{_token(app)}",

@@ -47,8 +47,8 @@ def canary(master_opts, monkeypatch):
         add_minion(master_opts, host, grains, mine(release=OLD), age=1)
     assign(master_opts, {"w*": {"fetcher": {"repo": "x"}}})
 
-    def run(new_counts, on_update=None, rev="v2", **kwargs):
-        minions = Minions(answer_with(new_counts, on_update))
+    def run(new_counts, on_update=None, rev="v2", answer=None, **kwargs):
+        minions = Minions(answer or answer_with(new_counts, on_update))
         monkeypatch.setattr(salt.client, "get_local_client", minions)
         loaded = fleet(master_opts)
         loaded["fleet.deploy"].__globals__.update(__jid_event__=Bus(), __context__={}, __jid__="20260101000000000042")
@@ -84,6 +84,41 @@ def test_a_passing_analysis_goes_on_to_every_host(canary):
     assert report["deployed"] == {"w1": NEW, "w2": NEW}
     assert report["analysis"][0]["decision"] == "passed"
     assert jobs(minions, "deployment.rollback") == []
+
+
+def listener_jobs(minions):
+    """(index, hosts, watch, seconds or 'stop') of each task_events job, in the order the runner sent them."""
+    return [
+        (n, tgt, kw["watch"], "stop" if kw.get("stop") else kw["seconds"])
+        for n, ((tgt, fun, _), kw) in enumerate(zip(minions.jobs, minions.kwargs, strict=True))
+        if fun == "deployment.task_events"
+    ]
+
+
+def test_the_listeners_start_before_the_canary_batch_so_its_first_tasks_count(canary):
+    report, minions, _ = canary(counts(30, 20), steps=STEPS, analysis=FAST, timeout=120)
+    assert report["outcome"] == "rolled back", report
+    update = [n for n, (_, fun, _) in enumerate(minions.jobs) if fun == "deployment.update_code"]
+    listeners = listener_jobs(minions)
+    first = listeners[0]
+    # Sent to every host before the canary's batch, with the same watch the analysis reads, and lasting
+    # the batch's time as well as the step's.
+    assert first[0] < update[0] and first[1] == ["w1", "w2"]
+    assert {watch for _, _, watch, _ in listeners} == {first[2]}
+    assert first[3] >= 30 + 120
+    assert listeners[-1][3] == "stop"
+
+
+def test_a_failed_canary_batch_stops_the_listeners_it_started(canary):
+    def answer(minion, fun):
+        if fun == "deployment.update_code":
+            return {"result": False, "changes": {}, "comment": "did not start", "release": OLD}
+        return answer_with(counts(0, 0))(minion, fun)
+
+    report, minions, _ = canary(counts(0, 0), steps=STEPS, analysis=FAST, answer=answer)
+    assert report["outcome"] == "stopped", report
+    [(_, _, watch, _), (_, hosts, stopped, how)] = listener_jobs(minions)
+    assert (hosts, stopped, how) == (["w1", "w2"], watch, "stop")
 
 
 def test_an_abort_while_a_batch_runs_rolls_back_before_the_next_step(canary, master_opts):

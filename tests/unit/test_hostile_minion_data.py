@@ -137,7 +137,7 @@ class Minions:
 
     def __init__(self, answer, forged=None, silent=()):
         self.answer, self.forged, self.silent = answer, forged or {}, set(silent)
-        self.jobs, self.opts = [], None
+        self.jobs, self.kwargs, self.opts = [], [], None
 
     def __call__(self, *args, mopts=None, **kwargs):
         self.opts = mopts
@@ -149,8 +149,9 @@ class Minions:
     def __exit__(self, *exc):
         return False
 
-    def run_job(self, tgt, fun, arg=(), **kwargs):
+    def run_job(self, tgt, fun, arg=(), kwarg=None, **kwargs):
         self.jobs.append((list(tgt), fun, list(arg)))
+        self.kwargs.append(kwarg or {})
         return {"jid": f"2026010100000000{len(self.jobs):04d}", "minions": list(tgt)}
 
     def cmd_iter(self, tgt, fun, arg=(), yield_pub_data=False, **kwargs):
