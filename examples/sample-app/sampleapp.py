@@ -10,8 +10,7 @@ Each execution of a task leaves a record in SAMPLEAPP_DATA/executions/ (one
 JSON file per execution: task id, node, pid, version, start and end), so a
 caller can tell which worker ran a task, and that none ran twice.
 
-With a broker URL its workers send task events (what a monitor such as a
-canary analysis reads). SAMPLEAPP_BEAT_QUEUES (queue names, comma-separated)
+SAMPLEAPP_BEAT_QUEUES (queue names, comma-separated)
 gives ``celery beat`` a schedule: ``fetch`` of each queue's platform (the
 name's last dot-separated part) sent to that queue every
 SAMPLEAPP_BEAT_SECONDS (1 by default), a steady stream of quick tasks. The
@@ -80,7 +79,7 @@ app.conf.update(
 )
 if BROKER:
     _folders("results", "executions")
-    app.conf.update(broker_url=BROKER, worker_send_task_events=True)
+    app.conf.broker_url = BROKER
 else:
     _folders("queue", "control", "results", "processed", "executions")
     app.conf.update(
