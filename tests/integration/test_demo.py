@@ -314,8 +314,11 @@ def test_second_make_demo_converges_without_duplicates(checkout, demo_running):
     assert "demo-worker-1 exists and runs" in proc.stdout
     assert "$ salt-cloud -c .demo/etc/salt -p" not in proc.stdout
     after = demo_processes(checkout)
-    # The same long-running processes: nothing restarted, nothing doubled.
-    daemons = re.compile(r"salt-master .*MainProcess|salt-minion .*MinionProcessManager|supervisord -c|beam\.smp")
+    # The same long-running processes: nothing restarted, nothing doubled (the broker's node, not the
+    # short-lived Erlang helpers rabbitmqctl and epmd start beside it).
+    daemons = re.compile(
+        r"salt-master .*MainProcess|salt-minion .*MinionProcessManager|supervisord -c|beam\.smp .*-s rabbit boot"
+    )
     assert {p: c for p, c in after.items() if daemons.search(c)} == {
         p: c for p, c in before.items() if daemons.search(c)
     }
