@@ -560,7 +560,7 @@ def test_make_demo_down_stops_the_demo_and_nothing_else(checkout, demo_running):
     assert not os.path.lexists(link)
 
 
-def test_the_printed_fleet_deploy_rolls_the_second_revision_out(checkout, demo_running):
+def test_the_printed_fleet_deploy_rolls_the_second_revision_out(checkout, demo_running, typed):
     """The rollout the demo prints, typed into another shell: every fetcher then answers with version 2."""
     printed = demo_running.stdout
     assert "fleet.status" in printed.split("The demo fleet runs")[0], "make demo ends by printing fleet.status"
@@ -576,9 +576,28 @@ def test_the_printed_fleet_deploy_rolls_the_second_revision_out(checkout, demo_r
         assert "'version': '2'" in task.stdout
     finally:
         # Back to the branch pillar names, for the tests after this one.
-        salt = ["salt", "-c", ".demo/etc/salt", "'*'"]
-        shell(checkout, " ".join([*salt, "deployment.unpin", "sample-fetcher"]), env)
-        shell(checkout, " ".join([*salt, "state.apply"]), env)
+        back_to_pillar(typed)
+
+
+def test_the_printed_canary_rollout_judges_the_first_hosts_tasks_and_goes_on(checkout, demo_running, typed):
+    """The canary rollout the demo prints, pasted: one host, 30 s of its tasks against the other's, then the rest."""
+    line = next(c for c in printed_commands(demo_running.stdout) if "steps=" in c).split("  #")[0].strip()
+    env = activated(checkout)
+    # From main on both hosts (a README block may have left v2 serving: a rollout skips a host on its commit).
+    back_to_pillar(typed)
+    try:
+        proc = shell(checkout, line, env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert re.search(r"^sample-fetcher: analysis 1 \(30 s\), .*: passed: ", proc.stdout, re.M), proc.stdout
+        assert "complete: 2 hosts in" in proc.stdout, proc.stdout
+        shown = shell(checkout, "salt-run -c .demo/etc/salt fleet.analysis sample-fetcher --out=json", env)
+        analysis = json.loads(shown.stdout)
+        # The beat's tasks, counted on each side: the canary's new release and the other host's old one.
+        assert analysis["decision"] == "passed" and analysis["new"]["succeeded"] >= 20, analysis
+        assert analysis["old"]["succeeded"] >= 20, analysis
+    finally:
+        # Back to the branch pillar names, for the tests after this one.
+        back_to_pillar(typed)
 
 
 def test_make_demo_prints_the_fleet_page_and_passwords_that_log_in(checkout, demo_running):
