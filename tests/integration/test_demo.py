@@ -588,7 +588,7 @@ def test_the_printed_canary_rollout_judges_the_first_hosts_tasks_and_goes_on(che
     try:
         proc = shell(checkout, line, env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert re.search(r"^sample-fetcher: analysis 1 \(30 s\), .*: passed: ", proc.stdout, re.M), proc.stdout
+        assert re.search(r"^\S+  sample-fetcher: analysis 1 \(30 s\), .*: passed: ", proc.stdout, re.M), proc.stdout
         assert "complete: 2 hosts in" in proc.stdout, proc.stdout
         shown = shell(checkout, "salt-run -c .demo/etc/salt fleet.analysis sample-fetcher --out=json", env)
         analysis = json.loads(shown.stdout)
