@@ -15,6 +15,7 @@ assigns nothing, and would ask git servers for every host.
 import logging
 
 import salt.cache
+import salt.loader
 import salt.loader.context
 import salt.pillar
 
@@ -46,17 +47,22 @@ def _own_opts(opts):
     return opts
 
 
-def pillar(opts, minion):
+def pillar(opts, minion, functions=None):
     """
     The pillar the master compiles for ``minion`` from its own sources
     (``pillar.show_pillar``'s compile, without ``saltfleet_revs``); the
     cached grains only match the top file, and only when they are a mapping.
+    ``functions``: the execution modules its renderers call (a loader of
+    the master's opts; built anew when none is given, as Salt's own
+    compile does, which takes most of a compile's time).
     """
     grains = salt.cache.factory(opts).fetch("grains", minion)
     grains = dict(grains) if isinstance(grains, dict) else {}
     grains["id"] = minion
     own = _own_opts(opts)
-    compiled = salt.pillar.Pillar(own, grains, minion, own.get("saltenv") or "base", pillarenv=own.get("pillarenv"))
+    compiled = salt.pillar.Pillar(
+        own, grains, minion, own.get("saltenv") or "base", functions=functions, pillarenv=own.get("pillarenv")
+    )
     data = compiled.compile_pillar()
     if data.get("_errors"):
         log.warning("saltfleet: the master's pillar of %r does not render whole: %s", minion, data["_errors"])
@@ -69,11 +75,16 @@ class Assignments:
     def __init__(self, opts):
         self.opts = opts
         self.known = {}
+        self.functions = None
 
     def of(self, minion):
         """{deployment: its pillar spec} the master's pillar gives ``minion``."""
         if minion not in self.known:
-            deployments = pillar(self.opts, minion).get("deployments")
+            if self.functions is None:
+                # One loader of the master's execution modules for every minion's compile: they run with the
+                # master's opts whichever minion's pillar renders (grains reach the templates, not them).
+                self.functions = salt.loader.minion_mods(_own_opts(self.opts))
+            deployments = pillar(self.opts, minion, self.functions).get("deployments")
             deployments = deployments if isinstance(deployments, dict) else {}
             self.known[minion] = {
                 str(name): spec if isinstance(spec, dict) else {} for name, spec in deployments.items()
