@@ -136,6 +136,17 @@ def test_an_abort_while_a_batch_runs_rolls_back_before_the_next_step(canary, mas
     assert entry["operator"][0]["event"] == "abort" and entry["operator"][0]["user"] == "oncall"
 
 
+def test_an_abort_while_the_canary_batch_runs_stops_the_listeners_it_started(canary, master_opts):
+    """Sent back before its analysis: the users' listeners end with the rollout, not at their deadline."""
+    tell = saltfleet_utils().saltfleet_deploylock.tell
+    report, minions, _ = canary(
+        counts(100, 0), steps=STEPS, analysis=FAST, on_update=lambda: tell(master_opts, "fetcher", "abort", "oncall")
+    )
+    assert "aborted by oncall" in report["summary"], report
+    [(_, _, watch, _), *after] = listener_jobs(minions)
+    assert [(hosts, stopped, how) for _, hosts, stopped, how in after] == [(["w1", "w2"], watch, "stop")]
+
+
 def test_promote_and_abort_without_a_running_rollout_are_errors(canary):
     _, _, loaded = canary(counts(100, 0), steps=[{"hosts": 1}, {"analyse": 1}], analysis=FAST)
     loaded["fleet.promote"].__globals__.update(__context__={})
