@@ -283,6 +283,11 @@ def _stored(opts, jid, minion):
         time.sleep(0.05)
 
 
+def longest(timeout):
+    """How long ``publish`` waits at most with ``timeout``: as long again for a host that says it still runs."""
+    return 2 * timeout
+
+
 def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_return=None):
     """
     Run ``fun`` on ``hosts`` (minion ids) in one job and wait for their
@@ -302,7 +307,7 @@ def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_re
         jid = pub["jid"]
         if on_jid:
             on_jid(jid)
-        deadline = time.monotonic() + 2 * timeout
+        deadline = time.monotonic() + longest(timeout)
         for item in client.get_iter_returns(
             jid, pub.get("minions") or list(hosts), timeout=timeout, tgt=list(hosts), tgt_type="list", block=False
         ):
