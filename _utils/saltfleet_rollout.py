@@ -283,6 +283,11 @@ def _stored(opts, jid, minion):
         time.sleep(0.05)
 
 
+def longest(timeout):
+    """How long ``publish`` waits at most with ``timeout``: as long again for a host that says it still runs."""
+    return 2 * timeout
+
+
 def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_return=None):
     """
     Run ``fun`` on ``hosts`` (minion ids) in one job and wait for their
@@ -302,7 +307,7 @@ def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_re
         jid = pub["jid"]
         if on_jid:
             on_jid(jid)
-        deadline = time.monotonic() + 2 * timeout
+        deadline = time.monotonic() + longest(timeout)
         for item in client.get_iter_returns(
             jid, pub.get("minions") or list(hosts), timeout=timeout, tgt=list(hosts), tgt_type="list", block=False
         ):
@@ -504,36 +509,44 @@ def rollout(opts, name, plan, serving, fun, arg, hooks, timeout, emit, journal, 
     if stopped:
         return hosts, ran, analyses, f"{stopped}; no host was changed"
     number, said = 0, None
-    for place, action in enumerate(plan):
-        try:
-            lock.check()
-        except Exception as exc:  # pylint: disable=broad-except
-            return hosts, ran, analyses, str(exc)
-        # A promote waits for the next analysis or pause (it skips that step); an abort acts now.
-        said = lock.told() or said
-        if said and said["verdict"] == "abort":
-            journal({"event": "abort", "user": said["user"]})
-            revert(opts, name, hosts, serving, timeout, emit, journal)
-            return hosts, ran, analyses, f"aborted by {said['user']}; every host it changed was sent back"
-        if "batch" in action:
-            number += 1
-            sending = _skip(name, number, action["batch"], target or arg[1], serving, hosts, emit, journal)
-            ahead = plan[place + 1] if place + 1 < len(plan) else {}
-            if sending and "analyse" in ahead:
-                _utils("saltfleet_steps.listen_ahead")(watch, place + 1, ahead["analyse"], timeout)
-            stopped = sending and _batch(
-                opts, name, number, len(batches), sending, fun, arg, timeout, emit, journal, hosts
-            )
-            if stopped:
+    # The place of the analysis whose listeners went out with the batch before it, until that step takes them.
+    listening = None
+    try:
+        for place, action in enumerate(plan):
+            try:
+                lock.check()
+            except Exception as exc:  # pylint: disable=broad-except
+                return hosts, ran, analyses, str(exc)
+            # A promote waits for the next analysis or pause (it skips that step); an abort acts now.
+            said = lock.told() or said
+            if said and said["verdict"] == "abort":
+                journal({"event": "abort", "user": said["user"]})
+                revert(opts, name, hosts, serving, timeout, emit, journal)
+                return hosts, ran, analyses, f"aborted by {said['user']}; every host it changed was sent back"
+            if "batch" in action:
+                number += 1
+                sending = _skip(name, number, action["batch"], target or arg[1], serving, hosts, emit, journal)
+                ahead = plan[place + 1] if place + 1 < len(plan) else {}
                 if sending and "analyse" in ahead:
-                    _utils("saltfleet_steps.stop_listening")(watch, place + 1)
-                return hosts, ran, analyses, stopped
-            continue
-        why = _step(watch, action, place, hosts, analyses, said)
-        said = None
-        if why:
-            revert(opts, name, hosts, serving, timeout, emit, journal)
-            return hosts, ran, analyses, f"{why}; every host it changed was sent back"
+                    listening = place + 1
+                    _utils("saltfleet_steps.listen_ahead")(watch, listening, ahead["analyse"], timeout)
+                stopped = sending and _batch(
+                    opts, name, number, len(batches), sending, fun, arg, timeout, emit, journal, hosts
+                )
+                if stopped:
+                    return hosts, ran, analyses, stopped
+                continue
+            # The step ends its listeners itself (the analysis when it ends, a promote when it skips it).
+            listening = None
+            why = _step(watch, action, place, hosts, analyses, said)
+            said = None
+            if why:
+                revert(opts, name, hosts, serving, timeout, emit, journal)
+                return hosts, ran, analyses, f"{why}; every host it changed was sent back"
+    finally:
+        if listening is not None:
+            # The rollout ends before the step (a failed batch, an abort, a lost lock): so do the users' listeners.
+            _utils("saltfleet_steps.stop_listening")(watch, listening)
     stopped = _hooks("post", hooks.get("post"), opts, name, batches[0][0], timeout, emit, ran)
     return hosts, ran, analyses, stopped
 

@@ -217,12 +217,14 @@ def listen_ahead(watch, place, seconds, timeout):
     """
     Start the listeners of the analysis at ``place`` (``seconds`` long) on
     every host before the batch it follows goes out (``timeout``: that
-    batch's), not waiting for them: the new release's first tasks count
-    (a listener takes on the nodes of a generation that starts after it),
-    and the analysis has numbers as soon as the batch returns. When this did
-    not reach a host, the analysis's first window starts its listener.
+    batch's; they last as long as it may, then the step), not waiting for
+    them: the new release's first tasks count (a listener takes on the
+    nodes of a generation that starts after it), and the analysis has
+    numbers as soon as the batch returns. When this did not reach a host,
+    the analysis's first window starts its listener.
     """
-    args = {"watch": _key(watch, place), "seconds": seconds + timeout + LISTEN_SLACK}
+    batch = _utils("saltfleet_rollout.longest")(timeout)
+    args = {"watch": _key(watch, place), "seconds": seconds + batch + LISTEN_SLACK}
     _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
 
 

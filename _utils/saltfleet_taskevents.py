@@ -42,6 +42,8 @@ SNAPSHOT_MAX = 1 << 20
 NAME_MAX, NAMES_MAX = 200, 100
 OTHER = "(other)"
 COUNT_MAX = 10**9
+# Generations started while one listener watches whose workers it takes on (a canary's handover, a rollback).
+LATER = 3
 
 # What runs as the user: listen to the app's task events for this host's nodes, write what was counted.
 LISTEN = r"""
@@ -52,8 +54,8 @@ from kombu import Queue, binding
 request = json.loads(sys.argv[1])
 app = find_app(request["app"])
 nodes, out = set(request["nodes"]), request["out"]
-# A later generation's nodes (a handover while the watch runs): NAME.g<number>@HOST of a stem [NAME.g, @HOST].
-stems = [tuple(stem) for stem in request["stems"]]
+# The nodes a generation started while it listens can take (root's list): each counts from its first event on.
+later = set(request["later"])
 deadline = time.monotonic() + request["seconds"]
 counts, names, offline, stop = {}, {}, set(), []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -63,16 +65,10 @@ def bucket(seconds):
     low, growth, top = request["floor"], request["growth"], request["buckets"] - 1
     return max(0, min(top, int(math.log(max(seconds, low) / low, growth))))
 
-def ours(node):
-    return isinstance(node, str) and any(
-        node.startswith(head) and node.endswith(tail) and node[len(head) : len(node) - len(tail)].isdigit()
-        for head, tail in stems
-    )
-
 def count(event):
     node, kind = event.get("hostname"), event.get("type")
     if node not in nodes:
-        if not ours(node) or len(nodes) >= 1000:
+        if node not in later:
             return
         # A new generation's worker: its task events go on as it comes online.
         nodes.add(node)
@@ -95,7 +91,7 @@ def count(event):
 def receive(message):
     # Celery names the sending node in each event message's headers: another host's events are never decoded.
     sender = (message.headers or {}).get("hostname")
-    if sender is not None and sender not in nodes and not ours(sender):
+    if sender is not None and sender not in nodes and sender not in later:
         return
     try:
         body = message.decode()
@@ -186,19 +182,24 @@ def nodes_by_release(p, generations):
     return found
 
 
-def stems(nodes):
+def later(p, nodes):
     """
-    The [head, tail] of each node name saltfleet gave a generation
-    (``NAME.g<gen>@HOST``, ``saltfleet_celery.per_generation``): a listener
-    also counts the nodes of a generation that starts after it (a handover
-    while it watches); root maps each to its release when it reads.
+    The node names the workers of ``nodes`` take in a generation started
+    after them (a handover while a listener watches), at most ``LATER``
+    such generations: ``NAME.g<gen>@HOST`` (``saltfleet_celery.per_generation``)
+    for each generation number one can be given (``saltfleet_plan.free_generation``:
+    the lowest one no config or running generation holds). Only these ever
+    join a listener's nodes, whatever names the broker's events carry.
     """
-    found = set()
+    stems, gens = set(), set(_utils("saltfleet_supervisor.known_generations")(p))
     for node in nodes:
-        match = re.fullmatch(r"(.*\.g)\d+(@.*)", node)
+        # The name is cut at its first "@" (per_generation): NAME holds none, HOST may.
+        match = re.fullmatch(r"([^@]*\.g)([1-9][0-9]*)(@.*)", node)
         if match:
-            found.add(match.groups())
-    return sorted(found)
+            stems.add((match[1], match[3]))
+            gens.add(match[2])
+    numbers = [str(n) for n in range(1, len(gens) + LATER + 1)]
+    return sorted({head + n + tail for head, tail in stems for n in numbers} - set(nodes))
 
 
 def listening(p, watch):
@@ -206,6 +207,22 @@ def listening(p, watch):
     record = _utils("saltfleet_files.read_json")(_record_path(p, watch), {})
     alive = _utils("saltfleet_supervisor.alive")
     return any(alive(r) for r in record.values()) if isinstance(record, dict) else False
+
+
+def request(p, watch, app, nodes, seconds, queue_id):
+    """What root tells the listener of ``app`` (``LISTEN``'s argument) watching ``nodes`` for ``seconds``."""
+    return {
+        "app": app,
+        "nodes": sorted(nodes),
+        "later": later(p, nodes),
+        "out": str(_snapshot_path(p, watch, app)),
+        "seconds": int(seconds),
+        "queue": f"saltfleet.events.{_token(watch)}.{_token(queue_id)}.{_token(app)}",
+        "expires": 60,
+        "buckets": BUCKETS,
+        "floor": FLOOR,
+        "growth": GROWTH,
+    }
 
 
 def listen(cfg, p, watch, apps, release, venv, seconds, queue_id):
@@ -217,21 +234,10 @@ def listen(cfg, p, watch, apps, release, venv, seconds, queue_id):
     env = _utils("saltfleet_venv.environ")(venv, cfg["env"])
     started = {}
     for app, nodes in sorted(apps.items()):
-        request = {
-            "app": app,
-            "nodes": sorted(nodes),
-            "stems": stems(nodes),
-            "out": str(_snapshot_path(p, watch, app)),
-            "seconds": int(seconds),
-            "queue": f"saltfleet.events.{_token(watch)}.{_token(queue_id)}.{_token(app)}",
-            "expires": 60,
-            "buckets": BUCKETS,
-            "floor": FLOOR,
-            "growth": GROWTH,
-        }
+        told = json.dumps(request(p, watch, app, nodes, seconds, queue_id))
         log = _utils("saltfleet_paths.log")(p, "events", _token(watch))
         pid = _utils("saltfleet_user.spawn")(
-            cfg["user"], [f"{venv}/bin/python", "-c", LISTEN, json.dumps(request)], p["home"], log, cwd=release, env=env
+            cfg["user"], [f"{venv}/bin/python", "-c", LISTEN, told], p["home"], log, cwd=release, env=env
         )
         started[app] = {"pid": pid, "start": _utils("saltfleet_supervisor.process_start")(pid)}
     _utils("saltfleet_files.write_json")(_record_path(p, watch), started, mode=0o600)
