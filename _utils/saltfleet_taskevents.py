@@ -108,8 +108,9 @@ def write(done=False):
     os.replace(part, out)
 
 def switch(on, which=None):
+    # Root's names of a later generation too: one that came online before this listener bound its queue.
     try:
-        (app.control.enable_events if on else app.control.disable_events)(destination=sorted(which or nodes))
+        (app.control.enable_events if on else app.control.disable_events)(destination=sorted(which or nodes | later))
     except Exception as exc:
         print(f"switching task events {'on' if on else 'off'} failed: {exc!r}", flush=True)
 
