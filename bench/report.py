@@ -215,8 +215,33 @@ def build_rows(times, plan):
             )
         )
     rows.extend(_page_rows(m))
+    rows.extend(_rollout_rows(m))
     rows.extend(_handover_rows(m, plan))
     rows.extend(_canary_rows(m, runs, plan, times))
+    return rows
+
+
+def _rollout_rows(m):
+    """fleet.deploy over the fan-out fleet against Salt's own batching of the same change, a task stream running."""
+    rows = []
+    for key in sorted((k for k in m if k.startswith("rollout_fleet_deploy_")), key=lambda k: int(k.rsplit("_", 1)[1])):
+        size = int(key.rsplit("_", 1)[1])
+        ours, salt_b = m[key], m.get(f"rollout_salt_b_{size}")
+        ratio = _ratio(ours, salt_b)
+        checked = size == 50
+        rows.append(
+            _row(
+                f"fleet.deploy batch=20% over {size} minion(s), a Celery task stream running",
+                [("salt -b 20% '*' state.apply", salt_b)],
+                ours,
+                ratio,
+                "<= 1.2 x salt -b" if checked else "-",
+                (ratio is not None and ratio <= 1.2) if checked else None,
+                f"a new rev of one deployment (a Celery worker per minion, RabbitMQ), the two alternating; "
+                f"{int(m.get(f'rollout_tasks_{size}') or 0)} tasks sent through them, every one with its result; "
+                "fleet.deploy left every host deployed in the ledger",
+            )
+        )
     return rows
 
 

@@ -5,7 +5,7 @@ import time
 
 import yaml
 
-from bench import canary, handover
+from bench import canary, handover, rollout
 from bench.env import BIN, BenchError, Workspace, median, run, stop_supervisords, timed
 from bench.fleet import Fleet
 from bench.local import BuiltinsHost, LocalHost, SaltfleetHost, deployment_names, raw_floor
@@ -32,6 +32,8 @@ MODES = {
         # pairs of windows of seconds (without, with an analysis) for the stream's tasks and for tasks of
         # no work; canary rollouts rolled back.
         "canary": {"pairs": 6, "zero_pairs": 4, "seconds": 6, "rollbacks": 3},
+        # pairs of rollouts over the largest fan-out fleet (salt -b, fleet.deploy), a task stream running
+        "rollout_pairs": 2,
     },
     # Every target but fan-out and built-ins, in under 5 minutes on 2 cores.
     "quick": {
@@ -43,6 +45,7 @@ MODES = {
         "sf_noop_1": False,
         "handover_tasks": 300,
         "canary": {"pairs": 3, "zero_pairs": 0, "seconds": 5, "rollbacks": 1},
+        "rollout_pairs": 0,
     },
     # One run of every code path (the test suite's smoke test).
     "smoke": {
@@ -55,6 +58,7 @@ MODES = {
         "handover_tasks": 100,
         # None: two minions, RabbitMQ and rollouts take minutes, not the seconds a smoke run has.
         "canary": None,
+        "rollout_pairs": 0,
     },
 }
 
@@ -247,6 +251,9 @@ class Bench:
             client = fleet.runner_client()
             try:
                 self._fanout_sizes(fleet, client, page)
+                if self.plan["rollout_pairs"]:
+                    pairs = self.plan["rollout_pairs"]
+                    self.guarded("rollout", lambda: rollout.measure(self, fleet, self.ws.shas, pairs))
             finally:
                 fleet.close_runner_client(client)
             if "page" not in self.errors:

@@ -127,6 +127,15 @@ def fleet(salt_master, salt_cli, minions, pillar_dir, deploy_user, user_uv_cache
     for step in (("saltutil.sync_all",), ("saltutil.refresh_pillar", "wait=True"), ("state.apply", "fleet")):
         ret = salt_cli.run("-L", *step, minion_tgt=tgt, _timeout=900)
         assert ret.returncode == 0, ret
+
+    def both_consume():
+        # A worker that had not answered yet when its host told the master is in its next report.
+        salt_cli.run("-L", "deployment.report", minion_tgt=tgt, _timeout=120)
+        queues = salt_master.salt_run_cli(timeout=120).run("fleet.queues", "queue=pg-a.shared").data
+        return ((queues or {}).get("queues", {}).get("pg-a.shared") or {}).get("up") == len(minions)
+
+    # The floor of pg-a.shared counts what the hosts told the master: both consume it before any test deploys.
+    wait_for(both_consume, 180, "both hosts' pg-a workers in fleet.queues")
     yield {"minions": minions, "repo": repo, "shas": shas, "roots": roots}
     for root in roots:
         stop_deployments(root, timeout=60)
