@@ -50,7 +50,7 @@ from bench.env import (
 from localfleet import procs
 from localfleet.config import REPO
 from localfleet.daemons import Master, start_minions
-from localfleet.sampleapp import SAMPLE_APP, celery_app, executions
+from localfleet.sampleapp import SAMPLE_APP, Stream, celery_app, executions
 
 NAME = "canary"
 HOSTS = ("m01", "m02")
@@ -268,44 +268,6 @@ class CanaryFleet:
             time.sleep(0.1)
 
 
-class Stream:
-    """Tasks to NAME's queue every STREAM_GAP s from a thread, each kept with its input."""
-
-    def __init__(self, app):
-        self.app, self.sent, self.running = app, [], threading.Event()
-        self.thread = threading.Thread(target=self._send, daemon=True)
-
-    def _send(self):
-        started = time.monotonic()
-        while self.running.is_set():
-            platform = f"p{len(self.sent)}"
-            self.sent.append(
-                (platform, self.app.send_task("sampleapp.fetch", args=(platform, TASK_SECONDS), queue=NAME))
-            )
-            time.sleep(max(0.0, started + len(self.sent) * STREAM_GAP - time.monotonic()))
-
-    def __enter__(self):
-        self.running.set()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running.clear()
-        self.thread.join()
-
-    def states(self, timeout=180):
-        """{task id: SUCCESS or FAILURE} of every task sent, each waited for: none may be left without."""
-        deadline = time.monotonic() + timeout
-        found = {}
-        for _, result in self.sent:
-            while result.state not in ("SUCCESS", "FAILURE"):
-                if time.monotonic() > deadline:
-                    raise BenchError(f"task {result.id} of the stream has no result after {timeout} s: {result.state}")
-                time.sleep(0.1)
-            found[result.id] = result.state
-        return found
-
-
 class Bus(threading.Thread):
     """The master's event bus, read from this process: saltfleet's rollout lines and the runner's progress."""
 
@@ -454,7 +416,7 @@ def rollback_run(fleet, app, shas):
     out), ``serve`` (-> the old release took a task on the changed host);
     and what it saw.
     """
-    with Bus(fleet.mopts) as bus, Stream(app) as stream:
+    with Bus(fleet.mopts) as bus, Stream(app, NAME, STREAM_GAP, TASK_SECONDS) as stream:
         time.sleep(LEAD)
         started = time.time()
         report = fleet.canary(shas[FLAKY])
@@ -463,6 +425,9 @@ def rollback_run(fleet, app, shas):
         raise BenchError(f"the flaky release was not rolled back from one host: {json.dumps(report)[:3000]}")
     [changed] = report["rolled back"]
     states = stream.states()
+    lost = [task for task, state in states.items() if state not in Stream.DONE]
+    if lost:
+        raise BenchError(f"{len(lost)} tasks of the stream have no result after 180 s, e.g. {lost[0]}")
     inputs = {result.id: platform for platform, result in stream.sent}
     runs = executions(fleet.data)
     records = [r for task in inputs for r in runs.get(task, ())]

@@ -7,6 +7,8 @@ loaded in this process to send it tasks, and what its workers record
 import importlib.util
 import json
 import os
+import threading
+import time
 import uuid
 
 from localfleet.config import REPO
@@ -49,3 +51,54 @@ def executions(data):
         record = json.loads(path.read_text())
         found.setdefault(record["task"], []).append(record)
     return found
+
+
+class Stream:
+    """
+    ``sampleapp.fetch`` sent to ``queue`` every ``gap`` s from a thread while
+    the ``with`` block runs, each working ``seconds``: a steady stream of
+    tasks through a rollout. ``sent``: [(input, AsyncResult)], in order.
+    """
+
+    DONE = ("SUCCESS", "FAILURE")
+
+    def __init__(self, app, queue, gap, seconds=0.0):
+        self.app, self.queue, self.gap, self.seconds = app, queue, gap, seconds
+        self.sent, self.running = [], threading.Event()
+        self.thread = threading.Thread(target=self._send, daemon=True)
+
+    def _send(self):
+        started = time.monotonic()
+        while self.running.is_set():
+            platform = f"p{len(self.sent)}"
+            result = self.app.send_task("sampleapp.fetch", args=(platform, self.seconds), queue=self.queue)
+            self.sent.append((platform, result))
+            time.sleep(max(0.0, started + len(self.sent) * self.gap - time.monotonic()))
+
+    def __enter__(self):
+        self.running.set()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running.clear()
+        self.thread.join()
+
+    def states(self, timeout=180):
+        """{task id: its state} of every task sent, each waited for until it is done or ``timeout`` s have passed."""
+        deadline = time.monotonic() + timeout
+        found = {}
+        for _, result in self.sent:
+            while result.state not in self.DONE and time.monotonic() < deadline:
+                time.sleep(0.1)
+            found[result.id] = result.state
+        return found
+
+    def lost(self, timeout=180):
+        """The ids of the tasks sent that have no result (succeeded or failed) within ``timeout`` s."""
+        return [task for task, state in self.states(timeout).items() if state not in self.DONE]
+
+    def last_versions(self, count=10):
+        """The sample app's versions that ran the last ``count`` tasks sent (each waited for)."""
+        results = [result.get(timeout=120, propagate=False) for _, result in self.sent[-count:]]
+        return {r["version"] for r in results if isinstance(r, dict)}

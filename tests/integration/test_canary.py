@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import git
@@ -24,7 +25,7 @@ import yaml
 from saltfactories.utils import random_string
 
 from localfleet.config import REPO, stop_deployments
-from localfleet.rabbitmq import RabbitMQ
+from localfleet.sampleapp import Stream
 from tests.apps import SAMPLE_APP, celery_client, commit
 from tests.conftest import sandbox_root, short_tmpdir
 
@@ -85,12 +86,6 @@ def canary_repo(base):
 
 
 @pytest.fixture(scope="module")
-def rabbitmq():
-    with RabbitMQ() as broker:
-        yield broker
-
-
-@pytest.fixture(scope="module")
 def places(deploy_user):
     base = short_tmpdir("sfc-")
     repo, shas = canary_repo(base)
@@ -113,44 +108,6 @@ def minions(salt_master):
         for factory in factories:
             stack.enter_context(factory.started(start_timeout=120))
         yield factories
-
-
-class Stream:
-    """Tasks sent to the deployment's queue every STREAM_GAP s from a thread, each remembered with its input."""
-
-    def __init__(self, app):
-        self.app, self.sent, self.running = app, [], threading.Event()
-        self.thread = threading.Thread(target=self._send, daemon=True)
-
-    def _send(self):
-        while self.running.is_set():
-            platform = f"p{len(self.sent)}"
-            self.sent.append(self.app.send_task("sampleapp.fetch", args=(platform, TASK_SECONDS), queue=QUEUE))
-            time.sleep(STREAM_GAP)
-
-    def __enter__(self):
-        self.running.set()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running.clear()
-        self.thread.join()
-
-    def outcomes(self, timeout=180):
-        """{state: count} of every task sent, waiting for each one's result: none may be left without."""
-        deadline = time.monotonic() + timeout
-        states = {}
-        for result in self.sent:
-            while result.state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
-                time.sleep(0.2)
-            states[result.state] = states.get(result.state, 0) + 1
-        return states
-
-    def last_versions(self, count=10):
-        """The release versions that ran the last ``count`` tasks sent (each waited for)."""
-        results = [r.get(timeout=120, propagate=False) for r in self.sent[-count:]]
-        return {r["version"] for r in results if isinstance(r, dict)}
 
 
 class Canary:
@@ -235,7 +192,7 @@ def assert_rolled_back(fleet, report, stream, old="v2"):
 
 def test_a_release_failing_forty_percent_of_its_tasks_is_rolled_back_before_its_time(fleet):
     fleet.at("v2")
-    with Stream(fleet.app) as stream:
+    with Stream(fleet.app, QUEUE, STREAM_GAP, TASK_SECONDS) as stream:
         code, report = fleet.canary("flaky")
         assert_rolled_back(fleet, report, stream)
     assert code == 1
@@ -246,7 +203,7 @@ def test_a_release_failing_forty_percent_of_its_tasks_is_rolled_back_before_its_
     assert analysis["new"]["tasks"]["sampleapp.fetch"]["failure_rate"] > 0.2, analysis
     assert analysis["releases"] == {"new": [fleet.places["shas"]["flaky"]], "old": [fleet.places["shas"]["v2"]]}
     # Every task sent through the rollout has its result: none was lost in the handovers.
-    states = stream.outcomes()
+    states = Counter(stream.states().values())
     assert set(states) <= {"SUCCESS", "FAILURE"}, states
     assert states.get("FAILURE", 0) > 0
     code, history = fleet.salt_run("fleet.history", NAME, "limit=1")
@@ -257,7 +214,7 @@ def test_a_release_failing_forty_percent_of_its_tasks_is_rolled_back_before_its_
 
 def test_a_good_release_passes_every_step(fleet):
     fleet.at("v2")
-    with Stream(fleet.app) as stream:
+    with Stream(fleet.app, QUEUE, STREAM_GAP, TASK_SECONDS) as stream:
         code, report = fleet.canary("v1")
     assert code == 0, report
     assert report["outcome"] == "complete"
@@ -265,14 +222,14 @@ def test_a_good_release_passes_every_step(fleet):
     assert analysis["decision"] == "passed", analysis
     assert analysis["elapsed"] >= ANALYSE
     assert fleet.releases() == [fleet.places["shas"]["v1"]] * HOSTS
-    assert set(stream.outcomes()) == {"SUCCESS"}
+    assert set(Counter(stream.states().values())) == {"SUCCESS"}
     code, live = fleet.salt_run("fleet.analysis", NAME)
     assert live["decision"] == "passed" and live["new"]["succeeded"] >= 20, live
 
 
 def test_an_app_that_fails_five_percent_anyway_passes_against_its_own_baseline(fleet):
     fleet.at("fivepct")
-    with Stream(fleet.app):
+    with Stream(fleet.app, QUEUE, STREAM_GAP, TASK_SECONDS):
         code, report = fleet.canary("fivepct-again")
     assert code == 0, report
     [analysis] = report["analysis"]
@@ -282,7 +239,7 @@ def test_an_app_that_fails_five_percent_anyway_passes_against_its_own_baseline(f
 
 def test_a_release_five_times_slower_fails_on_run_time(fleet):
     fleet.at("v2")
-    with Stream(fleet.app) as stream:
+    with Stream(fleet.app, QUEUE, STREAM_GAP, TASK_SECONDS) as stream:
         code, report = fleet.canary("slow")
         assert_rolled_back(fleet, report, stream)
     assert code == 1
@@ -293,13 +250,13 @@ def test_a_release_five_times_slower_fails_on_run_time(fleet):
 
 def test_workers_that_crash_after_starting_are_caught_and_rolled_back(fleet):
     fleet.at("v2")
-    with Stream(fleet.app) as stream:
+    with Stream(fleet.app, QUEUE, STREAM_GAP, TASK_SECONDS) as stream:
         code, report = fleet.canary("crashing")
         assert_rolled_back(fleet, report, stream)
     assert code == 1
     [analysis] = report["analysis"]
     assert "crashed" in analysis["why"], analysis
-    assert set(stream.outcomes()) <= {"SUCCESS", "FAILURE"}
+    assert set(Counter(stream.states().values())) <= {"SUCCESS", "FAILURE"}
 
 
 @pytest.fixture
