@@ -2,12 +2,14 @@
 
 import copy
 import shutil
+import uuid
 
 import pytest
 import yaml
 from saltfactories.utils import random_string
 
 from localfleet.config import stop_deployments
+from localfleet.rabbitmq import RabbitMQ
 from tests.apps import sample_repo
 from tests.conftest import broker_folder, sandbox_root, short_tmpdir
 
@@ -17,6 +19,19 @@ def write_pillar(pillar_dir, data, minions="*"):
     pillar_dir.mkdir(parents=True, exist_ok=True)
     (pillar_dir / "top.sls").write_text(yaml.safe_dump({"base": {minions: ["saltfleet"]}}))
     (pillar_dir / "saltfleet.sls").write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture(scope="module")
+def rabbitmq():
+    """A private rabbitmq-server on 127.0.0.1 for the module, stopped (with its epmd) after it."""
+    with RabbitMQ() as broker:
+        yield broker
+
+
+@pytest.fixture
+def broker(rabbitmq):
+    """The URL of a virtual host of this test's own: no queue or message is shared with another test."""
+    return rabbitmq.vhost(f"t-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 from celery import Celery
 from kombu import Connection, Queue
 
-from localfleet.rabbitmq import RabbitMQ
 from tests.conftest import short_tmpdir, wait_for
 from tests.support.loaded import module, utils
 
@@ -33,17 +32,6 @@ import os
 from celery import Celery
 app = Celery("evapp", broker=os.environ["EV_BROKER"])
 """
-
-
-@pytest.fixture(scope="module")
-def rabbitmq():
-    with RabbitMQ() as broker:
-        yield broker
-
-
-@pytest.fixture
-def broker(rabbitmq):
-    return rabbitmq.vhost(f"t-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture

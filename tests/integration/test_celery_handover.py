@@ -30,7 +30,6 @@ import re
 import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import git
@@ -38,7 +37,6 @@ import psutil
 import pytest
 
 from localfleet.daemons import free_ports
-from localfleet.rabbitmq import RabbitMQ
 from localfleet.sampleapp import executions
 from tests.apps import SAMPLE_APP, celery_client, commit
 from tests.conftest import gone, short_tmpdir, wait_for
@@ -47,19 +45,6 @@ NAME = "sf-handover"
 QUEUES = ("a", "b")
 # One line of a Celery worker's log: "[2026-12-02 14:51:25,123: INFO/MainProcess] message".
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\] (.*)$")
-
-
-@pytest.fixture(scope="module")
-def rabbitmq():
-    """A private rabbitmq-server on 127.0.0.1 for the module, stopped (with its epmd) after it."""
-    with RabbitMQ() as broker:
-        yield broker
-
-
-@pytest.fixture
-def broker(rabbitmq):
-    """The URL of a virtual host of this test's own: no queue or message is shared with another test."""
-    return rabbitmq.vhost(f"t-{uuid.uuid4().hex[:12]}")
 
 
 def handover_repo(base):
