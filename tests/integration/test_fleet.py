@@ -118,17 +118,23 @@ def inventory(salt_run_cli, *args):
     return {row["id"]: row for row in ret.data}
 
 
-def deployed_rows(salt_run_cli, wanted):
-    """The inventory once each of ``wanted`` ({minion: (deployment, RUNNING programs)}) shows them."""
+def deployed_rows(salt_run_cli, wanted, workers=()):
+    """
+    The inventory once each of ``wanted`` ({minion: (deployment, RUNNING
+    programs)}) shows them, and the deployments of ``workers`` (minions)
+    their Celery workers: a worker that had not answered yet when its host
+    first told the master is in the host's next report (its heartbeat).
+    """
 
     def check():
         rows = inventory(salt_run_cli)
         for minion, (name, running) in wanted.items():
-            if rows.get(minion, {}).get("deployments", {}).get(name, {}).get("running") != running:
+            row = rows.get(minion, {}).get("deployments", {}).get(name, {})
+            if row.get("running") != running or (minion in workers and not row.get("workers")):
                 return None
         return rows
 
-    return wait_for(check, 60, f"{wanted} RUNNING in the inventory")
+    return wait_for(check, 150, f"{wanted} RUNNING in the inventory, with the workers of {workers}")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +148,7 @@ def deployed(fleet, salt_cli, salt_run_cli):
     """A and B converged by one state.apply, no saltutil.sync_all before it: the inventory rows."""
     ret = salt_cli.run("-L", "state.apply", minion_tgt=f"{A},{B}", _timeout=900)
     assert ret.returncode == 0, ret
-    return deployed_rows(salt_run_cli, {A: ("inv-app", 1), B: ("inv-pair", 2)})
+    return deployed_rows(salt_run_cli, {A: ("inv-app", 1), B: ("inv-pair", 2)}, workers=(A,))
 
 
 def test_salt_cloud_creates_minions_that_answer(fleet, cloud, salt_master, salt_cli, places):
