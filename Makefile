@@ -50,7 +50,7 @@ system-packages:
 # keeping its tests on one worker (their daemons start once).
 test: venv system-packages
 	$(BIN)/pytest -n 4 tests/unit tests/functional $(PYTEST_ARGS)
-	$(BIN)/pytest -n 3 --dist loadscope tests/integration $(PYTEST_ARGS)
+	$(BIN)/pytest -n 4 --dist loadscope tests/integration $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
