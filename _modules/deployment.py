@@ -486,7 +486,7 @@ def force_restart(name, program=None):
         before = {i["pid"] for i in __utils__[f"{sup}.process_info"](sock, uid) if i["group"] in groups and i["pid"]}
         for group in groups:
             with contextlib.suppress(CommandExecutionError):
-                __utils__[f"{sup}.call"](sock, uid, "signalProcessGroup", group, "KILL")
+                __utils__["saltfleet_xmlrpc.call"](sock, uid, "signalProcessGroup", group, "KILL")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             infos = [i for i in __utils__[f"{sup}.process_info"](sock, uid) if i["group"] in groups]

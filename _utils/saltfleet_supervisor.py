@@ -1,20 +1,16 @@
 """
-A deployment's own supervisord: its generations, and the XML-RPC calls that
-drive it (its config: saltfleet_supervisor_conf).
+A deployment's own supervisord: its generations, and the calls that drive it
+(its config: saltfleet_supervisor_conf; the XML-RPC under them:
+saltfleet_xmlrpc).
 
 Root starts supervisord from a config in root's state dir; supervisord drops
 to the deployment's user before it opens its socket, pidfile and logs. Root
-then talks to it over that socket (XML-RPC over HTTP, as supervisorctl),
-only after the kernel confirmed (SO_PEERCRED) that whoever listens there runs
-as the deployment's user: a socket the user swaps for a link to someone
-else's is refused, and a pidfile the user could edit is never read.
-
-What answers there is the user's process, so every answer is hostile input:
-each call has one deadline for the whole exchange (not per read) and a bound
-on what it reads, and each answer is checked against the shape supervisord
-gives (a state is one of supervisord's names, a pid a positive number that
-/proc shows the deployment's user runs). Anything else fails the call with
-an error naming the socket, never a traceback or a value taken as it came.
+then talks to it over that socket only (saltfleet_xmlrpc: the listener must
+be the user), and a pidfile the user could edit is never read. Every answer
+is checked against the shape supervisord gives (a state is one of
+supervisord's names, a pid a positive number that /proc shows the
+deployment's user runs); anything else fails the call with an error naming
+the socket, never a value taken as it came.
 
 Generations: each start of a deployment's supervisord is a generation ``gen``
 with its own ``supervisord.<gen>.conf`` and boot script in root's state dir,
@@ -26,15 +22,10 @@ new generation beside the serving one, and the old one drains.
 """
 
 import contextlib
-import http.client
 import os
 import re
 import reprlib
-import socket
-import stat
-import struct
 import time
-import xmlrpc.client
 from pathlib import Path
 
 import salt.loader.context
@@ -42,10 +33,6 @@ from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_supervisor"
 
-# Every XML-RPC call returns within this, or the deployment's change fails.
-RPC_TIMEOUT = 10
-# The most an answer may hold (a process list of a few hundred programs is far less).
-RPC_LIMIT = 1 << 20
 START_TIMEOUT = 30
 BUSY = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
 IDLE = ("STOPPED", "EXITED", "FATAL")
@@ -67,155 +54,12 @@ def _utils(name):
     return loader.pack.get("__utils__", loader)[name]
 
 
-# ------------------------------------------------------------------ XML-RPC
-
-
-# Nothing listens there, or a supervisord going away hung up.
-NOBODY_THERE = (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, FileNotFoundError)
-
-
-class _Overlong(OSError):
-    """An answer longer than RPC_LIMIT."""
-
-
-class _Unlike(ValueError):
-    """An answer that is not what supervisord gives (its shape, its encoding)."""
-
-
-def _open_socket(sock, uid):
-    """
-    The socket file ``sock`` (in the user's run/) opened without following
-    anything the user made: a link there is refused, never resolved by root.
-    Returns an O_PATH descriptor, connectable through /proc/self/fd.
-    """
-    sock = Path(sock)
-    folder = os.open(sock.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fd = os.open(sock.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-    finally:
-        os.close(folder)
-    st = os.fstat(fd)
-    if not stat.S_ISSOCK(st.st_mode) or (uid is not None and st.st_uid != uid):
-        os.close(fd)
-        raise PermissionError(f"{sock} is not the deployment's user's socket (a link, or someone else's)")
-    return fd
-
-
-def _exchange(sock, uid, deadline, body):
-    """
-    One HTTP request to supervisord on ``sock``, and its whole answer, within
-    ``deadline`` (one for the exchange, not one per read) and RPC_LIMIT bytes;
-    the listener must be ``uid`` (the kernel's word, SO_PEERCRED).
-    """
-    fd = _open_socket(sock, uid)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-
-            def left():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("deadline")
-                conn.settimeout(remaining)
-
-            left()
-            conn.connect(f"/proc/self/fd/{fd}")
-            _, listener, _ = peer(conn)
-            if uid is not None and listener != uid:
-                raise PermissionError(f"{sock} is served by uid {listener}, not the deployment's user")
-            head = f"POST /RPC2 HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}"
-            head += "\r\n\r\n"
-            left()
-            conn.sendall(head.encode() + body)
-            answer = bytearray()
-            while True:
-                left()
-                chunk = conn.recv(65536)
-                if not chunk and not answer:
-                    # Closed without a word: a supervisord going away, as when nobody listens.
-                    raise ConnectionResetError(f"{sock} closed without an answer")
-                if not chunk:
-                    return bytes(answer)
-                answer += chunk
-                if len(answer) > RPC_LIMIT:
-                    raise _Overlong("answer too long")
-    finally:
-        os.close(fd)
-
-
-def _response(answer):
-    """The XML-RPC body of an HTTP answer, as supervisord gives it: 200, no content encoding."""
-    head, sep, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    if not sep or not lines[0].startswith("HTTP/1.") or lines[0].split(" ")[1:2] != ["200"]:
-        raise _Unlike(f"an HTTP status {lines[0][:40]!r}")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    if headers.get("content-encoding", "identity") != "identity":
-        raise _Unlike(f"a body encoded {headers['content-encoding'][:20]!r}")
-    return body
-
-
-def call_within(sock, uid, deadline, method, *args):
-    """One XML-RPC call to ``supervisor.<method>`` before ``deadline``: its answer, or an error."""
-    try:
-        body = xmlrpc.client.dumps(args, f"supervisor.{method}", allow_none=True).encode()
-        (value,), _ = xmlrpc.client.loads(_response(_exchange(sock, uid, deadline, body)))
-        return value
-    except (xmlrpc.client.Fault, *NOBODY_THERE):
-        raise
-    except _Unlike as exc:
-        raise CommandExecutionError(f"supervisord on {sock} answered {exc}, which it never gives") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise _failed(sock, exc) from None
-    except Exception as exc:  # pylint: disable=broad-except
-        # Anything the parser makes of the user's bytes (broken XML, depth, types): not supervisord's.
-        raise CommandExecutionError(
-            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {reprlib.repr(str(exc))})"
-        ) from None
-
-
-class _Server:
-    """supervisord's ``supervisor`` namespace on one socket, every call within one deadline."""
-
-    def __init__(self, sock, uid, deadline):
-        self.sock, self.uid, self.deadline = sock, uid, deadline
-
-    def __getattr__(self, method):
-        return lambda *args: call_within(self.sock, self.uid, self.deadline, method, *args)
-
-
-def peer(sock):
-    """(pid, uid, gid) the process that listens on a connected unix socket had when it began to listen."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)
-
-
-def rpc(sock, uid, timeout=RPC_TIMEOUT):
-    """supervisord's XML-RPC ``supervisor`` namespace on ``sock``, served by ``uid``: its calls within ``timeout``."""
-    return _Server(sock, uid, time.monotonic() + timeout)
-
-
-def _failed(sock, exc):
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return CommandExecutionError(f"supervisord on {sock} did not answer within {RPC_TIMEOUT} s")
-    if isinstance(exc, _Overlong):
-        return CommandExecutionError(f"supervisord on {sock} answered more than {RPC_LIMIT} bytes; refused")
-    if isinstance(exc, PermissionError):
-        return CommandExecutionError(f"{exc}: root talks to no one else there; move it away")
-    if isinstance(exc, xmlrpc.client.Fault):
-        return CommandExecutionError(f"supervisord on {sock} refused: {reprlib.repr(str(exc.faultString))}")
-    return CommandExecutionError(f"supervisord on {sock} did not answer: {reprlib.repr(str(exc))}")
+def _call(sock, uid, method, *args):
+    return _utils("saltfleet_xmlrpc.call")(sock, uid, method, *args)
 
 
 def _bad(sock, what, value):
     return CommandExecutionError(f"supervisord on {sock} answered {what} {reprlib.repr(value)}, which it never gives")
-
-
-def call(sock, uid, method, *args):
-    """One XML-RPC call; a clear error when supervisord refuses, does not answer in time, or is not there."""
-    try:
-        return getattr(rpc(sock, uid), method)(*args)
-    except (xmlrpc.client.Fault, *NOBODY_THERE) as exc:
-        raise _failed(sock, exc) from None
 
 
 def _state(sock, answer):
@@ -248,13 +92,12 @@ def answers(sock, uid):
     """
     if not os.path.lexists(sock):
         return None
-    try:
-        server = rpc(sock, uid)
-        # supervisord's own word for its pid: it listens before it daemonizes, so
-        # the socket's peer pid is the parent that exited.
-        state, pid = server.getState(), server.getPID()
-    except (*NOBODY_THERE, xmlrpc.client.Fault):
+    # supervisord's own word for its pid: it listens before it daemonizes, so
+    # the socket's peer pid is the parent that exited.
+    said = _utils("saltfleet_xmlrpc.ask")(sock, uid, ("getState",), ("getPID",))
+    if said is None:
         return None
+    state, pid = said
     statename = _state(sock, state)
     # supervisord daemonizes into a session of its own: a pid it gives is a session leader the user runs.
     if owned_pid(pid, uid) is None or _session(pid) != pid:
@@ -387,12 +230,9 @@ def shutdown(sock, uid):
     signalled would go on taking tasks meanwhile. False when none answered.
     """
     try:
-        server = rpc(sock, uid)
-        server.stopAllProcesses(False)
-        server.shutdown()
-    except (*NOBODY_THERE, xmlrpc.client.Fault, CommandExecutionError):
+        return _utils("saltfleet_xmlrpc.ask")(sock, uid, ("stopAllProcesses", False), ("shutdown",)) is not None
+    except CommandExecutionError:
         return False
-    return True
 
 
 def wait_exited(records, timeout):
@@ -470,7 +310,7 @@ def process_info(sock, uid):
         "statename": lambda v: v in PROCESS_STATES,
         "pid": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     }
-    return _records(sock, call(sock, uid, "getAllProcessInfo"), keys)
+    return _records(sock, _call(sock, uid, "getAllProcessInfo"), keys)
 
 
 def proc_name(info):
@@ -481,7 +321,7 @@ def _autostart(sock, uid):
     """(group, name) of the programs supervisord starts by itself."""
     keys = {"name": _name, "group": _name, "autostart": lambda v: isinstance(v, bool)}
     return {
-        (c["group"], c["name"]) for c in _records(sock, call(sock, uid, "getAllConfigInfo"), keys) if c["autostart"]
+        (c["group"], c["name"]) for c in _records(sock, _call(sock, uid, "getAllConfigInfo"), keys) if c["autostart"]
     }
 
 
@@ -524,7 +364,7 @@ def stop_groups(sock, uid, groups, timeout):
     """
     for group in groups:
         with contextlib.suppress(CommandExecutionError):
-            call(sock, uid, "stopProcessGroup", group, False)
+            _call(sock, uid, "stopProcessGroup", group, False)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not any(i["group"] in groups and i["statename"] in BUSY for i in process_info(sock, uid)):
@@ -534,18 +374,18 @@ def stop_groups(sock, uid, groups, timeout):
 
 def start_groups(sock, uid, groups):
     for group in groups:
-        call(sock, uid, "startProcessGroup", group, False)
+        _call(sock, uid, "startProcessGroup", group, False)
 
 
 def apply_group_changes(sock, uid, diff, timeout):
     """What ``supervisorctl update`` does, limited to the groups in ``diff``; stopped groups stop gracefully."""
-    call(sock, uid, "reloadConfig")
+    _call(sock, uid, "reloadConfig")
     stop_groups(sock, uid, diff["removed"] + diff["changed"], timeout)
     for group in diff["removed"] + diff["changed"]:
         with contextlib.suppress(CommandExecutionError):
-            call(sock, uid, "removeProcessGroup", group)
+            _call(sock, uid, "removeProcessGroup", group)
     for group in diff["changed"] + diff["added"]:
-        call(sock, uid, "addProcessGroup", group)
+        _call(sock, uid, "addProcessGroup", group)
 
 
 def restart_groups(sock, uid, groups, timeout):

@@ -213,7 +213,7 @@ def test_a_gzip_encoded_answer_is_held_to_the_calls_deadline(host, two):
     assert not thread.is_alive(), "deployment.status still parses the answer after 300 s"
     assert not isinstance(box["result"], Exception), box["result"]
     assert "answered a body encoded 'gzip', which it never gives" in box["result"]["tiny"]["supervisord"], box
-    bound = 2 * module("saltfleet_supervisor").RPC_TIMEOUT + 10
+    bound = 2 * module("saltfleet_xmlrpc").RPC_TIMEOUT + 10
     assert took < bound, f"deployment.status took {took:.0f} s on one call with a {bound} s bound"
 
 
