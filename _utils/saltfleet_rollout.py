@@ -27,14 +27,12 @@ import dataclasses
 import logging
 import math
 import shlex
-import time
 
 import salt.cache
 import salt.client
 import salt.loader
 import salt.loader.context
 import salt.utils.minions
-from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +41,6 @@ __virtualname__ = "saltfleet_rollout"
 DEPLOYED, FAILED, NO_ANSWER, NOT_TOUCHED = "deployed", "failed", "no answer", "not touched"
 ROLLED_BACK, ROLLBACK_FAILED, SKIPPED = "rolled back", "rollback failed", "skipped"
 REASON_MAX = 2000
-# How long a return event may run ahead of the master's job cache before it counts for nothing.
-STORED_WAIT = 5
 # The level of a progress step (``emit(text, level)``): how the fleet_progress outputter colors its line.
 INFO, OK, FAIL, WARN = "info", "ok", "fail", "warn"
 
@@ -260,82 +256,11 @@ def hooks_in_pillar(pillar, name):
     return {when: commands(spec.get(when), f"deployments:{name}:hooks:{when}") for when in ("pre", "post")}
 
 
-# ---------------------------------------------------------------- publishing
+# ---------------------------------------------------------------- returns
 
 
-def _stored(opts, jid, minion):
-    """
-    What the master stored in its job cache as ``minion``'s return of ``jid``
-    ({ret, retcode}), waiting up to STORED_WAIT s (it stores a return just after
-    it fires the return's event); None when it holds none. Without a job cache
-    (``job_cache: False``) the event's word is all there is: ``True``.
-    """
-    if not opts.get("job_cache", True) or opts.get("ext_job_cache"):
-        return True
-    get_jid = salt.loader.returners(opts, {})[f"{opts.get('master_job_cache', 'local_cache')}.get_jid"]
-    deadline = time.monotonic() + STORED_WAIT
-    while True:
-        stored = get_jid(jid).get(minion)
-        if isinstance(stored, dict) and "return" in stored:
-            return {"ret": stored["return"], "retcode": stored.get("retcode", 0)}
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
-
-
-def longest(timeout):
-    """How long ``publish`` waits at most with ``timeout``: as long again for a host that says it still runs."""
-    return 2 * timeout
-
-
-def publish(opts, hosts, fun, arg=(), kwarg=None, timeout=30, on_jid=None, on_return=None):
-    """
-    Run ``fun`` on ``hosts`` (minion ids) in one job and wait for their
-    returns: a host gets ``timeout`` seconds and as long again as it says it
-    is still running the job, never longer. A return counts once, from a host
-    the job went to, as the master stored it from that minion's own
-    (authenticated) return: a return event another minion fires under its id
-    counts for nothing. Returns (jid, {minion: {ret, retcode}}); a host
-    missing from the returns did not answer.
-    """
-    returns = {}
-    wanted = set(hosts)
-    with salt.client.get_local_client(mopts=opts) as client:
-        pub = client.run_job(list(hosts), fun, list(arg), tgt_type="list", timeout=timeout, kwarg=kwarg, listen=True)
-        if not isinstance(pub, dict) or not pub.get("jid"):
-            raise CommandExecutionError(f"the master did not publish {fun} to {', '.join(hosts)}: is it running?")
-        jid = pub["jid"]
-        if on_jid:
-            on_jid(jid)
-        deadline = time.monotonic() + longest(timeout)
-        for item in client.get_iter_returns(
-            jid, pub.get("minions") or list(hosts), timeout=timeout, tgt=list(hosts), tgt_type="list", block=False
-        ):
-            if time.monotonic() > deadline or wanted <= set(returns):
-                break
-            for minion in item if isinstance(item, dict) else ():
-                if minion in returns or minion not in wanted:
-                    continue
-                stored = _stored(opts, jid, minion)
-                if stored is None:
-                    log.warning(
-                        "a return of job %s under id %r that the master holds no return for: ignored", jid, minion
-                    )
-                    continue
-                data = item[minion] if stored is True else stored
-                returns[minion] = data if isinstance(data, dict) else {"ret": data}
-                if on_return:
-                    on_return(minion, returns[minion])
-            if not item:
-                time.sleep(0.05)
-    return jid, returns
-
-
-def send(opts, hosts, fun, arg=(), kwarg=None):
-    """Publish ``fun`` to ``hosts`` and return at once: its jid (None when the master did not take it)."""
-    with salt.client.get_local_client(mopts=opts) as client:
-        pub = client.run_job(list(hosts), fun, list(arg), tgt_type="list", kwarg=kwarg)
-    return pub.get("jid") if isinstance(pub, dict) else None
+def _publish(*args, **kwargs):
+    return _utils("saltfleet_jobs.publish")(*args, **kwargs)
 
 
 def _reason(text):
@@ -393,7 +318,7 @@ def _batch(opts, name, number, total, batch, fun, arg, timeout, emit, journal, h
         journal({"event": "host", "batch": number, "minion": minion, **row})
 
     try:
-        _, returns = publish(
+        _, returns = _publish(
             opts,
             batch,
             fun,
@@ -460,7 +385,7 @@ def revert(opts, name, hosts, serving, timeout, emit, journal):
         emit(f"{name}: rolling {', '.join(minions)} back to {release[:12]}", WARN)
         try:
             # Recorded as a batch of the rollout: the hosts' returns show under it in fleet.history.
-            _, returns = publish(
+            _, returns = _publish(
                 opts,
                 minions,
                 "deployment.rollback",
@@ -622,7 +547,7 @@ def _hooks(when, argvs, opts, name, host, timeout, emit, ran):
         emit(f"{name}: {when} hook on {host}: {shlex.join(argv)}")
         try:
             # One argument: a word like KEY=value would otherwise reach it as a keyword.
-            _, returns = publish(opts, [host], "deployment.run", [name, shlex.join(argv)], timeout=timeout)
+            _, returns = _publish(opts, [host], "deployment.run", [name, shlex.join(argv)], timeout=timeout)
         except Exception as exc:  # pylint: disable=broad-except
             returns = {host: {"ret": f"ERROR: {exc}"}}
         data = returns.get(host)
@@ -648,7 +573,9 @@ def dry_run(opts, name, rev, plan, timeout, emit):
     batches = [action["batch"] for action in plan if "batch" in action]
     hosts = [minion for batch in batches for minion in batch]
     emit(f"{name}: asking {count(len(hosts), 'host')} what deploying {rev} would do (test=True: nothing changes)")
-    _, returns = publish(opts, hosts, "state.single", ["deployment.present", name], {"rev": rev, "test": True}, timeout)
+    _, returns = _publish(
+        opts, hosts, "state.single", ["deployment.present", name], {"rev": rev, "test": True}, timeout
+    )
     rows = {minion: dry_outcome(returns.get(minion)) for minion in hosts}
     bad = sorted(m for m, row in rows.items() if row["outcome"] in (FAILED, NO_ANSWER))
     changing = sum(r["outcome"] == "would change" for r in rows.values())
@@ -664,7 +591,7 @@ def dry_run(opts, name, rev, plan, timeout, emit):
 def rollback_target(opts, name, hosts, requested, timeout, emit):
     """The release ``fleet.rollback`` goes to (``choose_release``); ValueError if a host cannot say what it keeps."""
     emit(f"{name}: asking {count(len(hosts), 'host')} which releases they keep")
-    _, returns = publish(opts, hosts, "deployment.releases", [name], None, timeout)
+    _, returns = _publish(opts, hosts, "deployment.releases", [name], None, timeout)
     read = _utils("saltfleet_minion_data.releases")
     kept, unknown = {}, {}
     for minion in hosts:

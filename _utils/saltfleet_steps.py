@@ -223,15 +223,15 @@ def listen_ahead(watch, place, seconds, timeout):
     numbers as soon as the batch returns. When this did not reach a host,
     the analysis's first window starts its listener.
     """
-    batch = _utils("saltfleet_rollout.longest")(timeout)
+    batch = _utils("saltfleet_jobs.longest")(timeout)
     args = {"watch": _key(watch, place), "seconds": seconds + batch + LISTEN_SLACK}
-    _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
+    _utils("saltfleet_jobs.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
 
 
 def stop_listening(watch, place):
     """End the listeners of the analysis at ``place``, not waiting (a listener left over ends at its deadline)."""
     args = {"watch": _key(watch, place), "stop": True}
-    _utils("saltfleet_rollout.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
+    _utils("saltfleet_jobs.send")(watch.opts, watch.hosts, "deployment.task_events", [watch.name], args)
 
 
 def analyse(watch, number, place, seconds, new, changed):
@@ -246,7 +246,7 @@ def analyse(watch, number, place, seconds, new, changed):
     watch.pids = {}
     judge = _utils("saltfleet_analysis.judge")
     summary = _utils("saltfleet_analysis.summary")
-    publish = _utils("saltfleet_rollout.publish")
+    publish = _utils("saltfleet_jobs.publish")
     call = ["deployment.task_events", [watch.name]]
     args = {"watch": _key(watch, place), "seconds": seconds + LISTEN_SLACK}
     timeout = max(10, 2 * settings["window"])

@@ -9,7 +9,7 @@ Celery's events), as tests/integration/test_canary.py runs them.
   stream's tasks; the tasks completed per second (the sample app's execution
   records) in windows where an analysis watches the fleet (the listeners of
   ``deployment.task_events`` running, task events on, the hosts asked for
-  their counts every window through saltfleet_rollout.publish, as the
+  their counts every window through saltfleet_jobs.publish, as the
   runner's analysis asks them) and in windows where nothing does,
   alternating, in this process.
 - Time to roll back: ``salt-run fleet.deploy`` in steps (1 host, analyse, the
@@ -143,7 +143,7 @@ class CanaryFleet:
 
     @property
     def mopts(self):
-        """The master's opts, as its runners get them (saltfleet_rollout.publish takes them)."""
+        """The master's opts, as its runners get them (saltfleet_jobs.publish takes them)."""
         if self._mopts is None:
             import salt.config
 
@@ -233,7 +233,7 @@ class CanaryFleet:
 
     def task_events(self, watch, **kwarg):
         """``deployment.task_events NAME watch=...`` on both hosts, published as the runner's analysis does."""
-        _, returns = sf.saltfleet_rollout.publish(
+        _, returns = sf.saltfleet_jobs.publish(
             self.mopts, list(HOSTS), "deployment.task_events", [NAME], {"watch": watch, **kwarg}, max(10, 2 * WINDOW)
         )
         return returns

@@ -338,7 +338,7 @@ def _canary_rows(m, runs, plan, times):
             f"{runs[f'canary_tput_{label}_watched']} pairs of windows of {seconds} s, none then watched; ratio: the "
             "median of the pairs' ratios, throughputs: medians; 2 hosts x 2 Celery workers saturated by a backlog, "
             "RabbitMQ; watched: the listeners of deployment.task_events running (task events on), both hosts asked "
-            "for their counts every 3 s through saltfleet_rollout.publish as fleet.deploy's analyse step asks them"
+            "for their counts every 3 s through saltfleet_jobs.publish as fleet.deploy's analyse step asks them"
         )
         cores = _cores(m, label, watched, plain)
         note = "; ".join(

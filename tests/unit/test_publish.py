@@ -1,5 +1,5 @@
 """
-A rollout's job (saltfleet_rollout.publish): a return counts only as the
+A rollout's job (saltfleet_jobs.publish): a return counts only as the
 master stored it from the minion it names, and a job ends at its deadline
 whatever a host says.
 """
@@ -12,7 +12,8 @@ import salt.client
 from localfleet.config import saltfleet_utils
 from tests.unit.test_hostile_minion_data import Minions
 
-rollout = saltfleet_utils().saltfleet_rollout
+utils = saltfleet_utils()
+rollout, jobs = utils.saltfleet_rollout, utils.saltfleet_jobs
 
 
 def deployed(minion, fun):
@@ -24,8 +25,8 @@ def publish(master_opts, monkeypatch):
     def run(minions, hosts, timeout=2):
         monkeypatch.setattr(salt.client, "get_local_client", minions)
         # The module's own globals, as the loader loaded them: its wait for the job cache, short.
-        monkeypatch.setitem(rollout.publish.func.__globals__, "STORED_WAIT", 0.5)
-        return rollout.publish(master_opts, hosts, "deployment.update_code", ["fetcher", "v2"], timeout=timeout)
+        monkeypatch.setitem(jobs.publish.func.__globals__, "STORED_WAIT", 0.5)
+        return jobs.publish(master_opts, hosts, "deployment.update_code", ["fetcher", "v2"], timeout=timeout)
 
     return run
 
