@@ -226,11 +226,17 @@ class DeployLock:
 
     def told(self):
         """The operator's verdict for this holder ({verdict, user, at}), taken once; None when there is none."""
-        said = self._read(self.verdict, None)
-        if said is None:
+        # Taken by a rename before it is read: a verdict given meanwhile is a new file, left for the next look.
+        taken = self.verdict.with_name(f"{self.verdict.name}.{uuid.uuid4().hex}")
+        try:
+            os.rename(self.verdict, taken)
+        except FileNotFoundError:
             return None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.verdict)
+        try:
+            said = self._read(taken, None)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(taken)
         mine = isinstance(said, dict) and said.get("token") == (self.record or {}).get("token")
         return said if mine and said.get("verdict") in VERDICTS else None
 

@@ -277,6 +277,28 @@ def test_lock_wait_takes_the_lock_once_the_holder_is_gone(opts):
     waiter.join()
 
 
+def test_a_verdict_given_while_the_rollout_reads_the_last_one_waits_for_its_next_look(opts):
+    """An operator's abort just after a promote is never lost with it: the rollout sees each, in turn."""
+    lock = deploylock.lock(opts, "app")
+    lock.acquire("alice", "fleet.deploy app rev=v2 steps=...")
+    try:
+        deploylock.tell(opts, "app", "promote", "carol")
+        read = lock._read
+
+        def read_then_abort(path, default):
+            said = read(path, default)
+            deploylock.tell(opts, "app", "abort", "dave")
+            lock._read = read
+            return said
+
+        lock._read = read_then_abort
+        assert lock.told()["verdict"] == "promote"
+        assert lock.told()["user"] == "dave"
+        assert lock.told() is None
+    finally:
+        lock.release()
+
+
 def test_a_name_that_would_leave_the_locks_folder_is_refused(opts):
     for name in ("../x", ".hidden", "a/b"):
         with pytest.raises(CommandExecutionError, match="not a deployment name"):
