@@ -194,15 +194,33 @@ def _status(root, name, manifest):
 
 
 def _env(name):
-    """The deployment's env in pillar: the values its output must not show."""
+    """The deployment's env in pillar."""
     deployments = __pillar__.get("deployments")
     spec = deployments.get(name) if isinstance(deployments, dict) else None
     env = spec.get("env") if isinstance(spec, dict) else None
     return env if isinstance(env, dict) else {}
 
 
-def _celery_spec(name, manifest):
-    return {"name": name, "user": manifest["user"], "env": _env(name)}
+def _run_env(name, p, gen):
+    """The env generation ``gen`` runs with (root's env file, as its supervisord sourced it), else pillar's."""
+    env = __utils__["saltfleet_supervisor.generation_env"](p, gen)
+    return _env(name) if env is None else env
+
+
+def _secrets(name, p):
+    """
+    What the deployment's output must not show: its env in pillar and the env
+    of each generation root keeps (a value pillar changed since still runs
+    until the next apply, and its logs keep it).
+    """
+    pairs = list(_env(name).items())
+    for gen in __utils__["saltfleet_supervisor.known_generations"](p):
+        pairs += (__utils__["saltfleet_supervisor.generation_env"](p, gen) or {}).items()
+    return pairs
+
+
+def _celery_spec(name, manifest, p, gen):
+    return {"name": name, "user": manifest["user"], "env": _run_env(name, p, gen)}
 
 
 def _workers(name, p, manifest, gen):
@@ -215,7 +233,8 @@ def _workers(name, p, manifest, gen):
     release = __utils__["saltfleet_paths.release"](p, manifest["release"])
     venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
     try:
-        return __utils__["saltfleet_celery.serving"](_celery_spec(name, manifest), p, release, venv, workers)
+        spec = _celery_spec(name, manifest, p, gen)
+        return __utils__["saltfleet_celery.serving"](spec, p, release, venv, workers)
     except CommandExecutionError as exc:
         return {"error": str(exc)}
 
@@ -223,7 +242,6 @@ def _workers(name, p, manifest, gen):
 def _draining_tasks(name, p, manifest, draining):
     """{supervisord pid: Celery tasks still in hand} of the draining generations whose workers still answer."""
     found = {}
-    spec = _celery_spec(name, manifest)
     for gen, info in draining.items():
         conf = __utils__["saltfleet_paths.generation"](p, gen)["conf"]
         if not info.get("answering") or not info.get("release") or not conf.exists():
@@ -234,6 +252,7 @@ def _draining_tasks(name, p, manifest, draining):
         if workers:
             release = __utils__["saltfleet_paths.release"](p, info["release"])
             venv = __utils__["saltfleet_paths.venv"](p, info["venv"])
+            spec = _celery_spec(name, manifest, p, gen)
             counts = __utils__["saltfleet_celery.active"](spec, p, release, venv, workers)
             found[info["pid"]] = sum(counts.values())
     return found
@@ -324,9 +343,9 @@ def task_events(name, watch, seconds=60, stop=False):
     if apps and manifest.get("release") and not __utils__[f"{events}.listening"](p, str(watch)):
         release = __utils__["saltfleet_paths.release"](p, manifest["release"])
         venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
-        spec = _celery_spec(name, manifest)
+        spec = _celery_spec(name, manifest, p, serving)
         __utils__[f"{events}.listen"](spec, p, str(watch), apps, release, venv, int(seconds), __opts__["id"])
-    secrets = _env(name)
+    secrets = _secrets(name, p)
     counted, offline, problems = __utils__[f"{events}.counted"](p, str(watch), apps, secrets)
     # A draining generation's workers go offline once their tasks are done: only the serving one's going is news.
     now_serving = __utils__[f"{events}.nodes_by_release"](p, {serving: releases.get(serving)})
@@ -464,7 +483,7 @@ def _start_supervisord(name, p, manifest, uid):
     if errors:
         raise CommandExecutionError("\n".join(errors))
     supervisord = __utils__["saltfleet_files.trusted_tool"]("supervisord", settings.get("supervisord"))
-    __utils__["saltfleet_supervisor.start"]({"env": _env(name)}, supervisord, p, gen, uid)
+    __utils__["saltfleet_supervisor.start"]({"env": _secrets(name, p)}, supervisord, p, gen, uid)
 
 
 def force_restart(name, program=None):
@@ -535,7 +554,7 @@ def supervisorctl(name, *args):
     )
     if proc.returncode not in (0, 3):  # 3: status found a program not RUNNING, which the output says
         __context__["retcode"] = proc.returncode
-    return __utils__["saltfleet_user.scrub"]((proc.stdout + proc.stderr).rstrip("\n"), _env(name))
+    return __utils__["saltfleet_user.scrub"]((proc.stdout + proc.stderr).rstrip("\n"), _secrets(name, p))
 
 
 def logs(name, program=None, lines=100):
@@ -557,8 +576,9 @@ def logs(name, program=None, lines=100):
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], ["tail", "-n", str(int(lines)), "--", path], p["home"], timeout=60
     )
-    __utils__["saltfleet_user.check"](proc, f"deployment.logs {name}: reading {path} failed", _env(name))
-    return __utils__["saltfleet_user.scrub"](proc.stdout, _env(name))
+    secrets = _secrets(name, p)
+    __utils__["saltfleet_user.check"](proc, f"deployment.logs {name}: reading {path} failed", secrets)
+    return __utils__["saltfleet_user.scrub"](proc.stdout, secrets)
 
 
 # -------------------------------------------------------- code and venv
@@ -797,12 +817,11 @@ def run(name, *command, timeout=3600, **kwargs):
         raise CommandExecutionError("\n".join(errors + more))
     release = __utils__["saltfleet_paths.release"](p, manifest["release"])
     venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
-    secrets = {k: str(v) for k, v in cfg["env"].items()}
-    env = __utils__["saltfleet_venv.environ"](venv, secrets)
+    env = __utils__["saltfleet_venv.environ"](venv, {k: str(v) for k, v in cfg["env"].items()})
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], list(command), p["home"], cwd=release, env=env, timeout=int(timeout)
     )
-
+    secrets = _secrets(name, p)
     scrub = __utils__["saltfleet_user.scrub"]
     if proc.returncode:
         __context__["retcode"] = proc.returncode

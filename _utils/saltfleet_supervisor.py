@@ -171,6 +171,22 @@ def generations(p, uid, draining=None):
     return found
 
 
+def generation_env(p, gen):
+    """
+    The env generation ``gen``'s supervisord sourced (root's env file), without
+    saltfleet's own ``LANG``; None for a generation without one (started
+    before env files: its env is in its config).
+    """
+    try:
+        script = _utils("saltfleet_paths.generation")(p, gen)["env"].read_text()
+    except FileNotFoundError:
+        return None
+    env = _utils("saltfleet_supervisor_conf.boot_env")(script)
+    if env.get("LANG") == "C.UTF-8":
+        del env["LANG"]
+    return env
+
+
 def free_generation(p, taken):
     """A generation number that neither a running supervisord nor a config of the deployment uses."""
     used = set(taken) | set(known_generations(p))

@@ -281,13 +281,14 @@ def check(proc, what, secrets=None):
 def scrub(text, secrets=None):
     """
     ``text`` from the user's side with each value of ``secrets`` ({name:
-    value}, a deployment's env) replaced by ``<env:NAME>``: as written, and
-    as JSON, URLs and shells quote it.
+    value}, a deployment's env, or (name, value) pairs when a name has had
+    more than one value) replaced by ``<env:NAME>``: as written, and as JSON,
+    URLs and shells quote it.
     """
     if not text or not secrets:
         return text
     forms = []
-    for key, raw in secrets.items():
+    for key, raw in secrets.items() if isinstance(secrets, dict) else secrets:
         value = str(raw)
         if len(value) < 3:
             continue

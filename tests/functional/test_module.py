@@ -259,6 +259,19 @@ def test_run_runs_in_the_serving_release_as_the_user_and_hides_env_values(host, 
         mod.run("tiny", "env", "sh", "-c", "echo $GREETING", GREETING="hi")
 
 
+def test_a_secret_pillar_rotated_stays_hidden_while_the_running_release_still_has_it(host, tiny, out):
+    """Until the next apply, the programs run (and their logs keep) the old value: output hides both."""
+    host.apply(host.pillar({"tiny": env_app(tiny, out)}))
+    rotated = env_app(tiny, out)
+    rotated["env"].update(API_TOKEN="tok-new-41d2", TINYAPP_SAY="tok-new-41d2")
+    host.set_pillar(host.pillar({"tiny": rotated}))
+    mod = host.loaders.modules.deployment
+    for said in (mod.logs("tiny", "a", 5), mod.supervisorctl("tiny", "tail", "a")):
+        assert "tiny a version 1 started <env:API_TOKEN>" in said and "tok-8c1e55" not in said, said
+    ret = mod.run("tiny", "sh", "-c", "echo $API_TOKEN")
+    assert ret["stdout"] == "<env:API_TOKEN>\n", ret
+
+
 def test_logs_supervisorctl_and_force_restart(host, tiny, out):
     host.apply(host.pillar({"tiny": env_app(tiny, out)}))
     mod = host.loaders.modules.deployment
