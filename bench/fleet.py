@@ -53,7 +53,9 @@ class GitServer:
         self.proc = None
 
     def start(self, timeout=30):
+        # No cap on clients (git daemon's is 32, past which it resets connections): 50 hosts fetch at once.
         argv = ["git", "daemon", "--reuseaddr", "--listen=127.0.0.1", f"--port={self.port}", "--export-all"]
+        argv += ["--max-connections=0"]
         argv += ["--verbose", f"--base-path={self.repo.parent}", str(self.repo.parent)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
