@@ -33,6 +33,7 @@ import time
 
 import salt.cache
 import salt.key
+import salt.utils.data
 
 log = logging.getLogger(__name__)
 
@@ -1118,7 +1119,7 @@ def _hosts(rows):
     return _with_syndics(rows) if registered and __opts__.get("order_masters") else rows
 
 
-def overview(perms=None, limit=50):
+def overview(perms=None, limit=50, floors=True):
     """
     What the fleet page shows, from the master's cache and the deploy ledger
     (no minion is asked): ``hosts`` (``fleet.inventory``'s rows),
@@ -1134,12 +1135,18 @@ def overview(perms=None, limit=50):
     permissions, as salt-api's /login returns them) allow, by Salt's own ACL
     check of the call the page makes (``fleet.deploy NAME rev=...``).
 
+    The floors come from the master's own pillar of every host (a compile
+    each, most of the call's time on a large fleet); ``floors=False`` leaves
+    them out (``floors_read`` says which), as the page does for its first
+    look before it asks again with them.
+
     CLI Example:
 
     .. code-block:: bash
 
         salt-run fleet.overview --out=json
         salt-run fleet.overview perms='["@runner"]' limit=10 --out=yaml
+        salt-run fleet.overview floors=False --out=json
     """
     # One pass over the accepted minions, each one's cache entries read (and checked) once, for every view.
     cache = salt.cache.factory(__opts__)
@@ -1147,7 +1154,8 @@ def overview(perms=None, limit=50):
     minions = [_minion(cache, minion_id) for minion_id in sorted(_accepted())]
     rows = [_row(data, now) for data in minions]
     facts, where = _page_facts(minions, rows)
-    floors = _floors(where)
+    read_floors = salt.utils.data.is_true(floors)
+    floors = _floors(where) if read_floors else {}
     entries = __utils__["saltfleet_ledger.read"](_opts())
     running = __utils__["saltfleet_ledger.running"](_opts(), entries)
     items = __utils__["saltfleet_ledger.history"](entries, None, running)
@@ -1164,4 +1172,5 @@ def overview(perms=None, limit=50):
         "history": list(reversed(items[-int(limit) :] if limit else items)),
         "capabilities": __utils__["saltfleet_page.capabilities"](exists),
         "actions": __utils__["saltfleet_page.actions"](sorted(where), exists, allowed),
+        "floors_read": read_floors,
     }

@@ -109,22 +109,30 @@ async function logout() {
 
 // ------------------------------------------------------------------ data
 
+async function overview(floors) {
+  const kwarg = { perms: page.session.perms || [], floors };
+  const data = await page.api.runner("fleet.overview", { kwarg });
+  if (!data || typeof data !== "object" || !Array.isArray(data.hosts)) {
+    throw new Error(`fleet.overview returned no overview: ${JSON.stringify(data).slice(0, 300)}`);
+  }
+  page.overview = data;
+  for (const item of data.rollouts || []) {
+    const rollout = page.rollouts.get(item.id) || newRollout(item.id);
+    for (const line of item.events || []) fold(rollout, line);
+    page.rollouts.set(item.id, rollout);
+  }
+  render();
+  say(`Read ${data.generated} for ${data.user}.`);
+}
+
 async function refresh() {
   if (page.refreshing) return page.refreshing;
   page.refreshing = (async () => {
     try {
-      const data = await page.api.runner("fleet.overview", { kwarg: { perms: page.session.perms || [] } });
-      if (!data || typeof data !== "object" || !Array.isArray(data.hosts)) {
-        throw new Error(`fleet.overview returned no overview: ${JSON.stringify(data).slice(0, 300)}`);
-      }
-      page.overview = data;
-      for (const item of data.rollouts || []) {
-        const rollout = page.rollouts.get(item.id) || newRollout(item.id);
-        for (const line of item.events || []) fold(rollout, line);
-        page.rollouts.set(item.id, rollout);
-      }
-      render();
-      say(`Read ${data.generated} for ${data.user}.`);
+      // The first look without the queues' floors (the master compiles every host's pillar for them):
+      // the hosts show at once, the floors a moment later.
+      if (!page.overview) await overview(false);
+      if (page.session) await overview(true);
     } catch (error) {
       failed(error);
     } finally {
@@ -369,7 +377,7 @@ function render() {
   // When the hosts table was first filled, for the bench: performance.getEntriesByName("saltfleet:hosts").
   performance.mark("saltfleet:hosts");
   replace($("view-deployments"), deploymentsView(o.deployments || {}, o.actions || {}, actions));
-  replace($("view-queues"), queuesView(o.queues || {}));
+  replace($("view-queues"), queuesView(o.queues || {}, o.floors_read !== false));
   replace($("view-history"), historyView(o.history || []));
   renderRollouts();
 }

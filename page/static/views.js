@@ -124,7 +124,7 @@ export function deploymentsView(deployments, actions, act) {
 }
 
 // Consumers per Celery queue across the fleet, beside each deployment's floor.
-export function queuesView(queues) {
+export function queuesView(queues, floorsRead = true) {
   const rows = Object.entries(queues.queues || {}).map(([name, info]) =>
     h(
       "tr",
@@ -134,9 +134,11 @@ export function queuesView(queues) {
       h(
         "td",
         {},
-        Object.entries(info.floors || {})
-          .map(([d, n]) => `${n} (${d})`)
-          .join(", ") || "-",
+        floorsRead
+          ? Object.entries(info.floors || {})
+              .map(([d, n]) => `${n} (${d})`)
+              .join(", ") || "-"
+          : "reading…",
       ),
       h(
         "td",

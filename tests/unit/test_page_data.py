@@ -185,3 +185,11 @@ def test_overview_reads_the_cache_and_the_ledger_in_one_call(master_opts):
     assert [r["id"] for r in view["rollouts"]] == ["20250101"]
     assert view["history"][0]["who"] == "alice"
     assert "SECRET" not in repr(view)
+    assert view["floors_read"] is True
+    # The page's first look: everything but the floors, which need the master's pillar of every host.
+    quick = runner.overview(perms=[{"@runner": ["fleet.(overview|deploy|promote)$"]}], floors=False)
+    assert quick["floors_read"] is False and quick["deployments"]["fetcher"]["min_consumers"] == {}
+    assert quick["queues"]["queues"]["fetch"]["floors"] == {}
+    assert {k: v for k, v in quick.items() if k not in ("deployments", "queues", "floors_read", "generated")} == {
+        k: v for k, v in view.items() if k not in ("deployments", "queues", "floors_read", "generated")
+    }
