@@ -100,7 +100,10 @@ def _timed(argv, what):
 
 def _salt_batched(fleet, size):
     """salt -b BATCH '*' state.apply: (seconds, returns), each state succeeded on every minion."""
-    argv = [BIN / "salt", "-c", fleet.etc, "-b", BATCH, "--out=json", "--static", "-l", "quiet", "*", "state.apply"]
+    # The timeout fleet.deploy gets: Salt's default (5 s) is also how long the batch's first ping waits,
+    # and a loaded host answering later is left out of the rollout altogether.
+    argv = [BIN / "salt", "-c", fleet.etc, "-b", BATCH, "-t", "600", "--out=json", "--static", "-l", "quiet"]
+    argv += ["*", "state.apply"]
     seconds, ret, _ = _timed(argv, "salt -b")
     bad = {
         m: states
