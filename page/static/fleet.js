@@ -109,20 +109,22 @@ async function logout() {
 
 // ------------------------------------------------------------------ data
 
-async function overview(floors) {
+async function overview(floors, announce) {
   const kwarg = { perms: page.session.perms || [], floors };
   const data = await page.api.runner("fleet.overview", { kwarg });
   if (!data || typeof data !== "object" || !Array.isArray(data.hosts)) {
     throw new Error(`fleet.overview returned no overview: ${JSON.stringify(data).slice(0, 300)}`);
   }
   page.overview = data;
+  // Whether the queues' floors are in yet (the first look leaves them out).
+  $("app").dataset.floors = data.floors_read ? "read" : "reading";
   for (const item of data.rollouts || []) {
     const rollout = page.rollouts.get(item.id) || newRollout(item.id);
     for (const line of item.events || []) fold(rollout, line);
     page.rollouts.set(item.id, rollout);
   }
   render();
-  say(`Read ${data.generated} for ${data.user}.`);
+  if (announce) say(`Read ${data.generated} for ${data.user}.`);
 }
 
 async function refresh() {
@@ -130,9 +132,10 @@ async function refresh() {
   page.refreshing = (async () => {
     try {
       // The first look without the queues' floors (the master compiles every host's pillar for them):
-      // the hosts show at once, the floors a moment later.
-      if (!page.overview) await overview(false);
-      if (page.session) await overview(true);
+      // the hosts show at once, the floors a moment later, quietly (an action's word stays on the status line).
+      const first = !page.overview;
+      if (first) await overview(false, true);
+      if (page.session) await overview(true, !first);
     } catch (error) {
       failed(error);
     } finally {
@@ -220,7 +223,7 @@ function confirmed(message) {
 async function act(fun, name, kwarg, message, rollout = null) {
   if (!(await confirmed(message))) {
     say("Nothing was changed.");
-    return;
+    return false;
   }
   try {
     const job = await page.api.runnerAsync(fun, { arg: [name], kwarg });
@@ -232,9 +235,11 @@ async function act(fun, name, kwarg, message, rollout = null) {
       page.early.delete(job.jid);
       finished(job.jid, result);
     }
+    return true;
   } catch (error) {
     // A 401 here is Salt's ACL refusing this call (the session still reads): nothing was changed.
     say(`${fun} ${name} refused: ${error.message}`, "error");
+    return false;
   }
 }
 
@@ -254,15 +259,11 @@ function deployForm(name) {
     " ",
     h("button", { type: "submit", "data-action": "deploy-submit" }, "Deploy…"),
   );
-  form.addEventListener("submit", (event) => {
+  form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const kwarg = { rev: rev.value.trim(), batch: batch.value.trim() || "1" };
-    act(
-      "fleet.deploy",
-      name,
-      kwarg,
-      `Deploy ${kwarg.rev} of ${name} to its ${hostsOf(name)} host(s), ${kwarg.batch} per batch?`,
-    );
+    const message = `Deploy ${kwarg.rev} of ${name} to its ${hostsOf(name)} host(s), ${kwarg.batch} per batch?`;
+    if (await act("fleet.deploy", name, kwarg, message)) form.hidden = true;
   });
   return form;
 }
@@ -376,7 +377,10 @@ function render() {
   replace($("view-hosts"), hostsView(o.hosts));
   // When the hosts table was first filled, for the bench: performance.getEntriesByName("saltfleet:hosts").
   performance.mark("saltfleet:hosts");
-  replace($("view-deployments"), deploymentsView(o.deployments || {}, o.actions || {}, actions));
+  // An operator filling in a deploy form keeps it as typed: the view is drawn again once it is closed or sent.
+  if (!$("view-deployments").querySelector("form.deploy-form:not([hidden])")) {
+    replace($("view-deployments"), deploymentsView(o.deployments || {}, o.actions || {}, actions));
+  }
   replace($("view-queues"), queuesView(o.queues || {}, o.floors_read !== false));
   replace($("view-history"), historyView(o.history || []));
   renderRollouts();

@@ -191,6 +191,8 @@ def login(driver, url, user, password, expect_app=True):
     driver.find_element(By.ID, "login-button").click()
     if expect_app:
         wait_for(lambda: find(driver, "#hosts-table tbody tr[data-host]"), 60, f"the hosts table for {user}")
+        # The page's second read (with the queues' floors) draws the views again: what a test clicks comes after.
+        wait_for(lambda: find(driver, '#app[data-floors="read"]'), 60, f"the queues' floors for {user}")
 
 
 def show(driver, view):
@@ -273,20 +275,27 @@ def test_the_hosts_table_holds_exactly_what_fleet_inventory_returns(
         assert rows[minion]["provider"] == (row["provider"] or "-")
         assert rows[minion]["deployments"] == {n: (d["release"] or "-")[:10] for n, d in row["deployments"].items()}
     shots = [screenshot(browser, "hosts")]
-    show(browser, "queues")
-
-    def queue_row():
-        queue = browser.find_element(By.CSS_SELECTOR, '#queues-table tr[data-queue="pg-a.shared"]')
-        return [td.text for td in queue.find_elements(By.TAG_NAME, "td")[1:3]]
-
-    # The floors follow the hosts, from a second read (the master's pillar of every host).
-    wait_for(lambda: queue_row()[1] != "reading…", 60, "the queues' floors on the page")
-    assert queue_row() == ["2 up / 2", "1 (pg-a)"]
+    queue = show(browser, "queues").find_element(By.CSS_SELECTOR, 'tr[data-queue="pg-a.shared"]')
+    assert [td.text for td in queue.find_elements(By.TAG_NAME, "td")[1:3]] == ["2 up / 2", "1 (pg-a)"]
     for view in VIEWS[1:]:
         show(browser, view)
         shots.append(screenshot(browser, view))
     assert console_errors(browser) == []
     record_property("report", f"screenshots: {', '.join(str(s) for s in shots)}")
+
+
+def test_a_deploy_form_being_filled_in_outlives_the_pages_refreshes(browser, api_url, users, fleet):
+    """The page reads the fleet again (its floors just after login, then every minute): a half-typed rev stays."""
+    login(browser, api_url, "operator", users[1]["operator"])
+    card = show(browser, "deployments").find_element(By.CSS_SELECTOR, 'section[data-deployment="pg-a"]')
+    card.find_element(By.CSS_SELECTOR, '[data-action="deploy"]').click()
+    rev = card.find_element(By.CSS_SELECTOR, 'input[name="rev"]')
+    rev.send_keys("release-2")
+    for _ in range(2):
+        browser.find_element(By.ID, "refresh").click()
+        wait_for(lambda: browser.find_element(By.ID, "status").text.startswith("Read "), 60, "the refresh")
+        browser.execute_script("document.getElementById('status').textContent = ''")
+    assert rev.get_attribute("value") == "release-2" and rev.is_displayed()
 
 
 def test_a_rollout_started_from_the_page_shows_batch_by_batch_then_in_history(
