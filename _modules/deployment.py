@@ -213,10 +213,10 @@ def _secrets(name, p):
     of each generation root keeps (a value pillar changed since still runs
     until the next apply, and its logs keep it).
     """
-    pairs = list(_env(name).items())
+    pairs = {(key, str(value)) for key, value in _env(name).items()}
     for gen in __utils__["saltfleet_supervisor.known_generations"](p):
-        pairs += (__utils__["saltfleet_supervisor.generation_env"](p, gen) or {}).items()
-    return pairs
+        pairs.update((__utils__["saltfleet_supervisor.generation_env"](p, gen) or {}).items())
+    return sorted(pairs)
 
 
 def _celery_spec(name, manifest, p, gen):

@@ -301,7 +301,8 @@ def boot_entry(cfg, p):
 def boot_env(script):
     """The env an env script (:func:`env_script`) exports: {name: value}."""
     env = {}
-    for line in script.splitlines():
+    # Lines as env_script joins them: a value may hold what Python alone also splits lines on (\x0c, \u2028).
+    for line in script.split("\n"):
         if line.startswith("export "):
             name, _, value = shlex.split(line)[1].partition("=")
             env[name] = value

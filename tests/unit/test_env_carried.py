@@ -21,11 +21,13 @@ conf = utils.saltfleet_supervisor_conf
 HOST, _ = utils.saltfleet_schema.validate_host({"root": "/srv/sandbox", "user": "ubuntu"})
 P = utils.saltfleet_paths.paths("/srv/sandbox", "ubuntu", "fetcher")
 
-# Any printable text of one line (pillar refuses line breaks and NUL): quotes, backslashes,
-# %, ;, #, spaces at either end, non-ASCII.
-VALUES = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\n\r\0"), max_size=40
-) | st.sampled_from(["", " ", "'", '"', "\\", "%", "%(x)s", " ;x", " #x", "a ; b", "'\"", "é ü 中"])
+# Any text of one line (pillar refuses line breaks and NUL): quotes, backslashes, %, ;, #,
+# spaces at either end, non-ASCII, control characters and what Python alone splits lines on.
+VALUES = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\0"), max_size=40) | (
+    st.sampled_from(
+        ["", " ", "'", '"', "\\", "%", "%(x)s", " ;x", " #x", "a ; b", "'\"", "é ü 中", "a\x0cb", "a\u2028b"]
+    )
+)
 NAMES = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,11}\Z")
 ENVS = st.dictionaries(NAMES.filter(lambda n: n not in ("PATH", "LANG")), VALUES, max_size=8)
 
