@@ -1065,7 +1065,7 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
     if not hosts:
         return _finish({"summary": "no minion hosts a deployment", "retcode": 0})
     args = [deployment] if deployment else []
-    _, returns = __utils__[f"{ROLLOUT}.publish"](_opts(), hosts, "deployment.status", args, None, timeout)
+    _, returns = __utils__["saltfleet_jobs.publish"](_opts(), hosts, "deployment.status", args, None, timeout)
     return _finish(__utils__[f"{ROLLOUT}.status_report"](deployment, hosts, returns))
 
 
