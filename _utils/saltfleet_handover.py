@@ -83,7 +83,15 @@ def write_conf(ctx, gen, text):
 
 
 def write_generation(ctx, plan):
-    """The plan's generation's config and env (readable by the user alone), and its boot script (root's)."""
+    """
+    The plan's generation's config and env (readable by the user alone), and
+    its boot script (root's). A number an ended generation had starts without
+    its logs: they hold what it ran with (a secret pillar changed since, and
+    nothing hides any more).
+    """
+    if plan.gen != plan.host.serving:
+        globs = _utils("saltfleet_paths.generation_logs")(plan.gen)
+        _utils("saltfleet_user.remove_named")(ctx.user, ctx.p["home"], ctx.p["logs"], *globs)
     write_conf(ctx, plan.gen, plan.conf)
     g = _utils("saltfleet_paths.generation")(ctx.p, plan.gen)
     _utils("saltfleet_files.write_atomic")(g["env"], plan.env, 0o600, reader=ctx.uid)

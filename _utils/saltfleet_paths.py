@@ -126,6 +126,11 @@ def log(p, what, gen):
     return p["logs"] / (f"drain.{gen}.log" if what == "drain" else f"{what}.g{gen}.log")
 
 
+def generation_logs(gen):
+    """Name patterns of every log generation ``gen`` writes in the logs folder (see :func:`log`)."""
+    return (f"*.g{gen}.log", f"drain.{gen}.log")
+
+
 def build_log(p, sha):
     """Where a release's build steps write what they say."""
     return p["logs"] / f"build.{sha[:12]}.log"

@@ -340,6 +340,15 @@ def remove(user, home, *paths):
         _sh(user, home, 'rm -rf -- "$@"', *paths, what=f"removing {', '.join(map(str, paths))} as {user}")
 
 
+def remove_named(user, home, folder, *globs):
+    """Delete what ``folder`` (the user's) holds directly under names matching ``globs``, as the user."""
+    if globs:
+        test = [word for glob in globs for word in ("-o", "-name", glob)][1:]
+        script = 'folder=$1; shift; [ -d "$folder" ] || exit 0; '
+        script += 'find "$folder" -mindepth 1 -maxdepth 1 ! -type d \\( "$@" \\) -delete'
+        _sh(user, home, script, folder, *test, what=f"removing {', '.join(globs)} from {folder} as {user}")
+
+
 def remove_own_dir(user, home, folder):
     """
     Remove ``folder``, the user's, inside a folder of root's (a deployment's

@@ -1,6 +1,7 @@
 """The operator verbs (`salt TARGET deployment.FUNC`) through the loaders: outcomes and clear errors."""
 
 import json
+import os
 import threading
 
 import pytest
@@ -270,6 +271,32 @@ def test_a_secret_pillar_rotated_stays_hidden_while_the_running_release_still_ha
         assert "tiny a version 1 started <env:API_TOKEN>" in said and "tok-8c1e55" not in said, said
     ret = mod.run("tiny", "sh", "-c", "echo $API_TOKEN")
     assert ret["stdout"] == "<env:API_TOKEN>\n", ret
+
+
+def test_a_secret_rotated_out_is_gone_from_the_logs_once_its_generation_number_comes_back(host, tiny, out):
+    """Generation numbers are reused (the lowest free one): the new one starts without the old one's logs."""
+    old, new = "tok-old-7d1f3a", "tok-new-41d2c9"
+    p = host.paths("tiny")
+
+    def apply(rev, token):
+        spec = env_app(tiny, out, rev=rev)
+        spec["env"].update(API_TOKEN=token, TINYAPP_SAY=token)
+        host.apply(host.pillar({"tiny": spec}))
+        return os.readlink(p["conf"])
+
+    def drained():
+        return host.loaders.modules.deployment.status("tiny")["tiny"]["draining"] == []
+
+    assert apply("v1", old) == "supervisord.1.conf"
+    assert apply("v1", new) == "supervisord.2.conf"  # the env changed: a new generation
+    wait_for(drained, 60, "generation 1 exited")
+    assert apply("v2", new) == "supervisord.3.conf"  # generation 1's env file pruned
+    wait_for(drained, 60, "generation 2 exited")
+    assert apply("v3", new) == "supervisord.1.conf"
+    mod = host.loaders.modules.deployment
+    wait_for(lambda: "version 3 started" in mod.logs("tiny", "a", 50), 30, "generation 1 (again) logging")
+    for said in (mod.logs("tiny", "a", 50), mod.supervisorctl("tiny", "tail", "a")):
+        assert old not in said and "version 1 started" not in said, said
 
 
 def test_logs_supervisorctl_and_force_restart(host, tiny, out):
