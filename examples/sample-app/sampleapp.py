@@ -80,6 +80,9 @@ app.conf.update(
 if BROKER:
     _folders("results", "executions")
     app.conf.broker_url = BROKER
+    # A publish waits for the broker's confirm: one written as the broker
+    # stops is otherwise lost unseen, and only one that raises is retried.
+    app.conf.broker_transport_options = {"confirm_publish": True}
 else:
     _folders("queue", "control", "results", "processed", "executions")
     app.conf.update(
