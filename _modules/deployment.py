@@ -175,7 +175,8 @@ def _status(root, name, manifest):
         # What the user's side answered fails this deployment's row, never the others'.
         if not isinstance(exc, CommandExecutionError):
             log.warning("deployment.status %s failed", name, exc_info=True)
-        row["supervisord"] = f"unknown: {exc}"
+        # It may quote what the user's side answered: the mine and the job cache keep this row.
+        row["supervisord"] = "unknown: " + __utils__["saltfleet_user.scrub"](str(exc), _secrets(name, p))
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
     holds = __utils__["saltfleet_manifest.intent"](manifest).holds
     row["held"] = {p: h.get("reason") for p, h in holds.items()}

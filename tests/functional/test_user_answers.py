@@ -120,6 +120,21 @@ def test_a_pid_that_is_a_path_is_refused_and_nothing_is_read_there(host, two, ou
     assert "77777" not in host.paths("tiny")["manifest"].read_text()
 
 
+def test_what_the_users_supervisord_says_in_an_error_comes_back_scrubbed(host, tiny, out, other_app):
+    # The row's error text quotes what the socket answered; the mine and the job cache keep that row.
+    env = {"TINYAPP_OUT": str(out), "API_TOKEN": "tok-91d4e2"}
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out, env=env), "other": other_app()}))
+    p = host.paths("tiny")
+    sock = host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
+    impostor = Impostor(host, sock, "lair", "tok-91d4e2")
+    try:
+        rows = status(host)
+    finally:
+        impostor.leave()
+    assert "answered its pid as '../../tmp/<env:API_TOKEN>'" in rows["tiny"]["supervisord"], rows["tiny"]
+    assert "tok-91d4e2" not in json.dumps(rows)
+
+
 def test_a_pid_not_the_users_is_never_recorded_and_removal_still_works(host, two, tiny, out, other_app):
     impostor = Impostor(host, two, "one")
     try:
