@@ -245,8 +245,8 @@ def _no_match(tgt, deployment, provider):
     """Why no minion of this master's cache matches the filters, in words."""
     if tgt != "*" and not any(fnmatch.fnmatchcase(m, tgt) for m in _accepted()):
         return f"no accepted minion matches tgt={tgt!r} (`salt-key -L` lists them)"
-    if deployment and not __utils__["saltfleet_rollout.hosts_of"](_opts(), deployment, tgt):
-        return __utils__["saltfleet_rollout.not_hosted"](_opts(), deployment, tgt)
+    if deployment and not __utils__["saltfleet_hosts.hosts_of"](_opts(), deployment, tgt):
+        return __utils__["saltfleet_hosts.not_hosted"](_opts(), deployment, tgt)
     providers = sorted({str(r["provider"]) for r in _rows(tgt) if r["provider"]})
     return (
         f"no minion{'' if tgt == '*' else f' matching {tgt!r}'} runs "
@@ -569,9 +569,10 @@ def inventory_rows(tgt="*", deployment=None, provider=None):
 
 
 # ------------------------------------------------ rollouts, deploy ledger, fleet status
-# fleet.deploy, rollback, unlock, history, record, status. Batches and outcomes
-# live in _utils/saltfleet_rollout.py; the deploy lock and ledger (and what a
-# stale lock is) in _utils/saltfleet_ledger.py.
+# fleet.deploy, rollback, unlock, history, record, status. Which minions host a
+# deployment, and the status report, live in _utils/saltfleet_hosts.py; batches
+# and outcomes in _utils/saltfleet_rollout.py; the deploy lock and ledger (and
+# what a stale lock is) in _utils/saltfleet_ledger.py.
 
 ROLLOUT = "saltfleet_rollout"
 LEDGER = "saltfleet_ledger"
@@ -626,13 +627,13 @@ def _plan(what, name, batch, tgt, tgt_type, rollout=None):
     are no hosts, the steps are wrong or a floor cannot hold.
     """
     assigned = __utils__["saltfleet_assigned.assignments"](_opts())
-    serving, strays = __utils__[f"{ROLLOUT}.claimed"](_opts(), name, tgt, tgt_type, assigned)
+    serving, strays = __utils__["saltfleet_hosts.claimed"](_opts(), name, tgt, tgt_type, assigned)
     for minion in strays:
         _progress(f"{name}: {minion} says it runs {name}, but the master's pillar does not assign it there: left out")
     if not serving:
-        raise ValueError(f"{what}: {__utils__['saltfleet_rollout.not_hosted'](_opts(), name, tgt, tgt_type)}")
+        raise ValueError(f"{what}: {__utils__['saltfleet_hosts.not_hosted'](_opts(), name, tgt, tgt_type)}")
     # Every host of the deployment, targeted or not: its pillar sets the floors, its workers keep them.
-    everywhere = __utils__[f"{ROLLOUT}.hosts_of"](_opts(), name, "*", "glob", assigned)
+    everywhere = __utils__["saltfleet_hosts.hosts_of"](_opts(), name, "*", "glob", assigned)
     specs = assigned.specs(name, everywhere)
     floors = __utils__["saltfleet_assigned.floors"](name, specs)
     consumers = {}
@@ -1055,18 +1056,18 @@ def status(deployment=None, tgt="*", tgt_type="glob", timeout=10):
         salt-run fleet.status tgt='worker-*' --out=json
     """
     if deployment is None:
-        hosts = sorted(__utils__[f"{ROLLOUT}.deployments_of"](_opts(), tgt, tgt_type))
+        hosts = sorted(__utils__["saltfleet_hosts.deployments_of"](_opts(), tgt, tgt_type))
     else:
-        hosts = sorted(__utils__[f"{ROLLOUT}.hosts_of"](_opts(), deployment, tgt, tgt_type))
+        hosts = sorted(__utils__["saltfleet_hosts.hosts_of"](_opts(), deployment, tgt, tgt_type))
     if not hosts and deployment is not None:
-        return _refuse(f"fleet.status: {__utils__['saltfleet_rollout.not_hosted'](_opts(), deployment, tgt, tgt_type)}")
+        return _refuse(f"fleet.status: {__utils__['saltfleet_hosts.not_hosted'](_opts(), deployment, tgt, tgt_type)}")
     if not hosts and tgt != "*":
         return _refuse(f"fleet.status: no minion matching {tgt!r} ({tgt_type}) hosts a deployment")
     if not hosts:
         return _finish({"summary": "no minion hosts a deployment", "retcode": 0})
     args = [deployment] if deployment else []
     _, returns = __utils__["saltfleet_jobs.publish"](_opts(), hosts, "deployment.status", args, None, timeout)
-    return _finish(__utils__[f"{ROLLOUT}.status_report"](deployment, hosts, returns))
+    return _finish(__utils__["saltfleet_hosts.status_report"](deployment, hosts, returns))
 
 
 # ------------------------------------------------------------------ the fleet page

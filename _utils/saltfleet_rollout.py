@@ -1,7 +1,7 @@
 """
-Rolling changes across the fleet, for the ``fleet`` runner: which minions
-host a deployment, batches, one job per batch through Salt's LocalClient, and
-what each host's return means.
+Rolling changes across the fleet, for the ``fleet`` runner: batches, one
+job per batch through Salt's LocalClient, and what each host's return means
+(which minions host a deployment: ``saltfleet_hosts``).
 
 A host's outcome is one of:
 
@@ -28,11 +28,9 @@ import logging
 import math
 import shlex
 
-import salt.cache
 import salt.client
 import salt.loader
 import salt.loader.context
-import salt.utils.minions
 
 log = logging.getLogger(__name__)
 
@@ -130,104 +128,6 @@ def _utils(name):
     return loader.pack.get("__utils__", loader)[name]
 
 
-def _cached(opts, tgt, tgt_type):
-    """
-    The checked Minion (``saltfleet_minion_data``: grains' and mine's
-    deployments, bad values left out) of each accepted minion matching
-    ``tgt``, as the master last heard.
-    """
-    cache = salt.cache.factory(opts)
-    read = _utils("saltfleet_minion_data.minion")
-    for minion in sorted(salt.utils.minions.CkMinions(opts).check_minions(tgt, tgt_type)["minions"]):
-        yield read(cache, minion)
-
-
-def claimed(opts, name, tgt="*", tgt_type="glob", assigned=None):
-    """
-    ({minion: the release it serves, or None}, [strays]) of the accepted
-    minions matching ``tgt`` that say they run deployment ``name`` (cached
-    grains ``saltfleet_deployments`` and the mine's ``deployment.status``):
-    the first those the master's own pillar assigns it (``saltfleet_assigned``),
-    the strays those it does not, whatever they say.
-    """
-    assigned = assigned or _utils("saltfleet_assigned.assignments")(opts)
-    found, strays = {}, []
-    for data in _cached(opts, tgt, tgt_type):
-        if name not in data.known and name not in data.status:
-            continue
-        if not assigned.assigns(data.id, name):
-            strays.append(data.id)
-            continue
-        # The mine is refreshed after every change: fresher than the grains.
-        status, known = data.status.get(name), data.known.get(name)
-        found[data.id] = (status.release if status else None) or (known.release if known else None)
-    return found, strays
-
-
-def hosts_of(opts, name, tgt="*", tgt_type="glob", assigned=None):
-    """
-    The accepted minions matching ``tgt`` that host deployment ``name``: the
-    master's pillar assigns it to them and they reported it.
-    {minion: the release it serves, or None}.
-    """
-    return claimed(opts, name, tgt, tgt_type, assigned)[0]
-
-
-def named_in_pillar(opts):
-    """
-    {deployment: [minions]}: the deployments each accepted minion's pillar
-    names, as the master last compiled it (its cache, refreshed at every
-    pillar refresh of the minion: a ``state.apply``, ``saltutil.refresh_pillar``).
-    """
-    cache = salt.cache.factory(opts)
-    found = {}
-    for minion in sorted(salt.utils.minions.CkMinions(opts).check_minions("*", "glob")["minions"]):
-        pillar = cache.fetch("pillar", minion) or {}
-        deployments = pillar.get("deployments") if isinstance(pillar, dict) else None
-        for name in deployments if isinstance(deployments, dict) else ():
-            found.setdefault(str(name), []).append(minion)
-    return found
-
-
-def _few(names, most=5):
-    names = list(names)
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def not_hosted(opts, name, tgt="*", tgt_type="glob"):
-    """
-    Why no minion matching ``tgt`` hosts deployment ``name``, in words: a
-    name no minion's pillar has (a typo, most likely), or the minions pillar
-    assigns it to, none of which has reported it yet.
-    """
-    where = "" if tgt == "*" else f" matching {tgt!r}"
-    elsewhere = sorted(hosts_of(opts, name)) if tgt != "*" else []
-    if elsewhere:
-        return f"no minion{where} hosts deployment {name}; {_few(elsewhere)} host it"
-    named = named_in_pillar(opts)
-    if name not in named:
-        return (
-            f"no minion's pillar names deployment {name!r}; pillar names {_few(sorted(named)) or 'no deployment'} "
-            "(as the master last compiled each minion's pillar)"
-        )
-    minions = named[name]
-    return (
-        f"no minion{where} hosts deployment {name}: pillar assigns it to {_few(minions)}, and none of them "
-        f"has reported it yet (`salt -L {','.join(minions[:5])} state.apply` installs it)"
-    )
-
-
-def deployments_of(opts, tgt="*", tgt_type="glob"):
-    """{minion: [deployment names]} of the accepted minions matching ``tgt`` that host any (``hosts_of``'s sense)."""
-    assigned = _utils("saltfleet_assigned.assignments")(opts)
-    found = {}
-    for data in _cached(opts, tgt, tgt_type):
-        names = [n for n in data.deployments() if assigned.assigns(data.id, n)] if data.deployments() else []
-        if names:
-            found[data.id] = names
-    return found
-
-
 def commands(value, what):
     """
     Hook commands as argv lists: a string is one command (split like a
@@ -263,7 +163,8 @@ def _publish(*args, **kwargs):
     return _utils("saltfleet_jobs.publish")(*args, **kwargs)
 
 
-def _reason(text):
+def reason(text):
+    """A host's word as one reason: without Salt's `ERROR: ` and cut at REASON_MAX characters."""
     text = str(text).strip()
     if text.startswith("ERROR: "):
         text = text[len("ERROR: ") :]
@@ -279,11 +180,11 @@ def outcome(data):
         try:
             release = _utils("saltfleet_minion_data.sha")(ret.get("release"), "release")
         except ValueError as exc:
-            return {"outcome": FAILED, "reason": _reason(f"bad data: {exc}")}
+            return {"outcome": FAILED, "reason": reason(f"bad data: {exc}")}
         if ret["result"] is True and not retcode:
             return {"outcome": DEPLOYED, "release": release}
-        return {"outcome": FAILED, "reason": _reason(ret.get("comment") or "failed"), "release": release}
-    return {"outcome": FAILED, "reason": _reason(ret)}
+        return {"outcome": FAILED, "reason": reason(ret.get("comment") or "failed"), "release": release}
+    return {"outcome": FAILED, "reason": reason(ret)}
 
 
 def dry_outcome(data):
@@ -293,9 +194,9 @@ def dry_outcome(data):
     ret = data.get("ret")
     state = next(iter(ret.values()), None) if isinstance(ret, dict) and ret else None
     if not isinstance(state, dict) or "result" not in state:
-        return {"outcome": FAILED, "reason": _reason("; ".join(map(str, ret)) if isinstance(ret, list) else ret)}
+        return {"outcome": FAILED, "reason": reason("; ".join(map(str, ret)) if isinstance(ret, list) else ret)}
     if state["result"] is False:
-        return {"outcome": FAILED, "reason": _reason(state.get("comment"))}
+        return {"outcome": FAILED, "reason": reason(state.get("comment"))}
     changes = state.get("changes")
     release = (changes.get("release") if isinstance(changes, dict) else None) or {}
     row = {"outcome": "would change" if state["result"] is None else "no change", "comment": state.get("comment")}
@@ -557,7 +458,7 @@ def _hooks(when, argvs, opts, name, host, timeout, emit, ran):
             row.update(retcode=ret.get("retcode"), stdout=ret.get("stdout", "")[-REASON_MAX:])
             row["stderr"] = ret.get("stderr", "")[-REASON_MAX:]
         else:
-            row.update(retcode=None, error=_reason(ret) if data else f"{host} did not answer within {timeout} s")
+            row.update(retcode=None, error=reason(ret) if data else f"{host} did not answer within {timeout} s")
         ran.setdefault(when, []).append(row)
         if row["retcode"] != 0:
             why = row.get("error") or f"exit code {row['retcode']}"
@@ -600,7 +501,7 @@ def rollback_target(opts, name, hosts, requested, timeout, emit):
             continue
         ret = returns[minion].get("ret")
         if not isinstance(ret, list):
-            unknown[minion] = _reason(ret)
+            unknown[minion] = reason(ret)
             continue
         try:
             kept[minion] = [dataclasses.asdict(row) for row in read(ret, "deployment.releases")]
@@ -699,52 +600,3 @@ def choose_release(name, releases, requested=None):
             "name one with release=SHA, or deploy a rev with fleet.deploy"
         )
     return candidates[-1]
-
-
-def status_report(name, expected, returns):
-    """
-    ``deployment.status`` returns of the fleet folded into what an operator
-    looks for: programs down and held, by host and deployment, and the hosts
-    that did not answer; retcode 1 when any should-run program is down or a
-    host did not answer.
-    """
-    down, held, errors, up = {}, {}, {}, {}
-    read = _utils("saltfleet_minion_data.statuses")
-    for minion in sorted(returns):
-        ret = returns[minion].get("ret")
-        if not isinstance(ret, dict):
-            errors[minion] = _reason(ret)
-            continue
-        rows, problems = read(ret, "deployment.status")
-        if problems:
-            errors[minion] = _reason("bad data: " + "; ".join(problems))
-        for deployment, row in rows.items():
-            holds, programs = row.held, row.programs
-            kept = {p for p in programs if "*" in holds or p.split(":")[0] in holds}
-            if row.supervisord != "running":
-                bad = [f"supervisord {row.supervisord}"]
-            else:
-                bad = [f"{p} {s}" for p, s in sorted(programs.items()) if s != "RUNNING" and p not in kept]
-            if bad:
-                down.setdefault(minion, {})[deployment] = bad
-            if holds:
-                held.setdefault(minion, {})[deployment] = {
-                    ("all programs" if p == "*" else p): reason or "no reason given" for p, reason in holds.items()
-                }
-            if not bad:
-                up.setdefault(minion, []).append(f"{deployment} {(row.release or '-')[:12]} {row.summary}")
-    silent = sorted(set(expected) - set(returns))
-    parts = [count(len(expected), "host")]
-    parts += [f"{len(down)} with programs down"] if down else []
-    parts += [f"{len(held)} with programs held"] if held else []
-    parts += [f"{len(silent)} not answering"] if silent else []
-    parts += [f"{len(errors)} with errors"] if errors else []
-    if not (down or silent or errors):
-        parts.append("every program that should run is running")
-    out = {"summary": ", ".join(parts), "down": down, "held": held, "not answering": silent, "up": up}
-    if name:
-        out["deployment"] = name
-    if errors:
-        out["errors"] = errors
-    out["retcode"] = 1 if (down or silent or errors) else 0
-    return out

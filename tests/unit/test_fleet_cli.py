@@ -18,6 +18,7 @@ from localfleet.config import saltfleet_utils
 from tests.unit.test_inventory import add_minion, assign, cloud, load_runner, status
 
 rollout = saltfleet_utils().saltfleet_rollout
+fleet_hosts = saltfleet_utils().saltfleet_hosts
 SHA = "d94214361ad8489b99e0e59c663484d25b287454"
 
 
@@ -153,7 +154,7 @@ def test_numbers_agree_with_their_nouns(master_opts):
     assert load_runner(master_opts).inventory().splitlines()[-1] == "1 minion, 1 up, 0 down"
     hosts = {"h1": {"outcome": "deployed", "release": SHA}}
     assert rollout.report("app", "v2", [["h1"]], hosts, None)["summary"] == "complete: 1 host in 1 batch on v2"
-    assert rollout.status_report("app", ["h1"], {})["summary"].startswith("1 host, 1 not answering")
+    assert fleet_hosts.status_report("app", ["h1"], {})["summary"].startswith("1 host, 1 not answering")
     assert [rollout.count(n, "batch") for n in (1, 2)] == ["1 batch", "2 batches"]
 
 

@@ -16,6 +16,7 @@ from localfleet.config import saltfleet_utils
 from tests.unit.test_inventory import assign
 
 rollout = saltfleet_utils().saltfleet_rollout
+fleet_hosts = saltfleet_utils().saltfleet_hosts
 OLD, NEW, NEWER = "a" * 40, "b" * 40, "c" * 40
 
 
@@ -143,7 +144,7 @@ def test_fleet_status_names_programs_down_and_held_and_hosts_that_do_not_answer(
     for row in returns.values():
         for status in row["ret"].values():
             status["held"] = {k: v["reason"] for k, v in status["held"].items()}
-    report = rollout.status_report("app", ["h1", "h2", "h3", "h4", "h5"], returns)
+    report = fleet_hosts.status_report("app", ["h1", "h2", "h3", "h4", "h5"], returns)
     assert report["down"] == {"h2": {"app": ["w:0 FATAL"]}, "h3": {"app": ["supervisord stopped"]}}
     assert report["held"] == {"h1": {"app": {"w": "db work"}}}
     assert report["not answering"] == ["h5"]
@@ -154,7 +155,7 @@ def test_fleet_status_names_programs_down_and_held_and_hosts_that_do_not_answer(
 
 def test_fleet_status_is_zero_when_only_held_programs_are_stopped():
     returns = {"h1": {"ret": {"app": status_row({"w:0": "STOPPED"}, held={"*": "maintenance"})}}}
-    report = rollout.status_report(None, ["h1"], returns)
+    report = fleet_hosts.status_report(None, ["h1"], returns)
     assert report["retcode"] == 0
     assert report["held"] == {"h1": {"app": {"all programs": "maintenance"}}}
 
@@ -197,11 +198,11 @@ def test_the_hosts_of_a_deployment_are_those_the_master_heard_run_it(master_opts
     remember(master_opts, "x1", {"saltfleet_deployments": {"app": {"release": OLD}}})
     assign(master_opts, {"w*": {"app": {}, "other": {}}, "x1": {"app": {}}})
     os.makedirs(master_opts["cachedir"], exist_ok=True)
-    assert rollout.hosts_of(master_opts, "app") == {"w1": OLD, "w2": NEW, "x1": OLD}
-    assert rollout.hosts_of(master_opts, "app", "w*") == {"w1": OLD, "w2": NEW}
-    assert rollout.hosts_of(master_opts, "app", "w1,x1", "list") == {"w1": OLD, "x1": OLD}
-    assert rollout.hosts_of(master_opts, "nowhere") == {}
-    assert rollout.deployments_of(master_opts, "w*") == {"w1": ["app"], "w2": ["app", "other"], "w3": ["other"]}
+    assert fleet_hosts.hosts_of(master_opts, "app") == {"w1": OLD, "w2": NEW, "x1": OLD}
+    assert fleet_hosts.hosts_of(master_opts, "app", "w*") == {"w1": OLD, "w2": NEW}
+    assert fleet_hosts.hosts_of(master_opts, "app", "w1,x1", "list") == {"w1": OLD, "x1": OLD}
+    assert fleet_hosts.hosts_of(master_opts, "nowhere") == {}
+    assert fleet_hosts.deployments_of(master_opts, "w*") == {"w1": ["app"], "w2": ["app", "other"], "w3": ["other"]}
 
 
 # min_consumers: four hosts, two Celery workers each on queue q (8 consumers up), one on r on h4.
