@@ -179,7 +179,7 @@ def _unspecified(address):
 
 def _minion_config(vm_, grains, sandbox):
     """saltfleet's minion config for vm_ (as for every provider), made to live in the sandbox."""
-    minion = __utils__["saltfleet_cloud.minion_config"](vm_, __opts__, grains=grains)
+    minion = __utils__["saltfleet_cloud_minion.minion_config"](vm_, __opts__, grains=grains)
     interface = __opts__.get("interface") or "127.0.0.1"
     if minion.get("master") in (None, "salt"):
         minion["master"] = "127.0.0.1" if _unspecified(interface) else interface

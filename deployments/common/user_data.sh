@@ -14,7 +14,7 @@
 # first authentication leaves it pending and sends the instance id this script
 # reads from the metadata service (grain saltfleet_instance_id, autosign_grains),
 # and the master's fleet.admit accepts the key if salt-cloud's ticket for that
-# instance names this minion id (see _utils/saltfleet_cloud.py). The script
+# instance names this minion id (see _utils/saltfleet_cloud_minion.py). The script
 # asks again until it is accepted.
 #
 # Where the instance id and addresses come from (SALTFLEET_METADATA):

@@ -62,16 +62,18 @@ def cloud_opts(salt_master):
 
 
 @pytest.fixture(scope="module")
-def sfc():
-    return saltfleet_utils().saltfleet_cloud
+def utils():
+    return saltfleet_utils()
 
 
-def launch(sfc, cloud_opts, minion_id, **settings):
+def launch(utils, cloud_opts, minion_id, **settings):
     """What the create pipeline does once the cloud returned an instance id: the ticket. Returns the instance id."""
     instance_id = random_string("i-", uppercase=False)
     vm_ = {"name": minion_id, "profile": "worker", "driver": "ec2:ec2", **settings}
-    ttl = sfc.config_value("autosign_ticket_ttl", vm_, cloud_opts)
-    tickets.record_autosign_ticket(cloud_opts, sfc.minion_id_of(vm_, cloud_opts), instance_id, ttl)
+    ttl = utils.saltfleet_cloud.config_value("autosign_ticket_ttl", vm_, cloud_opts)
+    tickets.record_autosign_ticket(
+        cloud_opts, utils.saltfleet_cloud_minion.minion_id_of(vm_, cloud_opts), instance_id, ttl
+    )
     return instance_id
 
 
@@ -167,9 +169,9 @@ def answers(salt_master, minion_id):
     return salt_master.salt_cli(timeout=30).run("-t", "10", "test.ping", minion_tgt=minion_id).data is True
 
 
-def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, cloud_opts, minions):
+def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, utils, cloud_opts, minions):
     host = random_string("host-", uppercase=False)
-    instance_id = launch(sfc, cloud_opts, host)
+    instance_id = launch(utils, cloud_opts, host)
 
     # Any process on the new host can read the instance id; here one enrols under another id.
     impostor = minions(random_string("other-", uppercase=False), instance_id)
@@ -189,9 +191,9 @@ def test_two_minions_one_ticket_only_the_launched_id_gets_in(salt_master, sfc, c
     assert impostor.id in keys(salt_master)["minions_rejected"]
 
 
-def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions, event_listener):
+def test_the_ticket_admits_its_minion_once(salt_master, utils, cloud_opts, minions, event_listener):
     host = random_string("host-", uppercase=False)
-    instance_id = launch(sfc, cloud_opts, host)
+    instance_id = launch(utils, cloud_opts, host)
     real = minions(host, instance_id)
     wait_for(lambda: host in keys(salt_master)["minions"], 180, f"{host}'s key accepted")
     wait_for(lambda: answers(salt_master, host), 120, f"{host} answering test.ping")
@@ -221,10 +223,10 @@ def test_the_ticket_admits_its_minion_once(salt_master, sfc, cloud_opts, minions
     assert pub_keys(salt_master, host) == {"minions_pre": again.pub()}
 
 
-def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, minions, event_listener):
+def test_a_key_whose_ticket_expired_stays_pending(salt_master, utils, cloud_opts, minions, event_listener):
     since = time.time()
     host = random_string("host-", uppercase=False)
-    instance_id = launch(sfc, cloud_opts, host, autosign_ticket_ttl=-1)
+    instance_id = launch(utils, cloud_opts, host, autosign_ticket_ttl=-1)
     late = minions(host, instance_id)
     results = wait_for(
         lambda: admitted(event_listener, salt_master, host, since), 180, f"fleet.admit deciding on {host}"
@@ -235,7 +237,7 @@ def test_a_key_whose_ticket_expired_stays_pending(salt_master, sfc, cloud_opts, 
     assert instance_id not in tickets.autosign_tickets(cloud_opts)
 
 
-def boot(salt_master, sfc, cloud_opts, host, instance_id, root):
+def boot(salt_master, utils, cloud_opts, host, instance_id, root):
     """deployments/common/user_data.sh on a new host (``root``), run as cloud-init would with the settings
     salt-cloud's code renders: it waits until the master accepts its key (and syncs once)."""
     vm_ = {
@@ -253,9 +255,11 @@ def boot(salt_master, sfc, cloud_opts, host, instance_id, root):
             "acceptance_wait_time": 1,
         },
     }
-    grains = sfc.cloud_grains(vm_, cloud_opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
-    minion = sfc.minion_config(vm_, cloud_opts, grains=grains, mode="cloud-init")
-    script = sfc.render_user_data(vm_, cloud_opts, minion, metadata="ec2")
+    grains = utils.saltfleet_cloud_minion.cloud_grains(
+        vm_, cloud_opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1"
+    )
+    minion = utils.saltfleet_cloud_minion.minion_config(vm_, cloud_opts, grains=grains, mode="cloud-init")
+    script = utils.saltfleet_cloud_minion.render_user_data(vm_, cloud_opts, minion, metadata="ec2")
     return subprocess.run(
         ["sh", "-c", script],
         env={
@@ -295,11 +299,11 @@ def host_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts, host_root):
+def test_user_data_waits_until_its_ticket_admits_it(salt_master, utils, cloud_opts, host_root):
     host = random_string("host-", uppercase=False)
     try:
-        instance_id = launch(sfc, cloud_opts, host)
-        run = boot(salt_master, sfc, cloud_opts, host, instance_id, host_root)
+        instance_id = launch(utils, cloud_opts, host)
+        run = boot(salt_master, utils, cloud_opts, host, instance_id, host_root)
         assert run.returncode == 0, run.stderr
         assert f"the master accepted minion {host}" in run.stderr
         conf = host_root / "etc" / "salt"
@@ -308,7 +312,7 @@ def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts
         assert console_finger(run.stderr) == fingers(salt_master, host)["minions"]
         assert "used" in tickets.autosign_tickets(cloud_opts)[instance_id]
         # It synced saltfleet's modules once, and carries the cloud facts as grains.
-        assert (host_root / "var/cache/salt/minion/extmods/utils/saltfleet_cloud.py").exists()
+        assert (host_root / "var/cache/salt/minion/extmods/utils/saltfleet_cloud_minion.py").exists()
         local = subprocess.run(
             [str(BIN / "salt-call"), "-c", str(conf), "--local", "--out=json", "grains.item", "saltfleet_cloud"],
             capture_output=True,
@@ -327,13 +331,13 @@ def test_user_data_waits_until_its_ticket_admits_it(salt_master, sfc, cloud_opts
 
 
 def test_a_host_that_took_the_id_first_neither_gets_in_nor_keeps_the_launched_host_out(
-    salt_master, sfc, cloud_opts, minions, host_root
+    salt_master, utils, cloud_opts, minions, host_root
 ):
     """An unaccepted host registers the minion id before salt-cloud launches the instance that will carry it."""
     host = random_string("host-", uppercase=False)
     squatter = minions(host, random_string("i-", uppercase=False))  # it cannot know the instance id yet
     wait_for(lambda: host in keys(salt_master)["minions_pre"], 180, f"the first key of {host} pending")
-    instance_id = launch(sfc, cloud_opts, host)
+    instance_id = launch(utils, cloud_opts, host)
     # fleet.admit by hand, with the instance id and the key the master holds under the id: not admitted.
     (held,) = pub_keys(salt_master, host).values()
     admit = salt_master.salt_run_cli(timeout=120).run("fleet.admit", host, instance_id, "--", held)
@@ -342,7 +346,7 @@ def test_a_host_that_took_the_id_first_neither_gets_in_nor_keeps_the_launched_ho
     assert admit.data["result"] != "accepted", admit.data
     assert host not in keys(salt_master)["minions"]
 
-    run = boot(salt_master, sfc, cloud_opts, host, instance_id, host_root)
+    run = boot(salt_master, utils, cloud_opts, host, instance_id, host_root)
     assert run.returncode == 0, run.stderr
     real = (host_root / "etc/salt/pki/minion/minion.pub").read_text().strip()
     held = pub_keys(salt_master, host)
@@ -354,16 +358,16 @@ def test_a_host_that_took_the_id_first_neither_gets_in_nor_keeps_the_launched_ho
 
 
 def test_a_host_that_takes_the_id_before_the_launched_one_boots_is_set_aside(
-    salt_master, sfc, cloud_opts, minions, host_root
+    salt_master, utils, cloud_opts, minions, host_root
 ):
     """Between the launch and the boot, a host registers the reserved id, with another instance id or none."""
     host = random_string("host-", uppercase=False)
-    instance_id = launch(sfc, cloud_opts, host)
+    instance_id = launch(utils, cloud_opts, host)
     squatter = minions(host, random_string("i-", uppercase=False))
     wait_for(lambda: host in keys(salt_master)["minions_rejected"], 180, f"the squatter's key of {host} set aside")
     assert pub_keys(salt_master, host) == {"minions_rejected": squatter.pub()}
 
-    run = boot(salt_master, sfc, cloud_opts, host, instance_id, host_root)
+    run = boot(salt_master, utils, cloud_opts, host, instance_id, host_root)
     assert run.returncode == 0, run.stderr
     held = pub_keys(salt_master, host)
     real = (host_root / "etc/salt/pki/minion/minion.pub").read_text().strip()

@@ -1,4 +1,4 @@
-"""deployments/common/user_data.sh and the provisioning helpers of _utils/saltfleet_cloud.py, without a cloud."""
+"""deployments/common/user_data.sh and what _utils/saltfleet_cloud_minion.py gives a new host, without a cloud."""
 
 import http.server
 import json
@@ -15,6 +15,7 @@ from localfleet.config import REPO, master_config, saltfleet_utils
 
 # Through Salt's own utils loader, as salt-cloud's drivers reach it (it calls its siblings through the loader).
 sfc = saltfleet_utils().saltfleet_cloud
+sfm = saltfleet_utils().saltfleet_cloud_minion
 
 INSTANCE_ID = "i-0abc1234def567890"
 PRIVATE_IP = "172.31.5.9"
@@ -92,10 +93,10 @@ def test_user_data_run_in_a_sandbox_configures_the_minion(tmp_path, opts, imds):
         priv_key=priv,
         pub_key=pub,
     )
-    grains = sfc.cloud_grains(vm_, opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
-    assert sfc.forget_preaccepted_key(vm_, opts) is True
-    minion = sfc.minion_config(vm_, opts, grains=grains, mode="cloud-init")
-    script = sfc.render_user_data(vm_, opts, minion, metadata="ec2")
+    grains = sfm.cloud_grains(vm_, opts, "ec2", region="eu-west-1", size="t3.small", image="ami-1")
+    assert sfm.forget_preaccepted_key(vm_, opts) is True
+    minion = sfm.minion_config(vm_, opts, grains=grains, mode="cloud-init")
+    script = sfm.render_user_data(vm_, opts, minion, metadata="ec2")
     key_body = "".join(priv.strip().splitlines()[1:-1])
     assert key_body[:64] not in script.replace("\n", "")
     assert "PRIVATE KEY" not in script
@@ -171,15 +172,15 @@ def test_user_data_never_carries_a_private_key(opts):
     marker = "-----BEGIN RSA " + "PRIVATE KEY-----"  # spelled in two parts: no key-looking line in the repo
     vm_ = vm(minion={"master": "salt", "note": marker})
     with pytest.raises(SaltCloudSystemExit, match="private key"):
-        sfc.render_user_data(vm_, opts, sfc.minion_config(vm_, opts))
+        sfm.render_user_data(vm_, opts, sfm.minion_config(vm_, opts))
 
 
 def test_bootstrap_modes(opts):
-    assert sfc.bootstrap_mode(vm(), opts) == "ssh"
-    assert sfc.bootstrap_mode(vm(deploy=False), opts) == "none"
-    assert sfc.bootstrap_mode(vm(bootstrap="cloud-init", deploy=False), opts) == "cloud-init"
+    assert sfm.bootstrap_mode(vm(), opts) == "ssh"
+    assert sfm.bootstrap_mode(vm(deploy=False), opts) == "none"
+    assert sfm.bootstrap_mode(vm(bootstrap="cloud-init", deploy=False), opts) == "cloud-init"
     with pytest.raises(SaltCloudConfigError, match="bootstrap: 'ansible'"):
-        sfc.bootstrap_mode(vm(bootstrap="ansible"), opts)
+        sfm.bootstrap_mode(vm(bootstrap="ansible"), opts)
 
 
 def test_forget_preaccepted_key_only_removes_salt_clouds_own(opts):
@@ -187,12 +188,12 @@ def test_forget_preaccepted_key_only_removes_salt_clouds_own(opts):
     vm_ = vm(pub_key="PUB-A", priv_key="PRIV-A")
     with open(path, "w") as handle:
         handle.write("PUB-LIVE")
-    assert sfc.forget_preaccepted_key(vm_, opts) is False
+    assert sfm.forget_preaccepted_key(vm_, opts) is False
     assert os.path.exists(path)
     assert vm_["priv_key"] is None
     with open(path, "w") as handle:
         handle.write("PUB-A\n")
-    assert sfc.forget_preaccepted_key(vm(pub_key="PUB-A"), opts) is True
+    assert sfm.forget_preaccepted_key(vm(pub_key="PUB-A"), opts) is True
     assert not os.path.exists(path)
 
 
