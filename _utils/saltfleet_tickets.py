@@ -2,7 +2,7 @@
 Autosign tickets: how the master admits the key of a host that bootstrapped
 itself (``bootstrap: cloud-init``), once, and only under the minion id
 salt-cloud created it with. The whole exchange is described in
-saltfleet_cloud's docstring; this file keeps the ticket index
+saltfleet_cloud_minion's docstring; this file keeps the ticket index
 (``<pki_dir>/saltfleet_autosign_tickets.json``, 0600), records, revokes and
 prunes tickets, and decides each key the master's ``salt/auth`` events
 carry (``fleet.admit``).
