@@ -84,7 +84,8 @@ def _stop_timeout(p):
 def _changing(name, what):
     p, manifest, uid = _installed(name)
     with __utils__["saltfleet_files.lock"](p["lock"], f"deployment.{what} {name}"):
-        yield p, manifest, uid
+        with __utils__["saltfleet_user.hiding"](_secrets(name, p)):
+            yield p, manifest, uid
 
 
 def validate():
@@ -144,7 +145,6 @@ def list_():
 
 
 def _status(root, name, manifest):
-    sup = "saltfleet_supervisor"
     p = __utils__["saltfleet_paths.paths"](root, manifest["user"], name)
     row = {
         "release": manifest.get("release"),
@@ -159,24 +159,16 @@ def _status(root, name, manifest):
         "draining_tasks": {},
         "workers": {},
     }
+    secrets = _secrets(name, p)
     try:
-        uid = __utils__["saltfleet_user.account"](manifest["user"]).pw_uid
-        serving = __utils__[f"{sup}.serving"](p)
-        gens = __utils__[f"{sup}.generations"](p, uid, manifest.get("draining"))
-        if gens.get(serving, {}).get("state") == "RUNNING":
-            sock = __utils__["saltfleet_paths.generation"](p, serving)["socket"]
-            infos = __utils__[f"{sup}.process_info"](sock, uid)
-            row["programs"] = {__utils__[f"{sup}.proc_name"](i): i["statename"] for i in infos}
-            row["supervisord"] = "running"
-            row["workers"] = _workers(name, p, manifest, serving)
-        row["draining"] = sorted(i["pid"] for g, i in gens.items() if g != serving)
-        row["draining_tasks"] = _draining_tasks(name, p, manifest, {g: i for g, i in gens.items() if g != serving})
+        with __utils__["saltfleet_user.hiding"](secrets):
+            _answers(name, p, manifest, row)
     except Exception as exc:  # pylint: disable=broad-except
         # What the user's side answered fails this deployment's row, never the others'.
         if not isinstance(exc, CommandExecutionError):
             log.warning("deployment.status %s failed", name, exc_info=True)
-        # It may quote what the user's side answered: the mine and the job cache keep this row.
-        row["supervisord"] = "unknown: " + __utils__["saltfleet_user.scrub"](str(exc), _secrets(name, p))
+        # Its text may quote an answer (hidden as it came) or root's own reading of one.
+        row["supervisord"] = "unknown: " + __utils__["saltfleet_user.scrub"](str(exc), secrets)
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
     holds = __utils__["saltfleet_manifest.intent"](manifest).holds
     row["held"] = {p: h.get("reason") for p, h in holds.items()}
@@ -194,6 +186,22 @@ def _status(root, name, manifest):
     return row
 
 
+def _answers(name, p, manifest, row):
+    """What the deployment's supervisords and Celery workers answer, into its status ``row``."""
+    sup = "saltfleet_supervisor"
+    uid = __utils__["saltfleet_user.account"](manifest["user"]).pw_uid
+    serving = __utils__[f"{sup}.serving"](p)
+    gens = __utils__[f"{sup}.generations"](p, uid, manifest.get("draining"))
+    if gens.get(serving, {}).get("state") == "RUNNING":
+        sock = __utils__["saltfleet_paths.generation"](p, serving)["socket"]
+        infos = __utils__[f"{sup}.process_info"](sock, uid)
+        row["programs"] = {__utils__[f"{sup}.proc_name"](i): i["statename"] for i in infos}
+        row["supervisord"] = "running"
+        row["workers"] = _workers(name, p, manifest, serving)
+    row["draining"] = sorted(i["pid"] for g, i in gens.items() if g != serving)
+    row["draining_tasks"] = _draining_tasks(name, p, manifest, {g: i for g, i in gens.items() if g != serving})
+
+
 def _env(name):
     """The deployment's env in pillar."""
     deployments = __pillar__.get("deployments")
@@ -209,15 +217,8 @@ def _run_env(name, p, gen):
 
 
 def _secrets(name, p):
-    """
-    What the deployment's output must not show: its env in pillar and the env
-    of each generation root keeps (a value pillar changed since still runs
-    until the next apply, and its logs keep it).
-    """
-    pairs = {(key, str(value)) for key, value in _env(name).items()}
-    for gen in __utils__["saltfleet_supervisor.known_generations"](p):
-        pairs.update((__utils__["saltfleet_supervisor.generation_env"](p, gen) or {}).items())
-    return sorted(pairs)
+    """What the deployment's output must not show: its env in pillar and each kept generation's."""
+    return __utils__["saltfleet_supervisor.secrets"](p, _env(name))
 
 
 def _celery_spec(name, manifest, p, gen):

@@ -114,7 +114,8 @@ def present(name, **kwargs):
         ctx = __utils__["saltfleet_plan.context"](
             settings, cfg, _pillar_rev(name), "rev" in overrides, __pillar__.get("saltfleet_revs"), __opts__["id"]
         )
-        with _locked(ctx.p, f"state deployment.present {name}", test):
+        secrets = __utils__["saltfleet_supervisor.secrets"](ctx.p, ctx.cfg["env"])
+        with _locked(ctx.p, f"state deployment.present {name}", test), __utils__["saltfleet_user.hiding"](secrets):
             plan = _plan(ctx, test)
             if plan.changes and not test:
                 _apply(ctx, plan, outcome)

@@ -187,6 +187,19 @@ def generation_env(p, gen):
     return env
 
 
+def secrets(p, env):
+    """
+    What the deployment's output must never show, as (name, value) pairs:
+    ``env`` (its env in pillar) and the env of each generation root keeps (a
+    value pillar changed since still runs until the next apply, and its logs
+    keep it).
+    """
+    pairs = {(str(key), str(value)) for key, value in (env or {}).items()}
+    for gen in known_generations(p):
+        pairs.update((str(key), str(value)) for key, value in (generation_env(p, gen) or {}).items())
+    return sorted(pairs)
+
+
 def free_generation(p, taken):
     """A generation number that neither a running supervisord nor a config of the deployment uses."""
     used = set(taken) | set(known_generations(p))

@@ -19,6 +19,7 @@ same way but as root: no other module starts a process.
 """
 
 import contextlib
+import contextvars
 import json
 import os
 import pwd
@@ -278,25 +279,70 @@ def check(proc, what, secrets=None):
     return proc
 
 
+def _forms(secrets):
+    """[(form, name)] of each value of ``secrets`` as written and as JSON, URLs and shells quote it, longest first."""
+    forms = set()
+    for key, raw in secrets.items() if isinstance(secrets, dict) else secrets:
+        value = str(raw)
+        if len(value) < 3:
+            continue
+        escaped = value.replace("\\", "\\\\")
+        quoted = {escaped.replace("'", "\\'"), escaped.replace('"', '\\"'), repr(value)[1:-1]}
+        for form in {value, json.dumps(value)[1:-1], urllib.parse.quote(value, safe=""), *quoted}:
+            forms.add((form, str(key)))
+    return sorted(forms, key=lambda f: (-len(f[0]), f))
+
+
+def _replaced(text, forms):
+    for form, key in forms:
+        text = text.replace(form, f"<env:{key}>")
+    return text
+
+
 def scrub(text, secrets=None):
     """
     ``text`` from the user's side with each value of ``secrets`` ({name:
     value}, a deployment's env, or (name, value) pairs when a name has had
     more than one value) replaced by ``<env:NAME>``: as written, and as JSON,
-    URLs and shells quote it.
+    URLs and shells quote it, and as Python quotes it in either quotes.
     """
     if not text or not secrets:
         return text
-    forms = []
-    for key, raw in secrets.items() if isinstance(secrets, dict) else secrets:
-        value = str(raw)
-        if len(value) < 3:
-            continue
-        for form in {value, json.dumps(value)[1:-1], urllib.parse.quote(value, safe=""), repr(value)[1:-1]}:
-            forms.append((form, key))
-    for form, key in sorted(forms, key=lambda f: -len(f[0])):
-        text = text.replace(form, f"<env:{key}>")
-    return text
+    return _replaced(text, _forms(secrets))
+
+
+# The forms of the secrets :func:`hidden` hides while a block under :func:`hiding` runs.
+_HIDING = contextvars.ContextVar("saltfleet_hiding", default=())
+
+
+@contextlib.contextmanager
+def hiding(secrets):
+    """
+    While the block runs, every answer root takes from the user's side
+    through :func:`hidden` (supervisord's XML-RPC, Celery's control) has
+    ``secrets`` scrubbed as it arrives, before anything quotes, escapes or cuts
+    it: neither an error built from an answer nor a value kept from one (a
+    program name) carries a secret into a comment, a return or the mine.
+    """
+    token = _HIDING.set(_forms(secrets or ()))
+    try:
+        yield
+    finally:
+        _HIDING.reset(token)
+
+
+def hidden(value):
+    """``value`` (text, or lists and mappings of it) with the secrets of the :func:`hiding` block scrubbed."""
+    forms = _HIDING.get()
+    if not forms:
+        return value
+    if isinstance(value, str):
+        return _replaced(value, forms)
+    if isinstance(value, dict):
+        return {hidden(k): hidden(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(hidden(v) for v in value)
+    return value
 
 
 def _sh(user, home, script, *args, what):

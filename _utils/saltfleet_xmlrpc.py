@@ -8,7 +8,9 @@ someone else's is refused, never followed. What answers is the user's
 process, so every answer is hostile input: each call has one deadline for the
 whole exchange (not per read) and a bound on what it reads, and anything
 that is not the HTTP and XML-RPC supervisord gives fails the call with an
-error naming the socket, never a traceback.
+error naming the socket, never a traceback. Every answer, and every error
+quoting one, has the deployment's secrets hidden first
+(``saltfleet_user.hidden``, under the caller's ``saltfleet_user.hiding``).
 """
 
 import http.client
@@ -21,6 +23,7 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
+import salt.loader.context
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "saltfleet_xmlrpc"
@@ -33,6 +36,12 @@ RPC_LIMIT = 1 << 20
 
 def __virtual__():
     return __virtualname__
+
+
+def _hidden(value):
+    # Salt's utils loader packs no __utils__ into utils modules: the loader in context holds them.
+    loader = salt.loader.context.loader_ctxvar.get()
+    return loader.pack.get("__utils__", loader)["saltfleet_user.hidden"](value)
 
 
 # Nothing listens there, or a supervisord going away hung up.
@@ -110,7 +119,7 @@ def _exchange(sock, uid, deadline, body):
 def _response(answer):
     """The XML-RPC body of an HTTP answer, as supervisord gives it: 200, no content encoding."""
     head, sep, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    lines = _hidden(head.decode("latin-1")).split("\r\n")
     if not sep or not lines[0].startswith("HTTP/1.") or lines[0].split(" ")[1:2] != ["200"]:
         raise _Unlike(f"an HTTP status {lines[0][:40]!r}")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
@@ -124,8 +133,10 @@ def call_within(sock, uid, deadline, method, *args):
     try:
         body = xmlrpc.client.dumps(args, f"supervisor.{method}", allow_none=True).encode()
         (value,), _ = xmlrpc.client.loads(_response(_exchange(sock, uid, deadline, body)))
-        return value
-    except (xmlrpc.client.Fault, *NOBODY_THERE):
+        return _hidden(value)
+    except xmlrpc.client.Fault as exc:
+        raise xmlrpc.client.Fault(exc.faultCode, _hidden(str(exc.faultString))) from None
+    except NOBODY_THERE:
         raise
     except _Unlike as exc:
         raise CommandExecutionError(f"supervisord on {sock} answered {exc}, which it never gives") from None
@@ -133,8 +144,9 @@ def call_within(sock, uid, deadline, method, *args):
         raise failed(sock, exc) from None
     except Exception as exc:  # pylint: disable=broad-except
         # Anything the parser makes of the user's bytes (broken XML, depth, types): not supervisord's.
+        said = reprlib.repr(_hidden(str(exc)))
         raise CommandExecutionError(
-            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {reprlib.repr(str(exc))})"
+            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {said})"
         ) from None
 
 
@@ -169,7 +181,7 @@ def failed(sock, exc):
         return CommandExecutionError(f"{exc}: root talks to no one else there; move it away")
     if isinstance(exc, xmlrpc.client.Fault):
         return CommandExecutionError(f"supervisord on {sock} refused: {reprlib.repr(str(exc.faultString))}")
-    return CommandExecutionError(f"supervisord on {sock} did not answer: {reprlib.repr(str(exc))}")
+    return CommandExecutionError(f"supervisord on {sock} did not answer: {reprlib.repr(_hidden(str(exc)))}")
 
 
 def call(sock, uid, method, *args):

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from salt.exceptions import CommandExecutionError
 
 from tests.conftest import short_tmpdir, wait_for
 from tests.functional.conftest import tiny_app
@@ -24,23 +25,38 @@ STATE = "saltfleet-deployment-tiny"
 FAKE_SUPERVISORD = r"""
 import os, socket, sys, time
 path, mode = sys.argv[1], sys.argv[2]
+said = (sys.argv[3] if len(sys.argv) > 3 else "").replace("&", "&amp;").replace("<", "&lt;")
 server = socket.socket(socket.AF_UNIX)
 server.bind(path)
 server.listen(16)
 
+def member(name, value):
+    return "<member><name>%s</name><value>%s</value></member>" % (name, value)
+
 def value(method):
     if method == "supervisor.getState":
-        return "<struct><member><name>statename</name><value><string>RUNNING</string></value></member></struct>"
+        return "<struct>%s</struct>" % member("statename", "<string>RUNNING</string>")
     if method == "supervisor.getPID":
         if mode == "lair":
-            return "<string>../../tmp/%s</string>" % sys.argv[3]
+            return "<string>../../tmp/%s</string>" % said
+        if mode in ("pid", "int"):
+            return "<%s>%s</%s>" % ({"pid": "string"}.get(mode, mode), said, {"pid": "string"}.get(mode, mode))
         return "<int>1</int>" if mode == "one" else "<int>%d</int>" % os.getpid()
     if method in ("supervisor.getAllProcessInfo", "supervisor.getAllConfigInfo"):
         if mode == "lists":
             inner = "<array><data><value><string>x</string></value></data></array>"
             return "<array><data><value>%s</value></data></array>" % inner
+        if mode in ("name", "fault"):
+            name = "<string>%s</string>" % (said if mode == "name" else "a")
+            record = member("name", name) + member("group", name) + member("statename", "<string>RUNNING</string>")
+            record += member("pid", "<int>%d</int>" % os.getpid())
+            return "<array><data><value><struct>%s</struct></value></data></array>" % record
         return "<array><data></data></array>"
     return "<boolean>1</boolean>"
+
+def fault():
+    code = member("faultCode", "<int>10</int>") + member("faultString", "<string>%s</string>" % said)
+    return "<fault><value><struct>%s</struct></value></fault>" % code
 
 while True:
     conn, _ = server.accept()
@@ -55,9 +71,15 @@ while True:
             conn.send(bytes([byte]))
             time.sleep(1)
     method = request.split(b"<methodName>")[1].split(b"</methodName>")[0].decode()
-    body = ("<?xml version='1.0'?><methodResponse><params><param><value>%s</value></param></params>"
-            "</methodResponse>" % value(method)).encode()
-    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    asked = ("supervisor.getState", "supervisor.getPID", "supervisor.getAllProcessInfo")
+    if mode == "fault" and method not in asked:
+        body = ("<?xml version='1.0'?><methodResponse>%s</methodResponse>" % fault()).encode()
+    else:
+        body = ("<?xml version='1.0'?><methodResponse><params><param><value>%s</value></param></params>"
+                "</methodResponse>" % value(method)).encode()
+    status = ("500 " + sys.argv[3]) if mode == "status" else "200 OK"
+    head = "HTTP/1.0 %s\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % (status, len(body))
+    conn.sendall(head.encode() + body)
     conn.close()
 """
 
@@ -133,6 +155,50 @@ def test_what_the_users_supervisord_says_in_an_error_comes_back_scrubbed(host, t
         impostor.leave()
     assert "answered its pid as '../../tmp/<env:API_TOKEN>'" in rows["tiny"]["supervisord"], rows["tiny"]
     assert "tok-91d4e2" not in json.dumps(rows)
+
+
+# Long enough to be cut where root quotes an answer, one with a quote that Python escapes.
+LONG = "sk_live_4f9a0c2e71b84d5e9c3a6f1b0d2e7c9a51"
+QUOTED = "pw'4f9a0c2e71b8\\4d5e9c3a"
+
+
+# What the impostor answers, and what root is asked that takes it in.
+SAYINGS = {
+    "a long pid": ("pid", LONG, "status"),
+    "a pid in both quotes": ("pid", QUOTED + '"', "status"),
+    "a pid that is no number": ("int", QUOTED + '"', "status"),
+    "an HTTP status": ("status", LONG, "status"),
+    "a program": ("name", LONG, "status"),
+    "a fault": ("fault", LONG, "restart"),
+}
+
+
+def test_no_part_of_a_secret_the_users_supervisord_answers_comes_back(host, tiny, out):
+    # What root makes of an answer (an error quoting it, cut short or escaped; a program name it keeps)
+    # lands in the job cache and the mine: the secret is hidden as the answer arrives, before any of that.
+    env = {"TINYAPP_OUT": str(out), "API_TOKEN": LONG, "DB_PASSWORD": QUOTED}
+    host.apply(host.pillar({"tiny": tiny_app(tiny, out, env=env)}))
+    p = host.paths("tiny")
+    sock = host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
+    pieces = {secret[i : i + 8] for secret in (LONG, QUOTED) for i in range(len(secret) - 7)}
+    leaks, unseen = {}, {}
+    for saying, (mode, said, ask) in SAYINGS.items():
+        impostor = Impostor(host, sock, mode, said)
+        try:
+            if ask == "status":
+                said_back = json.dumps(status(host))
+            else:
+                with pytest.raises(CommandExecutionError) as failed:
+                    host.loaders.modules.deployment.restart("tiny")
+                said_back = str(failed.value)
+        finally:
+            impostor.leave()
+        if any(piece in said_back for piece in pieces):
+            leaks[saying] = said_back
+        elif "supervisord on" not in said_back:
+            unseen[saying] = said_back  # root refuses each of these answers, naming the socket
+    assert not leaks, leaks
+    assert not unseen, unseen
 
 
 def test_a_pid_not_the_users_is_never_recorded_and_removal_still_works(host, two, tiny, out, other_app):

@@ -1,0 +1,34 @@
+"""
+What root quotes of the user's side hides a deployment's secrets however it
+was quoted: as written, as JSON, in a URL, and as Python quotes it in either
+quotes (an error message's repr of an answer escapes what the secret holds).
+"""
+
+import json
+import urllib.parse
+
+import pytest
+
+from localfleet.config import saltfleet_utils
+
+scrub = saltfleet_utils().saltfleet_user.scrub
+SECRETS = {"A": "pw'4f\\9a c2", "B": "sk_live_4f9a0c2e71b84d5e9c3a6f1b", "C": "é-ü-中-tok"}
+
+
+@pytest.mark.parametrize("name", sorted(SECRETS))
+@pytest.mark.parametrize(
+    "quote",
+    [
+        lambda v: v,
+        repr,
+        lambda v: repr(f"'{v}\""),  # both quotes around it: Python escapes the single ones
+        lambda v: json.dumps({"said": v}),
+        lambda v: urllib.parse.quote(v, safe=""),
+    ],
+    ids=["as written", "repr", "repr in both quotes", "JSON", "URL"],
+)
+def test_a_secret_is_hidden_however_python_json_or_a_url_quote_it(name, quote):
+    text = f"supervisord answered {quote(SECRETS[name])}, which it never gives"
+    hidden = scrub(text, SECRETS)
+    assert f"<env:{name}>" in hidden, hidden
+    assert quote(SECRETS[name]) not in hidden
