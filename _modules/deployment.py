@@ -337,23 +337,27 @@ def task_events(name, watch, seconds=60, stop=False):
     events = "saltfleet_taskevents"
     if salt.utils.data.is_true(stop):
         return {"stopped": __utils__[f"{events}.stop"](p, str(watch))}
-    sup = "saltfleet_supervisor"
+    secrets = _secrets(name, p)
+    # What supervisord and Celery answer (the user's side) goes to the master without the env.
+    with __utils__["saltfleet_user.hiding"](secrets):
+        return _task_events(name, p, manifest, uid, str(watch), int(seconds), secrets)
+
+
+def _task_events(name, p, manifest, uid, watch, seconds, secrets):
+    events, sup = "saltfleet_taskevents", "saltfleet_supervisor"
     serving = __utils__[f"{sup}.serving"](p)
     gens = __utils__[f"{sup}.generations"](p, uid, manifest.get("draining"))
     releases = {g: (manifest.get("release") if g == serving else i.get("release")) for g, i in gens.items()}
     apps = __utils__[f"{events}.nodes_by_release"](p, releases)
-    if apps and manifest.get("release") and not __utils__[f"{events}.listening"](p, str(watch)):
+    if apps and manifest.get("release") and not __utils__[f"{events}.listening"](p, watch):
         release = __utils__["saltfleet_paths.release"](p, manifest["release"])
         venv = __utils__["saltfleet_paths.venv"](p, manifest["venv"])
         spec = _celery_spec(name, manifest, p, serving)
-        __utils__[f"{events}.listen"](spec, p, str(watch), apps, release, venv, int(seconds), __opts__["id"])
-    secrets = _secrets(name, p)
-    counted, offline, problems = __utils__[f"{events}.counted"](p, str(watch), apps, secrets)
+        __utils__[f"{events}.listen"](spec, p, watch, apps, release, venv, seconds, __opts__["id"])
+    counted, offline, problems = __utils__[f"{events}.counted"](p, watch, apps, secrets)
     # A draining generation's workers go offline once their tasks are done: only the serving one's going is news.
     now_serving = __utils__[f"{events}.nodes_by_release"](p, {serving: releases.get(serving)})
     offline = [node for node in offline if any(node in nodes for nodes in now_serving.values())]
-    # What supervisord answers (the user's side: names, refusals quoting it) goes to the master without the env.
-    scrub = __utils__["saltfleet_user.scrub"]
     programs = {}
     for gen, release in releases.items():
         sock = __utils__["saltfleet_paths.generation"](p, gen)["socket"]
@@ -361,15 +365,10 @@ def task_events(name, watch, seconds=60, stop=False):
             try:
                 infos = __utils__[f"{sup}.process_info"](sock, uid)
             except CommandExecutionError as exc:
-                problems.append(scrub(f"generation {gen}: {exc}", secrets))
+                problems.append(f"generation {gen}: {exc}")
                 continue
             into = programs.setdefault(release, {})
-            into.update(
-                {
-                    scrub(__utils__[f"{sup}.proc_name"](i), secrets): {"state": i["statename"], "pid": i["pid"]}
-                    for i in infos
-                }
-            )
+            into.update({__utils__[f"{sup}.proc_name"](i): {"state": i["statename"], "pid": i["pid"]} for i in infos})
     return {"tasks": counted, "programs": programs, "offline": offline, "problems": problems}
 
 
@@ -549,14 +548,16 @@ def supervisorctl(name, *args):
     bad = [a for a in map(str, args) if not SUPERVISORCTL_ARG_RE.match(a)]
     if bad:
         raise CommandExecutionError(f"deployment.supervisorctl {name}: arguments may not hold {bad[0]!r}")
-    sock = _serving_socket(name, p, uid)
+    secrets = _secrets(name, p)
+    with __utils__["saltfleet_user.hiding"](secrets):
+        sock = _serving_socket(name, p, uid)
     ctl = __utils__["saltfleet_files.trusted_tool"]("supervisorctl", None)
     proc = __utils__["saltfleet_user.run"](
         manifest["user"], [ctl, "-s", f"unix://{sock}", *args], p["home"], timeout=120
     )
     if proc.returncode not in (0, 3):  # 3: status found a program not RUNNING, which the output says
         __context__["retcode"] = proc.returncode
-    return __utils__["saltfleet_user.scrub"]((proc.stdout + proc.stderr).rstrip("\n"), _secrets(name, p))
+    return __utils__["saltfleet_user.scrub"]((proc.stdout + proc.stderr).rstrip("\n"), secrets)
 
 
 def logs(name, program=None, lines=100):
