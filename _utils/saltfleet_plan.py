@@ -255,7 +255,8 @@ def _failed_build(release, steps):
     record = _failure(release)
     if not record or record.get("build") != build_digest(steps) or not steps:
         return None
-    return str(record.get("reason"))[:2000]
+    # The user's word (their tree's marker): hidden whole, in the state's hiding block, before it is cut.
+    return _utils("saltfleet_user.scrub")(str(record.get("reason")))[:2000]
 
 
 def asked(ctx, sha, digest, sections, sysfiles, written=()):

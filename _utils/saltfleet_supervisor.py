@@ -24,7 +24,6 @@ new generation beside the serving one, and the old one drains.
 import contextlib
 import os
 import re
-import reprlib
 import time
 from pathlib import Path
 
@@ -59,7 +58,8 @@ def _call(sock, uid, method, *args):
 
 
 def _bad(sock, what, value):
-    return CommandExecutionError(f"supervisord on {sock} answered {what} {reprlib.repr(value)}, which it never gives")
+    said = _utils("saltfleet_xmlrpc.said")(value)
+    return CommandExecutionError(f"supervisord on {sock} answered {what} {said}, which it never gives")
 
 
 def _state(sock, answer):

@@ -279,6 +279,10 @@ def check(proc, what, secrets=None):
     return proc
 
 
+# The forms of the secrets :func:`scrub` hides beyond those it is given, while a :func:`hiding` block runs.
+_HIDING = contextvars.ContextVar("saltfleet_hiding", default=())
+
+
 def _forms(secrets):
     """[(form, name)] of each value of ``secrets`` as written and as JSON, URLs and shells quote it, longest first."""
     forms = set()
@@ -304,45 +308,28 @@ def scrub(text, secrets=None):
     ``text`` from the user's side with each value of ``secrets`` ({name:
     value}, a deployment's env, or (name, value) pairs when a name has had
     more than one value) replaced by ``<env:NAME>``: as written, and as JSON,
-    URLs and shells quote it, and as Python quotes it in either quotes.
+    URLs and shells quote it, and as Python quotes it in either quotes; and,
+    in a :func:`hiding` block, the secrets of that block too.
     """
-    if not text or not secrets:
-        return text
-    return _replaced(text, _forms(secrets))
-
-
-# The forms of the secrets :func:`hidden` hides while a block under :func:`hiding` runs.
-_HIDING = contextvars.ContextVar("saltfleet_hiding", default=())
+    forms = _HIDING.get()
+    if secrets:
+        forms = sorted({*forms, *_forms(secrets)}, key=lambda f: (-len(f[0]), f))
+    return _replaced(text, forms) if text and forms else text
 
 
 @contextlib.contextmanager
 def hiding(secrets):
     """
-    While the block runs, every answer root takes from the user's side
-    through :func:`hidden` (supervisord's XML-RPC, Celery's control) has
-    ``secrets`` scrubbed as it arrives, before anything quotes, escapes or cuts
-    it: neither an error built from an answer nor a value kept from one (a
-    program name) carries a secret into a comment, a return or the mine.
+    While the block runs, :func:`scrub` hides ``secrets`` too, whoever calls
+    it: where an answer of supervisord's or Celery's is quoted in an error
+    (``saltfleet_xmlrpc.said``: before it is escaped or cut, which would leave
+    a value no longer whole), and the output of every process.
     """
     token = _HIDING.set(_forms(secrets or ()))
     try:
         yield
     finally:
         _HIDING.reset(token)
-
-
-def hidden(value):
-    """``value`` (text, or lists and mappings of it) with the secrets of the :func:`hiding` block scrubbed."""
-    forms = _HIDING.get()
-    if not forms:
-        return value
-    if isinstance(value, str):
-        return _replaced(value, forms)
-    if isinstance(value, dict):
-        return {hidden(k): hidden(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(hidden(v) for v in value)
-    return value
 
 
 def _sh(user, home, script, *args, what):

@@ -8,14 +8,13 @@ someone else's is refused, never followed. What answers is the user's
 process, so every answer is hostile input: each call has one deadline for the
 whole exchange (not per read) and a bound on what it reads, and anything
 that is not the HTTP and XML-RPC supervisord gives fails the call with an
-error naming the socket, never a traceback. Every answer, and every error
-quoting one, has the deployment's secrets hidden first
-(``saltfleet_user.hidden``, under the caller's ``saltfleet_user.hiding``).
+error naming the socket, never a traceback. An error quotes an answer
+through :func:`said`: the deployment's secrets hidden first
+(``saltfleet_user.scrub``, under the caller's ``saltfleet_user.hiding``), then cut.
 """
 
 import http.client
 import os
-import reprlib
 import socket
 import stat
 import struct
@@ -38,10 +37,21 @@ def __virtual__():
     return __virtualname__
 
 
-def _hidden(value):
+def said(value, most=60):
+    """
+    What the user's side answered, quoted for an error: the deployment's
+    secrets hidden in the whole of it first, then cut to ``most`` characters
+    (a value cut first could no longer be found whole).
+    """
+    try:
+        text = repr(value) if not isinstance(value, str) else value
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to show"
     # Salt's utils loader packs no __utils__ into utils modules: the loader in context holds them.
     loader = salt.loader.context.loader_ctxvar.get()
-    return loader.pack.get("__utils__", loader)["saltfleet_user.hidden"](value)
+    text = loader.pack.get("__utils__", loader)["saltfleet_user.scrub"](text)
+    text = repr(text) if isinstance(value, str) else text
+    return text if len(text) <= most else f"{text[: most // 2 - 2]}...{text[-(most // 2 - 1) :]}"
 
 
 # Nothing listens there, or a supervisord going away hung up.
@@ -119,12 +129,14 @@ def _exchange(sock, uid, deadline, body):
 def _response(answer):
     """The XML-RPC body of an HTTP answer, as supervisord gives it: 200, no content encoding."""
     head, sep, body = answer.partition(b"\r\n\r\n")
-    lines = _hidden(head.decode("latin-1")).split("\r\n")
+    lines = head.decode("latin-1").split("\r\n")
     if not sep or not lines[0].startswith("HTTP/1.") or lines[0].split(" ")[1:2] != ["200"]:
-        raise _Unlike(f"an HTTP status {lines[0][:40]!r}")
+        # Quoted as the sender wrote it (UTF-8): a secret is looked for in what it was.
+        status = head.split(b"\r\n")[0].decode(errors="replace")
+        raise _Unlike(f"an HTTP status {said(status)}")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     if headers.get("content-encoding", "identity") != "identity":
-        raise _Unlike(f"a body encoded {headers['content-encoding'][:20]!r}")
+        raise _Unlike(f"a body encoded {said(headers['content-encoding'], 30)}")
     return body
 
 
@@ -133,10 +145,8 @@ def call_within(sock, uid, deadline, method, *args):
     try:
         body = xmlrpc.client.dumps(args, f"supervisor.{method}", allow_none=True).encode()
         (value,), _ = xmlrpc.client.loads(_response(_exchange(sock, uid, deadline, body)))
-        return _hidden(value)
-    except xmlrpc.client.Fault as exc:
-        raise xmlrpc.client.Fault(exc.faultCode, _hidden(str(exc.faultString))) from None
-    except NOBODY_THERE:
+        return value
+    except (xmlrpc.client.Fault, *NOBODY_THERE):
         raise
     except _Unlike as exc:
         raise CommandExecutionError(f"supervisord on {sock} answered {exc}, which it never gives") from None
@@ -144,9 +154,8 @@ def call_within(sock, uid, deadline, method, *args):
         raise failed(sock, exc) from None
     except Exception as exc:  # pylint: disable=broad-except
         # Anything the parser makes of the user's bytes (broken XML, depth, types): not supervisord's.
-        said = reprlib.repr(_hidden(str(exc)))
         raise CommandExecutionError(
-            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {said})"
+            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {said(str(exc))})"
         ) from None
 
 
@@ -180,8 +189,8 @@ def failed(sock, exc):
     if isinstance(exc, PermissionError):
         return CommandExecutionError(f"{exc}: root talks to no one else there; move it away")
     if isinstance(exc, xmlrpc.client.Fault):
-        return CommandExecutionError(f"supervisord on {sock} refused: {reprlib.repr(str(exc.faultString))}")
-    return CommandExecutionError(f"supervisord on {sock} did not answer: {reprlib.repr(_hidden(str(exc)))}")
+        return CommandExecutionError(f"supervisord on {sock} refused: {said(exc.faultString)}")
+    return CommandExecutionError(f"supervisord on {sock} did not answer: {said(str(exc))}")
 
 
 def call(sock, uid, method, *args):

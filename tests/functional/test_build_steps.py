@@ -6,6 +6,7 @@ the release or the steps change.
 """
 
 import json
+import subprocess
 import uuid
 
 from tests.functional.conftest import report, tiny_app
@@ -73,10 +74,17 @@ def test_a_failing_step_keeps_the_old_release_serving_and_is_not_retried(host, t
     assert report(out) == serving
     assert host.loaders.modules.deployment.status("tiny")["tiny"]["release"] == tiny["shas"]["v1"]
 
+    # The user writes the token into why the release failed (their tree's marker): root hides it reading it back.
+    marker = host.sf.saltfleet_paths.release(host.paths("tiny"), tiny["shas"]["v2"]) / ".git" / "saltfleet-failed"
+    rewrite = "import json, sys; r = json.load(open(sys.argv[1])); r['reason'] = 'it said ' + sys.argv[2]; "
+    rewrite += "json.dump(r, open(sys.argv[1], 'w'))"
+    subprocess.run(["python3", "-c", rewrite, marker, token], user=host.user.pw_uid, group=host.user.pw_gid, check=True)
+
     # Not retried until the release or the steps change.
     ran = len(counted(out, "s"))
     again = host.apply(pillar)[STATE]
     assert again["result"] is False and "not run again until the release or the steps change" in again["comment"]
+    assert "it said <env:API_TOKEN>" in again["comment"], again
     assert len(counted(out, "s")) == ran and token not in repr(again)
     fixed = host.apply(host.pillar({"tiny": app(tiny, out, "v2", [step("s")], API_TOKEN=token)}))[STATE]
     assert fixed["result"] is True, fixed
