@@ -114,11 +114,13 @@ def present(name, **kwargs):
         ctx = __utils__["saltfleet_plan.context"](
             settings, cfg, _pillar_rev(name), "rev" in overrides, __pillar__.get("saltfleet_revs"), __opts__["id"]
         )
-        secrets = __utils__["saltfleet_supervisor.secrets"](ctx.p, ctx.cfg["env"])
-        with _locked(ctx.p, f"state deployment.present {name}", test), __utils__["saltfleet_user.hiding"](secrets):
-            plan = _plan(ctx, test)
-            if plan.changes and not test:
-                _apply(ctx, plan, outcome)
+        with _locked(ctx.p, f"state deployment.present {name}", test):
+            # Read under the lock: no other run adds a generation meanwhile.
+            secrets = __utils__["saltfleet_supervisor.secrets"](ctx.p, ctx.cfg["env"])
+            with __utils__["saltfleet_user.hiding"](secrets):
+                plan = _plan(ctx, test)
+                if plan.changes and not test:
+                    _apply(ctx, plan, outcome)
     except Exception as exc:  # pylint: disable=broad-except
         return _failed(ret, name, exc, outcome.done)
     ret["changes"] = plan.changes

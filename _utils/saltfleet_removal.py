@@ -93,14 +93,18 @@ def locked(root, name, test):
         yield _Nothing()
         return
     removal = Removal(root, name, manifest)
-    # What its supervisords answer while it goes has the env they ran with hidden (pillar's is gone).
-    hiding = _utils("saltfleet_user.hiding")(_utils("saltfleet_supervisor.secrets")(removal.p, {}))
     if test and not removal.p["lock"].exists():
-        with hiding:
+        with _hiding(removal):
             yield removal
         return
-    with _utils("saltfleet_files.lock")(removal.p["lock"], f"state deployment.absent {name}", shared=test), hiding:
-        yield removal
+    with _utils("saltfleet_files.lock")(removal.p["lock"], f"state deployment.absent {name}", shared=test):
+        with _hiding(removal):
+            yield removal
+
+
+def _hiding(removal):
+    """What its supervisords answer while it goes hides the env they ran with (pillar's is gone)."""
+    return _utils("saltfleet_user.hiding")(_utils("saltfleet_supervisor.secrets")(removal.p, {}))
 
 
 class _Nothing:

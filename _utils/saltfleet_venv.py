@@ -121,7 +121,8 @@ def build(cfg, settings, uv, home, venv, release):
         proc = run(user, argv, home, cwd=release, env=env)
         if proc.returncode:
             remove(user, home, venv)
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+            said = _utils("saltfleet_user.scrub")(proc.stderr or proc.stdout, cfg["env"])
+            tail = "\n".join(said.strip().splitlines()[-12:])
             raise CommandExecutionError(
                 f"deployments:{cfg['name']}:requirements: installing '{cfg['requirements']}' failed "
                 f"(uv {argv[1]} exited {proc.returncode}):\n{tail}"

@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import time
+import xml.parsers.expat
 import xmlrpc.client
 from pathlib import Path
 
@@ -40,17 +41,30 @@ def __virtual__():
 def said(value, most=60):
     """
     What the user's side answered, quoted for an error: the deployment's
-    secrets hidden in the whole of it first, then cut to ``most`` characters
-    (a value cut first could no longer be found whole).
+    secrets hidden in each of its strings first (``saltfleet_user.scrub``),
+    then the whole quoted and cut to ``most`` characters (a value escaped or
+    cut first could no longer be found whole).
     """
-    try:
-        text = repr(value) if not isinstance(value, str) else value
-    except RecursionError:
-        return f"a {type(value).__name__} nested too deep to show"
     # Salt's utils loader packs no __utils__ into utils modules: the loader in context holds them.
     loader = salt.loader.context.loader_ctxvar.get()
-    text = loader.pack.get("__utils__", loader)["saltfleet_user.scrub"](text)
-    text = repr(text) if isinstance(value, str) else text
+    scrub = loader.pack.get("__utils__", loader)["saltfleet_user.scrub"]
+
+    def hidden(item):
+        if isinstance(item, str):
+            return scrub(item)
+        if isinstance(item, xmlrpc.client.DateTime):
+            return scrub(item.value)
+        if isinstance(item, dict):
+            return {hidden(key): hidden(inner) for key, inner in item.items()}
+        if isinstance(item, list | tuple):
+            return [hidden(inner) for inner in item]
+        return item
+
+    try:
+        text = repr(hidden(value))
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to show"
+    most = max(most, 9)
     return text if len(text) <= most else f"{text[: most // 2 - 2]}...{text[-(most // 2 - 1) :]}"
 
 
@@ -136,7 +150,8 @@ def _response(answer):
         raise _Unlike(f"an HTTP status {said(status)}")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     if headers.get("content-encoding", "identity") != "identity":
-        raise _Unlike(f"a body encoded {said(headers['content-encoding'], 30)}")
+        encoding = headers["content-encoding"].encode("latin-1").decode(errors="replace")
+        raise _Unlike(f"a body encoded {said(encoding, 30)}")
     return body
 
 
@@ -153,9 +168,11 @@ def call_within(sock, uid, deadline, method, *args):
     except (OSError, http.client.HTTPException) as exc:
         raise failed(sock, exc) from None
     except Exception as exc:  # pylint: disable=broad-except
-        # Anything the parser makes of the user's bytes (broken XML, depth, types): not supervisord's.
+        # Anything the parser makes of the user's bytes (broken XML, depth, types): not supervisord's. Only
+        # expat's words are quoted (where the XML broke): the others quote the bytes, cut before any scrub.
+        where = f": {exc}" if isinstance(exc, xml.parsers.expat.ExpatError) else ""
         raise CommandExecutionError(
-            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}: {said(str(exc))})"
+            f"supervisord on {sock} answered what it never gives ({type(exc).__name__}{where})"
         ) from None
 
 

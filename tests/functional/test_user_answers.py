@@ -46,11 +46,6 @@ def value(method):
         if mode == "lists":
             inner = "<array><data><value><string>x</string></value></data></array>"
             return "<array><data><value>%s</value></data></array>" % inner
-        if mode == "fault":
-            name = "<string>a</string>"
-            record = member("name", name) + member("group", name) + member("statename", "<string>RUNNING</string>")
-            record += member("pid", "<int>%d</int>" % os.getpid())
-            return "<array><data><value><struct>%s</struct></value></data></array>" % record
         return "<array><data></data></array>"
     return "<boolean>1</boolean>"
 
@@ -71,14 +66,15 @@ while True:
             conn.send(bytes([byte]))
             time.sleep(1)
     method = request.split(b"<methodName>")[1].split(b"</methodName>")[0].decode()
-    asked = ("supervisor.getState", "supervisor.getPID", "supervisor.getAllProcessInfo")
+    asked = ("supervisor.getState", "supervisor.getPID")
     if mode == "fault" and method not in asked:
         body = ("<?xml version='1.0'?><methodResponse>%s</methodResponse>" % fault()).encode()
     else:
         body = ("<?xml version='1.0'?><methodResponse><params><param><value>%s</value></param></params>"
                 "</methodResponse>" % value(method)).encode()
     status = ("500 " + sys.argv[3]) if mode == "status" else "200 OK"
-    head = "HTTP/1.0 %s\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % (status, len(body))
+    encoding = ("Content-Encoding: %s\r\n" % sys.argv[3]) if mode == "encoding" else ""
+    head = "HTTP/1.0 %s\r\n%sContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % (status, encoding, len(body))
     conn.sendall(head.encode() + body)
     conn.close()
 """
@@ -160,6 +156,7 @@ def test_what_the_users_supervisord_says_in_an_error_comes_back_scrubbed(host, t
 # Long enough to be cut where root quotes an answer, one with a quote that Python escapes.
 LONG = "sk_live_4f9a0c2e71b84d5e9c3a6f1b0d2e7c9a51"
 QUOTED = "pw'4f9a0c2e71b8\\4d5e9c3a"
+UNICODE = "pässwörd-ünïcode-4f9a0c2e"
 
 
 # What the impostor answers, and what root is asked that takes it in.
@@ -167,22 +164,25 @@ SAYINGS = {
     "a long pid": ("pid", LONG, "status"),
     "a pid in both quotes": ("pid", QUOTED + '"', "status"),
     "a pid that is no number": ("int", QUOTED + '"', "status"),
+    "a pid that is no number, long": ("int", "0" * 171 + LONG, "status"),
+    "a body encoding": ("encoding", UNICODE, "status"),
     "an HTTP status": ("status", LONG, "status"),
     "a fault": ("fault", LONG, "restart"),
 }
 
 
 def test_no_part_of_a_secret_the_users_supervisord_answers_comes_back(host, tiny, out):
-    # What root makes of an answer (an error quoting it, cut short or escaped; a program name it keeps)
-    # lands in the job cache and the mine: the secret is hidden as the answer arrives, before any of that.
+    # An error quoting an answer lands in the job cache and the mine: the secret is hidden in the whole
+    # answer before the quote escapes or cuts it.
     # Values that are also words of supervisord's own answers ("HTTP/1.0 200 OK", RUNNING) change none of them.
     env = {"TINYAPP_OUT": str(out), "API_TOKEN": LONG, "DB_PASSWORD": QUOTED, "HTTP_OK": "200", "WANT": "RUNNING"}
+    env["PASS_UTF8"] = UNICODE
     states = host.apply(host.pillar({"tiny": tiny_app(tiny, out, env=env)}))
     assert states[STATE]["result"] is True, states
     assert status(host)["tiny"]["programs"] == {"a": "RUNNING"}
     p = host.paths("tiny")
     sock = host.sf.saltfleet_paths.generation(p, host.sf.saltfleet_supervisor.serving(p))["socket"]
-    pieces = {secret[i : i + 8] for secret in (LONG, QUOTED) for i in range(len(secret) - 7)}
+    pieces = {secret[i : i + 8] for secret in (LONG, QUOTED, UNICODE) for i in range(len(secret) - 7)}
     leaks, unseen = {}, {}
     for saying, (mode, said, ask) in SAYINGS.items():
         impostor = Impostor(host, sock, mode, said)
