@@ -167,7 +167,7 @@ def _status(root, name, manifest):
         # What the user's side answered fails this deployment's row, never the others'.
         if not isinstance(exc, CommandExecutionError):
             log.warning("deployment.status %s failed", name, exc_info=True)
-        # Its text may quote an answer (hidden as it came) or root's own reading of one.
+        # Its text may quote an answer (saltfleet_xmlrpc.said hid the secrets first) or name what root read.
         row["supervisord"] = "unknown: " + __utils__["saltfleet_user.scrub"](str(exc), secrets)
     row["running"] = sum(1 for s in row["programs"].values() if s == "RUNNING")
     holds = __utils__["saltfleet_manifest.intent"](manifest).holds
@@ -358,6 +358,8 @@ def _task_events(name, p, manifest, uid, watch, seconds, secrets):
     # A draining generation's workers go offline once their tasks are done: only the serving one's going is news.
     now_serving = __utils__[f"{events}.nodes_by_release"](p, {serving: releases.get(serving)})
     offline = [node for node in offline if any(node in nodes for nodes in now_serving.values())]
+    # What supervisord answers (the user's side: names, refusals quoting it) goes to the master without the env.
+    scrub = __utils__["saltfleet_user.scrub"]
     programs = {}
     for gen, release in releases.items():
         sock = __utils__["saltfleet_paths.generation"](p, gen)["socket"]
@@ -365,10 +367,11 @@ def _task_events(name, p, manifest, uid, watch, seconds, secrets):
             try:
                 infos = __utils__[f"{sup}.process_info"](sock, uid)
             except CommandExecutionError as exc:
-                problems.append(f"generation {gen}: {exc}")
+                problems.append(scrub(f"generation {gen}: {exc}"))
                 continue
             into = programs.setdefault(release, {})
-            into.update({__utils__[f"{sup}.proc_name"](i): {"state": i["statename"], "pid": i["pid"]} for i in infos})
+            name = __utils__[f"{sup}.proc_name"]
+            into.update({scrub(name(i)): {"state": i["statename"], "pid": i["pid"]} for i in infos})
     return {"tasks": counted, "programs": programs, "offline": offline, "problems": problems}
 
 

@@ -38,7 +38,7 @@ def __virtual__():
     return __virtualname__
 
 
-def said(value, most=60):
+def said(value, most=200):
     """
     What the user's side answered, quoted for an error: the deployment's
     secrets hidden in each of its strings first (``saltfleet_user.scrub``),
